@@ -1,0 +1,45 @@
+# The only interface for humans and CI. `make run` serves the real model locally;
+# `make test` is exactly what CI runs (ruff, mypy, then pytest).
+SHELL := /bin/bash
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= smollm2-135m-instruct
+PORT ?= 8000
+export MOEFLOW_HOME ?= $(HOME)/.cache/moeflow
+
+.PHONY: install run lint typecheck test check bench bench-engine clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch is pinned to the CPU wheel first so that no later resolver pulls a CUDA build.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/moeflow models pull $(MODEL)
+	$(BIN)/moeflow up --model $(MODEL) --port $(PORT)
+
+lint: install
+	$(BIN)/ruff check services operator tests benchmarks
+
+typecheck: install
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+check: test
+
+bench-engine: install
+	$(BIN)/python benchmarks/engine.py
+
+bench: bench-engine
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

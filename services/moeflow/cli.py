@@ -1,0 +1,1 @@
+"""The `moeflow` console script: one entry point, one subcommand per process kind."""
