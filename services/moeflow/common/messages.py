@@ -1,0 +1,106 @@
+"""Wire types between the gateway and engine instances (one module for every process boundary).
+
+The gateway sends a ``GenerateRequest`` (token ids, already templated and tokenized) to an
+engine instance, which answers with a stream of ``TokenChunk`` lines (NDJSON). ``ModelInfo`` is
+what an instance tells a gateway about the model it serves, tokenizer included, so a gateway
+needs no access to the weights' storage. ``EngineStats`` feeds routing and metrics.
+Every message carries ``schema_version``; a receiver rejects versions it does not know.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+
+FinishReason = Literal["stop", "length", "abort"]
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class SamplingParams(BaseModel):
+    """How to pick each next token. ``temperature == 0`` means greedy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_tokens: int = Field(16, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    top_k: int = Field(0, ge=0, description="0 disables top-k filtering")
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+class GenerateRequest(_Message):
+    request_id: str = Field(min_length=1, max_length=128)
+    prompt_token_ids: tuple[int, ...] = Field(min_length=1)
+    sampling: SamplingParams
+
+    def __repr__(self) -> str:  # never log prompt contents
+        return (
+            f"GenerateRequest(request_id={self.request_id!r}, "
+            f"num_prompt_tokens={len(self.prompt_token_ids)}, sampling={self.sampling!r})"
+        )
+
+    __str__ = __repr__
+
+
+class TokenChunk(_Message):
+    """One step's worth of output for one request. The last chunk has ``finish_reason``."""
+
+    request_id: str
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+
+
+class ErrorChunk(_Message):
+    """Sent in place of a TokenChunk when a request fails after its stream started."""
+
+    request_id: str
+    code: str
+    message: str
+
+
+class ModelInfo(_Message):
+    served_model_name: str
+    architecture: str
+    max_model_len: int
+    tokenizer_json: str
+    chat_template: str | None
+    bos_token: str | None
+    eos_token: str | None
+    eos_token_ids: tuple[int, ...]
+    created_unix: int
+
+
+class EngineStats(_Message):
+    instance_id: str
+    role: str
+    num_waiting: int
+    num_running: int
+    num_free_blocks: int
+    num_total_blocks: int
+    num_prefix_hit_tokens: int
+    num_prompt_tokens_total: int
+    num_preemptions_total: int
+
+    @property
+    def kv_usage_ratio(self) -> float:
+        if self.num_total_blocks == 0:
+            return 0.0
+        return 1.0 - self.num_free_blocks / self.num_total_blocks

@@ -1,0 +1,64 @@
+"""Settings of one engine instance: built once at the entry point and passed down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["colocated", "prefill", "decode", "attention", "expert"]
+DType = Literal["float32", "bfloat16"]
+
+
+class EngineSettings(BaseSettings):
+    """Every limit of an engine instance is explicit here. Env prefix: ``MOEFLOW_ENGINE_``."""
+
+    model_config = SettingsConfigDict(env_prefix="MOEFLOW_ENGINE_", frozen=True)
+
+    model_path: Path
+    """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)."""
+    served_model_name: str = ""
+    """Name clients use in ``model``; defaults to the folder name."""
+    role: Role = "colocated"
+    rank: int = Field(0, ge=0)
+    instance_id: str = ""
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+
+    dtype: DType = "float32"
+    """float32 reproduces Hugging Face outputs exactly; bfloat16 halves the bytes per token."""
+    num_threads: int = Field(0, ge=0)
+    """torch intra-op threads; 0 means one per available core."""
+
+    block_size: int = Field(16, ge=1, le=1024)
+    """Tokens per KV-cache block."""
+    kv_cache_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    """Memory for the paged KV cache; the number of blocks follows from the model's shape."""
+    max_model_len: int = Field(0, ge=0)
+    """Longest prompt + output in tokens; 0 means min(model's max positions, 8192)."""
+    max_num_seqs: int = Field(64, ge=1)
+    """Most sequences running in one step (decode batch size)."""
+    max_num_batched_tokens: int = Field(512, ge=16)
+    """Token budget of one step; long prompts are prefilled in chunks of at most this many."""
+    max_num_waiting: int = Field(256, ge=1)
+    """Bounded admission queue; past it, new requests get 429 Overloaded."""
+    enable_prefix_caching: bool = True
+
+    @model_validator(mode="after")
+    def _check(self) -> EngineSettings:
+        if not self.model_path.is_dir():
+            raise ValueError(
+                f"model_path {self.model_path} is not a folder; pull it first with "
+                "`moeflow models pull NAME` or pass a Hugging Face checkpoint folder"
+            )
+        return self
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or self.model_path.name
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance_id or f"{self.role}-{self.rank}"

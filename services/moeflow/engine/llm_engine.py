@@ -1,0 +1,204 @@
+"""The synchronous engine core: admission, one step at a time, and output assembly.
+
+``step()`` schedules, runs the model once, samples, detokenizes incrementally and applies stop
+strings, returning one ``TokenChunk`` per request that produced output. It is driven by a single
+thread (``AsyncEngine``); nothing here is thread-safe, except the read-only ``check_admission``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from moeflow.common.errors import (
+    ContextLengthExceededError,
+    InvalidRequestError,
+    OverloadedError,
+)
+from moeflow.common.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
+from moeflow.common.tokenizer import IncrementalDetokenizer, TextTokenizer
+from moeflow.engine.block_manager import BlockManager, num_blocks_for
+from moeflow.engine.config import EngineSettings
+from moeflow.engine.model_runner import ModelRunner
+from moeflow.engine.models.arch import load_arch
+from moeflow.engine.scheduler import Scheduler
+from moeflow.engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    num_reported_tokens: int = 0
+
+
+class LLMEngine:
+    def __init__(self, settings: EngineSettings) -> None:
+        num_threads = settings.num_threads or len(os.sched_getaffinity(0))
+        torch.set_num_threads(num_threads)
+        self.settings = settings
+        self.created_unix = int(time.time())
+        self.arch = load_arch(settings.model_path)
+        self.tokenizer = TextTokenizer.from_dir(settings.model_path)
+        self.max_model_len = settings.max_model_len or min(self.arch.max_position_embeddings, 8192)
+        num_blocks = ModelRunner.num_blocks_for_bytes(
+            self.arch, settings.dtype, settings.block_size, settings.kv_cache_bytes
+        )
+        if num_blocks < num_blocks_for(self.max_model_len, settings.block_size):
+            raise ValueError(
+                f"kv_cache_bytes={settings.kv_cache_bytes} holds {num_blocks} blocks, fewer than "
+                f"one sequence of max_model_len={self.max_model_len} needs; raise kv_cache_bytes "
+                "or lower max_model_len"
+            )
+        started = time.perf_counter()
+        self.runner = ModelRunner(
+            settings.model_path,
+            self.arch,
+            dtype=settings.dtype,
+            num_blocks=num_blocks,
+            block_size=settings.block_size,
+            max_model_len=self.max_model_len,
+        )
+        self.weight_load_s = time.perf_counter() - started
+        self.block_manager = BlockManager(
+            num_blocks, settings.block_size, enable_prefix_caching=settings.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=settings.max_num_seqs,
+            max_num_batched_tokens=settings.max_num_batched_tokens,
+        )
+        eos = set(self.arch.eos_token_ids)
+        if self.tokenizer.eos_token and (eos_id := self.tokenizer.token_to_id(
+            self.tokenizer.eos_token
+        )) is not None:
+            eos.add(eos_id)
+        self.eos_token_ids = frozenset(eos)
+        self._requests: dict[str, _Request] = {}
+        self.num_prefix_hit_tokens = 0
+        self.num_prompt_tokens_total = 0
+        logger.info(
+            "engine ready: %s (%s), %d KV blocks of %d tokens, max_model_len=%d, threads=%d",
+            settings.name, self.arch.model_type, num_blocks, settings.block_size,
+            self.max_model_len, num_threads,
+        )
+
+    # -- admission -------------------------------------------------------------------------
+    def check_admission(self, request: GenerateRequest) -> None:
+        """Raise the client's error now, before any work: bad ids, too long, queue full."""
+        num_prompt = len(request.prompt_token_ids)
+        if num_prompt + request.sampling.max_tokens > self.max_model_len:
+            if num_prompt >= self.max_model_len:
+                msg = (
+                    f"the prompt has {num_prompt} tokens; this model's context is "
+                    f"{self.max_model_len} tokens"
+                )
+            else:
+                msg = (
+                    f"the prompt ({num_prompt} tokens) plus max_tokens "
+                    f"({request.sampling.max_tokens}) exceeds this model's context of "
+                    f"{self.max_model_len} tokens; lower max_tokens or shorten the prompt"
+                )
+            raise ContextLengthExceededError(msg, param="messages")
+        vocab = self.arch.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+            raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
+        if len(self.scheduler.waiting) >= self.settings.max_num_waiting:
+            raise OverloadedError(
+                f"the engine's queue is full ({self.settings.max_num_waiting} waiting requests)"
+            )
+        if request.request_id in self._requests:
+            raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+
+    def add_request(self, request: GenerateRequest) -> None:
+        self.check_admission(request)
+        seq = Sequence(
+            request_id=request.request_id,
+            prompt_token_ids=list(request.prompt_token_ids),
+            sampling=request.sampling,
+            eos_token_ids=self.eos_token_ids,
+            arrival_s=time.monotonic(),
+        )
+        detok = IncrementalDetokenizer(self.tokenizer, stop=request.sampling.stop)
+        self._requests[request.request_id] = _Request(seq, detok)
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> None:
+        if self._requests.pop(request_id, None) is not None:
+            self.scheduler.abort(request_id)
+            self.runner.forget(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- the step --------------------------------------------------------------------------
+    def step(self) -> list[TokenChunk]:
+        plan = self.scheduler.schedule()
+        if plan.is_empty:
+            return []
+        sampled = self.runner.execute(plan)
+        self.scheduler.postprocess(plan, sampled)
+        chunks: list[TokenChunk] = []
+        for request_id, token_id in sampled.items():
+            req = self._requests.get(request_id)
+            if req is None:
+                continue
+            seq = req.seq
+            if len(seq.output_token_ids) == 1:
+                self.num_prefix_hit_tokens += seq.num_cached_tokens
+                self.num_prompt_tokens_total += seq.num_prompt_tokens
+            text = req.detokenizer.append([token_id])
+            if req.detokenizer.is_stopped and not seq.is_finished:
+                self.scheduler.finish_early(seq)
+            if seq.is_finished:
+                text += req.detokenizer.finish()
+            chunks.append(
+                TokenChunk(
+                    request_id=request_id,
+                    token_ids=(token_id,),
+                    text=text,
+                    finish_reason=seq.finish_reason if seq.is_finished else None,
+                    num_prompt_tokens=seq.num_prompt_tokens,
+                    num_cached_tokens=seq.num_cached_tokens,
+                    num_output_tokens=len(seq.output_token_ids),
+                )
+            )
+            if seq.is_finished:
+                del self._requests[request_id]
+                self.runner.forget(request_id)
+        return chunks
+
+    # -- introspection ---------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        return EngineStats(
+            instance_id=self.settings.instance_name,
+            role=self.settings.role,
+            num_waiting=len(self.scheduler.waiting),
+            num_running=len(self.scheduler.running),
+            num_free_blocks=self.block_manager.num_free_blocks,
+            num_total_blocks=self.block_manager.num_blocks,
+            num_prefix_hit_tokens=self.num_prefix_hit_tokens,
+            num_prompt_tokens_total=self.num_prompt_tokens_total,
+            num_preemptions_total=self.scheduler.num_preemptions_total,
+        )
+
+    def model_info(self) -> ModelInfo:
+        tok = self.tokenizer
+        return ModelInfo(
+            served_model_name=self.settings.name,
+            architecture=self.arch.model_type,
+            max_model_len=self.max_model_len,
+            tokenizer_json=tok.tokenizer_json,
+            chat_template=tok.chat_template,
+            bos_token=tok.bos_token,
+            eos_token=tok.eos_token,
+            eos_token_ids=tuple(sorted(self.eos_token_ids)),
+            created_unix=self.created_unix,
+        )

@@ -1,0 +1,128 @@
+"""Turns a ``StepPlan`` into tensors, runs the model, and samples (the only torch user).
+
+Owns the KV cache tensor [layers, 2, slots, K, Hd] and the model weights. Decoding sequences
+are laid out first in the flattened token batch so their attention runs as one padded batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from moeflow.engine.models.arch import ArchConfig
+from moeflow.engine.models.attention import AttentionMetadata, PrefillSpan
+from moeflow.engine.models.loader import load_model
+from moeflow.engine.sampler import make_generator, sample
+from moeflow.engine.scheduler import ScheduledSeq, StepPlan
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model_dir: Path,
+        arch: ArchConfig,
+        *,
+        dtype: str,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+    ) -> None:
+        self.arch = arch
+        self.block_size = block_size
+        self.dtype = DTYPES[dtype]
+        self.model = load_model(model_dir, arch, dtype=self.dtype, max_len=max_model_len)
+        num_slots = num_blocks * block_size
+        self.kv_cache = torch.zeros(
+            arch.num_layers, 2, num_slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype
+        )
+        self._generators: dict[str, torch.Generator | None] = {}
+
+    @staticmethod
+    def num_blocks_for_bytes(arch: ArchConfig, dtype: str, block_size: int, num_bytes: int) -> int:
+        element_bytes = torch.empty((), dtype=DTYPES[dtype]).element_size()
+        per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * element_bytes
+        return max(1, num_bytes // (per_token * block_size))
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    def _slots(self, item: ScheduledSeq, start: int, end: int) -> list[int]:
+        table = item.seq.block_table
+        bs = self.block_size
+        return [table[p // bs] * bs + p % bs for p in range(start, end)]
+
+    def _prepare(
+        self, plan: StepPlan
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[ScheduledSeq], list[int]]:
+        decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
+        prefills = [s for s in plan.scheduled if s.num_new_tokens > 1]
+        ordered = decodes + prefills
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        sample_rows: list[int] = []
+        sampled_items: list[ScheduledSeq] = []
+        for item in ordered:
+            start = item.start_pos
+            end = start + item.num_new_tokens
+            input_ids.extend(item.seq.token_ids[start:end])
+            positions.extend(range(start, end))
+            slots.extend(self._slots(item, start, end))
+            if item.completes_sequence:
+                sample_rows.append(len(input_ids) - 1)
+                sampled_items.append(item)
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long))
+        if decodes:
+            lengths = [d.start_pos + 1 for d in decodes]
+            max_len = max(lengths)
+            gather = torch.zeros(len(decodes), max_len, dtype=torch.long)
+            for row, d in enumerate(decodes):
+                gather[row, : lengths[row]] = torch.tensor(self._slots(d, 0, lengths[row]))
+            meta.num_decode_tokens = len(decodes)
+            meta.decode_gather = gather
+            if min(lengths) != max_len:
+                lens = torch.tensor(lengths)
+                mask = torch.arange(max_len)[None, :] < lens[:, None]
+                meta.decode_mask = mask[:, None, None, :]
+        offset = len(decodes)
+        for item in prefills:
+            n = item.num_new_tokens
+            span = PrefillSpan(q_start=offset, q_end=offset + n)
+            if item.start_pos > 0:
+                ctx = item.start_pos + n
+                span.gather = torch.tensor(self._slots(item, 0, ctx), dtype=torch.long)
+                q_pos = torch.arange(item.start_pos, ctx)[:, None]
+                span.mask = torch.arange(ctx)[None, :] <= q_pos
+            meta.prefills.append(span)
+            offset += n
+        return (
+            torch.tensor(input_ids, dtype=torch.long),
+            torch.tensor(positions, dtype=torch.long),
+            meta,
+            sampled_items,
+            sample_rows,
+        )
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> dict[str, int]:
+        """Run one step; return request_id -> sampled token for sequences that completed."""
+        input_ids, positions, meta, sampled_items, sample_rows = self._prepare(plan)
+        hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
+        if not sampled_items:
+            return {}
+        logits = self.model.logits(hidden[sample_rows])
+        params = [s.seq.sampling for s in sampled_items]
+        generators = []
+        for s in sampled_items:
+            rid = s.seq.request_id
+            if rid not in self._generators:
+                self._generators[rid] = make_generator(s.seq.sampling)
+            generators.append(self._generators[rid])
+        token_ids = sample(logits, params, generators)
+        return {s.seq.request_id: t for s, t in zip(sampled_items, token_ids, strict=True)}

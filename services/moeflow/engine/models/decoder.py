@@ -1,0 +1,167 @@
+"""The decoder-only transformer shared by every supported family, as plain tensor code.
+
+Weights are plain tensors (no nn.Module call overhead on the hot path). Each op mirrors the
+Hugging Face implementation's order of floating-point operations, which is what makes float32
+greedy output token-identical to ``transformers``. Index legend: T tokens, E hidden size,
+H heads, K KV heads, Hd head dim, X experts, k top-k.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moeflow.engine.models.arch import ArchConfig
+from moeflow.engine.models.attention import AttentionMetadata, paged_attention
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    variance = x.pow(2).mean(-1, keepdim=True)
+    return weight * (x * torch.rsqrt(variance + eps))
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_tables(arch: ArchConfig, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [max_len, Hd], computed exactly as transformers' default rotary embedding."""
+    dim = arch.head_dim
+    exponent = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
+    inv_freq = 1.0 / (arch.rope_theta**exponent)
+    positions = torch.arange(max_len, dtype=torch.float)
+    freqs = positions[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+@dataclass
+class DenseMLP:
+    gate_up: torch.Tensor  # [2I, E] gate rows then up rows
+    down: torch.Tensor  # [E, I]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down)
+
+
+@dataclass
+class MoE:
+    """Top-k routed experts; optional shared expert with a sigmoid gate (qwen2_moe)."""
+
+    router: torch.Tensor  # [X, E]
+    gate_up: torch.Tensor  # [X, 2I, E]
+    down: torch.Tensor  # [X, E, I]
+    top_k: int
+    norm_topk_prob: bool
+    shared: DenseMLP | None = None
+    shared_gate: torch.Tensor | None = None  # [1, E]
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k expert ids [T, k] and their weights [T, k] for each token."""
+        logits = F.linear(x, self.router)
+        probs = F.softmax(logits, dtype=torch.float, dim=-1)
+        weights, expert_ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return expert_ids, weights.to(x.dtype)
+
+    def experts(
+        self, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
+        out = torch.zeros_like(x)
+        num_experts = self.gate_up.shape[0]
+        # [X, k, T] one-hot of which (token, slot) pairs each expert serves
+        expert_mask = F.one_hot(expert_ids, num_classes=num_experts).permute(2, 1, 0)
+        hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
+        for e in hit:
+            slot, token_idx = torch.where(expert_mask[e])
+            gate, up = F.linear(x[token_idx], self.gate_up[e]).chunk(2, dim=-1)
+            h = F.linear(F.silu(gate) * up, self.down[e])
+            h = h * weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, h.to(out.dtype))
+        return out
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        shared_out = self.shared(x) if self.shared is not None else None
+        expert_ids, weights = self.route(x)
+        out = self.experts(x, expert_ids, weights)
+        if shared_out is not None:
+            assert self.shared_gate is not None
+            out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * shared_out
+        return out
+
+
+@dataclass
+class DecoderLayer:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    q_proj: torch.Tensor
+    k_proj: torch.Tensor
+    v_proj: torch.Tensor
+    o_proj: torch.Tensor
+    q_bias: torch.Tensor | None
+    k_bias: torch.Tensor | None
+    v_bias: torch.Tensor | None
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    mlp: DenseMLP | MoE
+
+
+class DecoderModel:
+    """Embeddings -> layers -> final norm; ``logits`` applies the LM head to chosen rows."""
+
+    def __init__(
+        self,
+        arch: ArchConfig,
+        embed: torch.Tensor,
+        layers: list[DecoderLayer],
+        final_norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        max_len: int,
+    ) -> None:
+        self.arch = arch
+        self.embed = embed
+        self.layers = layers
+        self.final_norm = final_norm
+        self.lm_head = lm_head
+        self.cos, self.sin = rope_tables(arch, max_len)
+        self.cos = self.cos.to(embed.dtype)
+        self.sin = self.sin.to(embed.dtype)
+        self.scale = arch.head_dim**-0.5
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # [layers, 2, S, K, Hd]
+    ) -> torch.Tensor:  # [T, E]
+        arch = self.arch
+        eps = arch.rms_norm_eps
+        num_tokens = input_ids.shape[0]
+        cos = self.cos[positions].unsqueeze(1)  # [T, 1, Hd]
+        sin = self.sin[positions].unsqueeze(1)
+        x = F.embedding(input_ids, self.embed)
+        for i, layer in enumerate(self.layers):
+            residual = x
+            h = rms_norm(x, layer.input_norm, eps)
+            q = F.linear(h, layer.q_proj, layer.q_bias).view(num_tokens, arch.num_heads, -1)
+            k = F.linear(h, layer.k_proj, layer.k_bias).view(num_tokens, arch.num_kv_heads, -1)
+            v = F.linear(h, layer.v_proj, layer.v_bias).view(num_tokens, arch.num_kv_heads, -1)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q = rms_norm(q, layer.q_norm, eps)
+                k = rms_norm(k, layer.k_norm, eps)
+            q = (q * cos) + (rotate_half(q) * sin)
+            k = (k * cos) + (rotate_half(k) * sin)
+            attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+            x = residual + F.linear(attn.reshape(num_tokens, -1), layer.o_proj)
+            residual = x
+            x = residual + layer.mlp(rms_norm(x, layer.post_norm, eps))
+        return rms_norm(x, self.final_norm, eps)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.lm_head).float()

@@ -1,0 +1,127 @@
+"""Load a Hugging Face safetensors checkpoint into a ``DecoderModel``.
+
+Reads every ``*.safetensors`` shard through safetensors' memory map, accepts both the hub layout
+of MoE experts (one tensor per expert and projection) and the fused layout of transformers 5
+(``experts.gate_up_proj`` [X, 2I, E]), and ties the LM head to the embeddings when the config
+says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from moeflow.engine.models.arch import ArchConfig
+from moeflow.engine.models.decoder import DecoderLayer, DecoderModel, DenseMLP, MoE
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+class _Weights:
+    def __init__(self, model_dir: Path, dtype: torch.dtype, stack: ExitStack) -> None:
+        self._dtype = dtype
+        self._handles: dict[str, Any] = {}
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise CheckpointError(f"{model_dir} has no *.safetensors files")
+        for path in files:
+            handle = stack.enter_context(safe_open(str(path), framework="pt"))
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+                self._handles[key] = handle
+
+    def has(self, name: str) -> bool:
+        return name in self._handles
+
+    def get(self, name: str) -> torch.Tensor:
+        handle = self._handles.get(name)
+        if handle is None:
+            raise CheckpointError(f"checkpoint tensor {name!r} is missing")
+        tensor: torch.Tensor = handle.get_tensor(name)
+        return tensor.to(self._dtype).contiguous()
+
+    def maybe(self, name: str) -> torch.Tensor | None:
+        return self.get(name) if self.has(name) else None
+
+    def names(self) -> Iterator[str]:
+        return iter(self._handles)
+
+
+def _dense_mlp(w: _Weights, prefix: str, gate: str, up: str, down: str) -> DenseMLP:
+    return DenseMLP(
+        gate_up=torch.cat([w.get(f"{prefix}.{gate}.weight"), w.get(f"{prefix}.{up}.weight")]),
+        down=w.get(f"{prefix}.{down}.weight"),
+    )
+
+
+def _moe(w: _Weights, arch: ArchConfig, layer_prefix: str) -> MoE:
+    if arch.model_type == "mixtral":
+        prefix, names = f"{layer_prefix}.block_sparse_moe", ("w1", "w3", "w2")
+    else:
+        prefix, names = f"{layer_prefix}.mlp", ("gate_proj", "up_proj", "down_proj")
+    if w.has(f"{prefix}.experts.gate_up_proj"):
+        gate_up = w.get(f"{prefix}.experts.gate_up_proj")
+        down = w.get(f"{prefix}.experts.down_proj")
+    else:
+        experts = [
+            _dense_mlp(w, f"{prefix}.experts.{e}", *names) for e in range(arch.num_experts)
+        ]
+        gate_up = torch.stack([m.gate_up for m in experts])
+        down = torch.stack([m.down for m in experts])
+    shared = None
+    shared_gate = None
+    if arch.shared_expert_intermediate_size:
+        shared = _dense_mlp(w, f"{prefix}.shared_expert", "gate_proj", "up_proj", "down_proj")
+        shared_gate = w.get(f"{prefix}.shared_expert_gate.weight")
+    return MoE(
+        router=w.get(f"{prefix}.gate.weight"),
+        gate_up=gate_up,
+        down=down,
+        top_k=arch.num_experts_per_tok,
+        norm_topk_prob=arch.norm_topk_prob,
+        shared=shared,
+        shared_gate=shared_gate,
+    )
+
+
+def load_model(
+    model_dir: Path, arch: ArchConfig, *, dtype: torch.dtype, max_len: int
+) -> DecoderModel:
+    with ExitStack() as stack:
+        w = _Weights(model_dir, dtype, stack)
+        layers: list[DecoderLayer] = []
+        for i in range(arch.num_layers):
+            p = f"model.layers.{i}"
+            a = f"{p}.self_attn"
+            if i in arch.moe_layer_ids:
+                mlp: DenseMLP | MoE = _moe(w, arch, p)
+            else:
+                mlp = _dense_mlp(w, f"{p}.mlp", "gate_proj", "up_proj", "down_proj")
+            layers.append(
+                DecoderLayer(
+                    input_norm=w.get(f"{p}.input_layernorm.weight"),
+                    post_norm=w.get(f"{p}.post_attention_layernorm.weight"),
+                    q_proj=w.get(f"{a}.q_proj.weight"),
+                    k_proj=w.get(f"{a}.k_proj.weight"),
+                    v_proj=w.get(f"{a}.v_proj.weight"),
+                    o_proj=w.get(f"{a}.o_proj.weight"),
+                    q_bias=w.maybe(f"{a}.q_proj.bias"),
+                    k_bias=w.maybe(f"{a}.k_proj.bias"),
+                    v_bias=w.maybe(f"{a}.v_proj.bias"),
+                    q_norm=w.maybe(f"{a}.q_norm.weight") if arch.has_qk_norm else None,
+                    k_norm=w.maybe(f"{a}.k_norm.weight") if arch.has_qk_norm else None,
+                    mlp=mlp,
+                )
+            )
+        embed = w.get("model.embed_tokens.weight")
+        if arch.tie_word_embeddings or not w.has("lm_head.weight"):
+            lm_head = embed
+        else:
+            lm_head = w.get("lm_head.weight")
+        return DecoderModel(arch, embed, layers, w.get("model.norm.weight"), lm_head, max_len)

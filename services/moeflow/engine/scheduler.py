@@ -1,0 +1,170 @@
+"""Continuous batching with chunked prefill (pure: plain data in, a step plan out).
+
+Each step spends a token budget (``max_num_batched_tokens``): first one token for every running
+sequence that is decoding, then the next chunk of any prompt still being prefilled, then new
+sequences from the bounded waiting queue, oldest first. When decode needs a block and none is
+free, the newest running sequence is preempted (its blocks freed; it recomputes later), which
+keeps the oldest requests moving. A sequence's tokens never change with the company it keeps:
+batching decides *when* a token is computed, never *what* it is.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from moeflow.engine.block_manager import BlockManager, num_blocks_for
+from moeflow.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int
+
+    @property
+    def start_pos(self) -> int:
+        return self.seq.num_computed_tokens
+
+    @property
+    def completes_sequence(self) -> bool:
+        """After this step every token is computed, so the step samples the next one."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+
+
+@dataclass
+class StepPlan:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        *,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+    ) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions_total = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def abort(self, request_id: str) -> Sequence | None:
+        """Remove a request wherever it is and free its blocks."""
+        for seq in self.running:
+            if seq.request_id == request_id:
+                self.running.remove(seq)
+                self._finish(seq, "abort")
+                return seq
+        for seq in self.waiting:
+            if seq.request_id == request_id:
+                self.waiting.remove(seq)
+                self._finish(seq, "abort")
+                return seq
+        return None
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_num_batched_tokens
+        # 1. Decodes (and prompt tails of exactly one token), oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if seq.num_uncomputed_tokens != 1:
+                i += 1
+                continue
+            if not self._make_room(seq, seq.num_tokens, plan):
+                break  # seq itself was preempted: everything after it is gone too
+            plan.scheduled.append(ScheduledSeq(seq, 1))
+            budget -= 1
+            i += 1
+        # 2. Prompts already admitted but not fully prefilled.
+        for seq in self.running:
+            if budget <= 0:
+                break
+            if seq.num_uncomputed_tokens > 1:
+                chunk = min(seq.num_uncomputed_tokens, budget)
+                plan.scheduled.append(ScheduledSeq(seq, chunk))
+                budget -= chunk
+        # 3. Admit new sequences while memory, batch slots and budget allow.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.block_manager.allocate_prompt(seq):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            chunk = min(seq.num_uncomputed_tokens, budget)
+            plan.scheduled.append(ScheduledSeq(seq, chunk))
+            budget -= chunk
+        return plan
+
+    def _make_room(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
+        while not self.block_manager.ensure_slots(seq, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            plan.preempted.append(victim)
+            plan.scheduled = [s for s in plan.scheduled if s.seq is not victim]
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        self.num_preemptions_total += 1
+
+    def postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
+        """Advance computed counts, append sampled tokens; return sequences that finished."""
+        finished: list[Sequence] = []
+        for item in plan.scheduled:
+            seq = item.seq
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.index_computed_blocks(seq)
+            token_id = sampled.get(seq.request_id)
+            if token_id is None:
+                continue
+            seq.append_token(token_id)
+            if seq.finish_reason is not None:
+                self.running.remove(seq)
+                self._finish(seq, seq.finish_reason)
+                finished.append(seq)
+        return finished
+
+    def finish_early(self, seq: Sequence) -> None:
+        """Stop a running sequence for a reason found outside (a stop string)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        self._finish(seq, "stop")
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status = SequenceStatus.FINISHED
+        if seq.finish_reason is None:
+            seq.finish_reason = reason  # type: ignore[assignment]
+        self.block_manager.free(seq)
+
+
+def max_blocks_per_seq(max_model_len: int, block_size: int) -> int:
+    return num_blocks_for(max_model_len, block_size)
