@@ -1,0 +1,122 @@
+"""HTTP face of one engine instance: generate (NDJSON stream), model info, stats, health.
+
+This is the only place where engine-side errors become HTTP responses. The body of
+``POST /v1/generate`` is a ``GenerateRequest``; the response streams one JSON ``TokenChunk``
+per line, or an ``ErrorChunk`` if the request fails after the stream began. Closing the
+connection aborts the request and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from moeflow.common.errors import MoeflowError
+from moeflow.common.messages import EngineStats, ErrorChunk, GenerateRequest, ModelInfo
+from moeflow.engine.async_engine import AsyncEngine
+from moeflow.engine.llm_engine import LLMEngine
+
+logger = logging.getLogger(__name__)
+
+
+def error_response(exc: MoeflowError) -> JSONResponse:
+    headers = {}
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
+    body = {
+        "error": {
+            "message": exc.message,
+            "type": exc.error_type,
+            "param": exc.param,
+            "code": exc.code,
+        }
+    }
+    return JSONResponse(body, status_code=exc.status_code, headers=headers)
+
+
+def _metrics(engine: LLMEngine) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    labels = {"instance": engine.settings.instance_name, "role": engine.settings.role}
+
+    def gauge(name: str, doc: str, fn: object) -> None:
+        g = Gauge(name, doc, list(labels), registry=registry)
+        g.labels(**labels).set_function(fn)  # type: ignore[arg-type]
+
+    gauge("moeflow_engine_waiting_requests", "Requests queued", lambda: engine.stats().num_waiting)
+    gauge("moeflow_engine_running_requests", "Requests running", lambda: engine.stats().num_running)
+    gauge("moeflow_engine_kv_cache_usage_ratio", "Share of KV blocks in use",
+          lambda: engine.stats().kv_usage_ratio)
+    return registry
+
+
+def build_engine_app(engine: LLMEngine) -> FastAPI:
+    async_engine = AsyncEngine(engine)
+    registry = _metrics(engine)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        async_engine.start()
+        try:
+            yield
+        finally:
+            async_engine.stop()
+
+    app = FastAPI(title="moeflow engine", lifespan=lifespan)
+    app.state.async_engine = async_engine
+
+    @app.exception_handler(MoeflowError)
+    async def _domain_error(_: Request, exc: MoeflowError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse(
+            {"error": {"message": str(exc.errors()[:3]), "type": "invalid_request_error",
+                       "param": None, "code": "invalid_request"}},
+            status_code=422,
+        )
+
+    @app.post("/v1/generate")
+    async def generate(request: GenerateRequest) -> StreamingResponse:
+        engine.check_admission(request)  # the client's errors surface here, before the 200
+        chunks = async_engine.generate(request)
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in chunks:
+                    yield chunk.model_dump_json().encode() + b"\n"
+            except MoeflowError as exc:
+                err = ErrorChunk(request_id=request.request_id, code=exc.code, message=exc.message)
+                yield err.model_dump_json().encode() + b"\n"
+            finally:
+                await chunks.aclose()
+
+        return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    @app.get("/v1/model_info")
+    async def model_info() -> ModelInfo:
+        return engine.model_info()
+
+    @app.get("/v1/stats")
+    async def stats() -> EngineStats:
+        return engine.stats()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not async_engine.is_healthy:
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        return JSONResponse({"status": "ok", "role": engine.settings.role})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app

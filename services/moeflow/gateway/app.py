@@ -1,0 +1,69 @@
+"""The gateway app factory: ``build_app(settings)`` wires routers, middleware and services.
+
+Clients and background tasks live in the lifespan and on ``app.state``; nothing is global, so
+tests build as many independent apps as they like.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.responses import PlainTextResponse
+from prometheus_client import generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from moeflow.gateway.deps import ServiceDep
+from moeflow.gateway.engine_client import EngineClient
+from moeflow.gateway.errors import install_error_handlers
+from moeflow.gateway.generation import GenerationService
+from moeflow.gateway.metrics import GatewayMetrics
+from moeflow.gateway.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
+from moeflow.gateway.registry import ModelRegistry
+from moeflow.gateway.routes import chat, completions, models
+from moeflow.gateway.settings import GatewaySettings
+
+
+def build_app(settings: GatewaySettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = EngineClient(
+            connect_timeout_s=settings.engine_connect_timeout_s,
+            request_timeout_s=settings.request_timeout_s,
+        )
+        registry = ModelRegistry(client)
+        metrics = GatewayMetrics(registry)
+        app.state.service = GenerationService(settings, registry, client, metrics)
+        await registry.discover(settings.engine_urls, settings.engine_startup_timeout_s)
+        await registry.refresh_stats()
+        poller = asyncio.create_task(registry.poll_stats(settings.stats_poll_interval_s))
+        try:
+            yield
+        finally:
+            poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await poller
+            await client.aclose()
+
+    app = FastAPI(title="MoEFlow gateway", version="0.1.0", lifespan=lifespan)
+    install_error_handlers(app)
+    app.include_router(models.router)
+    app.include_router(chat.router)
+    app.include_router(completions.router)
+
+    @app.get("/metrics")
+    async def metrics(service: ServiceDep) -> PlainTextResponse:
+        service.metrics.refresh_instance_gauges()
+        return PlainTextResponse(
+            generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST
+        )
+
+    # Outermost first: size limit, then auth, so unauthenticated giants are refused cheaply.
+    app.add_middleware(
+        ApiKeyMiddleware, api_keys=[k.get_secret_value() for k in settings.api_keys]
+    )
+    app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    return app

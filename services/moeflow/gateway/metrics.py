@@ -1,0 +1,75 @@
+"""Prometheus metrics of the gateway, in a registry owned by one app (no globals).
+
+Latency definitions follow vLLM's benchmark: TTFT is request arrival to the first generated
+token; TPOT is (end-to-end - TTFT) / (output tokens - 1) per request; ITL is the gap between
+consecutive streamed chunks.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from moeflow.gateway.registry import ModelRegistry
+
+_LATENCY_BUCKETS_S = (
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+)
+
+
+class GatewayMetrics:
+    def __init__(self, registry_of_models: ModelRegistry) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "moeflow_requests", "Finished requests", ["model", "endpoint", "status"], registry=r
+        )
+        self.ttft = Histogram(
+            "moeflow_time_to_first_token_seconds", "Time to first token", ["model"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.tpot = Histogram(
+            "moeflow_time_per_output_token_seconds", "Mean time per output token after the first",
+            ["model"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.itl = Histogram(
+            "moeflow_inter_token_latency_seconds", "Gap between streamed chunks", ["model"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.e2e = Histogram(
+            "moeflow_e2e_request_latency_seconds", "Request latency end to end", ["model"],
+            buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "moeflow_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "moeflow_generation_tokens", "Tokens generated", ["model"], registry=r
+        )
+        self.cached_prompt_tokens = Counter(
+            "moeflow_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
+            ["model"], registry=r,
+        )
+        self.in_flight = Gauge(
+            "moeflow_gateway_requests_in_flight", "Requests the gateway holds now", registry=r
+        )
+        self._models = registry_of_models
+        self._queue_depth = Gauge(
+            "moeflow_queue_depth", "Requests waiting in an instance's queue",
+            ["model", "instance"], registry=r,
+        )
+        self._running = Gauge(
+            "moeflow_running_requests", "Requests running in an instance",
+            ["model", "instance"], registry=r,
+        )
+        self._kv_usage = Gauge(
+            "moeflow_kv_cache_usage_ratio", "Share of an instance's KV blocks in use",
+            ["model", "instance"], registry=r,
+        )
+
+    def refresh_instance_gauges(self) -> None:
+        for model in self._models.models.values():
+            for url, stats in model.stats.items():
+                self._queue_depth.labels(model.name, url).set(stats.num_waiting)
+                self._running.labels(model.name, url).set(stats.num_running)
+                self._kv_usage.labels(model.name, url).set(stats.kv_usage_ratio)

@@ -1,0 +1,111 @@
+"""Served models and their engine instances, as this gateway knows them.
+
+Filled from the instances themselves: each reports its ``ModelInfo`` (tokenizer included), so
+the gateway needs no access to weights. A background task refreshes ``EngineStats`` for routing
+and metrics and marks instances that stop answering as unhealthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from moeflow.common.errors import BackendUnavailableError, ModelNotFoundError
+from moeflow.common.messages import EngineStats, ModelInfo
+from moeflow.common.tokenizer import TextTokenizer
+from moeflow.gateway.engine_client import EngineClient
+from moeflow.gateway.routing import InstanceView, least_loaded
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    info: ModelInfo
+    tokenizer: TextTokenizer
+    instances: list[InstanceView] = field(default_factory=list)
+    stats: dict[str, EngineStats] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.info.served_model_name
+
+
+class ModelRegistry:
+    def __init__(self, client: EngineClient) -> None:
+        self._client = client
+        self.models: dict[str, ServedModel] = {}
+
+    def get(self, name: str) -> ServedModel:
+        model = self.models.get(name)
+        if model is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFoundError(
+                f"the model {name!r} does not exist; served models: {known}", param="model"
+            )
+        return model
+
+    def pick(self, model: ServedModel) -> InstanceView:
+        instance = least_loaded(model.instances)
+        if instance is None:
+            raise BackendUnavailableError(f"no healthy instance serves {model.name!r} right now")
+        return instance
+
+    async def add_instance(self, url: str) -> None:
+        info = await self._client.model_info(url)
+        model = self.models.get(info.served_model_name)
+        if model is None:
+            tokenizer = TextTokenizer(
+                info.tokenizer_json,
+                chat_template=info.chat_template,
+                bos_token=info.bos_token,
+                eos_token=info.eos_token,
+            )
+            model = ServedModel(info=info, tokenizer=tokenizer)
+            self.models[info.served_model_name] = model
+        if all(i.url != url for i in model.instances):
+            model.instances.append(InstanceView(url=url))
+        logger.info("serving %s from %s", info.served_model_name, url)
+
+    async def discover(self, urls: Sequence[str], timeout_s: float) -> None:
+        """Wait until every listed instance has reported its model, or fail after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(urls)
+        while pending:
+            still: list[str] = []
+            for url in pending:
+                try:
+                    await self.add_instance(url)
+                except Exception:  # not up yet: retry until the deadline
+                    still.append(url)
+            pending = still
+            if pending:
+                if time.monotonic() > deadline:
+                    raise BackendUnavailableError(
+                        f"engine instances did not come up within {timeout_s:.0f} s: {pending}"
+                    )
+                await asyncio.sleep(0.2)
+
+    async def refresh_stats(self) -> None:
+        for model in self.models.values():
+            for instance in model.instances:
+                try:
+                    stats = await self._client.stats(instance.url)
+                except Exception:
+                    if instance.is_healthy:
+                        logger.warning("instance %s stopped answering", instance.url)
+                    instance.is_healthy = False
+                    continue
+                instance.is_healthy = True
+                instance.num_waiting = stats.num_waiting
+                instance.num_running = stats.num_running
+                instance.kv_usage_ratio = stats.kv_usage_ratio
+                model.stats[instance.url] = stats
+
+    async def poll_stats(self, interval_s: float) -> None:
+        while True:
+            await self.refresh_stats()
+            await asyncio.sleep(interval_s)

@@ -1,0 +1,146 @@
+"""POST /v1/completions: one engine task per prompt; several prompts give several choices."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from moeflow.common.errors import InvalidRequestError, MoeflowError
+from moeflow.common.messages import TokenChunk
+from moeflow.gateway.deps import ServiceDep
+from moeflow.gateway.errors import sse_error
+from moeflow.gateway.generation import until_disconnected
+from moeflow.gateway.protocol import CompletionRequest, make_usage, now_unix
+from moeflow.gateway.registry import ServedModel
+from moeflow.gateway.streaming import SSE_DONE, collect, sse
+
+router = APIRouter()
+
+
+def _prompts(body: CompletionRequest, model: ServedModel, max_prompts: int) -> list[list[int]]:
+    p = body.prompt
+    if isinstance(p, str):
+        prompts = [model.tokenizer.encode(p)]
+    elif p and all(isinstance(x, int) for x in p):
+        prompts = [list(p)]  # type: ignore[arg-type]
+    elif p and all(isinstance(x, str) for x in p):
+        prompts = [model.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+    elif p and all(isinstance(x, list) for x in p):
+        prompts = [list(x) for x in p]  # type: ignore[arg-type]
+    else:
+        raise InvalidRequestError("prompt must be a non-empty string or list", param="prompt")
+    if len(prompts) > max_prompts:
+        raise InvalidRequestError(f"at most {max_prompts} prompts per request", param="prompt")
+    if any(not ids for ids in prompts):
+        raise InvalidRequestError("prompts must not be empty", param="prompt")
+    return prompts
+
+
+async def _merge(
+    streams: Sequence[AsyncIterator[TokenChunk]],
+) -> AsyncIterator[tuple[int, TokenChunk]]:
+    """Interleave several chunk streams as they produce, tagging each chunk with its index."""
+    queue: asyncio.Queue[tuple[int, TokenChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TokenChunk]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+            await queue.put((index, None))
+        except BaseException as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        num_open = len(streams)
+        while num_open:
+            index, item = await queue.get()
+            if item is None:
+                num_open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@router.post("/v1/completions", response_model=None)
+async def create_completion(
+    body: CompletionRequest, request: Request, service: ServiceDep
+) -> JSONResponse | StreamingResponse:
+    model = service.registry.get(body.model)
+    if body.echo or body.suffix:
+        raise InvalidRequestError("echo and suffix are not supported", param="echo")
+    prompts = _prompts(body, model, service.settings.max_prompts_per_request)
+    samplings = [
+        service.sampling_params(
+            body, num_prompt_tokens=len(ids), model=model, max_tokens=body.max_tokens or 16
+        )
+        for ids in prompts
+    ]
+    request_id = f"cmpl-{uuid.uuid4().hex}"
+    created = now_unix()
+    streams: list[AsyncGenerator[TokenChunk, None]] = []
+    try:
+        for i, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True)):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            streams.append(await service.open(model, "completions", rid, ids, sampling))
+    except BaseException:
+        for stream in streams:
+            await stream.aclose()
+        raise
+    base: dict[str, Any] = {
+        "id": request_id, "object": "text_completion", "created": created, "model": model.name
+    }
+
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+        async def events() -> AsyncIterator[str]:
+            finals: dict[int, TokenChunk] = {}
+            try:
+                async for index, chunk in _merge(streams):
+                    if chunk.finish_reason is not None:
+                        finals[index] = chunk
+                    if not chunk.text and chunk.finish_reason is None:
+                        continue
+                    choice = {"index": index, "text": chunk.text, "logprobs": None,
+                              "finish_reason": chunk.finish_reason}
+                    yield sse({**base, "choices": [choice],
+                               **({"usage": None} if include_usage else {})})
+            except MoeflowError as exc:
+                yield sse_error(exc)
+                yield SSE_DONE
+                return
+            if include_usage:
+                usage = make_usage(
+                    sum(c.num_prompt_tokens for c in finals.values()),
+                    sum(c.num_output_tokens for c in finals.values()),
+                    sum(c.num_cached_tokens for c in finals.values()),
+                )
+                yield sse({**base, "choices": [], "usage": usage.model_dump()})
+            yield SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    async def gather_all() -> list[tuple[str, TokenChunk]]:
+        return list(await asyncio.gather(*(collect(s) for s in streams)))
+
+    results = await until_disconnected(request.is_disconnected, gather_all())
+    usage = make_usage(
+        sum(last.num_prompt_tokens for _, last in results),
+        sum(last.num_output_tokens for _, last in results),
+        sum(last.num_cached_tokens for _, last in results),
+    )
+    choices = [
+        {"index": i, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
+        for i, (text, last) in enumerate(results)
+    ]
+    return JSONResponse({**base, "choices": choices, "usage": usage.model_dump()})

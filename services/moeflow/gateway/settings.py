@@ -1,0 +1,33 @@
+"""Settings of the gateway process: built once at the entry point and passed down."""
+
+from __future__ import annotations
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class GatewaySettings(BaseSettings):
+    """Every limit is explicit. Env prefix: ``MOEFLOW_GATEWAY_``."""
+
+    model_config = SettingsConfigDict(env_prefix="MOEFLOW_GATEWAY_", frozen=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    engine_urls: tuple[str, ...] = ()
+    """Engine instances to serve (static discovery: the local runtime passes these)."""
+    api_keys: tuple[SecretStr, ...] = ()
+    """When set, every /v1 request needs ``Authorization: Bearer <key>``; never logged."""
+
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    """Largest accepted request body; bigger bodies get 413."""
+    max_in_flight_requests: int = Field(256, ge=1)
+    """Requests the gateway holds at once; past it, 429 with Retry-After."""
+    retry_after_s: int = Field(1, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0)
+    """Longest a single request may take end to end."""
+    engine_connect_timeout_s: float = Field(5.0, gt=0)
+    engine_startup_timeout_s: float = Field(300.0, gt=0)
+    """How long to wait at start-up for engine instances to report their model."""
+    stats_poll_interval_s: float = Field(1.0, gt=0)
+    max_stop_sequences: int = Field(16, ge=0)
+    max_prompts_per_request: int = Field(64, ge=1)

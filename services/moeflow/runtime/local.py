@@ -1,0 +1,120 @@
+"""`moeflow up`: the platform on one machine, no cluster.
+
+Engine instances run as child processes (``python -m moeflow.cli engine ...``); the gateway runs
+in this process under uvicorn. Ctrl-C (SIGINT) or SIGTERM stops the gateway, then the children
+(SIGTERM, then SIGKILL after a grace period). If an engine child dies, the gateway stops too, so
+nothing is left half-running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+_STOP_GRACE_S = 10.0
+
+
+def free_port(host: str) -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class EngineProcess:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+
+
+class LocalRuntime:
+    def __init__(self, args: argparse.Namespace, *, home: Path, engine_argv: list[str]) -> None:
+        self.args = args
+        self.home = home
+        self.engine_argv = engine_argv
+        self.engines: list[EngineProcess] = []
+        self._server: object | None = None
+
+    def _model_path(self) -> Path:
+        from moeflow.checkpoints.registry import PULLABLE
+        from moeflow.checkpoints.store import ModelNotCachedError, resolve_model
+
+        try:
+            return resolve_model(self.args.model, self.home)
+        except ModelNotCachedError:
+            if self.args.model not in PULLABLE:
+                raise
+        from moeflow.checkpoints.pull import pull
+
+        logger.info("model %s is not cached yet: pulling it", self.args.model)
+        return pull(self.args.model, self.home, None)
+
+    def _start_engine(self, model_path: Path, served_name: str, rank: int) -> EngineProcess:
+        host = self.args.host
+        port = self.args.engine_port + rank if self.args.engine_port else free_port(host)
+        argv = [
+            sys.executable, "-m", "moeflow.cli", "--log-level", self.args.log_level,
+            "engine", "--model", str(model_path), "--served-model-name", served_name,
+            "--role", "colocated", "--rank", str(rank), "--host", host, "--port", str(port),
+            *self.engine_argv,
+        ]
+        process = subprocess.Popen(argv)
+        engine = EngineProcess(f"colocated-{rank}", f"http://{host}:{port}", process)
+        logger.info("started engine %s (pid %d) at %s", engine.name, process.pid, engine.url)
+        return engine
+
+    def _watch(self, engine: EngineProcess) -> None:
+        code = engine.process.wait()
+        server = self._server
+        if server is not None and not getattr(server, "should_exit", True):
+            logger.error("engine %s exited with code %s: stopping", engine.name, code)
+            server.should_exit = True  # type: ignore[attr-defined]
+
+    def stop_engines(self) -> None:
+        for engine in self.engines:
+            if engine.process.poll() is None:
+                engine.process.send_signal(signal.SIGTERM)
+        for engine in self.engines:
+            try:
+                engine.process.wait(timeout=_STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                engine.process.kill()
+                engine.process.wait()
+
+    def run(self) -> int:
+        import uvicorn
+
+        from moeflow.cli import _gateway_settings
+        from moeflow.gateway.app import build_app
+        from moeflow.gateway.settings import GatewaySettings
+
+        model_path = self._model_path()
+        served_name = self.args.served_model_name or self.args.model.rstrip("/").split("/")[-1]
+        try:
+            self.engines = [self._start_engine(model_path, served_name, rank=0)]
+            settings = _gateway_settings(self.args, [e.url for e in self.engines])
+            assert isinstance(settings, GatewaySettings)
+            config = uvicorn.Config(
+                build_app(settings), host=settings.host, port=settings.port, log_level="info"
+            )
+            server = uvicorn.Server(config)
+            self._server = server
+            for engine in self.engines:
+                threading.Thread(target=self._watch, args=(engine,), daemon=True).start()
+            logger.info(
+                "serving %s at http://%s:%d/v1", served_name, settings.host, settings.port
+            )
+            server.run()
+        finally:
+            self.stop_engines()
+        failed = [e for e in self.engines if e.process.returncode not in (0, -signal.SIGTERM)]
+        return 1 if failed and not getattr(self._server, "started", False) else 0
