@@ -101,11 +101,14 @@ class AsyncEngine:
     def _run(self) -> None:
         try:
             while not self._is_stopping:
-                block = not self.engine.has_work
+                command: _Add | _Abort | None = None
                 try:
-                    command = self._inbox.get(block=block, timeout=_IDLE_WAIT_S if block else None)
+                    if self.engine.has_work:
+                        command = self._inbox.get_nowait()
+                    else:
+                        command = self._inbox.get(timeout=_IDLE_WAIT_S)
                 except queue.Empty:
-                    continue
+                    pass
                 while command is not None:
                     self._handle(command)
                     try:

@@ -34,7 +34,7 @@ class EngineSettings(BaseSettings):
 
     block_size: int = Field(16, ge=1, le=1024)
     """Tokens per KV-cache block."""
-    kv_cache_bytes: int = Field(512 * 1024 * 1024, ge=1024 * 1024)
+    kv_cache_bytes: int = Field(512 * 1024 * 1024, ge=4096)
     """Memory for the paged KV cache; the number of blocks follows from the model's shape."""
     max_model_len: int = Field(0, ge=0)
     """Longest prompt + output in tokens; 0 means min(model's max positions, 8192)."""
