@@ -113,7 +113,10 @@ class LocalRuntime:
             logger.info(
                 "serving %s at http://%s:%d/v1", served_name, settings.host, settings.port
             )
-            server.run()
+            try:
+                server.run()
+            except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+                logger.info("stopping on Ctrl-C")
         finally:
             self.stop_engines()
         failed = [e for e in self.engines if e.process.returncode not in (0, -signal.SIGTERM)]

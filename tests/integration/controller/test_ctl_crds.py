@@ -1,0 +1,131 @@
+"""The CRDs in deploy/crds: shape, schema refusals, defaults equal to the operator's, and the
+cross-field (CEL) rules mirrored by the operator's own checks."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+from crd_schema import CrdValidator, load_crds, openapi_schema
+from test_ctl_examples import EXAMPLES
+
+from moeflow.controller.spec import (
+    ModelSpec,
+    RequestSpec,
+    SpecError,
+    parse_model_spec,
+    parse_spec,
+)
+
+CRDS = load_crds()
+
+
+def minimal_model(**spec: Any) -> dict[str, Any]:
+    return {"apiVersion": "moeflow.dev/v1alpha1", "kind": "Model", "metadata": {"name": "m"},
+            "spec": {"source": {"uri": "store://m"}, **spec}}
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_every_crd_has_the_common_shape(kind: str) -> None:
+    crd = CRDS[kind]
+    spec = crd["spec"]
+    assert spec["group"] == "moeflow.dev" and spec["scope"] == "Namespaced"
+    assert spec["names"]["categories"] == ["moeflow"]
+    assert spec["names"]["shortNames"][0].startswith("mf")
+    (version,) = spec["versions"]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert version["additionalPrinterColumns"][-1]["name"] == "Age"
+    status = openapi_schema(crd)["properties"]["status"]["properties"]
+    assert status["conditions"]["items"]["required"] == ["type", "status"]
+
+
+def test_model_printer_columns_show_mode_and_ready_per_role() -> None:
+    columns = {c["name"]: c["jsonPath"] for c in
+               CRDS["Model"]["spec"]["versions"][0]["additionalPrinterColumns"]}
+    assert columns["Mode"] == ".spec.mode"
+    assert columns["Ready"] == ".status.readySummary"
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"mode": "sharded"}, "mode"),
+    ({"roles": {"colocated": {"replicas": -1}}}, "replicas"),
+    ({"devicesPerInstance": -2}, "devicesPerInstance"),
+    ({"source": None}, "source"),
+    ({"source": {"uri": "s3://bucket/model"}}, "uri"),
+    ({"roles": {"everything": {}}}, "everything"),
+    ({"gateway": {"replicas": 1, "tls": True}}, "tls"),
+    ({"resources": {"cpu": "lots"}}, "cpu"),
+])
+def test_schema_refuses_bad_models(crd_validator: CrdValidator, bad: dict[str, Any],
+                                   field: str) -> None:
+    model = minimal_model()
+    model["spec"].update(bad)
+    model["spec"] = {k: v for k, v in model["spec"].items() if v is not None}
+    with pytest.raises(jsonschema.ValidationError) as e:
+        crd_validator.validate(crd_validator.defaulted(model))
+    assert field in str(e.value.message) + ".".join(map(str, e.value.absolute_path))
+    with pytest.raises(SpecError):  # and the operator refuses the same spec by itself
+        parse_model_spec(model["spec"])
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.name)
+def test_examples_are_valid(crd_validator: CrdValidator, path: Any) -> None:
+    for doc in yaml.safe_load_all(path.read_text()):
+        if doc["kind"] in CRDS:
+            crd_validator.validate(crd_validator.defaulted(doc))
+
+
+def test_crd_defaults_are_the_operators_defaults(crd_validator: CrdValidator) -> None:
+    model = crd_validator.defaulted(minimal_model())
+    assert parse_model_spec(model["spec"]) == ModelSpec.model_validate(
+        {"source": {"uri": "store://m"}})
+    assert model["spec"]["roles"] == {} and model["spec"]["gateway"] == {"replicas": 1}
+    request = {"kind": "Request", "spec": {"model": "m", "input": {"name": "cm"}}}
+    defaulted = crd_validator.defaulted(request)["spec"]
+    assert parse_spec(RequestSpec, defaulted) == parse_spec(RequestSpec, request["spec"])
+    role = crd_validator.defaulted(minimal_model(roles={"colocated": {}}))
+    assert role["spec"]["roles"]["colocated"] == {"replicas": 1, "minReplicas": 0}
+
+
+def _cel_messages(schema: dict[str, Any]) -> list[str]:
+    messages = [r["message"] for r in schema.get("x-kubernetes-validations", [])]
+    for sub in (schema.get("properties") or {}).values():
+        messages += _cel_messages(sub)
+    return messages
+
+
+# Each CEL rule of the Model CRD (by its message), and a spec that breaks it; the JSON schema
+# lets these through, so the operator must refuse them itself.
+CEL_CASES: dict[str, dict[str, Any] | None] = {
+    "minReplicas must be <= maxReplicas":
+        {"roles": {"colocated": {"replicas": 1, "minReplicas": 3, "maxReplicas": 2}}},
+    "replicas must be >= minReplicas":
+        {"roles": {"colocated": {"replicas": 1, "minReplicas": 2}}},
+    "replicas must be <= maxReplicas":
+        {"roles": {"colocated": {"replicas": 3, "maxReplicas": 2}}},
+    "mode colocated uses only": {"roles": {"prefill": {}}},
+    "mode pd-disaggregated uses only": {"mode": "pd-disaggregated", "roles": {"expert": {}},
+                                        "transport": {"redisUrl": "redis://r"}},
+    "mode attention-expert-disaggregated uses only": {
+        "mode": "attention-expert-disaggregated", "roles": {"decode": {}},
+        "transport": {"redisUrl": "redis://r"}},
+    "transport.kind shm only": {"mode": "pd-disaggregated", "transport": {"kind": "shm"}},
+    "transport.redisUrl is required": {"mode": "pd-disaggregated"},
+    "metadata.name must be at most 40": None,  # check_model_name, unit-tested
+}
+
+
+def test_every_cel_rule_is_also_checked_by_the_operator(crd_validator: CrdValidator) -> None:
+    messages = _cel_messages(openapi_schema(CRDS["Model"]))
+    assert len(messages) == 3 * 5 + 5 + 1  # per role (x5 roles), spec-level, root
+    for message in messages:
+        (bad,) = [case for prefix, case in CEL_CASES.items() if message.startswith(prefix)]
+        if bad is None:
+            continue
+        model = minimal_model(**bad)
+        crd_validator.validate(crd_validator.defaulted(model))  # the JSON schema passes it
+        with pytest.raises(SpecError):
+            parse_model_spec(copy.deepcopy(model["spec"]))

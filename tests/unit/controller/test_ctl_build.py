@@ -1,0 +1,141 @@
+"""Pure builders: every manifest passes the Kubernetes 1.37 schemas (strict), and carries the
+engine CLI, probes, transport env, devices and volumes the spec asks for."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from moeflow.controller import naming
+from moeflow.controller.build_engine import build_pod, build_task, spec_hash, task_template
+from moeflow.controller.build_gateway import build_model_children
+from moeflow.controller.plan import plan_model
+from moeflow.controller.settings import OperatorSettings
+from moeflow.controller.spec import JobSpec, Role, TaskSpec, parse_model_spec, parse_spec
+
+SETTINGS = OperatorSettings()
+
+
+def model_spec(**extra: Any) -> Any:
+    return parse_model_spec({"source": {"uri": "store://smol"}, **extra})
+
+
+def pod_for(source: str = "store://smol", **extra: Any) -> dict[str, Any]:
+    spec = model_spec(source={"uri": source}, **extra)
+    plan = plan_model("m", spec, namespace="ns")
+    job = parse_spec(JobSpec, build_model_children(plan, "ns", SETTINGS)[-1]["spec"])
+    task = parse_spec(TaskSpec, build_task("m-colocated", "ns", job, 0)["spec"])
+    return build_pod("m-colocated-0", "ns", task, SETTINGS)
+
+
+def validate(obj: dict[str, Any]) -> None:
+    kubernetes_validate.validate(obj, "1.37.0", strict=True)
+
+
+@pytest.mark.parametrize("mode", ["colocated", "pd-disaggregated",
+                                  "attention-expert-disaggregated"])
+def test_all_built_in_children_are_valid_kubernetes(mode: str) -> None:
+    spec = model_spec(mode=mode, transport={"redisUrl": "redis://r:6379/0"}, devicesPerInstance=1,
+                      resources={"cpu": "2", "memory": "4Gi"})
+    children = build_model_children(plan_model("m", spec, namespace="ns"), "ns", SETTINGS)
+    kinds = [c["kind"] for c in children]
+    assert kinds[:6] == ["ServiceAccount", "Role", "RoleBinding", "Service", "Service",
+                         "Deployment"]
+    assert kinds[6:] == ["Job"] * len(spec.role_names)
+    for child in children[:6]:
+        validate(child)
+
+
+def test_engine_pod_runs_the_engine_cli_with_probes_and_env() -> None:
+    pod = pod_for()
+    validate(pod)
+    (container,) = pod["spec"]["containers"]
+    assert container["command"] == [
+        "moeflow", "engine", "--model", "/models/smol", "--served-model-name", "m",
+        "--role", "colocated", "--rank", "0", "--host", "0.0.0.0", "--port", "8001"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    assert container["startupProbe"]["failureThreshold"] * 5 == SETTINGS.startup_timeout_s
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["MOEFLOW_TRANSPORT"] == "shm" and "MOEFLOW_REDIS_URL" not in env
+    assert container["resources"] == {}
+    assert pod["metadata"]["labels"][naming.LABEL_TASK] == "m-colocated-0"
+    assert pod["spec"]["hostname"] == "m-colocated-0"
+    assert pod["spec"]["subdomain"] == "m-instances"
+
+
+def test_devices_are_requested_only_when_asked_for() -> None:
+    pod = pod_for(devicesPerInstance=2, resources={"cpu": "1"})
+    validate(pod)
+    resources = pod["spec"]["containers"][0]["resources"]
+    assert resources["requests"] == {"cpu": "1", "moeflow.dev/npu": "2"}
+    assert resources["limits"] == resources["requests"]
+    custom = OperatorSettings(accelerator_resource="huawei.com/ascend-910")
+    spec = parse_spec(TaskSpec, {"model": "m", "job": "j", "role": "colocated", "rank": 0,
+                                 "template": {"image": "i", "source": {"uri": "store://s"},
+                                              "modelPath": "/models/s", "devicesPerInstance": 1}})
+    limits = build_pod("t", "ns", spec, custom)["spec"]["containers"][0]["resources"]["limits"]
+    assert limits == {"huawei.com/ascend-910": "1"}
+
+
+def test_redis_transport_env() -> None:
+    pod = pod_for(mode="pd-disaggregated", transport={"redisUrl": "redis://r:6379/0"})
+    env = {e["name"]: e.get("value") for e in pod["spec"]["containers"][0]["env"]}
+    assert env["MOEFLOW_TRANSPORT"] == "redis"
+    assert env["MOEFLOW_REDIS_URL"] == "redis://r:6379/0"
+
+
+@pytest.mark.parametrize("source, volume, mount", [
+    ("store://smol", {"hostPath": {"path": "/var/lib/moeflow/models", "type": "Directory"}},
+     {"mountPath": "/models"}),
+    ("pvc://weights/llm/smol", {"persistentVolumeClaim": {"claimName": "weights",
+                                                          "readOnly": True}},
+     {"mountPath": "/models/m", "subPath": "llm/smol"}),
+    ("file:///data/smol", {"hostPath": {"path": "/data/smol", "type": "Directory"}},
+     {"mountPath": "/models/m"}),
+])
+def test_weights_volume_per_source(source: str, volume: dict[str, Any],
+                                   mount: dict[str, Any]) -> None:
+    pod = pod_for(source)
+    validate(pod)
+    model_volume = pod["spec"]["volumes"][0]
+    assert model_volume == {"name": "model", **volume}
+    assert pod["spec"]["containers"][0]["volumeMounts"][0] == {
+        "name": "model", "readOnly": True, **mount}
+
+
+def test_template_hash_changes_with_the_template_only() -> None:
+    a, b = pod_for(), pod_for()
+    assert a["metadata"]["annotations"] == b["metadata"]["annotations"]
+    c = pod_for(resources={"memory": "1Gi"})
+    assert spec_hash(c["spec"]) != spec_hash(a["spec"])
+
+
+def test_job_and_task_carry_the_template_down() -> None:
+    spec = model_spec(mode="pd-disaggregated", transport={"redisUrl": "redis://r"})
+    template = task_template(spec, "/models/smol", SETTINGS)
+    assert template.transport.kind is not None and template.transport.kind.value == "redis"
+    plan = plan_model("m", spec)
+    job = build_model_children(plan, "ns", SETTINGS)[-1]
+    assert job["metadata"]["name"] == "m-decode"
+    assert job["spec"]["role"] == "decode" and job["spec"]["replicas"] == 1
+    task = build_task("m-decode", "ns", parse_spec(JobSpec, job["spec"]), 0)
+    assert task["metadata"]["name"] == naming.task_name("m", Role.DECODE, 0)
+    assert task["spec"]["template"] == job["spec"]["template"]
+
+
+def test_gateway_deployment_and_services() -> None:
+    children = build_model_children(plan_model("m", model_spec(gateway={"replicas": 2})),
+                                    "ns", SETTINGS)
+    by_kind = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    deployment = by_kind["Deployment", "m-gateway"]
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "m-gateway"
+    assert deployment["spec"]["selector"]["matchLabels"] == naming.gateway_selector("m")
+    assert by_kind["Service", "m-instances"]["spec"]["clusterIP"] == "None"
+    assert by_kind["Service", "m-gateway"]["spec"]["selector"] == naming.gateway_selector("m")
+    role = by_kind["Role", "m-gateway"]
+    assert role["rules"][0]["resources"] == ["tasks", "models"]
+    assert set(role["rules"][0]["verbs"]) == {"get", "list", "watch"}
