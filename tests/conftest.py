@@ -22,6 +22,7 @@ def moeflow_home() -> Path:
 def smollm2_dir(moeflow_home: Path) -> Path:
     """SmolLM2-135M-Instruct as an fp32 HF checkpoint, pulled and converted once per cache."""
     import torch
+
     from moeflow.checkpoints.pull import pull
 
     torch.set_num_threads(1)
@@ -32,6 +33,7 @@ def smollm2_dir(moeflow_home: Path) -> Path:
 def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """arch -> tiny random checkpoint dir (seed 0), for every arch in `TINY_ARCHS`."""
     import torch
+
     from moeflow.checkpoints.tiny import TINY_ARCHS, make_tiny, tiny_dir_name
 
     torch.set_num_threads(1)

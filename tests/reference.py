@@ -75,7 +75,7 @@ def run_engine(
             GenerateRequest(request_id=rid, prompt_token_ids=tuple(prompt), sampling=sampling)
         )
     outputs: dict[str, list[int]] = {rid: [] for rid in ids}
-    cached: dict[str, int] = {rid: 0 for rid in ids}
+    cached: dict[str, int] = dict.fromkeys(ids, 0)
     num_steps = 0
     while engine.has_work:
         num_steps += 1

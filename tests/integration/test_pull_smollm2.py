@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from moeflow.checkpoints.pull import locate_or_install, pull
 from moeflow.checkpoints.registry import PULLABLE
 from moeflow.checkpoints.store import list_models, models_dir
-from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 pytestmark = pytest.mark.slow
 torch.set_num_threads(1)

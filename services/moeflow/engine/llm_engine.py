@@ -46,9 +46,12 @@ class LLMEngine:
         self.created_unix = int(time.time())
         self.arch = load_arch(settings.model_path)
         self.tokenizer = TextTokenizer.from_dir(settings.model_path)
-        self.max_model_len = settings.max_model_len or min(self.arch.max_position_embeddings, 8192)
         num_blocks = ModelRunner.num_blocks_for_bytes(
             self.arch, settings.dtype, settings.block_size, settings.kv_cache_bytes
+        )
+        # An unset context length shrinks to what the KV memory holds; a set one is a promise.
+        self.max_model_len = settings.max_model_len or min(
+            self.arch.max_position_embeddings, 8192, num_blocks * settings.block_size
         )
         if num_blocks < num_blocks_for(self.max_model_len, settings.block_size):
             raise ValueError(

@@ -15,12 +15,14 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
 _STOP_GRACE_S = 10.0
+_ENGINE_START_TIMEOUT_S = 300.0
 
 
 def free_port(host: str) -> int:
@@ -72,6 +74,23 @@ class LocalRuntime:
         logger.info("started engine %s (pid %d) at %s", engine.name, process.pid, engine.url)
         return engine
 
+    def _wait_ready(self, engine: EngineProcess, timeout_s: float) -> None:
+        """Block until the engine answers /health; fail fast if its process exits."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            code = engine.process.poll()
+            if code is not None:
+                raise RuntimeError(f"engine {engine.name} exited with code {code} while starting")
+            try:
+                if httpx.get(f"{engine.url}/health", timeout=1.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"engine {engine.name} was not ready within {timeout_s:.0f} s")
+
     def _watch(self, engine: EngineProcess) -> None:
         code = engine.process.wait()
         server = self._server
@@ -91,6 +110,14 @@ class LocalRuntime:
                 engine.process.wait()
 
     def run(self) -> int:
+        """Serve until Ctrl-C; 0 after a clean stop, 1 if something failed to start."""
+        try:
+            return self._serve()
+        except RuntimeError as exc:
+            logger.error("%s", exc)
+            return 1
+
+    def _serve(self) -> int:
         import uvicorn
 
         from moeflow.cli import _gateway_settings
@@ -101,6 +128,8 @@ class LocalRuntime:
         served_name = self.args.served_model_name or self.args.model.rstrip("/").split("/")[-1]
         try:
             self.engines = [self._start_engine(model_path, served_name, rank=0)]
+            for engine in self.engines:
+                self._wait_ready(engine, _ENGINE_START_TIMEOUT_S)
             settings = _gateway_settings(self.args, [e.url for e in self.engines])
             assert isinstance(settings, GatewaySettings)
             config = uvicorn.Config(

@@ -12,7 +12,9 @@ from tests.platform_process import start_platform
 
 @pytest.mark.slow
 def test_smollm2_answers_through_moeflow_up(smollm2_dir: Path) -> None:
-    platform = start_platform("smollm2-135m-instruct", ["--max-model-len", "2048"])
+    platform = start_platform(
+        "smollm2-135m-instruct", ["--max-model-len", "2048", "--kv-cache-mb", "128"]
+    )
     try:
         c = openai.OpenAI(base_url=platform.base_url, api_key="unused", max_retries=0)
         assert [m.id for m in c.models.list()] == ["smollm2-135m-instruct"]
