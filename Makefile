@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 export MOEFLOW_HOME ?= $(HOME)/.cache/moeflow
 
-.PHONY: install run lint typecheck test check bench bench-engine clean
+.PHONY: install system-deps run lint typecheck test check bench bench-engine clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,6 +21,12 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
+# Servers the tests start themselves (redis-server for the XCCL Redis backend).
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
+	  else echo "please install redis-server (e.g. sudo apt-get install redis-server)"; exit 1; fi; }
+
 run: install
 	$(BIN)/moeflow models pull $(MODEL)
 	$(BIN)/moeflow up --model $(MODEL) --port $(PORT)
@@ -31,13 +37,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: lint typecheck
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+test: system-deps lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 check: test
 
 bench-engine: install
-	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python -P benchmarks/engine.py
 
 bench: bench-engine
 

@@ -49,7 +49,7 @@ def hf_chat_ids(model_dir: Path, messages: list[dict[str, str]]) -> list[int]:
 def make_engine(model_dir: Path, **overrides: Any) -> LLMEngine:
     settings = EngineSettings(
         model_path=model_dir,
-        num_threads=1,
+        num_threads=overrides.pop("num_threads", 1),
         kv_cache_bytes=overrides.pop("kv_cache_bytes", 32 * 1024 * 1024),
         max_model_len=overrides.pop("max_model_len", 512),
         **overrides,
