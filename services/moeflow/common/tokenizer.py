@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,23 @@ _REPLACEMENT_CHAR = "\ufffd"
 
 def _raise_exception(message: str) -> None:
     raise TemplateError(message)
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    # transformers' tojson: no HTML escaping, key order kept, non-ASCII kept
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
 
 
 def _token_text(value: Any) -> str | None:
@@ -56,8 +74,12 @@ class TextTokenizer:
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
+        env.filters["tojson"] = _tojson
         env.globals["raise_exception"] = _raise_exception
+        env.globals["strftime_now"] = _strftime_now
         self._template = env.from_string(chat_template) if chat_template else None
 
     @classmethod
@@ -101,6 +123,8 @@ class TextTokenizer:
         try:
             return self._template.render(
                 messages=list(messages),
+                tools=None,
+                documents=None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",
                 eos_token=self.eos_token or "",

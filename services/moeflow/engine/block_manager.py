@@ -96,7 +96,8 @@ class BlockManager:
         seq.block_table = list(cached_ids)
         seq.block_table.extend(self._pop_free() for _ in range(num_needed))
         seq.num_computed_tokens = len(cached_ids) * self.block_size
-        seq.num_cached_tokens = seq.num_computed_tokens
+        if not seq.output_token_ids:  # a readmitted (preempted) sequence keeps its prompt hit
+            seq.num_cached_tokens = seq.num_computed_tokens
         self._seq_hashes[seq.request_id] = hashes
         return True
 

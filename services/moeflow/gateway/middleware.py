@@ -73,17 +73,33 @@ class BodySizeLimitMiddleware:
             await _send_error(send, too_large)
             return
         num_received = 0
+        response_started = False
+        refused = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if refused:
+                return  # the client already has its 413; drop whatever the app answers
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
 
         async def limited_receive() -> Message:
-            nonlocal num_received
+            nonlocal num_received, refused
             message = await receive()
             if message["type"] == "http.request":
                 num_received += len(message.get("body", b""))
                 if num_received > self.max_body_bytes:
+                    if not refused and not response_started:
+                        await _send_error(send, too_large)
+                    refused = True
+                    # Raised into the app, which may turn it into its own error response (FastAPI:
+                    # 400 "error parsing the body"); guarded_send drops that one.
                     raise too_large
             return message
 
         try:
-            await self.app(scope, limited_receive, send)
-        except RequestTooLargeError as exc:
-            await _send_error(send, exc)
+            await self.app(scope, limited_receive, guarded_send)
+        except RequestTooLargeError:
+            if not refused:
+                raise

@@ -1,10 +1,11 @@
-"""BlockManager: paged KV bookkeeping, the chained-hash prefix index, ref counts and LRU eviction."""
+"""BlockManager: paged KV bookkeeping, chained-hash prefix index, ref counts, LRU eviction."""
 
 from __future__ import annotations
 
 import random
 
 import pytest
+
 from moeflow.common.messages import SamplingParams
 from moeflow.engine.block_manager import BlockManager, chain_hash, num_blocks_for
 from moeflow.engine.sequence import Sequence
@@ -123,18 +124,16 @@ def test_allocation_counts_reused_evictable_blocks_only_once() -> None:
     bm.free(first)  # 2 evictable (indexed) + 1 free
     # 2 cached blocks + 1 new block: exactly fits, because the hit blocks are not "free" twice.
     fits = make_seq("fits", list(range(2 * BS)) + [50, 51, 52])
+    hit = bm.match_prefix(fits.token_ids)
+    assert len(hit) == 2
     assert bm.allocate_prompt(fits)
-    assert fits.block_table[:2] == first_blocks_of(bm, fits)
+    assert fits.block_table[:2] == hit
     assert bm.num_free_blocks == 0
     bm.free(fits)
     # 2 cached + 2 new would need 4 blocks in a 3-block cache.
     too_big = make_seq("too_big", list(range(2 * BS)) + [50] * (BS + 1))
     assert not bm.allocate_prompt(too_big)
     assert bm.num_free_blocks == 3
-
-
-def first_blocks_of(bm: BlockManager, seq: Sequence) -> list[int]:
-    return bm.match_prefix(seq.token_ids)
 
 
 def test_freeing_returns_every_block() -> None:
@@ -293,6 +292,7 @@ def test_freed_indexed_blocks_stay_cached_until_memory_is_needed() -> None:
     a = make_seq("a", prompt)
     assert bm.allocate_prompt(a)
     compute_all(bm, a)
+    root = a.block_table[0]
     bm.free(a)
     assert bm.num_free_blocks == 4  # evictable blocks count as free
     assert bm.num_cached_blocks == 2
@@ -301,11 +301,13 @@ def test_freed_indexed_blocks_stay_cached_until_memory_is_needed() -> None:
     assert bm.allocate_prompt(small)
     assert bm.num_cached_blocks == 2
     assert len(bm.match_prefix(prompt)) == 2
-    # Needing more than the plain free blocks evicts cached ones.
+    # Needing one block more than the plain free ones evicts exactly one cached block: the
+    # deepest one (freed first), so the root of the prefix survives.
     big = make_seq("big", [8] * (2 * BS))
     assert bm.allocate_prompt(big)
-    assert bm.num_free_blocks == 0
-    assert bm.num_cached_blocks == 1  # 4 blocks - small - a's untouched tail... one evicted
+    assert bm.num_free_blocks == 1  # the surviving cached block is still reclaimable
+    assert bm.num_cached_blocks == 1
+    assert bm.match_prefix(prompt) == [root]
 
 
 def test_eviction_takes_the_least_recently_freed_block_first() -> None:
@@ -325,7 +327,7 @@ def test_eviction_takes_the_least_recently_freed_block_first() -> None:
     assert len(bm.match_prefix(new.prompt_token_ids)) == 1
 
 
-def test_a_cache_hit_refreshes_nothing_but_pins_the_block() -> None:
+def test_a_reused_cached_block_is_pinned_and_never_evicted_from_under_its_user() -> None:
     bm = BlockManager(2, BS, enable_prefix_caching=True)
     a = make_seq("a", [1] * BS + [0])
     assert bm.allocate_prompt(a)
@@ -340,7 +342,7 @@ def test_a_cache_hit_refreshes_nothing_but_pins_the_block() -> None:
     assert bm.allocate_prompt(c)
 
 
-# -- property: random allocate / compute / free cycles -----------------------------------------------
+# -- property: random allocate / compute / free cycles ---------------------------------------------
 
 
 @pytest.mark.parametrize("seed", range(6))
