@@ -99,13 +99,9 @@ class MoE:
 class DecoderLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    q_proj: torch.Tensor
-    k_proj: torch.Tensor
-    v_proj: torch.Tensor
+    qkv_proj: torch.Tensor  # [(H + 2K) * Hd, E]: q rows, then k, then v
     o_proj: torch.Tensor
-    q_bias: torch.Tensor | None
-    k_bias: torch.Tensor | None
-    v_bias: torch.Tensor | None
+    qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
     k_norm: torch.Tensor | None
     mlp: DenseMLP | MoE
@@ -143,20 +139,24 @@ class DecoderModel:
         arch = self.arch
         eps = arch.rms_norm_eps
         num_tokens = input_ids.shape[0]
+        heads = [arch.num_heads, arch.num_kv_heads, arch.num_kv_heads]
         cos = self.cos[positions].unsqueeze(1)  # [T, 1, Hd]
         sin = self.sin[positions].unsqueeze(1)
         x = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
             residual = x
             h = rms_norm(x, layer.input_norm, eps)
-            q = F.linear(h, layer.q_proj, layer.q_bias).view(num_tokens, arch.num_heads, -1)
-            k = F.linear(h, layer.k_proj, layer.k_bias).view(num_tokens, arch.num_kv_heads, -1)
-            v = F.linear(h, layer.v_proj, layer.v_bias).view(num_tokens, arch.num_kv_heads, -1)
+            qkv = F.linear(h, layer.qkv_proj, layer.qkv_bias).view(num_tokens, -1, arch.head_dim)
+            q, k, v = qkv.split(heads, dim=1)
             if layer.q_norm is not None and layer.k_norm is not None:
                 q = rms_norm(q, layer.q_norm, eps)
                 k = rms_norm(k, layer.k_norm, eps)
-            q = (q * cos) + (rotate_half(q) * sin)
-            k = (k * cos) + (rotate_half(k) * sin)
+                qk = torch.cat((q, k), dim=1)
+            else:
+                qk = qkv[:, : heads[0] + heads[1]]
+            # RoPE on q and k together: the same elementwise ops, half the dispatches
+            qk = (qk * cos) + (rotate_half(qk) * sin)
+            q, k = qk.split(heads[:2], dim=1)
             attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
             x = residual + F.linear(attn.reshape(num_tokens, -1), layer.o_proj)
             residual = x

@@ -107,13 +107,13 @@ def load_model(
                 DecoderLayer(
                     input_norm=w.get(f"{p}.input_layernorm.weight"),
                     post_norm=w.get(f"{p}.post_attention_layernorm.weight"),
-                    q_proj=w.get(f"{a}.q_proj.weight"),
-                    k_proj=w.get(f"{a}.k_proj.weight"),
-                    v_proj=w.get(f"{a}.v_proj.weight"),
+                    qkv_proj=torch.cat([w.get(f"{a}.{n}_proj.weight") for n in "qkv"]),
                     o_proj=w.get(f"{a}.o_proj.weight"),
-                    q_bias=w.maybe(f"{a}.q_proj.bias"),
-                    k_bias=w.maybe(f"{a}.k_proj.bias"),
-                    v_bias=w.maybe(f"{a}.v_proj.bias"),
+                    qkv_bias=(
+                        torch.cat([w.get(f"{a}.{n}_proj.bias") for n in "qkv"])
+                        if w.has(f"{a}.q_proj.bias")
+                        else None
+                    ),
                     q_norm=w.maybe(f"{a}.q_norm.weight") if arch.has_qk_norm else None,
                     k_norm=w.maybe(f"{a}.k_norm.weight") if arch.has_qk_norm else None,
                     mlp=mlp,
