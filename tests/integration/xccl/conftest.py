@@ -1,4 +1,4 @@
-"""Fixtures of the XCCL integration tests: a real redis-server, real /dev/shm, both backends.
+"""Fixtures of the XCCL integration tests: a real redis-server, real /dev/shm, all backends.
 
 `open_endpoint(rank)` opens an endpoint of the backend under test in a group unique to the test
 and closes it afterwards; `leftovers()` lists what that group still holds in /dev/shm or Redis,
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import selectors
 import socket
 import subprocess
@@ -24,8 +25,9 @@ import redis
 import torch
 
 from moeflow.xccl import RedisConfig, ShmConfig, Transport, make_transport
+from moeflow.xccl.memory import MemoryHub
 from moeflow.xccl.redis_server import LocalRedis, start_local_redis
-from moeflow.xccl.shm_segments import parse_name, remove_stale
+from moeflow.xccl.shm_names import parse_name, remove_stale
 
 torch.set_num_threads(1)
 
@@ -67,13 +69,16 @@ def local_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis
         yield server
 
 
-@pytest.fixture(params=["shm", "redis"])
+@pytest.fixture(params=["shm", "redis", "memory"])
 def kind(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
 @pytest.fixture
-def config(kind: str, request: pytest.FixtureRequest) -> ShmConfig | RedisConfig:
+def config(kind: str, request: pytest.FixtureRequest) -> ShmConfig | RedisConfig | MemoryHub:
+    """The backend's settings; for "memory" the hub (one per test) plays that part."""
+    if kind == "memory":
+        return MemoryHub()
     if kind == "shm":
         return ShmConfig(shm_dir=SHM_DIR, close_linger_s=1.0)
     server: LocalRedis = request.getfixturevalue("local_redis")
@@ -87,12 +92,14 @@ def group() -> str:
 
 @pytest.fixture
 def open_endpoint(
-    group: str, config: ShmConfig | RedisConfig
+    group: str, config: ShmConfig | RedisConfig | MemoryHub
 ) -> Iterator[Callable[[str], Transport]]:
     opened: list[Transport] = []
 
     def _open(rank: str) -> Transport:
-        if isinstance(config, ShmConfig):
+        if isinstance(config, MemoryHub):
+            endpoint = make_transport("memory", group, rank, memory_hub=config)
+        elif isinstance(config, ShmConfig):
             endpoint = make_transport("shm", group, rank, shm_config=config)
         else:
             endpoint = make_transport("redis", group, rank, redis_config=config)
@@ -106,8 +113,10 @@ def open_endpoint(
 
 @pytest.fixture
 def spawn_echo_peer(
-    kind: str, group: str, config: ShmConfig | RedisConfig
+    kind: str, group: str, config: ShmConfig | RedisConfig | MemoryHub
 ) -> Iterator[Callable[[], EchoPeer]]:
+    if isinstance(config, MemoryHub):
+        pytest.skip("the memory backend joins endpoints of one process only")
     children: list[EchoPeer] = []
 
     def _spawn() -> EchoPeer:
@@ -115,10 +124,13 @@ def spawn_echo_peer(
             k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(config).items()
         }
         script = Path(__file__).with_name("echo_peer.py")
+        # The child sees the same import path as pytest (which adds services/ and operator/).
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         process = subprocess.Popen(
             [sys.executable, str(script), kind, group, json.dumps(fields)],
             stdout=subprocess.PIPE,
             text=True,
+            env=env,
         )
         children.append(EchoPeer(process))
         return children[-1]
@@ -129,10 +141,14 @@ def spawn_echo_peer(
 
 
 @pytest.fixture
-def leftovers(kind: str, group: str, config: ShmConfig | RedisConfig) -> Callable[[], list[str]]:
-    """What the test's group still holds: /dev/shm files or Redis keys."""
+def leftovers(
+    kind: str, group: str, config: ShmConfig | RedisConfig | MemoryHub
+) -> Callable[[], list[str]]:
+    """What the test's group still holds: /dev/shm files, Redis keys or hub entries."""
 
     def _list() -> list[str]:
+        if isinstance(config, MemoryHub):
+            return config.contents(group)
         if isinstance(config, ShmConfig):
             names = [p.name for p in SHM_DIR.iterdir()]
             return sorted(n for n in names if (parse_name(n) or ("",))[0] == group)

@@ -124,6 +124,15 @@ def test_recv_times_out_close_to_its_timeout(open_endpoint: Open) -> None:
     assert 0.3 <= time.monotonic() - start < 1.0
 
 
+def test_a_live_peer_that_stays_silent_times_out_rather_than_being_declared_gone(
+    open_endpoint: Open,
+) -> None:
+    a, b = open_endpoint("a"), open_endpoint("b")
+    a.send("b", "warm", [torch.zeros(1)], timeout_s=5)
+    with pytest.raises(XcclTimeout):
+        b.recv("a", "never", timeout_s=1.2)  # longer than the redis liveness TTL of 1 s
+
+
 def test_send_to_a_peer_that_never_opens_times_out(open_endpoint: Open) -> None:
     a = open_endpoint("a")
     start = time.monotonic()

@@ -14,7 +14,7 @@ import torch
 
 from moeflow.xccl import ShmConfig, XcclTimeout
 from moeflow.xccl.shm import ShmTransport
-from moeflow.xccl.shm_segments import parse_name, remove_stale, socket_path
+from moeflow.xccl.shm_names import parse_name, remove_stale, socket_path
 
 pytestmark = pytest.mark.timeout(30)
 

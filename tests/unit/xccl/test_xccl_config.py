@@ -8,6 +8,7 @@ import pytest
 
 from moeflow.xccl import RedisConfig, ShmConfig, make_transport
 from moeflow.xccl.base import Backoff, deadline_after
+from moeflow.xccl.memory import MemoryHub
 
 pytestmark = pytest.mark.timeout(2)
 
@@ -44,6 +45,10 @@ def test_make_transport_rejects_inconsistent_arguments() -> None:
         )
     with pytest.raises(ValueError, match="drop them"):
         make_transport("shm", "g", "r", redis_url="redis://x")
+    with pytest.raises(ValueError, match="drop it"):
+        make_transport("shm", "g", "r", memory_hub=MemoryHub())
+    with pytest.raises(ValueError, match="drop them"):
+        make_transport("memory", "g", "r", shm_config=ShmConfig())
     with pytest.raises(ValueError, match="unknown transport kind"):
         make_transport("tcp", "g", "r")  # type: ignore[arg-type]
 

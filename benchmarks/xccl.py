@@ -1,0 +1,201 @@
+"""XCCL throughput: send->recv GB/s per backend between two processes, against a plain memcpy.
+
+Usage: .venv/bin/python -P benchmarks/xccl.py [--sizes-mib 1,16,64] [--rounds 5]
+(-P keeps benchmarks/ off sys.path, where a module named like a stdlib one would shadow it.)
+
+The parent process sends, a spawned child receives. Per (round, case, size) the child is told
+what to expect, the parent stamps t0 and sends `num_messages` messages of one uint8 tensor
+back to back, and the child stamps t1 after its last `recv` returned (perf_counter is
+CLOCK_MONOTONIC, shared by both processes); GB/s = bytes / (t1 - t0). Each timed trial follows an
+untimed warm-up of the same shape (so shm segments and Redis allocations are warm, as in a
+steady KV stream). The child drops the received views at once and checks first and last byte.
+The memcpy baseline is `dst.copy_(src)` of the same bytes, same count, in the parent. Cases run
+interleaved (memcpy, shm, redis, memcpy, ...) so drift hits all of them; we report medians and
+ranges, and ratios as the median of per-round ratios. torch uses 1 thread everywhere.
+Starts its own redis-server on a free loopback TCP port. Last line: RESULT {json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import socket
+import statistics
+import tempfile
+import time
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+import torch
+
+from moeflow.xccl import RedisConfig, Transport, make_transport
+from moeflow.xccl.redis_server import start_local_redis
+
+SHM_TARGET_RATIO = 0.7
+REDIS_TARGET_GBPS = 0.7
+TIMEOUT_S = 60.0
+
+
+def _num_messages(size_bytes: int) -> int:
+    return max(4, min(32, (128 << 20) // size_bytes))
+
+
+def _endpoints(group: str, rank: str, redis_url: str, chunk_mib: float) -> dict[str, Transport]:
+    config = RedisConfig(url=redis_url, chunk_num_bytes=int(chunk_mib * (1 << 20)))
+    return {
+        "shm": make_transport("shm", group, rank),
+        "redis": make_transport("redis", group, rank, redis_config=config),
+    }
+
+
+def _receiver(conn: Connection, group: str, redis_url: str, chunk_mib: float) -> None:
+    torch.set_num_threads(1)
+    endpoints = _endpoints(group, "rx", redis_url, chunk_mib)
+    conn.send("ready")
+    while (command := conn.recv()) != "stop":
+        kind, tag, num_messages, fill = command
+        ok = True
+        for _ in range(num_messages):
+            (tensor,) = endpoints[kind].recv("tx", tag, TIMEOUT_S)
+            ok = ok and int(tensor[0]) == fill and int(tensor[-1]) == fill
+            del tensor  # hand the shm segment back to the sender right away
+        conn.send((time.perf_counter(), ok))
+    for endpoint in endpoints.values():
+        endpoint.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _memcpy_gbps(src: torch.Tensor, dst: torch.Tensor, num_messages: int) -> float:
+    dst.copy_(src)
+    t0 = time.perf_counter()
+    for _ in range(num_messages):
+        dst.copy_(src)
+    return src.numel() * num_messages / (time.perf_counter() - t0) / 1e9
+
+
+def _transfer_gbps(
+    endpoint: Transport,
+    conn: Connection,
+    kind: str,
+    src: torch.Tensor,
+    num_messages: int,
+    fill: int,
+) -> float:
+    for timed in (False, True):
+        tag = f"{kind}/{src.numel()}/{fill}/{timed}"
+        conn.send((kind, tag, num_messages, fill))
+        t0 = time.perf_counter()
+        for _ in range(num_messages):
+            endpoint.send("rx", tag, [src], TIMEOUT_S)
+        t1, ok = conn.recv()
+        if not ok:
+            raise RuntimeError(f"{kind}: received bytes differ from what was sent")
+    return float(src.numel() * num_messages / (t1 - t0) / 1e9)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes-mib", default="1,16,64")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--redis-chunk-mib", type=float, default=4.0)
+    args = parser.parse_args()
+    sizes_mib = [int(s) for s in args.sizes_mib.split(",")]
+    load_start = os.getloadavg()[0]
+    torch.set_num_threads(1)
+    group = f"bench-{os.getpid()}"
+    cases = ("memcpy", "shm", "redis")
+    gbps: dict[str, dict[int, list[float]]] = {c: {s: [] for s in sizes_mib} for c in cases}
+    with tempfile.TemporaryDirectory(prefix="xccl-bench-") as tmp:
+        server = start_local_redis(Path(tmp), port=_free_port())
+        ctx = mp.get_context("spawn")
+        conn, child_conn = ctx.Pipe()
+        args_ = (child_conn, group, server.url, args.redis_chunk_mib)
+        child = ctx.Process(target=_receiver, args=args_, daemon=True)
+        child.start()
+        endpoints = _endpoints(group, "tx", server.url, args.redis_chunk_mib)
+        try:
+            assert conn.recv() == "ready"
+            for round_index in range(args.rounds):
+                for case in cases:
+                    for size in sizes_mib:
+                        fill = (round_index * 7 + size) % 251
+                        src = torch.full((size << 20,), fill, dtype=torch.uint8)
+                        count = _num_messages(src.numel())
+                        if case == "memcpy":
+                            value = _memcpy_gbps(src, torch.empty_like(src), count)
+                        else:
+                            value = _transfer_gbps(endpoints[case], conn, case, src, count, fill)
+                        gbps[case][size].append(value)
+                print(
+                    f"round {round_index + 1}/{args.rounds}: "
+                    + "  ".join(
+                        f"{c} " + "/".join(f"{gbps[c][s][-1]:.2f}" for s in sizes_mib)
+                        for c in cases
+                    ),
+                    flush=True,
+                )
+            conn.send("stop")
+            child.join(timeout=30)
+        finally:
+            for endpoint in endpoints.values():
+                endpoint.close()
+            if child.is_alive():
+                child.kill()
+            server.stop()
+    _report(gbps, sizes_mib, args.rounds, args.redis_chunk_mib, load_start)
+
+
+def _report(
+    gbps: dict[str, dict[int, list[float]]],
+    sizes_mib: list[int],
+    rounds: int,
+    chunk_mib: float,
+    load_start: float,
+) -> None:
+    print(f"\n{'size':>6} {'case':>7} {'median GB/s':>12} {'range':>16} {'x memcpy':>9}")
+    result: dict[str, object] = {
+        "host": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}, 1 thread",
+        # Other processes on the host skew everything here: record how busy it was.
+        "loadavg_1m": [round(load_start, 2), round(os.getloadavg()[0], 2)],
+        "rounds": rounds,
+        "redis_chunk_mib": chunk_mib,
+        "targets": {"shm_over_memcpy": SHM_TARGET_RATIO, "redis_gbps": REDIS_TARGET_GBPS},
+    }
+    ratios: dict[int, float] = {}
+    for size in sizes_mib:
+        per_round = [s / m for s, m in zip(gbps["shm"][size], gbps["memcpy"][size], strict=True)]
+        ratios[size] = statistics.median(per_round)
+        for case, values in gbps.items():
+            ratio = statistics.median(values[size]) / statistics.median(gbps["memcpy"][size])
+            print(
+                f"{size:>4}Mi {case:>7} {statistics.median(values[size]):>12.2f} "
+                f"{min(values[size]):>7.2f}-{max(values[size]):<8.2f} {ratio:>9.2f}"
+            )
+    for case, values in gbps.items():
+        result[f"{case}_gbps"] = {
+            str(s): {
+                "median": round(statistics.median(v), 3),
+                "min": round(min(v), 3),
+                "max": round(max(v), 3),
+            }
+            for s, v in values.items()
+        }
+    result["shm_over_memcpy"] = {str(s): round(r, 3) for s, r in ratios.items()}
+    result["shm_meets_target"] = all(r >= SHM_TARGET_RATIO for r in ratios.values())
+    result["redis_meets_target"] = all(
+        statistics.median(gbps["redis"][s]) >= REDIS_TARGET_GBPS for s in sizes_mib if s >= 16
+    )
+    print("RESULT " + json.dumps(result, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
