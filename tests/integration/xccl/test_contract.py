@@ -231,7 +231,9 @@ def test_a_second_endpoint_with_a_live_rank_is_refused(open_endpoint: Open) -> N
         open_endpoint("a")
 
 
+@pytest.mark.parametrize("kind", ["shm", "redis"])  # cross-process: not the in-memory fake
 def test_two_processes_exchange_tensors_and_a_killed_peer_raises_instead_of_hanging(
+    kind: str,
     open_endpoint: Open,
     spawn_echo_peer: Callable[[], Any],
     leftovers: Callable[[], list[str]],
