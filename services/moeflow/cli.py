@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moeflow.checkpoints import cli as models_cli
+from moeflow.controller import cli as operator_cli
 from moeflow.checkpoints.store import resolve_home
 
 
@@ -30,6 +31,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-waiting", type=int, default=256)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--transport", choices=["shm", "redis"], default="shm",
+                   help="XCCL backend for prefill->decode KV transfer")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis for --transport redis (moeflow up starts one if not given)")
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -44,6 +49,7 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
     ]
     if args.no_prefix_caching:
         argv.append("--no-prefix-caching")
+    argv += ["--transport", args.transport]
     return argv
 
 
@@ -72,8 +78,11 @@ def _run_engine(args: argparse.Namespace) -> int:
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_num_waiting=args.max_num_waiting,
         enable_prefix_caching=not args.no_prefix_caching,
+        transport=args.transport,
+        group=args.group,
+        redis_url=args.redis_url,
     )
-    if settings.role != "colocated":
+    if settings.role not in ("colocated", "prefill", "decode"):
         sys.stderr.write(f"error: role {settings.role!r} is not available yet\n")
         return 2
     app = build_engine_app(LLMEngine(settings))
@@ -131,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="INFO")
     sub = parser.add_subparsers(dest="command", required=True)
     models_cli.register(sub, _home)
+    operator_cli.register(sub)
 
     engine = sub.add_parser("engine", help="run one engine instance (HTTP)")
     engine.add_argument("--model", required=True, help="cached model name or checkpoint folder")
@@ -139,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=["colocated", "prefill", "decode", "attention", "expert"])
     engine.add_argument("--rank", type=int, default=0)
     engine.add_argument("--instance-id", default="")
+    engine.add_argument("--group", default="", help="XCCL group (default: served model name)")
     engine.add_argument("--host", default="127.0.0.1")
     engine.add_argument("--port", type=int, default=8001)
     _add_engine_flags(engine)
@@ -160,7 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--engine-port", type=int, default=0, help="first engine port (0: any free)")
-    up.add_argument("--mode", choices=["colocated"], default="colocated")
+    up.add_argument("--mode", choices=["colocated", "pd"], default="colocated",
+                    help="pd: prefill/decode disaggregation over XCCL")
+    up.add_argument("--instances", type=int, default=1, help="colocated instances")
+    up.add_argument("--prefill", type=int, default=1, help="prefill instances (--mode pd)")
+    up.add_argument("--decode", type=int, default=1, help="decode instances (--mode pd)")
+    up.add_argument("--pd-min-prompt-tokens", type=int, default=0,
+                    help="split requests with at least this many prompt tokens (0: all)")
     _add_engine_flags(up)
     _add_gateway_flags(up)
     up.set_defaults(func=_run_up)

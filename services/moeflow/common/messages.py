@@ -43,10 +43,21 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0 or self.top_k == 1
 
 
+class KVSource(BaseModel):
+    """Where a decode instance fetches a request's prompt KV (prefill/decode disaggregation)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prefill_url: str
+    prefill_rank: str
+
+
 class GenerateRequest(_Message):
     request_id: str = Field(min_length=1, max_length=128)
     prompt_token_ids: tuple[int, ...] = Field(min_length=1)
     sampling: SamplingParams
+    kv_source: KVSource | None = None
+    """Set by the gateway for a split request: the decode instance pulls the prompt's KV."""
 
     def __repr__(self) -> str:  # never log prompt contents
         return (
@@ -67,6 +78,28 @@ class TokenChunk(_Message):
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
+    kv_bytes: int = 0
+    """Split requests, first chunk: bytes of prompt KV moved from the prefill instance."""
+    kv_transfer_ms: float = 0.0
+    """Split requests, first chunk: time from asking the prefill instance to holding its KV."""
+
+
+class PrefillRequest(_Message):
+    """Decode -> prefill: compute this prompt, send its KV over XCCL to ``decode_rank``."""
+
+    request: GenerateRequest
+    decode_rank: str
+    tag: str
+
+
+class PrefillResponse(_Message):
+    """Prefill -> decode, after the KV is sent: the first token and what was moved."""
+
+    request_id: str
+    first_token_id: int
+    num_cached_tokens: int
+    kv_bytes: int
+    send_ms: float
 
 
 class ErrorChunk(_Message):
@@ -87,6 +120,8 @@ class ModelInfo(_Message):
     eos_token: str | None
     eos_token_ids: tuple[int, ...]
     created_unix: int
+    role: str = "colocated"
+    xccl_rank: str = ""
 
 
 class EngineStats(_Message):

@@ -79,12 +79,12 @@ class BlockManager:
             parent = key
         return block_ids
 
-    def allocate_prompt(self, seq: Sequence) -> bool:
+    def allocate_prompt(self, seq: Sequence, *, use_prefix_cache: bool = True) -> bool:
         """Give a waiting sequence blocks for all its tokens, reusing cached prefix blocks.
 
         Returns False (and changes nothing) when there is not enough free memory.
         """
-        cached_ids = self.match_prefix(seq.token_ids)
+        cached_ids = self.match_prefix(seq.token_ids) if use_prefix_cache else []
         num_needed = num_blocks_for(seq.num_tokens, self.block_size) - len(cached_ids)
         num_reclaimable = sum(1 for b in cached_ids if self._ref_counts[b] == 0)
         if num_needed > self.num_free_blocks - num_reclaimable:

@@ -46,6 +46,14 @@ class EngineSettings(BaseSettings):
     """Bounded admission queue; past it, new requests get 429 Overloaded."""
     enable_prefix_caching: bool = True
 
+    transport: Literal["shm", "redis"] = "shm"
+    """XCCL backend for KV transfer (prefill/decode roles)."""
+    group: str = ""
+    """XCCL group: instances of one deployment meet in it; defaults to the served name."""
+    redis_url: str | None = None
+    kv_transfer_timeout_s: float = Field(60.0, gt=0)
+    """Longest a decode instance waits for a prompt's KV (includes the prefill itself)."""
+
     @model_validator(mode="after")
     def _check(self) -> EngineSettings:
         if not self.model_path.is_dir():
@@ -58,6 +66,10 @@ class EngineSettings(BaseSettings):
     @property
     def name(self) -> str:
         return self.served_model_name or self.model_path.name
+
+    @property
+    def xccl_group(self) -> str:
+        return self.group or self.name
 
     @property
     def instance_name(self) -> str:

@@ -84,6 +84,11 @@ class LLMEngine:
             eos.add(eos_id)
         self.eos_token_ids = frozenset(eos)
         self._requests: dict[str, _Request] = {}
+        self.exported_kv: dict[str, torch.Tensor] = {}
+        """Prefill role: request_id -> prompt KV, filled before the request's last chunk."""
+        self.pending_kv_pulls: list[str] = []
+        """Decode role: requests whose blocks are reserved and whose KV should be fetched."""
+        self.last_step_was_idle = False
         self.num_prefix_hit_tokens = 0
         self.num_prompt_tokens_total = 0
         logger.info(
@@ -118,8 +123,13 @@ class LLMEngine:
             )
         if request.request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        if request.kv_source is not None and self.settings.role != "decode":
+            raise InvalidRequestError(
+                f"this instance's role is {self.settings.role!r}: only decode instances take "
+                "requests whose KV comes from a prefill instance"
+            )
 
-    def add_request(self, request: GenerateRequest) -> None:
+    def add_request(self, request: GenerateRequest, *, exports_kv: bool = False) -> None:
         self.check_admission(request)
         seq = Sequence(
             request_id=request.request_id,
@@ -127,6 +137,8 @@ class LLMEngine:
             sampling=request.sampling,
             eos_token_ids=self.eos_token_ids,
             arrival_s=time.monotonic(),
+            is_remote_prefill=request.kv_source is not None,
+            exports_kv=exports_kv,
         )
         detok = IncrementalDetokenizer(self.tokenizer, stop=request.sampling.stop)
         self._requests[request.request_id] = _Request(seq, detok)
@@ -136,6 +148,7 @@ class LLMEngine:
         if self._requests.pop(request_id, None) is not None:
             self.scheduler.abort(request_id)
             self.runner.forget(request_id)
+        self.exported_kv.pop(request_id, None)
 
     @property
     def has_work(self) -> bool:
@@ -144,46 +157,76 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
         plan = self.scheduler.schedule()
+        self.pending_kv_pulls.extend(seq.request_id for seq in plan.kv_pulls)
+        self.last_step_was_idle = plan.is_empty
         if plan.is_empty:
             return []
         sampled = self.runner.execute(plan)
+        for item in plan.scheduled:
+            seq = item.seq
+            if seq.exports_kv and item.completes_sequence and not seq.output_token_ids:
+                # copy out before postprocess frees the blocks of this one-token request
+                self.exported_kv[seq.request_id] = self.runner.read_kv(
+                    seq.block_table, seq.num_prompt_tokens
+                )
         self.scheduler.postprocess(plan, sampled)
         chunks: list[TokenChunk] = []
         for request_id, token_id in sampled.items():
             req = self._requests.get(request_id)
-            if req is None:
-                continue
-            seq = req.seq
-            if len(seq.output_token_ids) == 1:
-                self.num_prefix_hit_tokens += seq.num_cached_tokens
-                self.num_prompt_tokens_total += seq.num_prompt_tokens
-            text = req.detokenizer.append([token_id])
-            if req.detokenizer.is_stopped and not seq.is_finished:
-                self.scheduler.finish_early(seq)
-            if seq.is_finished:
-                text += req.detokenizer.finish()
-            chunks.append(
-                TokenChunk(
-                    request_id=request_id,
-                    token_ids=(token_id,),
-                    text=text,
-                    finish_reason=seq.finish_reason if seq.is_finished else None,
-                    num_prompt_tokens=seq.num_prompt_tokens,
-                    num_cached_tokens=seq.num_cached_tokens,
-                    num_output_tokens=len(seq.output_token_ids),
-                )
-            )
-            if seq.is_finished:
-                del self._requests[request_id]
-                self.runner.forget(request_id)
+            if req is not None:
+                chunks.append(self._emit(req, token_id))
         return chunks
+
+    def attach_kv(
+        self, request_id: str, kv: torch.Tensor, first_token_id: int, *,
+        num_cached_tokens: int = 0, kv_bytes: int = 0, kv_transfer_ms: float = 0.0,
+    ) -> TokenChunk | None:
+        """Decode role: the prompt's KV and first token arrived; the request starts decoding.
+
+        Returns the first token's chunk, or None if the request is gone (aborted meanwhile).
+        """
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        seq = req.seq
+        self.runner.write_kv(seq.block_table, kv)
+        self.scheduler.kv_arrived(seq)
+        seq.num_cached_tokens = num_cached_tokens
+        seq.append_token(first_token_id)
+        if seq.finish_reason is not None:
+            self.scheduler.finish_early(seq, seq.finish_reason)
+        chunk = self._emit(req, first_token_id)
+        return chunk.model_copy(update={"kv_bytes": kv_bytes, "kv_transfer_ms": kv_transfer_ms})
+
+    def _emit(self, req: _Request, token_id: int) -> TokenChunk:
+        """Detokenize one new token, apply stop strings, and retire the request if done."""
+        seq = req.seq
+        if len(seq.output_token_ids) == 1:
+            self.num_prefix_hit_tokens += seq.num_cached_tokens
+            self.num_prompt_tokens_total += seq.num_prompt_tokens
+        text = req.detokenizer.append([token_id])
+        if req.detokenizer.is_stopped and not seq.is_finished:
+            self.scheduler.finish_early(seq)
+        if seq.is_finished:
+            text += req.detokenizer.finish()
+            del self._requests[seq.request_id]
+            self.runner.forget(seq.request_id)
+        return TokenChunk(
+            request_id=seq.request_id,
+            token_ids=(token_id,),
+            text=text,
+            finish_reason=seq.finish_reason if seq.is_finished else None,
+            num_prompt_tokens=seq.num_prompt_tokens,
+            num_cached_tokens=seq.num_cached_tokens,
+            num_output_tokens=len(seq.output_token_ids),
+        )
 
     # -- introspection ---------------------------------------------------------------------
     def stats(self) -> EngineStats:
         return EngineStats(
             instance_id=self.settings.instance_name,
             role=self.settings.role,
-            num_waiting=len(self.scheduler.waiting),
+            num_waiting=len(self.scheduler.waiting) + len(self.scheduler.awaiting_kv),
             num_running=len(self.scheduler.running),
             num_free_blocks=self.block_manager.num_free_blocks,
             num_total_blocks=self.block_manager.num_blocks,
@@ -204,4 +247,6 @@ class LLMEngine:
             eos_token=tok.eos_token,
             eos_token_ids=tuple(sorted(self.eos_token_ids)),
             created_unix=self.created_unix,
+            role=self.settings.role,
+            xccl_rank=self.settings.instance_name,
         )

@@ -109,6 +109,25 @@ class ModelRunner:
             sample_rows,
         )
 
+    def _prompt_slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        bs = self.block_size
+        return torch.tensor([block_table[p // bs] * bs + p % bs for p in range(num_tokens)])
+
+    def read_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """A copy of tokens [0, num_tokens)'s K and V: [layers, 2, num_tokens, K, Hd]."""
+        return self.kv_cache[:, :, self._prompt_slots(block_table, num_tokens)]
+
+    def write_kv(self, block_table: list[int], kv: torch.Tensor) -> None:
+        """Place KV from ``read_kv`` (of an identical model) into this sequence's blocks."""
+        a = self.arch
+        expected = (a.num_layers, 2, kv.shape[2], a.num_kv_heads, a.head_dim)
+        if tuple(kv.shape) != expected or kv.dtype != self.kv_cache.dtype:
+            raise ValueError(
+                f"received KV of shape {tuple(kv.shape)} {kv.dtype}, expected {expected} "
+                f"{self.kv_cache.dtype}: prefill and decode must serve the same model and dtype"
+            )
+        self.kv_cache[:, :, self._prompt_slots(block_table, kv.shape[2])] = kv
+
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> dict[str, int]:
         """Run one step; return request_id -> sampled token for sequences that completed."""

@@ -36,6 +36,8 @@ class ScheduledSeq:
 class StepPlan:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    kv_pulls: list[Sequence] = field(default_factory=list)
+    """Remote-prefill sequences that got their blocks this step: fetch their KV now."""
 
     @property
     def num_tokens(self) -> int:
@@ -59,6 +61,7 @@ class Scheduler:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.awaiting_kv: list[Sequence] = []
         self.num_preemptions_total = 0
 
     @property
@@ -75,11 +78,12 @@ class Scheduler:
                 self.running.remove(seq)
                 self._finish(seq, "abort")
                 return seq
-        for seq in self.waiting:
-            if seq.request_id == request_id:
-                self.waiting.remove(seq)
-                self._finish(seq, "abort")
-                return seq
+        for queue in (self.waiting, self.awaiting_kv):
+            for seq in queue:
+                if seq.request_id == request_id:
+                    queue.remove(seq)
+                    self._finish(seq, "abort")
+                    return seq
         return None
 
     def schedule(self) -> StepPlan:
@@ -105,9 +109,24 @@ class Scheduler:
                 chunk = min(seq.num_uncomputed_tokens, budget)
                 plan.scheduled.append(ScheduledSeq(seq, chunk))
                 budget -= chunk
-        # 3. Admit new sequences while memory, batch slots and budget allow.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        # 3. Admit new sequences while memory, batch slots and budget allow. A remote-prefill
+        # sequence only reserves its blocks here (this is the decode side's back-pressure: the
+        # prefill instance is asked for KV only once there is room for it).
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) + len(self.awaiting_kv) < self.max_num_seqs
+        ):
             seq = self.waiting[0]
+            if seq.is_remote_prefill and seq.num_computed_tokens == 0 and not seq.output_token_ids:
+                if not self.block_manager.allocate_prompt(seq, use_prefix_cache=False):
+                    break
+                self.waiting.popleft()
+                seq.num_computed_tokens = 0
+                seq.status = SequenceStatus.AWAITING_KV
+                self.awaiting_kv.append(seq)
+                plan.kv_pulls.append(seq)
+                continue
             if not self.block_manager.allocate_prompt(seq):
                 break
             self.waiting.popleft()
@@ -136,6 +155,14 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.num_preemptions_total += 1
 
+    def kv_arrived(self, seq: Sequence) -> None:
+        """The prompt's KV is in the sequence's blocks: it joins the running batch as computed."""
+        self.awaiting_kv.remove(seq)
+        seq.num_computed_tokens = seq.num_prompt_tokens
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        self.block_manager.index_computed_blocks(seq)
+
     def postprocess(self, plan: StepPlan, sampled: dict[str, int]) -> list[Sequence]:
         """Advance computed counts, append sampled tokens; return sequences that finished."""
         finished: list[Sequence] = []
@@ -153,11 +180,11 @@ class Scheduler:
                 finished.append(seq)
         return finished
 
-    def finish_early(self, seq: Sequence) -> None:
-        """Stop a running sequence for a reason found outside (a stop string)."""
+    def finish_early(self, seq: Sequence, reason: str = "stop") -> None:
+        """Stop a running sequence for a reason found outside (a stop string, a first token)."""
         if seq in self.running:
             self.running.remove(seq)
-        self._finish(seq, "stop")
+        self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status = SequenceStatus.FINISHED

@@ -10,6 +10,7 @@ from moeflow.common.messages import FinishReason, SamplingParams
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"
+    AWAITING_KV = "awaiting_kv"
     RUNNING = "running"
     FINISHED = "finished"
 
@@ -34,6 +35,10 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
+    is_remote_prefill: bool = False
+    """Decode role: the prompt's KV comes from a prefill instance, not from computing it."""
+    exports_kv: bool = False
+    """Prefill role: copy the prompt's KV out when its prefill completes."""
 
     @property
     def token_ids(self) -> list[int]:

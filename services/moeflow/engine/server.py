@@ -8,9 +8,11 @@ connection aborts the request and frees its KV blocks.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import cast
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -18,10 +20,20 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from moeflow.common.errors import MoeflowError
-from moeflow.common.messages import EngineStats, ErrorChunk, GenerateRequest, ModelInfo
-from moeflow.engine.async_engine import AsyncEngine
+from moeflow.common.errors import BackendUnavailableError, InvalidRequestError, MoeflowError
+from moeflow.common.messages import (
+    EngineStats,
+    ErrorChunk,
+    GenerateRequest,
+    ModelInfo,
+    PrefillRequest,
+    PrefillResponse,
+    TokenChunk,
+)
+from moeflow.engine.async_engine import AsyncEngine, KVPullReady
+from moeflow.engine.disagg import KVPuller, prefill_only, send_kv
 from moeflow.engine.llm_engine import LLMEngine
+from moeflow.xccl import Transport, make_transport
 
 logger = logging.getLogger(__name__)
 
@@ -57,17 +69,51 @@ def _metrics(engine: LLMEngine) -> CollectorRegistry:
     return registry
 
 
+def _open_transport(engine: LLMEngine) -> Transport | None:
+    s = engine.settings
+    if s.role not in ("prefill", "decode"):
+        return None
+    return make_transport(s.transport, s.xccl_group, s.instance_name, redis_url=s.redis_url)
+
+
 def build_engine_app(engine: LLMEngine) -> FastAPI:
     async_engine = AsyncEngine(engine)
     registry = _metrics(engine)
+    settings = engine.settings
+    state: dict[str, object] = {}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        transport = _open_transport(engine)
+        puller = None
+        if transport is not None:
+            state["transport"] = transport
+            if settings.role == "decode":
+                puller = KVPuller(transport, settings.instance_name, settings.kv_transfer_timeout_s)
+                state["puller"] = puller
         async_engine.start()
         try:
             yield
         finally:
             async_engine.stop()
+            if puller is not None:
+                await puller.aclose()
+            if transport is not None:
+                transport.close()
+
+    async def pull_and_attach(request: GenerateRequest) -> None:
+        puller = state.get("puller")
+        assert isinstance(puller, KVPuller)
+        try:
+            pulled = await puller.pull(request)
+        except MoeflowError as exc:
+            async_engine.fail(request.request_id, exc)
+            return
+        async_engine.attach_kv(
+            request.request_id, pulled.kv, pulled.response.first_token_id,
+            num_cached_tokens=pulled.response.num_cached_tokens,
+            kv_bytes=pulled.response.kv_bytes, kv_transfer_ms=pulled.transfer_ms,
+        )
 
     app = FastAPI(title="moeflow engine", lifespan=lifespan)
     app.state.async_engine = async_engine
@@ -92,6 +138,9 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
         async def body() -> AsyncIterator[bytes]:
             try:
                 async for chunk in chunks:
+                    if isinstance(chunk, KVPullReady):
+                        await pull_and_attach(request)
+                        continue
                     yield chunk.model_dump_json().encode() + b"\n"
             except MoeflowError as exc:
                 err = ErrorChunk(request_id=request.request_id, code=exc.code, message=exc.message)
@@ -100,6 +149,29 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
                 await chunks.aclose()
 
         return StreamingResponse(body(), media_type="application/x-ndjson")
+
+    @app.post("/v1/prefill")
+    async def prefill(body: PrefillRequest) -> PrefillResponse:
+        """Prefill role: compute the prompt, send its KV to the decode rank, return token 1."""
+        transport = cast(Transport | None, state.get("transport"))
+        if settings.role != "prefill" or transport is None:
+            raise InvalidRequestError(f"this instance's role is {settings.role!r}, not prefill")
+        request = prefill_only(body.request)
+        last: TokenChunk | None = None
+        async for item in async_engine.generate(request, exports_kv=True):
+            if isinstance(item, TokenChunk):
+                last = item
+        kv = engine.exported_kv.pop(request.request_id, None)
+        if last is None or kv is None:
+            raise BackendUnavailableError("the prefill produced no KV")
+        kv_bytes = kv.numel() * kv.element_size()
+        send_ms = await asyncio.to_thread(
+            send_kv, transport, body.decode_rank, body.tag, kv, settings.kv_transfer_timeout_s
+        )
+        return PrefillResponse(
+            request_id=request.request_id, first_token_id=last.token_ids[0],
+            num_cached_tokens=last.num_cached_tokens, kv_bytes=kv_bytes, send_ms=send_ms,
+        )
 
     @app.get("/v1/model_info")
     async def model_info() -> ModelInfo:

@@ -18,7 +18,7 @@ from moeflow.common.errors import (
     InvalidRequestError,
     OverloadedError,
 )
-from moeflow.common.messages import GenerateRequest, SamplingParams, TokenChunk
+from moeflow.common.messages import GenerateRequest, KVSource, SamplingParams, TokenChunk
 from moeflow.gateway.engine_client import EngineClient, EngineStream
 from moeflow.gateway.metrics import GatewayMetrics
 from moeflow.gateway.protocol import _SamplingFields
@@ -110,23 +110,37 @@ class GenerationService:
         the caller can still answer with a proper status code.
         """
         self.admit()
+        placement = self.registry.place(
+            model, prompt_token_ids, sampling.max_tokens, self.settings.pd_min_prompt_tokens
+        )
+        used = [i for i in (placement.colocated, placement.prefill, placement.decode) if i]
+        target = placement.decode or placement.colocated
+        assert target is not None
+        kv_source = None
+        if placement.prefill is not None:
+            kv_source = KVSource(
+                prefill_url=placement.prefill.url, prefill_rank=placement.prefill.rank_name
+            )
         self.num_in_flight += 1
         self.metrics.in_flight.inc()
-        instance = self.registry.pick(model)
-        instance.num_in_flight += 1
+        for instance in used:
+            instance.num_in_flight += 1
+        urls = [i.url for i in used]
         started_s = time.perf_counter()
         try:
             request = GenerateRequest(
                 request_id=request_id,
                 prompt_token_ids=tuple(prompt_token_ids),
                 sampling=sampling,
+                kv_source=kv_source,
             )
-            stream = await self.client.open_generate(instance.url, request)
+            stream = await self.client.open_generate(target.url, request)
         except BaseException as exc:
-            self._release(instance.url, model)
+            self._release(urls, model)
             self.metrics.requests.labels(model.name, endpoint, _status(exc)).inc()
             raise
-        return self._observe(stream, model, endpoint, started_s, instance.url)
+        mode = "split" if placement.is_split else "colocated"
+        return self._observe(stream, model, endpoint, started_s, urls, mode)
 
     async def _observe(
         self,
@@ -134,7 +148,8 @@ class GenerationService:
         model: ServedModel,
         endpoint: str,
         started_s: float,
-        url: str,
+        urls: list[str],
+        mode: str,
     ) -> AsyncGenerator[TokenChunk, None]:
         m = self.metrics
         name = model.name
@@ -148,6 +163,13 @@ class GenerationService:
                 if first_s is None:
                     first_s = now
                     m.ttft.labels(name).observe(now - started_s)
+                    if chunk.kv_bytes:
+                        m.kv_transfer_bytes.labels(name).observe(chunk.kv_bytes)
+                        m.kv_transfer_seconds.labels(name).observe(chunk.kv_transfer_ms / 1000)
+                        ttft_ms = 1000 * (now - started_s)
+                        m.kv_transfer_ttft_share.labels(name).observe(
+                            min(1.0, chunk.kv_transfer_ms / max(ttft_ms, 1e-6))
+                        )
                 else:
                     m.itl.labels(name).observe(now - last_s)
                 last_s = now
@@ -159,8 +181,9 @@ class GenerationService:
             raise
         finally:
             await stream.aclose()
-            self._release(url, model)
+            self._release(urls, model)
             m.requests.labels(name, endpoint, status).inc()
+            m.requests_by_mode.labels(name, mode).inc()
             if last is not None:
                 m.e2e.labels(name).observe(last_s - started_s)
                 m.prompt_tokens.labels(name).inc(last.num_prompt_tokens)
@@ -169,11 +192,11 @@ class GenerationService:
                 if first_s is not None and last.num_output_tokens > 1:
                     m.tpot.labels(name).observe((last_s - first_s) / (last.num_output_tokens - 1))
 
-    def _release(self, url: str, model: ServedModel) -> None:
+    def _release(self, urls: list[str], model: ServedModel) -> None:
         self.num_in_flight -= 1
         self.metrics.in_flight.dec()
         for instance in model.instances:
-            if instance.url == url:
+            if instance.url in urls:
                 instance.num_in_flight -= 1
 
 

@@ -50,26 +50,42 @@ class GatewayMetrics:
             "moeflow_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
             ["model"], registry=r,
         )
+        self.requests_by_mode = Counter(
+            "moeflow_requests_by_mode", "Finished requests by placement (colocated or split)",
+            ["model", "mode"], registry=r,
+        )
+        self.kv_transfer_bytes = Histogram(
+            "moeflow_kv_transfer_bytes", "Prompt KV bytes moved prefill -> decode per request",
+            ["model"], buckets=tuple(2.0**k for k in range(10, 33, 2)), registry=r,
+        )
+        self.kv_transfer_seconds = Histogram(
+            "moeflow_kv_transfer_seconds", "Decode side: asking for KV until holding it",
+            ["model"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.kv_transfer_ttft_share = Histogram(
+            "moeflow_kv_transfer_ttft_share", "Share of TTFT spent getting the prompt's KV",
+            ["model"], buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
+            registry=r,
+        )
         self.in_flight = Gauge(
             "moeflow_gateway_requests_in_flight", "Requests the gateway holds now", registry=r
         )
         self._models = registry_of_models
+        labels = ["model", "instance", "role"]
         self._queue_depth = Gauge(
-            "moeflow_queue_depth", "Requests waiting in an instance's queue",
-            ["model", "instance"], registry=r,
+            "moeflow_queue_depth", "Requests waiting in an instance's queue", labels, registry=r
         )
         self._running = Gauge(
-            "moeflow_running_requests", "Requests running in an instance",
-            ["model", "instance"], registry=r,
+            "moeflow_running_requests", "Requests running in an instance", labels, registry=r
         )
         self._kv_usage = Gauge(
-            "moeflow_kv_cache_usage_ratio", "Share of an instance's KV blocks in use",
-            ["model", "instance"], registry=r,
+            "moeflow_kv_cache_usage_ratio", "Share of an instance's KV blocks in use", labels,
+            registry=r,
         )
 
     def refresh_instance_gauges(self) -> None:
         for model in self._models.models.values():
             for url, stats in model.stats.items():
-                self._queue_depth.labels(model.name, url).set(stats.num_waiting)
-                self._running.labels(model.name, url).set(stats.num_running)
-                self._kv_usage.labels(model.name, url).set(stats.kv_usage_ratio)
+                self._queue_depth.labels(model.name, url, stats.role).set(stats.num_waiting)
+                self._running.labels(model.name, url, stats.role).set(stats.num_running)
+                self._kv_usage.labels(model.name, url, stats.role).set(stats.kv_usage_ratio)

@@ -17,7 +17,7 @@ from moeflow.common.errors import BackendUnavailableError, ModelNotFoundError
 from moeflow.common.messages import EngineStats, ModelInfo
 from moeflow.common.tokenizer import TextTokenizer
 from moeflow.gateway.engine_client import EngineClient
-from moeflow.gateway.routing import InstanceView, least_loaded
+from moeflow.gateway.routing import InstanceView, Placement, PrefixTracker, place, prefix_keys
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class ServedModel:
     tokenizer: TextTokenizer
     instances: list[InstanceView] = field(default_factory=list)
     stats: dict[str, EngineStats] = field(default_factory=dict)
+    prefixes: PrefixTracker = field(default_factory=PrefixTracker)
 
     @property
     def name(self) -> str:
@@ -48,11 +49,25 @@ class ModelRegistry:
             )
         return model
 
-    def pick(self, model: ServedModel) -> InstanceView:
-        instance = least_loaded(model.instances)
-        if instance is None:
+    def place(
+        self, model: ServedModel, prompt_token_ids: list[int], max_tokens: int,
+        min_prompt_tokens_for_split: int,
+    ) -> Placement:
+        keys = prefix_keys(prompt_token_ids)
+        matches = {i.url: model.prefixes.match_blocks(i.url, keys) for i in model.instances}
+        placement = place(
+            model.instances,
+            num_prompt_tokens=len(prompt_token_ids),
+            max_tokens=max_tokens,
+            min_prompt_tokens_for_split=min_prompt_tokens_for_split,
+            prefix_blocks=matches,
+        )
+        if placement is None:
             raise BackendUnavailableError(f"no healthy instance serves {model.name!r} right now")
-        return instance
+        computes_prompt = placement.prefill or placement.colocated
+        if computes_prompt is not None:
+            model.prefixes.record(computes_prompt.url, keys)
+        return placement
 
     async def add_instance(self, url: str) -> None:
         info = await self._client.model_info(url)
@@ -67,8 +82,8 @@ class ModelRegistry:
             model = ServedModel(info=info, tokenizer=tokenizer)
             self.models[info.served_model_name] = model
         if all(i.url != url for i in model.instances):
-            model.instances.append(InstanceView(url=url))
-        logger.info("serving %s from %s", info.served_model_name, url)
+            model.instances.append(InstanceView(url=url, role=info.role, rank_name=info.xccl_rank))
+        logger.info("serving %s from %s (%s)", info.served_model_name, url, info.role)
 
     async def discover(self, urls: Sequence[str], timeout_s: float) -> None:
         """Wait until every listed instance has reported its model, or fail after timeout_s."""

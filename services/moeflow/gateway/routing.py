@@ -1,18 +1,31 @@
-"""Which instance serves a request (pure: plain data in, a choice out).
+"""Where a request runs (pure: plain data in, a choice out).
 
-``least_loaded`` scores healthy instances by queued + running requests as last reported, plus
-what this gateway has sent since that report, and breaks ties by name for determinism.
+DeepServe's Algorithm 1, as implemented here:
+1. Colocated or split: with both kinds of instances available, a request is split across a
+   prefill and a decode instance when its prompt has at least ``min_prompt_tokens_for_split``
+   tokens and it asks for more than one output token (long prompts are what interfere with
+   decoding; a one-token answer gains nothing from a decode instance). With only one kind, that
+   kind serves everything. (The paper learns this boundary as a PD heat map from measurements;
+   a threshold is the one-parameter version, measured in benchmarks/pd.py.)
+2. Which instance: among instances whose load is within ``load_tolerance`` of the least loaded,
+   take the one with the longest cached prefix of this prompt (as the gateway remembers what it
+   routed where); if none has any, take the least loaded. Ties break by URL for determinism.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+PREFIX_BLOCK_TOKENS = 16
 
 
 @dataclass
 class InstanceView:
     url: str
+    role: str = "colocated"
+    rank_name: str = ""
     is_healthy: bool = True
     num_waiting: int = 0
     num_running: int = 0
@@ -24,8 +37,97 @@ class InstanceView:
         return max(self.num_waiting + self.num_running, self.num_in_flight)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Either ``colocated`` is set, or both ``prefill`` and ``decode`` are."""
+
+    colocated: InstanceView | None = None
+    prefill: InstanceView | None = None
+    decode: InstanceView | None = None
+
+    @property
+    def is_split(self) -> bool:
+        return self.decode is not None
+
+
+def prefix_keys(token_ids: Sequence[int], max_blocks: int = 64) -> list[int]:
+    """Chained keys of the prompt's full 16-token blocks (same idea as the engine's index)."""
+    keys: list[int] = []
+    parent = 0
+    size = PREFIX_BLOCK_TOKENS
+    for i in range(min(len(token_ids) // size, max_blocks)):
+        parent = hash((parent, tuple(token_ids[i * size : (i + 1) * size])))
+        keys.append(parent)
+    return keys
+
+
+@dataclass
+class PrefixTracker:
+    """Per instance, the prefix keys of recently routed prompts (bounded, LRU)."""
+
+    max_keys_per_instance: int = 4096
+    _keys: dict[str, OrderedDict[int, None]] = field(default_factory=dict)
+
+    def record(self, url: str, keys: Sequence[int]) -> None:
+        known = self._keys.setdefault(url, OrderedDict())
+        for key in keys:
+            known[key] = None
+            known.move_to_end(key)
+        while len(known) > self.max_keys_per_instance:
+            known.popitem(last=False)
+
+    def match_blocks(self, url: str, keys: Sequence[int]) -> int:
+        known = self._keys.get(url)
+        if not known:
+            return 0
+        num = 0
+        for key in keys:
+            if key not in known:
+                break
+            num += 1
+        return num
+
+
 def least_loaded(instances: Sequence[InstanceView]) -> InstanceView | None:
     healthy = [i for i in instances if i.is_healthy]
     if not healthy:
         return None
     return min(healthy, key=lambda i: (i.load, i.kv_usage_ratio, i.url))
+
+
+def pick_instance(
+    instances: Sequence[InstanceView], prefix_blocks: Mapping[str, int], load_tolerance: int
+) -> InstanceView | None:
+    least = least_loaded(instances)
+    if least is None:
+        return None
+    balanced = [i for i in instances if i.is_healthy and i.load - least.load <= load_tolerance]
+    best = max(balanced, key=lambda i: (prefix_blocks.get(i.url, 0), -i.load, i.url))
+    return best if prefix_blocks.get(best.url, 0) > 0 else least
+
+
+def place(
+    instances: Sequence[InstanceView],
+    *,
+    num_prompt_tokens: int,
+    max_tokens: int,
+    min_prompt_tokens_for_split: int,
+    prefix_blocks: Mapping[str, int],
+    load_tolerance: int = 2,
+) -> Placement | None:
+    """Choose colocated vs split, then instances; None if no healthy instance can serve."""
+    by_role: dict[str, list[InstanceView]] = {"colocated": [], "prefill": [], "decode": []}
+    for instance in instances:
+        if instance.is_healthy and instance.role in by_role:
+            by_role[instance.role].append(instance)
+    can_split = bool(by_role["prefill"] and by_role["decode"])
+    can_colocate = bool(by_role["colocated"])
+    wants_split = num_prompt_tokens >= min_prompt_tokens_for_split and max_tokens > 1
+    if can_split and (wants_split or not can_colocate):
+        prefill = pick_instance(by_role["prefill"], prefix_blocks, load_tolerance)
+        decode = least_loaded(by_role["decode"])
+        return Placement(prefill=prefill, decode=decode)
+    if can_colocate:
+        return Placement(colocated=pick_instance(by_role["colocated"], prefix_blocks,
+                                                 load_tolerance))
+    return None

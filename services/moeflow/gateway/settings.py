@@ -31,3 +31,5 @@ class GatewaySettings(BaseSettings):
     stats_poll_interval_s: float = Field(1.0, gt=0)
     max_stop_sequences: int = Field(16, ge=0)
     max_prompts_per_request: int = Field(64, ge=1)
+    pd_min_prompt_tokens: int = Field(256, ge=0)
+    """With colocated and prefill/decode instances both present, split prompts this long."""

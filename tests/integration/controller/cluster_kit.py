@@ -10,6 +10,7 @@ serves the emulator.
 from __future__ import annotations
 
 import asyncio
+import pathlib
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -18,6 +19,7 @@ from typing import Any, TypeVar
 import aiohttp
 import kopf
 import kubernetes_validate
+import yaml
 from crd_schema import CrdValidator
 from kube_emulator import ClusterEmulator
 
@@ -25,6 +27,7 @@ from moeflow.controller import kube, naming
 
 T = TypeVar("T")
 NAMESPACE = "default"
+EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "deploy" / "examples"
 BUILTIN_RESOURCES = ("v1/pods", "v1/services", "apps/v1/deployments", "v1/serviceaccounts",
                      "rbac.authorization.k8s.io/v1/roles",
                      "rbac.authorization.k8s.io/v1/rolebindings", "v1/configmaps")
@@ -32,6 +35,12 @@ CUSTOM_RESOURCES = {"Model": "moeflow.dev/v1alpha1/models", "Job": "moeflow.dev/
                     "Task": "moeflow.dev/v1alpha1/tasks",
                     "Request": "moeflow.dev/v1alpha1/requests",
                     "WarmPool": "moeflow.dev/v1alpha1/warmpools"}
+
+
+def load_example(filename: str) -> dict[str, Any]:
+    """The first document of deploy/examples/<filename>."""
+    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / filename).read_text())
+    return doc
 
 
 async def wait_for(probe: Callable[[], T], *, timeout_s: float = 15.0,
@@ -61,6 +70,7 @@ class OperatorRunner:
     def _run(self) -> None:
         settings = kopf.OperatorSettings()
         settings.watching.connect_timeout = 5
+        settings.queueing.exit_timeout = 0.5  # a handler sleeping in a retry delay: do not wait
         try:
             asyncio.run(kopf.operator(clusterwide=True, standalone=True, settings=settings,
                                       stop_flag=self._stop, ready_flag=self._ready,

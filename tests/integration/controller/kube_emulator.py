@@ -18,9 +18,9 @@ What kmock 0.8 lacks, and what this module adds (each is covered by test_ctl_emu
 6. Failure injection (not a gap, a test tool): `refuse_creates(resource)` answers 503 to
    creations of that resource until `refuse_creates(resource, False)`.
 7. Speed: kmock picks a reaction by scanning every request served so far through each filter,
-   which is quadratic (a 30 s test spent 90% there; 4 s now). Object requests (list, watch, get, create,
-   patch, delete) go straight to the emulator's own handlers instead; discovery requests still
-   take kmock's route.
+   which is quadratic (a 30 s test spent 90% there; 4 s now). Object requests (list, watch,
+   get, create, patch, delete) go straight to the emulator's own handlers instead; discovery
+   requests still take kmock's route.
 
 Mutations are serialized by one lock so that the stamping and the store never interleave.
 PUT (replace) and deletecollection stay unsupported: the operator never uses them.

@@ -7,10 +7,11 @@ import copy
 from typing import Any
 
 import jsonschema
+import kubernetes_validate
 import pytest
 import yaml
+from cluster_kit import EXAMPLES
 from crd_schema import CrdValidator, load_crds, openapi_schema
-from test_ctl_examples import EXAMPLES
 
 from moeflow.controller.spec import (
     ModelSpec,
@@ -40,6 +41,33 @@ def test_every_crd_has_the_common_shape(kind: str) -> None:
     assert version["additionalPrinterColumns"][-1]["name"] == "Age"
     status = openapi_schema(crd)["properties"]["status"]["properties"]
     assert status["conditions"]["items"]["required"] == ["type", "status"]
+
+
+def structural_problems(schema: dict[str, Any], path: str = "") -> list[str]:
+    """The API server's structural-schema rules that a CRD must satisfy to be accepted."""
+    problems = []
+    special = schema.get("x-kubernetes-int-or-string") or schema.get(
+        "x-kubernetes-preserve-unknown-fields")
+    if "type" not in schema and not special:
+        problems.append(f"{path or '<root>'}: no type")
+    if "properties" in schema and "additionalProperties" in schema:
+        problems.append(f"{path}: both properties and additionalProperties")
+    for junction in ("anyOf", "allOf", "oneOf"):
+        for sub in schema.get(junction, []):
+            if set(sub) & {"description", "default", "properties", "items"}:
+                problems.append(f"{path}.{junction}: may only hold value validations")
+    for name, sub in (schema.get("properties") or {}).items():
+        problems += structural_problems(sub, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(schema.get(key), dict):
+            problems += structural_problems(schema[key], f"{path}[]")
+    return problems
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_crds_are_valid_and_structural(kind: str) -> None:
+    kubernetes_validate.validate(CRDS[kind], "1.37.0", strict=True)
+    assert structural_problems(openapi_schema(CRDS[kind])) == []
 
 
 def test_model_printer_columns_show_mode_and_ready_per_role() -> None:

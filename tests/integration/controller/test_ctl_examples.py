@@ -4,27 +4,19 @@ are. Discovery then lists its instances."""
 
 from __future__ import annotations
 
-import pathlib
 from typing import Any
 
 import pytest
-import yaml
-from cluster_kit import Cluster, wait_for
+from cluster_kit import Cluster, load_example, wait_for
 
 from moeflow.controller import kube, naming
 from moeflow.controller.discovery import KubeTaskDiscovery
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "deploy" / "examples"
 EXPECTED_ROLES = {
     "model-colocated.yaml": {"colocated": 1},
     "model-pd-disaggregated.yaml": {"prefill": 1, "decode": 2},
     "model-attention-expert-disaggregated.yaml": {"attention": 1, "expert": 2},
 }
-
-
-def load_example(filename: str) -> dict[str, Any]:
-    doc: dict[str, Any] = yaml.safe_load((EXAMPLES / filename).read_text())
-    return doc
 
 
 def controller_of(obj: dict[str, Any]) -> tuple[str, str]:

@@ -6,14 +6,18 @@ from __future__ import annotations
 import asyncio
 
 import kmock
-from cluster_kit import Cluster, OperatorRunner, wait_for
-from test_ctl_examples import load_example
+from cluster_kit import Cluster, OperatorRunner, load_example, wait_for
 
 from moeflow.controller import kube
 
 MODELS, JOBS, TASKS = ("moeflow.dev/v1alpha1/models", "moeflow.dev/v1alpha1/jobs",
                        "moeflow.dev/v1alpha1/tasks")
 PD = "smollm2-135m-instruct-pd"
+
+
+def is_ready(cluster: Cluster, model: str) -> bool:
+    condition = cluster.condition(MODELS, model, "Ready")
+    return condition is not None and condition["status"] == "True"
 
 
 def pod_names(cluster: Cluster) -> list[str]:
@@ -66,8 +70,7 @@ async def test_scaling_lost_pod_and_mode_change(cluster: Cluster, operator: obje
     assert await cluster.emulator.collect_garbage() == 2 * 2 + 3
     assert cluster.names(TASKS) == colocated
     await cluster.mark_ready(PD)
-    await wait_for(lambda: (c := cluster.condition(MODELS, PD, "Ready")) and c["status"] == "True",
-                   what="Ready after the mode change")
+    await wait_for(lambda: is_ready(cluster, PD), what="Ready after the mode change")
     assert pod_names(cluster) == colocated
     assert list(cluster.get(MODELS, PD)["status"]["roles"]) == ["colocated"]  # type: ignore[index]
     cluster.validate_everything()
@@ -106,8 +109,7 @@ async def test_deleting_a_model_needs_no_finalizer_and_gc_removes_the_rest(
     await cluster.apply(model)
     await wait_for(lambda: len(pod_names(cluster)) == 3, what="3 pods")
     await cluster.mark_ready(name)
-    await wait_for(lambda: (c := cluster.condition(MODELS, name, "Ready")) and c["status"] == "True",
-                   what="Ready")
+    await wait_for(lambda: is_ready(cluster, name), what="Ready")
     assert not cluster.get(MODELS, name)["metadata"].get("finalizers")  # type: ignore[index]
 
     await cluster.delete(kube.MODEL, name)
@@ -139,8 +141,7 @@ async def test_restarting_the_operator_mid_way_creates_no_duplicates(
     await runner.start()  # a new operator: resume handlers replay everything
     await wait_for(lambda: len(pod_names(cluster)) == 7, what="7 pods")
     await cluster.mark_ready(PD)
-    await wait_for(lambda: (c := cluster.condition(MODELS, PD, "Ready")) and c["status"] == "True",
-                   what="Ready")
+    await wait_for(lambda: is_ready(cluster, PD), what="Ready")
     uids = {r: [o["metadata"]["uid"] for o in cluster.objects(r)]
             for r in ("v1/pods", JOBS, TASKS, "v1/services", "apps/v1/deployments")}
 
@@ -163,3 +164,23 @@ async def test_restarting_the_operator_mid_way_creates_no_duplicates(
 def num_pod_creations(cluster: Cluster) -> int:
     pods = kmock.resource("v1/pods")
     return sum(r.method == "POST" and r.resource == pods for r in cluster.emulator.request_log())
+
+
+async def test_a_name_taken_by_another_owner_is_reported_not_stolen(
+        cluster: Cluster, operator: object) -> None:
+    model = load_example("model-colocated.yaml")
+    name = model["metadata"]["name"]
+    foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {
+        "name": f"{name}-gateway", "ownerReferences": [{
+            "apiVersion": "apps/v1", "kind": "Deployment", "name": "someone-else",
+            "uid": "0000-foreign", "controller": True}]},
+        "spec": {"ports": [{"port": 80}]}}
+    await cluster.apply(foreign)
+    await cluster.apply(model)
+    degraded = await wait_for(lambda: (c := cluster.condition(MODELS, name, "Degraded"))
+                              and c["status"] == "True" and c, what="Degraded")
+    assert degraded["reason"] == "NameConflict"
+    assert "controlled by another owner" in degraded["message"]
+    assert await wait_for(lambda: cluster.events("NameConflict", involved=name), what="event")
+    service = cluster.get("v1/services", f"{name}-gateway")
+    assert service is not None and service["spec"]["ports"] == [{"port": 80}]

@@ -7,9 +7,8 @@ import json
 from typing import Any
 
 import yaml
-from cluster_kit import Cluster, wait_for
+from cluster_kit import EXAMPLES, Cluster, wait_for
 from fake_gateway import FakeGateway
-from test_ctl_examples import EXAMPLES
 
 REQUESTS = "moeflow.dev/v1alpha1/requests"
 

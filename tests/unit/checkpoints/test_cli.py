@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from moeflow.checkpoints.cli import format_param_count, format_size_bytes, register
 
 torch.set_num_threads(1)

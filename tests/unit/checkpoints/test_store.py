@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+
 from moeflow.checkpoints.metadata import METADATA_FILENAME, read_metadata, write_metadata
 from moeflow.checkpoints.store import (
     CachedModel,

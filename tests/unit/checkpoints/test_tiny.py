@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from moeflow.checkpoints.tiny import TINY_ARCHS, make_tiny, tiny_dir_name
-from moeflow.checkpoints.tiny_tokenizer import ENDOFTEXT, IM_END, IM_START
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moeflow.checkpoints.tiny import TINY_ARCHS, make_tiny, tiny_dir_name
+from moeflow.checkpoints.tiny_tokenizer import ENDOFTEXT, IM_END, IM_START
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,173 @@
+"""Pure builders of the engine side: Job and Task custom resources, engine Pods and the
+headless discovery Service. Dicts in, dicts out; no I/O, no kopf (handlers adopt the results).
+
+Pods are bare (one per Task, restartPolicy Always): the Task is the controller that recreates
+a lost Pod, as a StatefulSet would, but with the rank and role that the request-job-task model
+needs. Pod specs are immutable, so each Pod carries a hash of what it was built from; a Task
+whose desired hash differs gets its Pod replaced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from moeflow.controller import naming
+from moeflow.controller.plan import JobPlan, engine_argv
+from moeflow.controller.settings import OperatorSettings
+from moeflow.controller.spec import JobSpec, ModelSpec, TaskSpec, TaskTemplate, TransportKind
+
+Obj = dict[str, Any]
+_HEALTH_PATH = "/health"
+_PROBE_PERIOD_S = 5
+
+
+def task_template(spec: ModelSpec, model_path: str, settings: OperatorSettings) -> TaskTemplate:
+    """What each instance of the Model runs; the Job carries it down to its Tasks."""
+    return TaskTemplate(
+        image=settings.image, source=spec.source, model_path=model_path,
+        port=settings.engine_port, devices_per_instance=spec.devices_per_instance,
+        resources=spec.resources,
+        transport=spec.transport.model_copy(update={"kind": spec.transport_kind}),
+    )
+
+
+def wire(model: BaseModel) -> Obj:
+    """A spec model as the camelCase dict the CRD expects."""
+    return model.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def build_job(model: str, namespace: str, job: JobPlan, template: TaskTemplate) -> Obj:
+    spec = JobSpec(model=model, role=job.role, replicas=job.replicas, template=template)
+    return {
+        "apiVersion": naming.API_VERSION, "kind": "Job",
+        "metadata": {"name": job.name, "namespace": namespace,
+                     "labels": naming.job_labels(model, job.role)},
+        "spec": wire(spec),
+    }
+
+
+def build_task(job_name: str, namespace: str, job: JobSpec, rank: int) -> Obj:
+    spec = TaskSpec(model=job.model, job=job_name, role=job.role, rank=rank,
+                    template=job.template)
+    return {
+        "apiVersion": naming.API_VERSION, "kind": "Task",
+        "metadata": {"name": naming.task_name(job.model, job.role, rank),
+                     "namespace": namespace,
+                     "labels": naming.task_labels(job.model, job.role, rank)},
+        "spec": wire(spec),
+    }
+
+
+def _model_volume(task: TaskSpec, settings: OperatorSettings) -> tuple[Obj, Obj]:
+    """The weights volume and its mount, per source scheme (see Source)."""
+    source = task.template.source
+    mount: Obj = {"name": "model", "readOnly": True}
+    if source.scheme == "store":
+        volume: Obj = {"name": "model", "hostPath": {"path": settings.model_store_host_path,
+                                                     "type": "Directory"}}
+        mount["mountPath"] = settings.model_mount_path
+    elif source.scheme == "pvc":
+        claim, _, sub_path = source.location.partition("/")
+        volume = {"name": "model",
+                  "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
+        mount["mountPath"] = task.template.model_path
+        if sub_path:
+            mount["subPath"] = sub_path
+    else:  # file:///dir on every node
+        volume = {"name": "model", "hostPath": {"path": source.location, "type": "Directory"}}
+        mount["mountPath"] = task.template.model_path
+    return volume, mount
+
+
+def _resources(template: TaskTemplate, settings: OperatorSettings) -> Obj:
+    amounts: dict[str, str] = {}
+    if template.resources.cpu:
+        amounts["cpu"] = template.resources.cpu
+    if template.resources.memory:
+        amounts["memory"] = template.resources.memory
+    if template.devices_per_instance > 0:
+        amounts[settings.accelerator_resource] = str(template.devices_per_instance)
+    # Extended resources must have requests == limits; keeping all equal gives Guaranteed QoS.
+    return {"requests": amounts, "limits": dict(amounts)} if amounts else {}
+
+
+def _env(template: TaskTemplate, task_name: str) -> list[Obj]:
+    kind = template.transport.kind or TransportKind.SHM
+    env: list[Obj] = [
+        {"name": "MOEFLOW_TRANSPORT", "value": kind.value},
+        {"name": "MOEFLOW_TASK", "value": task_name},
+        {"name": "MOEFLOW_NAMESPACE",
+         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "MOEFLOW_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    ]
+    if kind is TransportKind.REDIS and template.transport.redis_url:
+        env.append({"name": "MOEFLOW_REDIS_URL", "value": template.transport.redis_url})
+    return env
+
+
+def http_probe(port_name: str, *, period_s: int, failure_threshold: int) -> Obj:
+    return {"httpGet": {"path": _HEALTH_PATH, "port": port_name}, "periodSeconds": period_s,
+            "timeoutSeconds": 3, "failureThreshold": failure_threshold}
+
+
+def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: OperatorSettings) -> Obj:
+    template = task.template
+    volume, mount = _model_volume(task, settings)
+    container: Obj = {
+        "name": "engine",
+        "image": template.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": list(engine_argv(model_path=template.model_path, served_model_name=task.model,
+                                    role=task.role, rank=task.rank, host="0.0.0.0",
+                                    port=template.port)),
+        "ports": [{"name": "http", "containerPort": template.port, "protocol": "TCP"}],
+        "env": _env(template, task_name),
+        "resources": _resources(template, settings),
+        # Weight loading can take minutes: the startup probe holds liveness off until then.
+        "startupProbe": http_probe("http", period_s=_PROBE_PERIOD_S, failure_threshold=max(
+            1, settings.startup_timeout_s // _PROBE_PERIOD_S)),
+        "readinessProbe": http_probe("http", period_s=_PROBE_PERIOD_S, failure_threshold=3),
+        "livenessProbe": http_probe("http", period_s=10, failure_threshold=3),
+        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}],
+    }
+    pod_spec: Obj = {
+        # hostname + subdomain give the stable DNS name <task>.<model>-instances.<ns>.svc.
+        "hostname": task_name,
+        "subdomain": naming.instances_service_name(task.model),
+        "restartPolicy": "Always",
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": 30,
+        "containers": [container],
+        "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+    }
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": task_name, "namespace": namespace,
+                     "labels": naming.task_labels(task.model, task.role, task.rank),
+                     "annotations": {naming.ANNOTATION_TEMPLATE_HASH: spec_hash(pod_spec)}},
+        "spec": pod_spec,
+    }
+
+
+def spec_hash(pod_spec: Obj) -> str:
+    return hashlib.sha256(json.dumps(pod_spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_instances_service(model: str, namespace: str, port: int) -> Obj:
+    """Headless Service over all engine Pods of a Model: per-Pod DNS for discovery. Not-ready
+    addresses are published because readiness is reported through Task status instead."""
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": naming.instances_service_name(model), "namespace": namespace,
+                     "labels": naming.model_labels(model, naming.COMPONENT_ENGINE)},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": naming.engine_selector(model),
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }

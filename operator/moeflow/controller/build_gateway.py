@@ -1,0 +1,99 @@
+"""Pure builders of a Model's gateway and of the list of everything a Model owns.
+
+The gateway is a Deployment, not a Job of Tasks: it is stateless, holds no rank and no
+weights, and is scaled and rolled like any web front end (HPA, rolling updates). It finds the
+engine instances itself by listing the Model's Tasks (`--discovery kubernetes`), for which it
+gets its own ServiceAccount and a namespaced Role limited to reading Tasks and Models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from moeflow.controller import naming
+from moeflow.controller.build_engine import (
+    build_instances_service,
+    build_job,
+    http_probe,
+    task_template,
+)
+from moeflow.controller.plan import GatewayPlan, ModelPlan
+from moeflow.controller.settings import OperatorSettings
+
+Obj = dict[str, Any]
+
+
+def build_gateway_deployment(model: str, namespace: str, gateway: GatewayPlan,
+                             settings: OperatorSettings) -> Obj:
+    labels = naming.model_labels(model, naming.COMPONENT_GATEWAY)
+    container: Obj = {
+        "name": "gateway",
+        "image": settings.image,
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": list(gateway.argv),
+        "ports": [{"name": "http", "containerPort": gateway.port, "protocol": "TCP"}],
+        "resources": {
+            "requests": {"cpu": settings.gateway_cpu, "memory": settings.gateway_memory},
+            "limits": {"memory": settings.gateway_memory},
+        },
+        "readinessProbe": http_probe("http", period_s=5, failure_threshold=3),
+        "livenessProbe": http_probe("http", period_s=10, failure_threshold=3),
+    }
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": gateway.name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": gateway.replicas,
+            "selector": {"matchLabels": naming.gateway_selector(model)},
+            "strategy": {"type": "RollingUpdate",
+                         "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {"serviceAccountName": gateway.name, "enableServiceLinks": False,
+                         "containers": [container]},
+            },
+        },
+    }
+
+
+def build_gateway_service(model: str, namespace: str, port: int) -> Obj:
+    return {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": naming.gateway_name(model), "namespace": namespace,
+                     "labels": naming.model_labels(model, naming.COMPONENT_GATEWAY)},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": naming.gateway_selector(model),
+            "ports": [{"name": "http", "port": port, "targetPort": "http", "protocol": "TCP"}],
+        },
+    }
+
+
+def build_gateway_rbac(model: str, namespace: str) -> list[Obj]:
+    """ServiceAccount, Role (read Tasks and Models) and RoleBinding for the gateway."""
+    name = naming.gateway_name(model)
+    labels = naming.model_labels(model, naming.COMPONENT_GATEWAY)
+    meta = {"name": name, "namespace": namespace, "labels": labels}
+    return [
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
+         "rules": [{"apiGroups": [naming.GROUP], "resources": ["tasks", "models"],
+                    "verbs": ["get", "list", "watch"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+         "metadata": dict(meta),
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
+    ]
+
+
+def build_model_children(plan: ModelPlan, namespace: str, settings: OperatorSettings) -> list[Obj]:
+    """Everything a Model owns directly, in apply order: RBAC before the Deployment that uses
+    it, Services before the Pods that register in them, then one Job per role."""
+    template = task_template(plan.spec, plan.model_path, settings)
+    return [
+        *build_gateway_rbac(plan.model, namespace),
+        build_gateway_service(plan.model, namespace, plan.gateway.port),
+        build_instances_service(plan.model, namespace, settings.engine_port),
+        build_gateway_deployment(plan.model, namespace, plan.gateway, settings),
+        *(build_job(plan.model, namespace, job, template) for job in plan.jobs),
+    ]

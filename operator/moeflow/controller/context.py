@@ -1,0 +1,51 @@
+"""What every handler needs, built once at operator startup and kept in kopf's memo.
+
+There is no module-level state: `main.startup` builds one `OperatorContext` from the typed
+settings and stores it under `memo["moeflow"]`; handlers fetch it with `context_of(memo)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from moeflow.controller.coalesce import Coalescer
+from moeflow.controller.kube import KubeApi
+from moeflow.controller.settings import OperatorSettings
+
+MEMO_KEY = "moeflow"
+T = TypeVar("T")
+
+
+@dataclass
+class OperatorContext:
+    settings: OperatorSettings
+    api: KubeApi
+    refreshes: Coalescer = field(default_factory=Coalescer)
+    executor: ThreadPoolExecutor | None = None
+
+    def __post_init__(self) -> None:
+        if self.executor is None:
+            self.executor = ThreadPoolExecutor(self.settings.handler_workers,
+                                               thread_name_prefix="moeflow-api")
+
+    async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking API function off the event loop, on the handler thread pool."""
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
+
+    def close(self) -> None:
+        if self.executor is not None:
+            self.executor.shutdown(wait=False, cancel_futures=True)
+        self.api.close()
+
+
+def context_of(memo: Mapping[str, Any]) -> OperatorContext:
+    ctx = memo.get(MEMO_KEY)
+    if not isinstance(ctx, OperatorContext):
+        raise RuntimeError("the moeflow startup handler has not run: no OperatorContext in memo")
+    return ctx

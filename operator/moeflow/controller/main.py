@@ -1,0 +1,183 @@
+"""kopf registrations, and nothing else: each handler delegates to a reconcile module.
+
+Run with `moeflow operator` (see `cli.py`) or `kopf run -m moeflow.controller.main`.
+
+Flow (each arrow is a watch event that triggers the next level, level-based and idempotent):
+    Model  --create/update/resume-->  Jobs, gateway Deployment/Services/RBAC
+    Job    --create/update/resume-->  Tasks (ranks 0..replicas-1)
+    Task   --create/update/resume-->  Pod
+    Pod    --event-->  Task status   --event-->  Job status   --event-->  Model status
+    Deployment (gateway) --event-->  Model status
+    Request --daemon while unfinished-->  batch fan-out, results ConfigMap
+Status refreshes of one object are coalesced (`Coalescer`): bursts of child events cost one
+read-compute-write of the parent at a time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import kopf
+
+from moeflow.controller import naming
+from moeflow.controller.context import MEMO_KEY, OperatorContext, context_of
+from moeflow.controller.events import Decision, post
+from moeflow.controller.kube import KubeApi, OwnershipConflict
+from moeflow.controller.reconcile_engine import (
+    apply_job,
+    apply_task,
+    refresh_job_status,
+    sync_task_with_pod,
+)
+from moeflow.controller.reconcile_model import apply_model, record_error, refresh_model_status
+from moeflow.controller.reconcile_request import is_unfinished, run_request
+from moeflow.controller.settings import OperatorSettings
+from moeflow.controller.spec import SpecError
+from moeflow.controller.status import invalid_status, now_iso
+
+MODELS = (naming.GROUP, naming.VERSION, "models")
+JOBS = (naming.GROUP, naming.VERSION, "jobs")
+TASKS = (naming.GROUP, naming.VERSION, "tasks")
+REQUESTS = (naming.GROUP, naming.VERSION, "requests")
+WARM_POOLS = (naming.GROUP, naming.VERSION, "warmpools")
+ENGINE_PODS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
+               naming.LABEL_COMPONENT: naming.COMPONENT_ENGINE}
+GATEWAYS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
+            naming.LABEL_COMPONENT: naming.COMPONENT_GATEWAY}
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    op_settings = OperatorSettings()
+    # Progress and diff-base in annotations only: the CRD status schemas are closed, and a
+    # status.kopf field would be pruned by the API server.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=naming.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=naming.GROUP, key="last-handled-configuration")
+    settings.persistence.finalizer = f"{naming.GROUP}/finalizer"
+    settings.posting.reporting_component = naming.MANAGED_BY
+    settings.execution.default_backoff = op_settings.retry_backoff_s
+    memo[MEMO_KEY] = OperatorContext(op_settings, KubeApi.from_config(op_settings.kubeconfig))
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    if MEMO_KEY in memo:
+        context_of(memo).close()
+
+
+def _namespaced(namespace: str | None) -> str:
+    if namespace is None:  # every moeflow.dev kind is namespaced; kopf types allow None
+        raise kopf.PermanentError("moeflow.dev resources are namespaced")
+    return namespace
+
+
+async def _refresh_model(ctx: OperatorContext, namespace: str, name: str) -> None:
+    await ctx.refreshes.run(("model", namespace, name), lambda: ctx.call(
+        refresh_model_status, ctx.api, ctx.settings, namespace, name))
+
+
+async def _refresh_job(ctx: OperatorContext, namespace: str, name: str) -> None:
+    await ctx.refreshes.run(("job", namespace, name), lambda: ctx.call(
+        refresh_job_status, ctx.api, namespace, name))
+
+
+@kopf.on.resume(*MODELS)
+@kopf.on.create(*MODELS)
+@kopf.on.update(*MODELS)
+async def reconcile_model(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
+                          name: str, **_: Any) -> None:
+    ctx, namespace = context_of(memo), _namespaced(namespace)
+    try:
+        decisions = await ctx.call(apply_model, ctx.api, ctx.settings, body)
+    except SpecError as e:
+        post(body, [Decision("InvalidSpec", str(e), "Warning")])
+        await _refresh_model(ctx, namespace, name)
+        raise kopf.PermanentError(str(e)) from None
+    except OwnershipConflict as e:
+        await ctx.call(record_error, ctx.api, body, "NameConflict", str(e))
+        post(body, [Decision("NameConflict", str(e), "Warning")])
+        await _refresh_model(ctx, namespace, name)
+        raise kopf.TemporaryError(str(e), delay=30) from None
+    post(body, decisions)
+    await _refresh_model(ctx, namespace, name)
+
+
+@kopf.on.event(*JOBS)
+async def job_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
+                      **_: Any) -> None:
+    model = body.get("spec", {}).get("model")
+    if model:
+        await _refresh_model(context_of(memo), _namespaced(namespace), model)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=GATEWAYS)
+async def gateway_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
+                          **_: Any) -> None:
+    model = body["metadata"].get("labels", {}).get(naming.LABEL_MODEL)
+    if model:
+        await _refresh_model(context_of(memo), _namespaced(namespace), model)
+
+
+@kopf.on.resume(*JOBS)
+@kopf.on.create(*JOBS)
+@kopf.on.update(*JOBS)
+async def reconcile_job(body: kopf.Body, memo: kopf.Memo, namespace: str | None, name: str,
+                        **_: Any) -> None:
+    ctx, namespace = context_of(memo), _namespaced(namespace)
+    try:
+        decisions = await ctx.call(apply_job, ctx.api, body)
+    except (SpecError, OwnershipConflict) as e:
+        post(body, [Decision(type(e).__name__, str(e), "Warning")])
+        raise kopf.PermanentError(str(e)) from None
+    post(body, decisions)
+    await _refresh_job(ctx, namespace, name)
+
+
+@kopf.on.event(*TASKS)
+async def task_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
+                       **_: Any) -> None:
+    job = body.get("spec", {}).get("job")
+    if job:
+        await _refresh_job(context_of(memo), _namespaced(namespace), job)
+
+
+@kopf.on.resume(*TASKS)
+@kopf.on.create(*TASKS)
+@kopf.on.update(*TASKS)
+async def reconcile_task(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    ctx = context_of(memo)
+    try:
+        decisions = await ctx.call(apply_task, ctx.api, ctx.settings, body)
+    except (SpecError, OwnershipConflict) as e:
+        post(body, [Decision(type(e).__name__, str(e), "Warning")])
+        raise kopf.PermanentError(str(e)) from None
+    post(body, decisions)
+
+
+@kopf.on.event("", "v1", "pods", labels=ENGINE_PODS)
+async def pod_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
+                      **_: Any) -> None:
+    ctx = context_of(memo)
+    task, decisions = await ctx.call(sync_task_with_pod, ctx.api, ctx.settings,
+                                     event.get("type"), body)
+    if task is not None:
+        post(task, decisions)
+
+
+@kopf.daemon(*REQUESTS, when=is_unfinished, cancellation_timeout=1.0)
+async def request_daemon(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonStopped,
+                         logger: logging.Logger | logging.LoggerAdapter[Any],
+                         **_: Any) -> None:
+    await run_request(context_of(memo), body, stopped, logger)
+
+
+@kopf.on.resume(*WARM_POOLS)
+@kopf.on.create(*WARM_POOLS)
+async def warm_pool_declared(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
+    message = ("WarmPools are accepted but not reconciled yet: no pre-warmed Pods are made;"
+               " Tasks start cold")
+    patch.status.update(invalid_status(message, reason="NotImplemented",
+                                       previous=body.get("status") or {}, now=now_iso()))
+    post(body, [Decision("NotImplemented", message, "Warning")])

@@ -1,0 +1,103 @@
+"""Deterministic names and labels of everything the operator makes. Pure; no kopf/kubernetes.
+
+Names are functions of (model, role, rank) only, so that a restarted operator or a replayed
+event finds what already exists (409 = already there) instead of making a twin:
+
+    Job       <model>-<role>             e.g. smollm2-135m-instruct-decode
+    Task/Pod  <model>-<role>-<rank>      e.g. smollm2-135m-instruct-decode-0
+    gateway   <model>-gateway            Deployment, Service, ServiceAccount, Role, RoleBinding
+    headless  <model>-instances          Service; Pod DNS <task>.<model>-instances.<ns>.svc
+    results   <request>-results          ConfigMap written by a Request
+
+Labels follow app.kubernetes.io/* plus moeflow.dev/* keys that selectors and discovery use.
+"""
+
+from __future__ import annotations
+
+from moeflow.controller.spec import Role
+
+GROUP = "moeflow.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_MODEL = "moeflow.dev/model"
+LABEL_ROLE = "moeflow.dev/role"
+LABEL_RANK = "moeflow.dev/rank"
+LABEL_JOB = "moeflow.dev/job"
+LABEL_TASK = "moeflow.dev/task"
+MANAGED_BY = "moeflow-operator"
+COMPONENT_ENGINE = "engine"
+COMPONENT_GATEWAY = "gateway"
+
+# Annotation on Pods: hash of everything the Pod was built from; a change means "recreate".
+ANNOTATION_TEMPLATE_HASH = "moeflow.dev/template-hash"
+
+
+def job_name(model: str, role: Role) -> str:
+    return f"{model}-{role.value}"
+
+
+def task_name(model: str, role: Role, rank: int) -> str:
+    return f"{model}-{role.value}-{rank}"
+
+
+def gateway_name(model: str) -> str:
+    return f"{model}-gateway"
+
+
+def instances_service_name(model: str) -> str:
+    return f"{model}-instances"
+
+
+def results_configmap_name(request: str) -> str:
+    return f"{request}-results"
+
+
+def model_labels(model: str, component: str) -> dict[str, str]:
+    """Labels shared by every object of one Model's `component` (engine or gateway)."""
+    return {
+        LABEL_NAME: "moeflow",
+        LABEL_INSTANCE: model,
+        LABEL_COMPONENT: component,
+        LABEL_PART_OF: "moeflow",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_MODEL: model,
+    }
+
+
+def gateway_selector(model: str) -> dict[str, str]:
+    return {LABEL_MODEL: model, LABEL_COMPONENT: COMPONENT_GATEWAY}
+
+
+def engine_selector(model: str) -> dict[str, str]:
+    return {LABEL_MODEL: model, LABEL_COMPONENT: COMPONENT_ENGINE}
+
+
+def job_labels(model: str, role: Role) -> dict[str, str]:
+    return {**model_labels(model, COMPONENT_ENGINE), LABEL_ROLE: role.value}
+
+
+def task_labels(model: str, role: Role, rank: int) -> dict[str, str]:
+    return {
+        **job_labels(model, role),
+        LABEL_JOB: job_name(model, role),
+        LABEL_TASK: task_name(model, role, rank),
+        LABEL_RANK: str(rank),
+    }
+
+
+def instance_url(model: str, role: Role, rank: int, namespace: str, port: int,
+                 cluster_domain: str = "cluster.local") -> str:
+    """The stable in-cluster URL of one instance (Pod hostname + headless Service subdomain)."""
+    host = f"{task_name(model, role, rank)}.{instances_service_name(model)}.{namespace}.svc"
+    return f"http://{host}.{cluster_domain}:{port}"
+
+
+def gateway_url(model: str, namespace: str, port: int,
+                cluster_domain: str = "cluster.local") -> str:
+    return f"http://{gateway_name(model)}.{namespace}.svc.{cluster_domain}:{port}"

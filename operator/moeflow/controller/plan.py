@@ -1,0 +1,155 @@
+"""What to run for a Model: the desired Jobs, Tasks and gateway, as plain data. Pure; no I/O.
+
+`plan_model(name, spec)` is the one decision both runtimes share. The operator turns a plan
+into Job/Task custom resources and Pods; the local runtime turns the same plan into processes
+(`unique_ports=True` gives every instance its own port on one host, and `model_path` points at
+a local checkpoint). The argv of each instance is exactly the engine/gateway CLI:
+
+    moeflow engine --model P --served-model-name M --role R --rank N --host H --port 8001
+    moeflow gateway --host H --port 8000 --discovery kubernetes --namespace NS
+                    --served-model-name M
+
+Ranks run 0..replicas-1 per role; scale-down removes the highest ranks first, so ranks stay
+dense and a rank names the same instance across scale events.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from moeflow.controller import naming
+from moeflow.controller.spec import ModelSpec, Role, Source, TransportKind
+
+DEFAULT_ENGINE_PORT = 8001
+DEFAULT_GATEWAY_PORT = 8000
+DEFAULT_MODEL_ROOT = "/models"
+
+
+@dataclass(frozen=True)
+class TaskPlan:
+    """One engine instance."""
+
+    name: str
+    role: Role
+    rank: int
+    host: str
+    port: int
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One role group: `replicas` Tasks with ranks 0..replicas-1."""
+
+    name: str
+    role: Role
+    replicas: int
+    tasks: tuple[TaskPlan, ...]
+
+
+@dataclass(frozen=True)
+class GatewayPlan:
+    name: str
+    replicas: int
+    host: str
+    port: int
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    model: str
+    spec: ModelSpec
+    model_path: str
+    transport: TransportKind
+    jobs: tuple[JobPlan, ...]
+    gateway: GatewayPlan
+
+    @property
+    def roles(self) -> tuple[Role, ...]:
+        return tuple(job.role for job in self.jobs)
+
+    @property
+    def num_instances(self) -> int:
+        return sum(job.replicas for job in self.jobs)
+
+    def job(self, role: Role) -> JobPlan:
+        for job in self.jobs:
+            if job.role is role:
+                return job
+        raise KeyError(f"role {role.value!r} is not part of this plan (roles: {self.roles})")
+
+
+def engine_argv(*, model_path: str, served_model_name: str, role: Role, rank: int, host: str,
+                port: int) -> tuple[str, ...]:
+    return (
+        "moeflow", "engine",
+        "--model", model_path,
+        "--served-model-name", served_model_name,
+        "--role", role.value,
+        "--rank", str(rank),
+        "--host", host,
+        "--port", str(port),
+    )
+
+
+def gateway_argv(*, served_model_name: str, host: str, port: int, discovery: str,
+                 namespace: str) -> tuple[str, ...]:
+    argv = ["moeflow", "gateway", "--host", host, "--port", str(port), "--discovery", discovery]
+    if discovery == "kubernetes":
+        argv += ["--namespace", namespace]
+    return (*argv, "--served-model-name", served_model_name)
+
+
+def model_path_for(model: str, source: Source, model_root: str = DEFAULT_MODEL_ROOT) -> str:
+    """Where the weights appear inside an engine container. The node model store is mounted
+    at `model_root` (so `store://x` is `<root>/x`); a PVC or node directory is mounted at
+    `<root>/<model>`."""
+    if source.scheme == "store":
+        return f"{model_root}/{source.location.strip('/')}"
+    return f"{model_root}/{model}"
+
+
+def plan_model(
+    name: str,
+    spec: ModelSpec,
+    *,
+    namespace: str = "default",
+    model_path: str | None = None,
+    host: str = "0.0.0.0",
+    engine_port: int = DEFAULT_ENGINE_PORT,
+    gateway_port: int = DEFAULT_GATEWAY_PORT,
+    unique_ports: bool = False,
+    discovery: str = "kubernetes",
+) -> ModelPlan:
+    """The desired Jobs (one per role of `spec.mode`, in the mode's role order), their Tasks
+    and the gateway. With `unique_ports`, instance i (in plan order) listens on
+    `engine_port + i`; otherwise every instance uses `engine_port` (one per Pod)."""
+    path = model_path if model_path is not None else model_path_for(name, spec.source)
+    jobs: list[JobPlan] = []
+    instance_index = 0
+    for role in spec.role_names:
+        replicas = spec.role(role).replicas
+        tasks: list[TaskPlan] = []
+        for rank in range(replicas):
+            port = engine_port + instance_index if unique_ports else engine_port
+            if unique_ports and port == gateway_port:
+                instance_index += 1
+                port += 1
+            instance_index += 1
+            tasks.append(TaskPlan(
+                name=naming.task_name(name, role, rank), role=role, rank=rank, host=host,
+                port=port,
+                argv=engine_argv(model_path=path, served_model_name=name, role=role, rank=rank,
+                                 host=host, port=port),
+            ))
+        jobs.append(JobPlan(name=naming.job_name(name, role), role=role, replicas=replicas,
+                            tasks=tuple(tasks)))
+    gateway = GatewayPlan(
+        name=naming.gateway_name(name), replicas=spec.gateway.replicas, host=host,
+        port=gateway_port,
+        argv=gateway_argv(served_model_name=name, host=host, port=gateway_port,
+                          discovery=discovery, namespace=namespace),
+    )
+    return ModelPlan(model=name, spec=spec, model_path=path, transport=spec.transport_kind,
+                     jobs=tuple(jobs), gateway=gateway)

@@ -1,0 +1,57 @@
+"""Operator settings: one typed object, read from MOEFLOW_OPERATOR_* environment variables.
+
+Built once, in the kopf startup handler (`moeflow.controller.main`), and passed down through
+kopf's memo; nothing below reads the environment.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class OperatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MOEFLOW_OPERATOR_", frozen=True, extra="ignore")
+
+    image: str = "ghcr.io/moeflow/moeflow:0.1.0"
+    """Image of engine and gateway containers (one image, the CLI picks the process)."""
+
+    image_pull_policy: str = Field("IfNotPresent", pattern="^(Always|IfNotPresent|Never)$")
+
+    accelerator_resource: str = "moeflow.dev/npu"
+    """Extended resource advertised by the device-plugin shim; requested per instance only when
+    the Model asks for devicesPerInstance > 0."""
+
+    engine_port: int = Field(8001, ge=1, le=65535)
+    gateway_port: int = Field(8000, ge=1, le=65535)
+
+    model_store_host_path: str = "/var/lib/moeflow/models"
+    """Node directory of the model store (weights pre-loaded by the node plane)."""
+
+    model_mount_path: str = "/models"
+
+    cluster_domain: str = "cluster.local"
+
+    gateway_cpu: str = "500m"
+    gateway_memory: str = "512Mi"
+
+    startup_timeout_s: int = Field(600, ge=10)
+    """How long an engine may take to answer /health after start (weight loading) before the
+    kubelet restarts it: startupProbe failureThreshold x period."""
+
+    request_timeout_s: float = Field(120.0, gt=0)
+    """Per HTTP call of a batch Request against the gateway."""
+
+    batch_progress_interval_s: float = Field(1.0, gt=0)
+    """Minimum time between two status updates of a running Request."""
+
+    kubeconfig: str | None = None
+    """Out-of-cluster only: kubeconfig path for the operator's own API calls (kopf logs in by
+    itself). Unset: in-cluster service account, else the default kubeconfig."""
+
+    retry_backoff_s: float = Field(5.0, gt=0)
+    """Delay before kopf retries a handler that failed with an unexpected error (API server
+    hiccup, 5xx); kopf's own default is 60 s."""
+
+    handler_workers: int = Field(16, ge=1)
+    """Threads for blocking API calls from handlers."""

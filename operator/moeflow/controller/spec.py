@@ -1,0 +1,322 @@
+"""Typed, validated views of the moeflow.dev custom resources' `spec`, parsed from CR dicts.
+
+Contract:
+- Pure and I/O-free; imports neither kopf nor kubernetes, so the local (no-cluster) runtime
+  uses the very same validation as the operator.
+- Field names are snake_case in Python and camelCase on the wire (the CRD's names).
+- Defaults equal the CRD's OpenAPI defaults (a unit test compares the two), so a dict that went
+  through the API server and one that did not parse to the same object.
+- Every failure is a `SpecError` whose message names the field path (`spec.roles.decode...`)
+  and the fix. Cross-field rules that the CRD states in CEL (`x-kubernetes-validations`) are
+  checked here too, because a cluster without CEL (or the emulator) would let them through.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+
+class Mode(StrEnum):
+    COLOCATED = "colocated"
+    PD_DISAGGREGATED = "pd-disaggregated"
+    ATTENTION_EXPERT_DISAGGREGATED = "attention-expert-disaggregated"
+
+
+class Role(StrEnum):
+    COLOCATED = "colocated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+    ATTENTION = "attention"
+    EXPERT = "expert"
+
+
+class TransportKind(StrEnum):
+    SHM = "shm"
+    REDIS = "redis"
+
+
+class CompletionApi(StrEnum):
+    COMPLETIONS = "completions"
+    CHAT_COMPLETIONS = "chat.completions"
+
+
+# The job roles of each serving mode, in the order their Jobs are planned.
+ROLES_BY_MODE: Mapping[Mode, tuple[Role, ...]] = {
+    Mode.COLOCATED: (Role.COLOCATED,),
+    Mode.PD_DISAGGREGATED: (Role.PREFILL, Role.DECODE),
+    Mode.ATTENTION_EXPERT_DISAGGREGATED: (Role.ATTENTION, Role.EXPERT),
+}
+
+# 40 leaves room for the longest child name, "<model>-attention-<rank>", in a 63-char DNS label.
+MAX_MODEL_NAME_LENGTH = 40
+SOURCE_SCHEMES = ("store", "pvc", "file")
+_DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+
+
+class SpecError(ValueError):
+    """An invalid spec. `problems` holds one "field: what is wrong; fix: what to do" per issue."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems) if len(problems) == 1 else " | ".join(problems))
+        self.problems = problems
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+
+class RoleSpec(_Spec):
+    """Replicas of one role. `replicas` is the desired count; min/max bound the autoscaler."""
+
+    replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(0, ge=0)
+    max_replicas: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _check_bounds(self) -> RoleSpec:
+        if self.max_replicas is not None and self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"minReplicas ({self.min_replicas}) must be <= maxReplicas ({self.max_replicas});"
+                " fix: lower minReplicas or raise maxReplicas"
+            )
+        if self.replicas < self.min_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) must be >= minReplicas ({self.min_replicas});"
+                " fix: raise replicas or lower minReplicas"
+            )
+        if self.max_replicas is not None and self.replicas > self.max_replicas:
+            raise ValueError(
+                f"replicas ({self.replicas}) must be <= maxReplicas ({self.max_replicas});"
+                " fix: lower replicas or raise maxReplicas"
+            )
+        return self
+
+
+class Source(_Spec):
+    """Where the weights are. `store://<name>`: the node model store (host path);
+    `pvc://<claim>[/<sub/path>]`: a PersistentVolumeClaim; `file:///<dir>`: a node directory."""
+
+    uri: str
+    architecture: str | None = None
+
+    @field_validator("uri")
+    @classmethod
+    def _check_scheme(cls, uri: str) -> str:
+        scheme, sep, rest = uri.partition("://")
+        if not sep or scheme not in SOURCE_SCHEMES or not rest:
+            raise ValueError(
+                f"{uri!r} is not a supported source; fix: use store://<name>,"
+                " pvc://<claim>[/<path>] or file:///<dir>"
+            )
+        return uri
+
+    @property
+    def scheme(self) -> str:
+        return self.uri.split("://", 1)[0]
+
+    @property
+    def location(self) -> str:
+        return self.uri.split("://", 1)[1]
+
+
+class Transport(_Spec):
+    """XCCL backend between instances. Unset kind: shm when colocated, redis otherwise."""
+
+    kind: TransportKind | None = None
+    redis_url: str | None = Field(None, pattern=r"^rediss?://.+")
+
+
+class Resources(_Spec):
+    """Per engine instance; requests equal limits. Quantities as in Kubernetes ("2", "500m")."""
+
+    cpu: str | None = Field(None, pattern=_QUANTITY)
+    memory: str | None = Field(None, pattern=_QUANTITY)
+
+    @field_validator("cpu", "memory", mode="before")
+    @classmethod
+    def _number_as_quantity(cls, value: object) -> object:
+        # YAML `cpu: 2` arrives as an int; the CRD allows int-or-string like Kubernetes does.
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        return str(value) if is_number else value
+
+
+class GatewaySpec(_Spec):
+    replicas: int = Field(1, ge=0)
+
+
+class Slo(_Spec):
+    ttft_ms: int | None = Field(None, ge=1)
+    tpot_ms: int | None = Field(None, ge=1)
+
+
+class ModelSpec(_Spec):
+    """`Model.spec`: what to serve and how."""
+
+    source: Source
+    mode: Mode = Mode.COLOCATED
+    roles: dict[Role, RoleSpec] = Field(default_factory=dict)
+    devices_per_instance: int = Field(0, ge=0, le=64)
+    resources: Resources = Resources()
+    transport: Transport = Transport()
+    gateway: GatewaySpec = GatewaySpec()
+    slo: Slo = Slo()
+    scale_to_zero_after_seconds: int = Field(0, ge=0)
+    warm_pool_size: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_cross_fields(self) -> ModelSpec:
+        allowed = ROLES_BY_MODE[self.mode]
+        for role in self.roles:
+            if role not in allowed:
+                raise ValueError(
+                    f"roles.{role}: role {role.value!r} is not used in mode {self.mode.value!r}"
+                    f" (its roles: {', '.join(allowed)}); fix: remove spec.roles.{role}"
+                    " or change spec.mode"
+                )
+        if self.transport_kind is TransportKind.REDIS and not self.transport.redis_url:
+            raise ValueError(
+                "transport.redisUrl: is required when the transport is redis (the default for"
+                " disaggregated modes); fix: set spec.transport.redisUrl to redis://host:6379/0"
+            )
+        if self.mode is not Mode.COLOCATED and self.transport.kind is TransportKind.SHM:
+            raise ValueError(
+                f"transport.kind: shm only connects processes in one pod, but mode"
+                f" {self.mode.value!r} runs each role in its own pods; fix: set"
+                " spec.transport.kind: redis and spec.transport.redisUrl"
+            )
+        return self
+
+    @property
+    def role_names(self) -> tuple[Role, ...]:
+        return ROLES_BY_MODE[self.mode]
+
+    def role(self, role: Role) -> RoleSpec:
+        """The replicas of `role`; a role of the mode that the spec leaves out gets defaults."""
+        return self.roles.get(role, RoleSpec())
+
+    @property
+    def transport_kind(self) -> TransportKind:
+        if self.transport.kind is not None:
+            return self.transport.kind
+        return TransportKind.SHM if self.mode is Mode.COLOCATED else TransportKind.REDIS
+
+
+class TaskTemplate(_Spec):
+    """What every Task of a Job runs; copied from the Model by the operator."""
+
+    image: str = Field(min_length=1)
+    source: Source
+    model_path: str = Field(min_length=1)
+    port: int = Field(8001, ge=1, le=65535)
+    devices_per_instance: int = Field(0, ge=0)
+    resources: Resources = Resources()
+    transport: Transport = Transport()
+
+
+class JobSpec(_Spec):
+    """`Job.spec`: one role group (the paper's TE group) of one Model."""
+
+    model: str = Field(min_length=1)
+    role: Role
+    replicas: int = Field(ge=0)
+    template: TaskTemplate
+
+
+class TaskSpec(_Spec):
+    """`Task.spec`: one engine instance."""
+
+    model: str = Field(min_length=1)
+    job: str = Field(min_length=1)
+    role: Role
+    rank: int = Field(ge=0)
+    template: TaskTemplate
+
+
+class ConfigMapKeyRef(_Spec):
+    name: str = Field(min_length=1)
+    key: str = "prompts.jsonl"
+
+
+class OutputRef(_Spec):
+    name: str | None = None
+    key: str = "results.jsonl"
+
+
+class RequestSpec(_Spec):
+    """`Request.spec`: a batch of prompts (JSONL in a ConfigMap) against one Model."""
+
+    model: str = Field(min_length=1)
+    input: ConfigMapKeyRef
+    output: OutputRef = OutputRef()
+    api: CompletionApi = CompletionApi.COMPLETIONS
+    max_tokens: int = Field(64, ge=1)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    parallelism: int = Field(4, ge=1, le=256)
+    endpoint: str | None = Field(None, pattern=r"^https?://.+")
+
+
+class WarmPoolSpec(_Spec):
+    size: int = Field(0, ge=0)
+    devices_per_instance: int = Field(0, ge=0)
+    image: str | None = None
+
+
+_SpecT = TypeVar("_SpecT", bound=_Spec)
+
+
+def parse_spec(cls: type[_SpecT], raw: Mapping[str, Any] | None, *, prefix: str = "spec") -> _SpecT:
+    """Validate a CR's spec dict into `cls`, or raise SpecError naming each bad field."""
+    try:
+        return cls.model_validate(dict(raw or {}))
+    except ValidationError as e:
+        raise SpecError([_describe(prefix, err) for err in e.errors()]) from None
+
+
+def parse_model_spec(raw: Mapping[str, Any] | None) -> ModelSpec:
+    return parse_spec(ModelSpec, raw)
+
+
+def check_model_name(name: str) -> None:
+    """Model names become parts of DNS labels (Pod hostnames, Services); reject those that
+    would overflow or be invalid there."""
+    if len(name) > MAX_MODEL_NAME_LENGTH or not _DNS_LABEL.match(name):
+        raise SpecError([
+            f"metadata.name: {name!r} must be a DNS label of at most {MAX_MODEL_NAME_LENGTH}"
+            " characters (lowercase letters, digits, '-', starting with a letter); fix: rename"
+            " the Model"
+        ])
+
+
+def _describe(prefix: str, err: Mapping[str, Any]) -> str:
+    path = ".".join([prefix, *(str(p) for p in err["loc"])])
+    kind = err["type"]
+    if kind == "value_error":
+        # Our own validators already say what to do; pydantic prefixes "Value error, ".
+        message = str(err["msg"]).removeprefix("Value error, ")
+        if not err["loc"]:  # a cross-field rule: the message starts with "<field>: "
+            return f"{prefix}.{message}"
+        return f"{path}: {message}"
+    if kind == "missing":
+        return f"{path}: is required; fix: set it (see `kubectl explain` for the field)"
+    if kind == "extra_forbidden":
+        return f"{path}: unknown field; fix: remove it or correct its spelling"
+    if kind == "enum":
+        expected = err.get("ctx", {}).get("expected", "")
+        return f"{path}: {err['input']!r} is not allowed; fix: use one of {expected}"
+    return f"{path}: {err['msg']} (got {err.get('input')!r}); fix: correct the value"
