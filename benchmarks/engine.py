@@ -38,7 +38,7 @@ from moeflow.engine.llm_engine import LLMEngine
 def weight_tensors(engine: LLMEngine) -> list[torch.Tensor]:
     """The tensors one decode step reads (the embedding table only via its tied LM head)."""
     model = engine.runner.model
-    tensors: list[torch.Tensor] = [model.final_norm, model.lm_head]
+    tensors: list[torch.Tensor] = [model.final_norm, model.lm_head_t]
     for layer in model.layers:
         for value in vars(layer).values():
             if isinstance(value, torch.Tensor):

@@ -14,8 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from moeflow.checkpoints import cli as models_cli
-from moeflow.controller import cli as operator_cli
 from moeflow.checkpoints.store import resolve_home
+from moeflow.controller import cli as operator_cli
 
 
 def _home() -> Path:
@@ -31,9 +31,11 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-num-waiting", type=int, default=256)
     p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--transport", choices=["shm", "redis"], default="shm",
+    # pods get these from the operator as MOEFLOW_TRANSPORT / MOEFLOW_REDIS_URL
+    p.add_argument("--transport", choices=["shm", "redis"],
+                   default=os.environ.get("MOEFLOW_TRANSPORT", "shm"),
                    help="XCCL backend for prefill->decode KV transfer")
-    p.add_argument("--redis-url", default=None,
+    p.add_argument("--redis-url", default=os.environ.get("MOEFLOW_REDIS_URL") or None,
                    help="Redis for --transport redis (moeflow up starts one if not given)")
 
 
@@ -104,6 +106,7 @@ def _gateway_settings(args: argparse.Namespace, engine_urls: Sequence[str]) -> o
         api_keys=tuple(SecretStr(k.strip()) for k in keys),
         max_in_flight_requests=args.max_in_flight,
         max_body_bytes=args.max_body_bytes,
+        pd_min_prompt_tokens=getattr(args, "pd_min_prompt_tokens", 256),
     )
 
 
@@ -176,8 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--instances", type=int, default=1, help="colocated instances")
     up.add_argument("--prefill", type=int, default=1, help="prefill instances (--mode pd)")
     up.add_argument("--decode", type=int, default=1, help="decode instances (--mode pd)")
-    up.add_argument("--pd-min-prompt-tokens", type=int, default=0,
-                    help="split requests with at least this many prompt tokens (0: all)")
+    up.add_argument("--pd-min-prompt-tokens", type=int, default=256,
+                    help="with both colocated and split instances, split prompts this long")
     _add_engine_flags(up)
     _add_gateway_flags(up)
     up.set_defaults(func=_run_up)

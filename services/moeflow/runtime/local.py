@@ -9,15 +9,20 @@ nothing is left half-running.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from moeflow.controller.plan import engine_argv
+from moeflow.controller.spec import Role
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +50,7 @@ class LocalRuntime:
         self.engine_argv = engine_argv
         self.engines: list[EngineProcess] = []
         self._server: object | None = None
+        self._redis_url: str | None = args.redis_url
 
     def _model_path(self) -> Path:
         from moeflow.checkpoints.registry import PULLABLE
@@ -60,17 +66,30 @@ class LocalRuntime:
         logger.info("model %s is not cached yet: pulling it", self.args.model)
         return pull(self.args.model, self.home, None)
 
-    def _start_engine(self, model_path: Path, served_name: str, rank: int) -> EngineProcess:
+    def instance_plan(self) -> list[tuple[Role, int]]:
+        """(role, rank) of every engine instance to run, in start order."""
+        if self.args.mode == "pd":
+            return [(Role.PREFILL, r) for r in range(self.args.prefill)] + [
+                (Role.DECODE, r) for r in range(self.args.decode)
+            ]
+        return [(Role.COLOCATED, r) for r in range(self.args.instances)]
+
+    def _start_engine(
+        self, model_path: Path, served_name: str, role: Role, rank: int, index: int
+    ) -> EngineProcess:
         host = self.args.host
-        port = self.args.engine_port + rank if self.args.engine_port else free_port(host)
+        port = self.args.engine_port + index if self.args.engine_port else free_port(host)
+        # the same argv builder the operator puts into pods, plus this machine's flags
         argv = [
             sys.executable, "-m", "moeflow.cli", "--log-level", self.args.log_level,
-            "engine", "--model", str(model_path), "--served-model-name", served_name,
-            "--role", "colocated", "--rank", str(rank), "--host", host, "--port", str(port),
+            *engine_argv(model_path=str(model_path), served_model_name=served_name, role=role,
+                         rank=rank, host=host, port=port)[1:],
             *self.engine_argv,
         ]
+        if self._redis_url:
+            argv += ["--redis-url", self._redis_url]
         process = subprocess.Popen(argv)
-        engine = EngineProcess(f"colocated-{rank}", f"http://{host}:{port}", process)
+        engine = EngineProcess(f"{role.value}-{rank}", f"http://{host}:{port}", process)
         logger.info("started engine %s (pid %d) at %s", engine.name, process.pid, engine.url)
         return engine
 
@@ -126,8 +145,18 @@ class LocalRuntime:
 
         model_path = self._model_path()
         served_name = self.args.served_model_name or self.args.model.rstrip("/").split("/")[-1]
+        stack = contextlib.ExitStack()
         try:
-            self.engines = [self._start_engine(model_path, served_name, rank=0)]
+            if self.args.mode == "pd" and self.args.transport == "redis" and not self._redis_url:
+                from moeflow.xccl.redis_server import start_local_redis
+
+                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                self._redis_url = stack.enter_context(start_local_redis(scratch)).url
+                logger.info("started a private redis-server at %s", self._redis_url)
+            self.engines = [
+                self._start_engine(model_path, served_name, role, rank, index)
+                for index, (role, rank) in enumerate(self.instance_plan())
+            ]
             for engine in self.engines:
                 self._wait_ready(engine, _ENGINE_START_TIMEOUT_S)
             settings = _gateway_settings(self.args, [e.url for e in self.engines])
@@ -148,5 +177,6 @@ class LocalRuntime:
                 logger.info("stopping on Ctrl-C")
         finally:
             self.stop_engines()
+            stack.close()
         failed = [e for e in self.engines if e.process.returncode not in (0, -signal.SIGTERM)]
         return 1 if failed and not getattr(self._server, "started", False) else 0

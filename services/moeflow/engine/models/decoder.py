@@ -38,13 +38,20 @@ def rope_tables(arch: ArchConfig, max_len: int) -> tuple[torch.Tensor, torch.Ten
     return emb.cos(), emb.sin()
 
 
+def transposed(weight: torch.Tensor) -> torch.Tensor:
+    """[N, K] -> contiguous [K, N]. For wide outputs (N >> K), ``x @ w_t`` streams the weight
+    about twice as fast as ``F.linear(x, w)`` on CPU (measured: MKL's transposed GEMV reads at
+    ~11 GB/s, the plain one at ~20 GB/s on a 2-core box)."""
+    return weight.t().contiguous()
+
+
 @dataclass
 class DenseMLP:
-    gate_up: torch.Tensor  # [2I, E] gate rows then up rows
+    gate_up_t: torch.Tensor  # [E, 2I]: gate columns then up columns
     down: torch.Tensor  # [E, I]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up).chunk(2, dim=-1)
+        gate, up = (x @ self.gate_up_t).chunk(2, dim=-1)
         return F.linear(F.silu(gate) * up, self.down)
 
 
@@ -99,7 +106,7 @@ class MoE:
 class DecoderLayer:
     input_norm: torch.Tensor
     post_norm: torch.Tensor
-    qkv_proj: torch.Tensor  # [(H + 2K) * Hd, E]: q rows, then k, then v
+    qkv_t: torch.Tensor  # [E, (H + 2K) * Hd]: q columns, then k, then v
     o_proj: torch.Tensor
     qkv_bias: torch.Tensor | None
     q_norm: torch.Tensor | None
@@ -123,7 +130,7 @@ class DecoderModel:
         self.embed = embed
         self.layers = layers
         self.final_norm = final_norm
-        self.lm_head = lm_head
+        self.lm_head_t = transposed(lm_head)
         self.cos, self.sin = rope_tables(arch, max_len)
         self.cos = self.cos.to(embed.dtype)
         self.sin = self.sin.to(embed.dtype)
@@ -146,7 +153,10 @@ class DecoderModel:
         for i, layer in enumerate(self.layers):
             residual = x
             h = rms_norm(x, layer.input_norm, eps)
-            qkv = F.linear(h, layer.qkv_proj, layer.qkv_bias).view(num_tokens, -1, arch.head_dim)
+            qkv = h @ layer.qkv_t
+            if layer.qkv_bias is not None:
+                qkv = qkv + layer.qkv_bias
+            qkv = qkv.view(num_tokens, -1, arch.head_dim)
             q, k, v = qkv.split(heads, dim=1)
             if layer.q_norm is not None and layer.k_norm is not None:
                 q = rms_norm(q, layer.q_norm, eps)
@@ -164,4 +174,4 @@ class DecoderModel:
         return rms_norm(x, self.final_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.lm_head).float()
+        return (hidden @ self.lm_head_t).float()

@@ -17,7 +17,13 @@ import torch
 from safetensors import safe_open
 
 from moeflow.engine.models.arch import ArchConfig
-from moeflow.engine.models.decoder import DecoderLayer, DecoderModel, DenseMLP, MoE
+from moeflow.engine.models.decoder import (
+    DecoderLayer,
+    DecoderModel,
+    DenseMLP,
+    MoE,
+    transposed,
+)
 
 
 class CheckpointError(ValueError):
@@ -53,10 +59,13 @@ class _Weights:
         return iter(self._handles)
 
 
+def _gate_up(w: _Weights, prefix: str, gate: str, up: str) -> torch.Tensor:
+    return torch.cat([w.get(f"{prefix}.{gate}.weight"), w.get(f"{prefix}.{up}.weight")])
+
+
 def _dense_mlp(w: _Weights, prefix: str, gate: str, up: str, down: str) -> DenseMLP:
     return DenseMLP(
-        gate_up=torch.cat([w.get(f"{prefix}.{gate}.weight"), w.get(f"{prefix}.{up}.weight")]),
-        down=w.get(f"{prefix}.{down}.weight"),
+        gate_up_t=transposed(_gate_up(w, prefix, gate, up)), down=w.get(f"{prefix}.{down}.weight")
     )
 
 
@@ -69,11 +78,10 @@ def _moe(w: _Weights, arch: ArchConfig, layer_prefix: str) -> MoE:
         gate_up = w.get(f"{prefix}.experts.gate_up_proj")
         down = w.get(f"{prefix}.experts.down_proj")
     else:
-        experts = [
-            _dense_mlp(w, f"{prefix}.experts.{e}", *names) for e in range(arch.num_experts)
-        ]
-        gate_up = torch.stack([m.gate_up for m in experts])
-        down = torch.stack([m.down for m in experts])
+        gate, up, down_name = names
+        experts = [f"{prefix}.experts.{e}" for e in range(arch.num_experts)]
+        gate_up = torch.stack([_gate_up(w, p, gate, up) for p in experts])
+        down = torch.stack([w.get(f"{p}.{down_name}.weight") for p in experts])
     shared = None
     shared_gate = None
     if arch.shared_expert_intermediate_size:
@@ -107,7 +115,7 @@ def load_model(
                 DecoderLayer(
                     input_norm=w.get(f"{p}.input_layernorm.weight"),
                     post_norm=w.get(f"{p}.post_attention_layernorm.weight"),
-                    qkv_proj=torch.cat([w.get(f"{a}.{n}_proj.weight") for n in "qkv"]),
+                    qkv_t=transposed(torch.cat([w.get(f"{a}.{n}_proj.weight") for n in "qkv"])),
                     o_proj=w.get(f"{a}.o_proj.weight"),
                     qkv_bias=(
                         torch.cat([w.get(f"{a}.{n}_proj.bias") for n in "qkv"])
