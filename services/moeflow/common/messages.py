@@ -134,6 +134,8 @@ class EngineStats(_Message):
     num_prefix_hit_tokens: int
     num_prompt_tokens_total: int
     num_preemptions_total: int
+    num_memory_waits_total: int = 0
+    """Requests that had to wait in the queue for free KV blocks (back-pressure)."""
 
     @property
     def kv_usage_ratio(self) -> float:

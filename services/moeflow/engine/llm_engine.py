@@ -233,6 +233,7 @@ class LLMEngine:
             num_prefix_hit_tokens=self.num_prefix_hit_tokens,
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_preemptions_total=self.scheduler.num_preemptions_total,
+            num_memory_waits_total=self.scheduler.num_memory_waits_total,
         )
 
     def model_info(self) -> ModelInfo:

@@ -63,6 +63,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.awaiting_kv: list[Sequence] = []
         self.num_preemptions_total = 0
+        self.num_memory_waits_total = 0
+        self._memory_waiters: set[str] = set()
 
     @property
     def has_work(self) -> bool:
@@ -120,6 +122,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seq.is_remote_prefill and seq.num_computed_tokens == 0 and not seq.output_token_ids:
                 if not self.block_manager.allocate_prompt(seq, use_prefix_cache=False):
+                    self._note_memory_wait(seq)
                     break
                 self.waiting.popleft()
                 seq.num_computed_tokens = 0
@@ -128,6 +131,7 @@ class Scheduler:
                 plan.kv_pulls.append(seq)
                 continue
             if not self.block_manager.allocate_prompt(seq):
+                self._note_memory_wait(seq)
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -136,6 +140,11 @@ class Scheduler:
             plan.scheduled.append(ScheduledSeq(seq, chunk))
             budget -= chunk
         return plan
+
+    def _note_memory_wait(self, seq: Sequence) -> None:
+        if seq.request_id not in self._memory_waiters:
+            self._memory_waiters.add(seq.request_id)
+            self.num_memory_waits_total += 1
 
     def _make_room(self, seq: Sequence, num_tokens: int, plan: StepPlan) -> bool:
         while not self.block_manager.ensure_slots(seq, num_tokens):
@@ -187,6 +196,7 @@ class Scheduler:
         self._finish(seq, reason)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
+        self._memory_waiters.discard(seq.request_id)
         seq.status = SequenceStatus.FINISHED
         if seq.finish_reason is None:
             seq.finish_reason = reason  # type: ignore[assignment]

@@ -15,6 +15,10 @@ from moeflow.common.errors import BackendUnavailableError, MoeflowError, error_f
 from moeflow.common.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
 
 
+class EngineUnreachableError(BackendUnavailableError):
+    """Connecting to the instance failed: nothing was sent, so another instance may retry."""
+
+
 def _error_from_response(status_code: int, body: bytes) -> MoeflowError:
     try:
         error = json.loads(body)["error"]
@@ -50,9 +54,11 @@ class EngineClient:
         )
         try:
             response = await self._http.send(http_request, stream=True)
+        except httpx.ConnectError as exc:
+            raise EngineUnreachableError(f"engine instance {url} is unreachable") from exc
         except httpx.HTTPError as exc:
             raise BackendUnavailableError(
-                f"engine instance {url} is unreachable: {type(exc).__name__}"
+                f"engine instance {url} failed: {type(exc).__name__}"
             ) from exc
         if response.status_code != 200:
             body = await response.aread()

@@ -19,13 +19,23 @@ from moeflow.common.errors import (
     OverloadedError,
 )
 from moeflow.common.messages import GenerateRequest, KVSource, SamplingParams, TokenChunk
-from moeflow.gateway.engine_client import EngineClient, EngineStream
+from moeflow.gateway.engine_client import EngineClient, EngineStream, EngineUnreachableError
 from moeflow.gateway.metrics import GatewayMetrics
 from moeflow.gateway.protocol import _SamplingFields
 from moeflow.gateway.registry import ModelRegistry, ServedModel
+from moeflow.gateway.routing import InstanceView
 from moeflow.gateway.settings import GatewaySettings
 
 T = TypeVar("T")
+
+_MAX_PLACEMENT_ATTEMPTS = 2
+
+
+class _InstanceUnreachable(Exception):
+    def __init__(self, instance: InstanceView, error: EngineUnreachableError) -> None:
+        super().__init__(str(error))
+        self.instance = instance
+        self.error = error
 
 
 def _refuse(param: str, message: str) -> InvalidRequestError:
@@ -110,6 +120,26 @@ class GenerationService:
         the caller can still answer with a proper status code.
         """
         self.admit()
+        for attempt in range(_MAX_PLACEMENT_ATTEMPTS):
+            try:
+                return await self._open_once(model, endpoint, request_id, prompt_token_ids,
+                                             sampling)
+            except _InstanceUnreachable as exc:
+                # an instance that refuses connections is dead or gone: stop routing to it
+                # (the stats poller revives it if it comes back) and place the request again
+                exc.instance.is_healthy = False
+                if attempt + 1 == _MAX_PLACEMENT_ATTEMPTS:
+                    raise exc.error from None
+        raise AssertionError("unreachable")
+
+    async def _open_once(
+        self,
+        model: ServedModel,
+        endpoint: str,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingParams,
+    ) -> AsyncGenerator[TokenChunk, None]:
         placement = self.registry.place(
             model, prompt_token_ids, sampling.max_tokens, self.settings.pd_min_prompt_tokens
         )
@@ -135,6 +165,9 @@ class GenerationService:
                 kv_source=kv_source,
             )
             stream = await self.client.open_generate(target.url, request)
+        except EngineUnreachableError as exc:
+            self._release(urls, model)
+            raise _InstanceUnreachable(target, exc) from exc
         except BaseException as exc:
             self._release(urls, model)
             self.metrics.requests.labels(model.name, endpoint, _status(exc)).inc()

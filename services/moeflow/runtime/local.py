@@ -2,8 +2,9 @@
 
 Engine instances run as child processes (``python -m moeflow.cli engine ...``); the gateway runs
 in this process under uvicorn. Ctrl-C (SIGINT) or SIGTERM stops the gateway, then the children
-(SIGTERM, then SIGKILL after a grace period). If an engine child dies, the gateway stops too, so
-nothing is left half-running.
+(SIGTERM, then SIGKILL after a grace period). If an engine child dies, the gateway keeps serving
+from the other instances of its role (requests on the dead one fail with a clear error); once a
+role has no instance left, the whole platform stops, so nothing is left half-running.
 """
 
 from __future__ import annotations
@@ -111,11 +112,23 @@ class LocalRuntime:
         raise RuntimeError(f"engine {engine.name} was not ready within {timeout_s:.0f} s")
 
     def _watch(self, engine: EngineProcess) -> None:
+        """An engine that dies is logged; the platform stops once a role has no engine left
+        (the gateway keeps serving from the survivors until then)."""
         code = engine.process.wait()
         server = self._server
-        if server is not None and not getattr(server, "should_exit", True):
-            logger.error("engine %s exited with code %s: stopping", engine.name, code)
-            server.should_exit = True  # type: ignore[attr-defined]
+        if server is None or getattr(server, "should_exit", True):
+            return
+        role = engine.name.rsplit("-", 1)[0]
+        alive = [
+            e for e in self.engines if e.name.startswith(role + "-") and e.process.poll() is None
+        ]
+        if alive:
+            logger.error("engine %s exited with code %s; %d %s engine(s) still serve",
+                         engine.name, code, len(alive), role)
+            return
+        logger.error("engine %s exited with code %s, the last %s engine: stopping",
+                     engine.name, code, role)
+        server.should_exit = True  # type: ignore[attr-defined]
 
     def stop_engines(self) -> None:
         for engine in self.engines:
