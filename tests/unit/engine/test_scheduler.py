@@ -567,3 +567,37 @@ def test_cached_token_count_never_exceeds_the_prompt_even_after_preemption() -> 
     assert entries(plan)[0][0] == "new"
     assert new.num_computed_tokens > new.num_prompt_tokens  # the readmission hit the cache
     assert new.num_cached_tokens <= new.num_prompt_tokens
+
+
+# -- prefill/decode disaggregation: the decode side's admission --------------------------------
+
+
+def test_remote_prefill_sequences_reserve_blocks_then_wait_for_kv_without_running() -> None:
+    from moeflow.common.messages import SamplingParams
+    from moeflow.engine.block_manager import BlockManager
+    from moeflow.engine.scheduler import Scheduler
+    from moeflow.engine.sequence import Sequence, SequenceStatus
+
+    manager = BlockManager(num_blocks=5, block_size=4, enable_prefix_caching=True)
+    scheduler = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=64)
+    sampling = SamplingParams(max_tokens=4, temperature=0.0)
+
+    def remote(rid: str, n: int) -> Sequence:
+        return Sequence(rid, list(range(1, n + 1)), sampling, frozenset(), 0.0,
+                        is_remote_prefill=True)
+
+    first, second = remote("a", 8), remote("b", 8)  # 2 blocks each; 5 blocks in all
+    third = remote("c", 8)
+    for seq in (first, second, third):
+        scheduler.add(seq)
+    plan = scheduler.schedule()
+    assert [s.request_id for s in plan.kv_pulls] == ["a", "b"]  # c must wait: no memory
+    assert plan.scheduled == []  # nothing computes locally
+    assert third.status is SequenceStatus.WAITING
+    assert scheduler.num_memory_waits_total == 1
+    scheduler.kv_arrived(first)
+    first.append_token(42)
+    assert first.num_computed_tokens == 8 and first.status is SequenceStatus.RUNNING
+    assert [s.seq.request_id for s in scheduler.schedule().scheduled] == ["a"]
+    scheduler.abort("b")  # frees b's reserved blocks: c gets them
+    assert [s.request_id for s in scheduler.schedule().kv_pulls] == ["c"]
