@@ -104,3 +104,18 @@ def test_smollm2_chat_batch_matches_transformers_greedy(smollm2_dir: Path) -> No
     again, cached = run_engine(engine, prompts, max_tokens=24, prefix="again")
     assert again == outputs
     assert min(cached) > 0
+
+
+def test_bfloat16_halves_kv_bytes_and_generates(tiny_dirs: dict[str, Path]) -> None:
+    """bfloat16 is the fast option, not the exact one: it must run and stay close to float32."""
+    model_dir = tiny_dirs["llama"]
+    prompts = _prompts(model_dir)[:3]
+    fp32 = make_engine(model_dir, kv_cache_bytes=2**20, max_model_len=256)
+    bf16 = make_engine(model_dir, dtype="bfloat16", kv_cache_bytes=2**20, max_model_len=256)
+    assert bf16.runner.kv_cache.dtype == torch.bfloat16
+    assert bf16.block_manager.num_blocks == 2 * fp32.block_manager.num_blocks
+    exact, _ = run_engine(fp32, prompts, max_tokens=8)
+    fast, _ = run_engine(bf16, prompts, max_tokens=8)
+    assert [len(o) for o in fast] == [len(o) for o in exact]
+    # the first token of each prompt survives bfloat16 rounding on this model
+    assert [o[0] for o in fast] == [o[0] for o in exact]

@@ -18,8 +18,11 @@ from moeflow.engine.models.attention import AttentionMetadata, paged_attention
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # statistics in float32 whatever the dtype (as transformers does); free for float32 input
+    dtype = x.dtype
+    x = x.float()
     variance = x.pow(2).mean(-1, keepdim=True)
-    return weight * (x * torch.rsqrt(variance + eps))
+    return weight * (x * torch.rsqrt(variance + eps)).to(dtype)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
