@@ -107,6 +107,9 @@ def _gateway_settings(args: argparse.Namespace, engine_urls: Sequence[str]) -> o
         max_in_flight_requests=args.max_in_flight,
         max_body_bytes=args.max_body_bytes,
         pd_min_prompt_tokens=getattr(args, "pd_min_prompt_tokens", 256),
+        discovery=getattr(args, "discovery", "static"),
+        namespace=getattr(args, "namespace", "default"),
+        served_model_name=getattr(args, "served_model_name", ""),
     )
 
 
@@ -123,8 +126,8 @@ def _run_gateway(args: argparse.Namespace) -> int:
     from moeflow.gateway.app import build_app
     from moeflow.gateway.settings import GatewaySettings
 
-    if args.discovery != "static":
-        sys.stderr.write("error: only --discovery static is available yet\n")
+    if args.discovery == "kubernetes" and not args.served_model_name:
+        sys.stderr.write("error: --discovery kubernetes needs --served-model-name\n")
         return 2
     settings = _gateway_settings(args, args.engine)
     assert isinstance(settings, GatewaySettings)

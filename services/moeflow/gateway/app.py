@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from moeflow.gateway.deps import ServiceDep
+from moeflow.gateway.discovery import Discovery, KubeDiscovery, StaticDiscovery
 from moeflow.gateway.engine_client import EngineClient
 from moeflow.gateway.errors import install_error_handlers
 from moeflow.gateway.generation import GenerationService
@@ -25,6 +26,7 @@ from moeflow.gateway.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
 from moeflow.gateway.registry import ModelRegistry
 from moeflow.gateway.routes import chat, completions, models
 from moeflow.gateway.settings import GatewaySettings
+from moeflow.gateway.status_page import router as status_router
 
 
 def build_app(settings: GatewaySettings) -> FastAPI:
@@ -37,15 +39,25 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         registry = ModelRegistry(client)
         metrics = GatewayMetrics(registry)
         app.state.service = GenerationService(settings, registry, client, metrics)
-        await registry.discover(settings.engine_urls, settings.engine_startup_timeout_s)
-        await registry.refresh_stats()
-        poller = asyncio.create_task(registry.poll_stats(settings.stats_poll_interval_s))
+        tasks = [asyncio.create_task(registry.poll_stats(settings.stats_poll_interval_s))]
+        discovery: Discovery
+        if settings.discovery == "kubernetes":
+            discovery = KubeDiscovery(settings.namespace, settings.served_model_name)
+            tasks.append(
+                asyncio.create_task(registry.follow(discovery, settings.discovery_interval_s))
+            )
+        else:
+            discovery = StaticDiscovery(settings.engine_urls)
+            await registry.discover(settings.engine_urls, settings.engine_startup_timeout_s)
+            await registry.refresh_stats()
         try:
             yield
         finally:
-            poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await poller
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            discovery.close()
             await client.aclose()
 
     app = FastAPI(title="MoEFlow gateway", version="0.1.0", lifespan=lifespan)
@@ -53,6 +65,7 @@ def build_app(settings: GatewaySettings) -> FastAPI:
     app.include_router(models.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
+    app.include_router(status_router)
 
     @app.get("/metrics")
     async def metrics(service: ServiceDep) -> PlainTextResponse:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from moeflow.common.errors import BackendUnavailableError, ModelNotFoundError
 from moeflow.common.messages import EngineStats, ModelInfo
 from moeflow.common.tokenizer import TextTokenizer
+from moeflow.gateway.discovery import Discovery
 from moeflow.gateway.engine_client import EngineClient
 from moeflow.gateway.routing import InstanceView, Placement, PrefixTracker, place, prefix_keys
 
@@ -103,6 +104,35 @@ class ModelRegistry:
                         f"engine instances did not come up within {timeout_s:.0f} s: {pending}"
                     )
                 await asyncio.sleep(0.2)
+
+    async def sync(self, urls: Sequence[str]) -> None:
+        """Make the instance set equal ``urls``: add new ones (once they answer), drop gone ones.
+
+        A model whose last instance is gone stays listed (its requests get 503 until an
+        instance returns), so clients do not see models flicker during restarts.
+        """
+        wanted = set(urls)
+        for model in self.models.values():
+            model.instances = [i for i in model.instances if i.url in wanted]
+            for url in list(model.stats):
+                if url not in wanted:
+                    del model.stats[url]
+        known = {i.url for m in self.models.values() for i in m.instances}
+        for url in urls:
+            if url not in known:
+                try:
+                    await self.add_instance(url)
+                except Exception as exc:  # not answering yet: the next sync retries
+                    logger.info("instance %s not ready yet: %s", url, type(exc).__name__)
+
+    async def follow(self, discovery: Discovery, interval_s: float) -> None:
+        """Keep the instance set in step with ``discovery`` (a background task)."""
+        while True:
+            try:
+                await self.sync(await discovery.ready_urls())
+            except Exception:
+                logger.exception("discovery failed; keeping the last instance set")
+            await asyncio.sleep(interval_s)
 
     async def refresh_stats(self) -> None:
         for model in self.models.values():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -15,6 +17,11 @@ class GatewaySettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535)
     engine_urls: tuple[str, ...] = ()
     """Engine instances to serve (static discovery: the local runtime passes these)."""
+    discovery: Literal["static", "kubernetes"] = "static"
+    """kubernetes: follow the Task objects of ``served_model_name`` in ``namespace``."""
+    namespace: str = "default"
+    served_model_name: str = ""
+    discovery_interval_s: float = Field(2.0, gt=0)
     api_keys: tuple[SecretStr, ...] = ()
     """When set, every /v1 request needs ``Authorization: Bearer <key>``; never logged."""
 

@@ -1,0 +1,337 @@
+"""charts/moeflow rendered by Helm's own library: lint, strict Kubernetes 1.37 validation of every
+object in every install mode, and agreement with the code the chart runs (the operator's
+settings, RBAC needs and labels; the CLI's flags)."""
+
+from __future__ import annotations
+
+import textwrap
+from typing import Any
+
+import helm_python as helm
+import pytest
+import yaml
+
+from moeflow.cli import build_parser
+from moeflow.controller import kube, naming
+from moeflow.controller.build_gateway import build_gateway_rbac, build_gateway_service
+from moeflow.controller.plan import model_path_for
+from moeflow.controller.settings import OperatorSettings
+from moeflow.controller.spec import parse_model_spec
+from tests.unit.deploy.chart_kit import (
+    CHART,
+    EVERYTHING_ON,
+    MODES,
+    NAMESPACE,
+    ROOT,
+    Obj,
+    crd_files,
+    find,
+    kinds,
+    pod_specs,
+    render,
+    render_objects,
+    validate,
+)
+
+OPERATOR_DEPLOYMENT = ("Deployment", "moeflow-operator")
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_mode_lints_clean(mode: str) -> None:
+    report = helm.lint(CHART, MODES[mode], strict=True, namespace=NAMESPACE)
+    assert report["errors"] == []
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == []
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_every_rendered_object_is_valid_kubernetes_1_37(mode: str) -> None:
+    docs = render_objects(MODES[mode])
+    assert docs
+    for doc in docs:
+        validate(doc)
+        assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "moeflow"
+        if doc["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
+            assert doc["metadata"]["namespace"], doc["metadata"]["name"]
+
+
+def test_a_default_install_is_the_operator_only() -> None:
+    assert kinds(render_objects()) == {
+        ("ServiceAccount", "moeflow-operator"),
+        ("ClusterRole", "moeflow-operator"),
+        ("ClusterRole", "moeflow-operator-cluster"),
+        ("ClusterRoleBinding", "moeflow-operator"),
+        ("ClusterRoleBinding", "moeflow-operator-cluster"),
+        OPERATOR_DEPLOYMENT,
+    }
+
+
+def test_everything_on_adds_each_optional_piece() -> None:
+    added = kinds(render_objects(EVERYTHING_ON)) - kinds(render_objects())
+    assert added == {
+        ("Deployment", "moeflow-gateway"), ("Service", "moeflow-gateway"),
+        ("ServiceAccount", "moeflow-gateway"), ("PodDisruptionBudget", "moeflow-gateway"),
+        ("DaemonSet", "moeflow-device-plugin"), ("DaemonSet", "moeflow-model-preload"),
+        ("PersistentVolumeClaim", "moeflow-models"),
+        ("StatefulSet", "moeflow-redis"), ("Service", "moeflow-redis"),
+        ("NetworkPolicy", "moeflow-redis"), ("ServiceMonitor", "moeflow-gateways"),
+    }
+
+
+def test_chart_crds_are_deploy_crds_byte_for_byte() -> None:
+    chart_crds = sorted((CHART / "crds").glob("*.yaml"))
+    assert [p.name for p in chart_crds] == [p.name for p in crd_files()], (
+        "charts/moeflow/crds/ must hold exactly deploy/crds/*.yaml; fix: "
+        "cp deploy/crds/*.yaml charts/moeflow/crds/")
+    for chart_crd, source in zip(chart_crds, crd_files(), strict=True):
+        assert chart_crd.read_bytes() == source.read_bytes(), (
+            f"{chart_crd.name} drifted from deploy/crds (the source of truth); fix: "
+            f"cp deploy/crds/{source.name} charts/moeflow/crds/")
+    with helm.Chart.load(CHART) as chart:
+        loaded = {c["name"]: c["data"] for c in chart.crds}
+    assert loaded == {f"crds/{p.name}": p.read_text() for p in crd_files()}
+    for path in chart_crds:
+        validate(yaml.safe_load(path.read_text()))
+
+
+def operator_container(values: dict[str, Any] | None = None) -> Obj:
+    deployment = find(render_objects(values), *OPERATOR_DEPLOYMENT)
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+def test_operator_env_is_exactly_operator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    container = operator_container()
+    env = {e["name"]: e["value"] for e in container["env"]}
+    fields = {f"MOEFLOW_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields}
+    # kubeconfig is for running outside a cluster; in a Pod the service account is used.
+    assert set(env) == fields - {"MOEFLOW_OPERATOR_KUBECONFIG"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    settings = OperatorSettings()  # the chart's strings parse as the operator's types
+    assert settings.image == container["image"] == "ghcr.io/moeflow/moeflow:0.1.0"
+    assert settings.model_store_host_path == "/var/lib/moeflow/models"
+    assert settings == OperatorSettings.model_validate(
+        {k.removeprefix("MOEFLOW_OPERATOR_").lower(): v for k, v in env.items()})
+
+
+def test_operator_image_follows_the_image_values() -> None:
+    container = operator_container({"image": {"repository": "reg.example/mf", "tag": "dev",
+                                              "pullPolicy": "Always"}})
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert container["image"] == env["MOEFLOW_OPERATOR_IMAGE"] == "reg.example/mf:dev"
+    assert container["imagePullPolicy"] == env["MOEFLOW_OPERATOR_IMAGE_PULL_POLICY"] == "Always"
+
+
+@pytest.mark.parametrize("namespace", ["", "team-a"])
+def test_operator_command_is_a_valid_moeflow_cli_call(namespace: str) -> None:
+    container = operator_container({"operator": {"watchNamespace": namespace}})
+    assert container["command"] == ["moeflow"]
+    args = build_parser().parse_args(container["args"])
+    assert args.command == "operator" and args.standalone
+    assert args.namespace == (namespace or None)
+    port = container["ports"][0]["containerPort"]
+    assert args.liveness == f"http://0.0.0.0:{port}/healthz"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+
+
+def test_shared_gateway_command_is_a_valid_moeflow_cli_call() -> None:
+    docs = render_objects(EVERYTHING_ON)
+    pod = find(docs, "Deployment", "moeflow-gateway")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    args = build_parser().parse_args(container["args"])
+    assert args.command == "gateway" and args.discovery == "static"
+    assert args.engine == EVERYTHING_ON["gateway"]["engineUrls"] and args.host == "0.0.0.0"
+    (env,) = container["env"]
+    assert env["name"] == "MOEFLOW_API_KEYS"  # what `moeflow gateway` reads
+    assert env["valueFrom"]["secretKeyRef"] == {"name": "moeflow-api-keys", "key": "api-keys"}
+    assert pod["automountServiceAccountToken"] is False
+    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def rules_of(doc: Obj) -> set[tuple[str, str, str]]:
+    return {(group, resource, verb) for rule in doc["rules"] for group in rule["apiGroups"]
+            for resource in rule["resources"] for verb in rule["verbs"]}
+
+
+def test_operator_rbac_is_least_privilege_and_covers_what_the_operator_touches() -> None:
+    docs = render_objects()
+    rules = rules_of(find(docs, "ClusterRole", "moeflow-operator"))
+    cluster = rules_of(find(docs, "ClusterRole", "moeflow-operator-cluster"))
+    everything = rules | cluster
+    assert not any("*" in triple for triple in everything)
+    assert not any(r in ("secrets", "nodes") for _, r, _ in everything)
+    assert not any(v in ("escalate", "bind", "impersonate", "deletecollection")
+                   for _, _, v in everything)
+    assert {r for _, r, v in everything if v == "update"} == {
+        "models/finalizers", "jobs/finalizers", "tasks/finalizers", "requests/finalizers"}
+    assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+                       ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
+    # Every kind kube.py works with has rules; users' kinds are never created or deleted.
+    for kind in {k.plural: k for k in kube._KINDS.values()}.values():
+        group = kind.api_version.rpartition("/")[0]
+        assert (group, kind.plural, "get") in rules, kind
+        assert (group, kind.plural, "create") in rules or kind.plural in (
+            "models", "requests", "warmpools"), kind
+    for plural in ("models", "requests", "warmpools"):
+        assert ("moeflow.dev", plural, "create") not in rules
+        assert ("moeflow.dev", plural, "delete") not in rules
+        assert ("moeflow.dev", f"{plural}/status", "patch") in rules
+    # The API server only lets the operator create the per-Model gateway's Role if it holds
+    # every permission that Role grants.
+    (_, role, _) = build_gateway_rbac("m", "ns")
+    assert rules_of(role) <= rules
+
+
+def test_watching_one_namespace_uses_a_role_there() -> None:
+    values = MODES["one-namespace"]
+    docs = render_objects(values)
+    assert ("ClusterRole", "moeflow-operator") not in kinds(docs)
+    role = find(docs, "Role", "moeflow-operator")
+    binding = find(docs, "RoleBinding", "moeflow-operator")
+    assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-a"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mf-operator",
+                                    "namespace": NAMESPACE}]
+    assert rules_of(role) == rules_of(find(render_objects(), "ClusterRole", "moeflow-operator"))
+    assert ("", "namespaces", "list") in rules_of(find(docs, "ClusterRole",
+                                                       "moeflow-operator-cluster"))
+    assert ("ServiceAccount", "mf-operator") not in kinds(docs)
+    pod = find(docs, *OPERATOR_DEPLOYMENT)["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "mf-operator"
+
+
+# Containers that must run as root, and why (each is also commented in its template).
+ROOT_CONTAINERS = {
+    ("DaemonSet/moeflow-device-plugin", "device-plugin"),  # socket in the kubelet's root dir
+    ("DaemonSet/moeflow-model-preload", "pull-0"),  # writes into the root-owned node store
+}
+# Containers without probes, and why.
+UNPROBED_CONTAINERS = {
+    ("DaemonSet/moeflow-device-plugin", "device-plugin"),  # the shim's API is a later issue
+    ("DaemonSet/moeflow-model-preload", "idle"),  # the pause container does nothing
+}
+
+
+def test_every_container_is_unprivileged_with_requests_and_probes() -> None:
+    seen = set()
+    for owner, pod in pod_specs(render_objects(EVERYTHING_ON)):
+        pod_context = pod.get("securityContext", {})
+        assert pod_context["seccompProfile"] == {"type": "RuntimeDefault"}, owner
+        assert not pod.get("hostNetwork") and not pod.get("hostPID"), owner
+        init_names = {c["name"] for c in pod.get("initContainers", [])}
+        for container in [*pod.get("initContainers", []), *pod["containers"]]:
+            key = (owner, container["name"])
+            seen.add(key)
+            context = container.get("securityContext", {})
+            assert context.get("privileged") in (None, False), key
+            assert context["allowPrivilegeEscalation"] is False, key
+            assert context["readOnlyRootFilesystem"] is True, key
+            assert context["capabilities"] == {"drop": ["ALL"]}, key
+            runs_as_root = (context.get("runAsUser", pod_context.get("runAsUser")) == 0)
+            assert runs_as_root == (key in ROOT_CONTAINERS), key
+            if not runs_as_root:
+                assert context.get("runAsNonRoot", pod_context.get("runAsNonRoot")) is True
+            requests = container["resources"]["requests"]
+            assert requests.get("cpu") and requests.get("memory"), key
+            assert container["resources"]["limits"]["memory"], key
+            if key not in UNPROBED_CONTAINERS and container["name"] not in init_names:
+                assert "livenessProbe" in container and "readinessProbe" in container, key
+    assert seen >= ROOT_CONTAINERS | UNPROBED_CONTAINERS
+
+
+def test_pod_user_is_the_image_user() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    pod = find(render_objects(), *OPERATOR_DEPLOYMENT)["spec"]["template"]["spec"]
+    uid, gid = pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
+    assert f"\nUSER {uid}:{gid}\n" in dockerfile
+
+
+@pytest.mark.parametrize(("replicas", "has_pdb"), [(1, False), (2, True), (4, True)])
+def test_shared_gateway_gets_a_pdb_only_when_it_can_keep_one_up(replicas: int,
+                                                                 has_pdb: bool) -> None:
+    docs = render_objects({"gateway": {"enabled": True, "replicas": replicas,
+                                       "engineUrls": ["http://e:8001"]}})
+    assert (("PodDisruptionBudget", "moeflow-gateway") in kinds(docs)) == has_pdb
+    if has_pdb:
+        pdb = find(docs, "PodDisruptionBudget", "moeflow-gateway")
+        deployment = find(docs, "Deployment", "moeflow-gateway")
+        assert pdb["spec"]["selector"] == deployment["spec"]["selector"]
+        assert pdb["spec"]["maxUnavailable"] == 1
+
+
+def test_service_monitor_scrapes_the_gateways_the_operator_makes() -> None:
+    docs = render_objects(EVERYTHING_ON)
+    monitor = find(docs, "ServiceMonitor", "moeflow-gateways")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    per_model = build_gateway_service("m", "ns", 8000)
+    shared = find(docs, "Service", "moeflow-gateway")
+    for service in (per_model, shared):
+        assert selector.items() <= service["metadata"]["labels"].items()
+        assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+    assert monitor["spec"]["endpoints"][0]["port"] == "http"
+    assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    redis = find(docs, "Service", "moeflow-redis")
+    assert not selector.items() <= redis["metadata"]["labels"].items()
+
+
+def test_redis_is_where_the_pd_example_looks_and_admits_engine_pods() -> None:
+    docs = render_objects({"redis": {"enabled": True}})
+    example = yaml.safe_load((ROOT / "deploy/examples/model-pd-disaggregated.yaml").read_text())
+    host = example["spec"]["transport"]["redisUrl"].split("//")[1].split(":")[0]
+    service = find(docs, "Service", host)
+    statefulset = find(docs, "StatefulSet", "moeflow-redis")
+    assert service["spec"]["selector"].items() <= (
+        statefulset["spec"]["template"]["metadata"]["labels"].items())
+    policy = find(docs, "NetworkPolicy", "moeflow-redis")
+    (rule,) = policy["spec"]["ingress"]
+    allowed = rule["from"][0]["podSelector"]["matchLabels"]
+    assert allowed.items() <= naming.model_labels("m", naming.COMPONENT_ENGINE).items()
+    args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--save") + 1] == "" and "noeviction" in args
+
+
+def test_model_store_preload_lands_where_engines_mount_it() -> None:
+    docs = render_objects(EVERYTHING_ON)
+    preload = find(docs, "DaemonSet", "moeflow-model-preload")["spec"]["template"]["spec"]
+    (pull,) = preload["initContainers"]
+    assert pull["args"] == ["models", "pull", "smollm2-135m-instruct"]
+    env = {e["name"]: e["value"] for e in pull["env"]}
+    (mount,) = [m for m in pull["volumeMounts"] if m["name"] == "store"]
+    # `moeflow models pull x` writes $MOEFLOW_HOME/models/x; the store volume is mounted there.
+    assert mount["mountPath"] == f"{env['MOEFLOW_HOME']}/models"
+    (volume,) = [v for v in preload["volumes"] if v["name"] == "store"]
+    operator_env = {e["name"]: e["value"] for e in
+                    operator_container(EVERYTHING_ON)["env"]}
+    assert volume["hostPath"]["path"] == operator_env["MOEFLOW_OPERATOR_MODEL_STORE_HOST_PATH"]
+    source = parse_model_spec({"source": {"uri": "store://smollm2-135m-instruct"}}).source
+    assert model_path_for("smollm2-135m-instruct", source,
+                          operator_env["MOEFLOW_OPERATOR_MODEL_MOUNT_PATH"]) == (
+        "/models/smollm2-135m-instruct")
+
+
+def notes(values: dict[str, Any] | None = None) -> str:
+    return next(t for p, t in render(values).items() if p.endswith("NOTES.txt"))
+
+
+def test_notes_apply_a_first_model_that_the_operator_accepts() -> None:
+    text = notes()
+    body = text.split("<<'MODEL'", 1)[1].split("\n", 1)[1].split("\n  MODEL\n", 1)[0]
+    model = yaml.safe_load(textwrap.dedent(body))
+    assert model["kind"] == "Model" and model["apiVersion"] == naming.API_VERSION
+    spec = parse_model_spec(model["spec"])
+    assert spec.source.scheme == "store"
+    gateway = naming.gateway_name(model["metadata"]["name"])
+    assert f"kubectl port-forward service/{gateway} 8000:8000" in text
+    assert "/status" in text
+    assert "redisUrl" not in text
+
+
+def test_notes_mention_each_enabled_piece() -> None:
+    text = notes(EVERYTHING_ON)
+    assert "redisUrl: redis://moeflow-redis.moeflow.svc.cluster.local:6379/0" in text
+    assert "moeflow-gateway.moeflow.svc.cluster.local:8000/v1" in text
+    assert "docs/dashboards/moeflow-gateway.json" in text
+    assert "kubectl apply -n team-a" in notes(MODES["one-namespace"])
+    assert "redis://redis.infra.svc:6379/0" in notes(MODES["external-redis"])
