@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 export MOEFLOW_HOME ?= $(HOME)/.cache/moeflow
 
-.PHONY: install system-deps run lint typecheck test check bench bench-engine clean
+.PHONY: install system-deps sync-crds run lint typecheck test check bench bench-engine clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -21,11 +21,16 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 
 install: $(VENV)/.installed
 
-# Servers the tests start themselves (redis-server for the XCCL Redis backend).
+# Programs the tests start themselves: redis-server (XCCL Redis backend), chromium (status page).
+SYSTEM_DEPS := redis-server chromium
 system-deps:
-	@command -v redis-server >/dev/null 2>&1 || { \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq redis-server; \
-	  else echo "please install redis-server (e.g. sudo apt-get install redis-server)"; exit 1; fi; }
+	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $$missing; \
+	  else echo "please install:$$missing (e.g. sudo apt-get install$$missing)"; exit 1; fi; fi
+
+sync-crds:
+	cp deploy/crds/*.yaml charts/moeflow/crds/
 
 run: install
 	$(BIN)/moeflow models pull $(MODEL)

@@ -109,7 +109,8 @@ def _check_service_monitor(doc: Obj) -> None:
                          "targetLabels", "podTargetLabels", "sampleLimit"}, spec
     assert spec["selector"]["matchLabels"] and spec["endpoints"]
     for endpoint in spec["endpoints"]:
-        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme"}
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme",
+                                 "honorLabels"}
     assert set(spec["namespaceSelector"]) <= {"any", "matchNames"}
 
 

@@ -1,0 +1,143 @@
+{{/*
+Shared names, labels and pod fragments. Labels follow app.kubernetes.io/*; the operator's own
+children use the same keys (moeflow.controller.naming), with managed-by=moeflow-operator.
+*/}}
+
+{{- define "moeflow.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "moeflow.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "moeflow.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of one component: stable across upgrades (never add chart versions). */}}
+{{- define "moeflow.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "moeflow.name" .root }}
+app.kubernetes.io/instance: {{ .root.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Every label of one component's objects. Call with (dict "root" $ "component" "x"). */}}
+{{- define "moeflow.labels" -}}
+{{ include "moeflow.selectorLabels" . }}
+app.kubernetes.io/part-of: moeflow
+app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .root.Release.Service }}
+helm.sh/chart: {{ include "moeflow.chart" .root }}
+{{- with .root.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "moeflow.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "moeflow.operatorServiceAccount" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (printf "%s-operator" (include "moeflow.fullname" .)) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "moeflow.redisUrl" -}}
+{{- if .Values.redis.enabled }}
+{{- printf "redis://%s-redis.%s.svc.%s:6379/0" (include "moeflow.fullname" .) .Release.Namespace .Values.operator.clusterDomain }}
+{{- else }}
+{{- .Values.redis.externalUrl }}
+{{- end }}
+{{- end }}
+
+{{- define "moeflow.modelsClaim" -}}
+{{- default (printf "%s-models" (include "moeflow.fullname" .)) .Values.modelStore.persistence.claimName }}
+{{- end }}
+
+{{/*
+The operator's namespaced rules: exactly the calls moeflow.controller makes (kube.py through
+reconcile_*.py) and kopf makes for it (watches, finalizers and progress annotations by patch,
+status through the /status subresource, events by POST). Used by the ClusterRole (all
+namespaces) or the Role (operator.watchNamespace); deploy/base carries the same list.
+*/}}
+{{- define "moeflow.operatorRules" -}}
+# Users create Models, Requests and WarmPools; the operator watches them, patches kopf's
+# annotations and finalizers, and reads Models for batch Requests.
+- apiGroups: [moeflow.dev]
+  resources: [models, requests, warmpools]
+  verbs: [get, list, watch, patch]
+# Jobs and Tasks are the operator's children: created, patched, removed on scale-down.
+- apiGroups: [moeflow.dev]
+  resources: [jobs, tasks]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [moeflow.dev]
+  resources: [models/status, jobs/status, tasks/status, requests/status, warmpools/status]
+  verbs: [get, patch]
+# Children carry ownerReferences with blockOwnerDeletion, which clusters running the
+# OwnerReferencesPermissionEnforcement admission plugin only allow with update on the owner's
+# finalizers.
+- apiGroups: [moeflow.dev]
+  resources: [models/finalizers, jobs/finalizers, tasks/finalizers, requests/finalizers]
+  verbs: [update]
+# One engine Pod per Task: created, read, replaced (delete + create) when its template changes.
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete]
+# Per-Model gateway Service and ServiceAccount, headless instances Service, batch results.
+- apiGroups: [""]
+  resources: [services, serviceaccounts, configmaps]
+  verbs: [get, create, patch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+# Per-Model gateway Deployments (watched for Model status).
+- apiGroups: [apps]
+  resources: [deployments]
+  verbs: [get, list, watch, create, patch]
+# The per-Model gateway's Role (get/list/watch tasks and models, which the operator holds).
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, create, patch]
+{{- end }}
+
+{{/* Cluster-scoped reads kopf needs in every mode: CRD scanning, and the namespace list. */}}
+{{- define "moeflow.operatorClusterRules" -}}
+- apiGroups: [apiextensions.k8s.io]
+  resources: [customresourcedefinitions]
+  verbs: [list, watch]
+{{- if .Values.operator.watchNamespace }}
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [list, watch]
+{{- end }}
+{{- end }}
+
+{{- define "moeflow.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: 64Mi
+{{- end }}
+
+{{/* Cross-field rules the JSON schema cannot state clearly; fails the render with the fix. */}}
+{{- define "moeflow.validateValues" -}}
+{{- if and .Values.redis.enabled .Values.redis.externalUrl }}
+{{- fail "redis.enabled and redis.externalUrl are both set: use the in-chart Redis (redis.enabled=true, externalUrl empty) or an external one (redis.enabled=false, externalUrl=redis://host:6379/0), not both" }}
+{{- end }}
+{{- if and .Values.operator.watchNamespace (not .Values.operator.serviceAccount.create) (not .Values.operator.serviceAccount.name) }}
+{{- fail "operator.serviceAccount.name is required when operator.serviceAccount.create is false" }}
+{{- end }}
+{{- end }}
