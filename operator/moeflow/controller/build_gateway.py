@@ -37,7 +37,10 @@ def build_gateway_deployment(model: str, namespace: str, gateway: GatewayPlan,
             "limits": {"memory": settings.gateway_memory},
         },
         "readinessProbe": http_probe("http", period_s=5, failure_threshold=3),
-        "livenessProbe": http_probe("http", period_s=10, failure_threshold=3),
+        # /health is 503 while no engine is ready (that only takes the Pod out of the
+        # Service); liveness must not restart a gateway that waits for its engines
+        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10,
+                          "timeoutSeconds": 3, "failureThreshold": 3},
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
