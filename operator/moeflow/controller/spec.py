@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -180,7 +181,9 @@ class ModelSpec(_Spec):
     warm_pool_size: int = Field(0, ge=0)
 
     @model_validator(mode="after")
-    def _check_cross_fields(self) -> ModelSpec:
+    def _check_cross_fields(self, info: ValidationInfo) -> ModelSpec:
+        # context {"single_host": True}: the local runtime, where every role shares one host
+        single_host = bool((info.context or {}).get("single_host"))
         allowed = ROLES_BY_MODE[self.mode]
         for role in self.roles:
             if role not in allowed:
@@ -194,7 +197,11 @@ class ModelSpec(_Spec):
                 "transport.redisUrl: is required when the transport is redis (the default for"
                 " disaggregated modes); fix: set spec.transport.redisUrl to redis://host:6379/0"
             )
-        if self.mode is not Mode.COLOCATED and self.transport.kind is TransportKind.SHM:
+        if (
+            self.mode is not Mode.COLOCATED
+            and self.transport.kind is TransportKind.SHM
+            and not single_host
+        ):
             raise ValueError(
                 f"transport.kind: shm only connects processes in one pod, but mode"
                 f" {self.mode.value!r} runs each role in its own pods; fix: set"

@@ -22,8 +22,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeflow.controller.plan import engine_argv
-from moeflow.controller.spec import Role
+from moeflow.controller.plan import ModelPlan, TaskPlan, plan_model
+from moeflow.controller.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -67,30 +67,41 @@ class LocalRuntime:
         logger.info("model %s is not cached yet: pulling it", self.args.model)
         return pull(self.args.model, self.home, None)
 
-    def instance_plan(self) -> list[tuple[Role, int]]:
-        """(role, rank) of every engine instance to run, in start order."""
+    def model_spec(self, model_path: Path) -> ModelSpec:
+        """The flags as a Model spec: the operator's own type, validated the same way
+        (with the one difference that every role shares this host, so shm is allowed)."""
         if self.args.mode == "pd":
-            return [(Role.PREFILL, r) for r in range(self.args.prefill)] + [
-                (Role.DECODE, r) for r in range(self.args.decode)
-            ]
-        return [(Role.COLOCATED, r) for r in range(self.args.instances)]
+            mode = "pd-disaggregated"
+            roles = {"prefill": {"replicas": self.args.prefill},
+                     "decode": {"replicas": self.args.decode}}
+        else:
+            mode, roles = "colocated", {"colocated": {"replicas": self.args.instances}}
+        transport: dict[str, str] = {"kind": self.args.transport}
+        if self._redis_url:
+            transport["redisUrl"] = self._redis_url
+        raw = {"source": {"uri": f"file://{model_path}"}, "mode": mode, "roles": roles,
+               "transport": transport}
+        return ModelSpec.model_validate(raw, context={"single_host": True})
 
-    def _start_engine(
-        self, model_path: Path, served_name: str, role: Role, rank: int, index: int
-    ) -> EngineProcess:
-        host = self.args.host
-        port = self.args.engine_port + index if self.args.engine_port else free_port(host)
-        # the same argv builder the operator puts into pods, plus this machine's flags
+    def plan(self, model_path: Path, served_name: str) -> ModelPlan:
+        """What to run: the same pure planner the operator turns into Pods."""
+        base_port = self.args.engine_port or free_port(self.args.host)
+        return plan_model(
+            served_name, self.model_spec(model_path), model_path=str(model_path),
+            host=self.args.host, engine_port=base_port, gateway_port=self.args.port,
+            unique_ports=True, discovery="static",
+        )
+
+    def _start_engine(self, task: TaskPlan) -> EngineProcess:
+        # the task's argv is what a pod would run; add this machine's flags
         argv = [
             sys.executable, "-m", "moeflow.cli", "--log-level", self.args.log_level,
-            *engine_argv(model_path=str(model_path), served_model_name=served_name, role=role,
-                         rank=rank, host=host, port=port)[1:],
-            *self.engine_argv,
+            *task.argv[1:], *self.engine_argv,
         ]
         if self._redis_url:
             argv += ["--redis-url", self._redis_url]
         process = subprocess.Popen(argv)
-        engine = EngineProcess(f"{role.value}-{rank}", f"http://{host}:{port}", process)
+        engine = EngineProcess(task.name, f"http://{task.host}:{task.port}", process)
         logger.info("started engine %s (pid %d) at %s", engine.name, process.pid, engine.url)
         return engine
 
@@ -118,9 +129,10 @@ class LocalRuntime:
         server = self._server
         if server is None or getattr(server, "should_exit", True):
             return
-        role = engine.name.rsplit("-", 1)[0]
+        role = engine.name.rsplit("-", 1)[0]  # task names are <model>-<role>-<rank>
         alive = [
-            e for e in self.engines if e.name.startswith(role + "-") and e.process.poll() is None
+            e for e in self.engines
+            if e.name.rsplit("-", 1)[0] == role and e.process.poll() is None
         ]
         if alive:
             logger.error("engine %s exited with code %s; %d %s engine(s) still serve",
@@ -164,11 +176,12 @@ class LocalRuntime:
                 from moeflow.xccl.redis_server import start_local_redis
 
                 scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                self._redis_url = stack.enter_context(start_local_redis(scratch)).url
+                redis = start_local_redis(scratch, port=free_port(self.args.host))
+                self._redis_url = stack.enter_context(redis).url
                 logger.info("started a private redis-server at %s", self._redis_url)
+            plan = self.plan(model_path, served_name)
             self.engines = [
-                self._start_engine(model_path, served_name, role, rank, index)
-                for index, (role, rank) in enumerate(self.instance_plan())
+                self._start_engine(task) for job in plan.jobs for task in job.tasks
             ]
             for engine in self.engines:
                 self._wait_ready(engine, _ENGINE_START_TIMEOUT_S)
