@@ -1,12 +1,15 @@
-"""`moeflow models ...`: pull, make-tiny and list local checkpoints.
+"""`moeflow models ...`: pull, make-tiny, upcycle and list local checkpoints.
 
 Contract:
 - `register(subparsers, home_from_env)` adds the `models` command with the subcommands
-  `pull NAME`, `make-tiny --arch ARCH [--out DIR] [--seed N]` and `list`. Each subcommand sets
+  `pull NAME`, `make-tiny --arch ARCH [--out DIR] [--seed N]`,
+  `upcycle SOURCE [--experts E] [--top-k K] [--perturb STD] [--router-std STD] [--seed N]
+  [--out DIR] [--name NAME]` (SOURCE: a checkpoint dir or cached name; default output
+  `<home>/models/<NAME>`, NAME defaulting to `<source>-moe<E>x<K>`) and `list`. Each subcommand sets
   `args.func`, a handler `(args) -> int` exit code (0 ok, 1 failure). `home_from_env()` is called
   only when a handler runs, never at registration.
-- Registration imports nothing heavy; torch/transformers are imported by the pull and
-  make-tiny handlers only.
+- Registration imports nothing heavy; torch/transformers are imported by the pull, make-tiny
+  and upcycle handlers only.
 - Results (paths, the table) go to stdout; progress and errors go to stderr.
 """
 
@@ -19,7 +22,7 @@ from functools import partial
 from pathlib import Path
 
 from moeflow.checkpoints.registry import PULLABLE, TINY_ARCHS, tiny_dir_name
-from moeflow.checkpoints.store import list_models, models_dir
+from moeflow.checkpoints.store import ModelNotCachedError, list_models, models_dir, resolve_model
 
 HomeFn = Callable[[], Path]
 
@@ -72,6 +75,36 @@ def _handle_make_tiny(args: argparse.Namespace, home_from_env: HomeFn) -> int:
     return 0
 
 
+def _handle_upcycle(args: argparse.Namespace, home_from_env: HomeFn) -> int:
+    from moeflow.checkpoints.upcycle import (
+        UpcycleError,
+        UpcycleSpec,
+        default_upcycled_name,
+        upcycle,
+    )
+
+    spec = UpcycleSpec(
+        num_experts=args.experts,
+        top_k=args.top_k,
+        perturb_std=args.perturb,
+        seed=args.seed,
+        router_std=args.router_std,
+    )
+    try:
+        home = home_from_env()
+        source_dir = resolve_model(args.source, home)
+        name = args.name or (
+            args.out.name if args.out is not None else default_upcycled_name(source_dir.name, spec)
+        )
+        out_dir: Path = args.out if args.out is not None else models_dir(home) / name
+        path = upcycle(source_dir, out_dir, spec, name=name, progress=_print_progress)
+    except (ModelNotCachedError, UpcycleError) as error:
+        sys.stderr.write(f"error: {error}\n")
+        return 1
+    sys.stdout.write(f"{path}\n")
+    return 0
+
+
 def render_table(rows: Sequence[Sequence[str]]) -> str:
     """Left-aligned columns separated by two spaces; the first row is the header."""
     widths = [max(len(row[column]) for row in rows) for column in range(len(rows[0]))]
@@ -107,7 +140,7 @@ def _handle_list(_args: argparse.Namespace, home_from_env: HomeFn) -> int:
 def register(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser], home_from_env: HomeFn
 ) -> None:
-    """Add `models {pull,make-tiny,list}` to subparsers (see the module docstring)."""
+    """Add `models {pull,make-tiny,upcycle,list}` to subparsers (see the module docstring)."""
     models = subparsers.add_parser(
         "models", help="pull, create and list local model checkpoints (under MOEFLOW_HOME)"
     )
@@ -134,6 +167,32 @@ def register(
     )
     tiny_parser.add_argument("--seed", type=int, default=0, help="weight init seed (default 0)")
     tiny_parser.set_defaults(func=partial(_handle_make_tiny, home_from_env=home_from_env))
+
+    upcycle_parser = commands.add_parser(
+        "upcycle",
+        help="turn a dense llama/mistral checkpoint into a Mixtral MoE (experts = MLP copies)",
+    )
+    upcycle_parser.add_argument("source", metavar="SOURCE", help="checkpoint dir or cached name")
+    upcycle_parser.add_argument("--experts", type=int, default=8, help="experts per layer (8)")
+    upcycle_parser.add_argument("--top-k", type=int, default=2, help="experts per token (2)")
+    upcycle_parser.add_argument(
+        "--perturb", type=float, default=0.0, metavar="STD",
+        help="std of Gaussian noise added to each expert's weights (default 0: exact copies)",
+    )
+    upcycle_parser.add_argument(
+        "--router-std", type=float, default=None, metavar="STD",
+        help="std of the router init (default: the source's initializer_range; 0: uniform)",
+    )
+    upcycle_parser.add_argument("--seed", type=int, default=0, help="router/noise seed (0)")
+    upcycle_parser.add_argument(
+        "--out", type=Path, default=None, metavar="DIR",
+        help="output directory (default: <home>/models/<NAME>)",
+    )
+    upcycle_parser.add_argument(
+        "--name", default=None, metavar="NAME",
+        help="model name (default: <source>-moe<E>x<K>, or the --out dir's name)",
+    )
+    upcycle_parser.set_defaults(func=partial(_handle_upcycle, home_from_env=home_from_env))
 
     list_parser = commands.add_parser("list", help="list cached models")
     list_parser.set_defaults(func=partial(_handle_list, home_from_env=home_from_env))
