@@ -81,7 +81,7 @@ class TokenChunk(_Message):
     kv_bytes: int = 0
     """Split requests, first chunk: bytes of prompt KV moved from the prefill instance."""
     kv_transfer_ms: float = 0.0
-    """Split requests, first chunk: time from asking the prefill instance to holding its KV."""
+    """Split requests, first chunk: XCCL time of the KV (prefill's send + decode's receive)."""
 
 
 class PrefillRequest(_Message):

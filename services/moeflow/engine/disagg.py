@@ -39,6 +39,7 @@ class PulledKV:
     kv: torch.Tensor  # [layers, 2, prompt tokens, K, Hd]
     response: PrefillResponse
     transfer_ms: float
+    """XCCL time only: the prefill's send plus the decode's receive and copy."""
 
 
 class KVPuller:
@@ -72,7 +73,8 @@ class KVPuller:
         if response.status_code != 200:
             raise _remote_error(response)
         answer = PrefillResponse.model_validate_json(response.content)
-        remaining_s = max(0.0, self.timeout_s - (time.perf_counter() - started))
+        recv_started = time.perf_counter()
+        remaining_s = max(0.0, self.timeout_s - (recv_started - started))
         try:
             tensors = await asyncio.to_thread(
                 self.transport.recv, source.prefill_rank, tag, remaining_s
@@ -82,7 +84,9 @@ class KVPuller:
         # shm hands out views of the sender's buffers: keep a private copy, release them now
         kv = tensors[0].clone()
         del tensors
-        return PulledKV(kv, answer, 1000 * (time.perf_counter() - started))
+        # transfer time = the prefill side's send + this side's receive (not the prefill itself)
+        transfer_ms = answer.send_ms + 1000 * (time.perf_counter() - recv_started)
+        return PulledKV(kv, answer, transfer_ms)
 
 
 def _remote_error(response: httpx.Response) -> MoeflowError:

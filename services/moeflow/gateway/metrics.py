@@ -59,7 +59,7 @@ class GatewayMetrics:
             ["model"], buckets=tuple(2.0**k for k in range(10, 33, 2)), registry=r,
         )
         self.kv_transfer_seconds = Histogram(
-            "moeflow_kv_transfer_seconds", "Decode side: asking for KV until holding it",
+            "moeflow_kv_transfer_seconds", "KV transfer time (prefill send + decode receive)",
             ["model"], buckets=_LATENCY_BUCKETS_S, registry=r,
         )
         self.kv_transfer_ttft_share = Histogram(
