@@ -34,10 +34,11 @@ choice can be re-judged.
 
 KV metrics of the split runs are scraped from the gateway's /metrics before and after the load
 (differences, so warm-up is excluded): ``moeflow_kv_transfer_bytes``,
-``moeflow_kv_transfer_seconds`` and ``moeflow_kv_transfer_ttft_share``. Note: the platform
-measures ``kv_transfer_seconds`` on the decode side from asking the prefill instance until holding
-the KV, so it includes the prefill's queueing and compute, not only the wire time (see
-``kv.note`` in the output).
+``moeflow_kv_transfer_seconds`` (XCCL time: the prefill's send + the decode's receive and copy)
+and ``moeflow_kv_transfer_ttft_share``. From their sums: bytes and milliseconds per request, GB/s,
+and KV-transfer efficiency = that GB/s / one-core memcpy GB/s at the same size, measured here
+(BENCHMARKING §5.6 targets: >= 0.5 for shm, >= 0.1 for Redis). Per-request quantiles come from
+the histogram buckets and are coarse below 5 ms.
 
 Noise: the box is shared. Before each cell the script waits (at most ``--quiet-wait-s``) for other
 processes to use fewer than ``--quiet-cores`` cores, and it records, from /proc, the cores used by
@@ -363,6 +364,39 @@ def by_mode_delta(before: list[Sample], after: list[Sample]) -> dict[str, int]:
             for mode in ("colocated", "split")}
 
 
+def interference(results: list[RequestResult]) -> dict[str, Any]:
+    """Decode-heavy requests split by whether a prompt-heavy prefill (its send -> its first
+    token) overlapped their decode phase (TPOT) or was running when they were sent (TTFT).
+    Interference shows as overlapped >> clean; isolation as overlapped ~= clean. (Colocated:
+    the prefill may have run on the other instance, which dilutes the effect.)"""
+    prefills = [(r.sent_s, r.sent_s + r.ttft_s) for r in results
+                if r.label == PROMPT_HEAVY and r.ttft_s is not None]
+    decodes = [r for r in results if r.label == DECODE_HEAVY and r.ok and r.ttft_s is not None
+               and r.e2e_s is not None]
+
+    def overlaps(start: float, end: float) -> bool:
+        return any(a < end and start < b for a, b in prefills)
+
+    def p50_ms(values: list[float]) -> float | None:
+        return None if not values else round(1000 * statistics.median(values), 1)
+
+    tpot_hit: list[float] = []
+    tpot_clean: list[float] = []
+    ttft_hit: list[float] = []
+    ttft_clean: list[float] = []
+    for r in decodes:
+        assert r.ttft_s is not None and r.e2e_s is not None
+        tpot = r.tpot_s
+        if tpot is not None:
+            hit = overlaps(r.sent_s + r.ttft_s, r.sent_s + r.e2e_s)
+            (tpot_hit if hit else tpot_clean).append(tpot)
+        (ttft_hit if overlaps(r.sent_s, r.sent_s + 1e-6) else ttft_clean).append(r.ttft_s)
+    return {"tpot_p50_ms_prefill_overlapped": p50_ms(tpot_hit), "n_overlapped": len(tpot_hit),
+            "tpot_p50_ms_clean": p50_ms(tpot_clean), "n_clean": len(tpot_clean),
+            "ttft_p50_ms_sent_during_prefill": p50_ms(ttft_hit), "n_sent_during": len(ttft_hit),
+            "ttft_p50_ms_sent_otherwise": p50_ms(ttft_clean), "n_sent_otherwise": len(ttft_clean)}
+
+
 def analyse(
     run: RunOutput, before: list[Sample], after: list[Sample], slos: dict[str, Slo], *,
     with_kv: bool,
@@ -379,6 +413,7 @@ def analyse(
 
     return {
         "overall": overall,
+        "interference": interference(results),
         "classes": {c: summarize([r for r in results if r.label == c], run.duration_s, slos[c])
                     for c in CLASSES},
         "by_mode": by_mode_delta(before, after),
@@ -478,6 +513,12 @@ HEADLINE: dict[str, Getter] = {
     "decode_heavy_itl_p99_ms": _get("classes", DECODE_HEAVY, "itl_ms", "p99"),
     "decode_heavy_e2e_p50_ms": _get("classes", DECODE_HEAVY, "e2e_ms", "p50"),
     "decode_heavy_slo_attainment": _get("classes", DECODE_HEAVY, "slo_attainment"),
+    "decode_heavy_tpot_p50_ms_prefill_overlapped": _get(
+        "interference", "tpot_p50_ms_prefill_overlapped"),
+    "decode_heavy_tpot_p50_ms_clean": _get("interference", "tpot_p50_ms_clean"),
+    "decode_heavy_ttft_p50_ms_sent_during_prefill": _get(
+        "interference", "ttft_p50_ms_sent_during_prefill"),
+    "decode_heavy_ttft_p50_ms_sent_otherwise": _get("interference", "ttft_p50_ms_sent_otherwise"),
     "prompt_heavy_ttft_p50_ms": _get("classes", PROMPT_HEAVY, "ttft_ms", "p50"),
     "prompt_heavy_ttft_p99_ms": _get("classes", PROMPT_HEAVY, "ttft_ms", "p99"),
     "prompt_heavy_tpot_p50_ms": _get("classes", PROMPT_HEAVY, "tpot_ms", "p50"),
@@ -660,11 +701,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     kv_bytes = [c["kv"]["bytes_per_request_mean"] for c in cells
                 if c.get("kv") and c["kv"].get("bytes_per_request_mean")]
     kv_floor: dict[str, Any] | None = None
+    efficiency: dict[str, float] = {}
     if kv_bytes:
         mean_bytes = int(statistics.median(kv_bytes))
         gbps = memcpy_gbps(mean_bytes)
         kv_floor = {"bytes": mean_bytes, "memcpy_gb_per_s": round(gbps, 2),
                     "memcpy_ms": round(1000 * mean_bytes / gbps / 1e9, 3)}
+        for config in args.configs:
+            rate = agg["summary"].get(config, {}).get("kv_gb_per_s")
+            if rate is not None:
+                efficiency[config] = round(rate["median"] / gbps, 4)
     colocated_unloaded = agg["summary"].get("colocated", {}).get("unloaded", {})
     hop: dict[str, Any] = {}
     for config in args.configs:
@@ -698,10 +744,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "kv": {
             "unloaded_split_minus_colocated": hop,
             "memcpy_floor": kv_floor,
-            "note": "kv_seconds = moeflow_kv_transfer_seconds (decode side: POST /v1/prefill "
-                    "until holding the KV), which includes the prefill's queueing and compute; "
-                    "kv_gb_per_s and kv_ttft_share inherit that. The unloaded TTFT delta "
-                    "split-colocated bounds the hop's real cost (extra HTTP hop + send + recv).",
+            "efficiency_vs_memcpy": efficiency,
+            "note": "kv_seconds = moeflow_kv_transfer_seconds (prefill send + decode receive "
+                    "and copy; not the prefill, nor the copies into/out of paged blocks); "
+                    "efficiency = median kv_gb_per_s / memcpy GB/s at the mean transfer size. "
+                    "The unloaded TTFT delta split-colocated is the whole hop (extra HTTP "
+                    "round trip, KV export/import, transfer) but is one noisy sample.",
         },
         "failed_cells": [{k: c.get(k) for k in ("config", "round", "error")}
                          for c in cells if not c.get("ok")],
@@ -710,29 +758,39 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _fmt(x: float) -> str:
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def print_table(result: dict[str, Any]) -> None:
     names = ["decode_heavy_ttft_p50_ms", "decode_heavy_ttft_p99_ms", "decode_heavy_tpot_p50_ms",
-             "decode_heavy_tpot_p99_ms", "prompt_heavy_ttft_p50_ms", "prompt_heavy_ttft_p99_ms",
-             "goodput_rps", "slo_attainment", "output_tok_s", "num_failed", "kv_seconds_mean_ms",
+             "decode_heavy_tpot_p99_ms", "decode_heavy_tpot_p50_ms_prefill_overlapped",
+             "decode_heavy_tpot_p50_ms_clean", "prompt_heavy_ttft_p50_ms",
+             "prompt_heavy_ttft_p99_ms", "goodput_rps", "slo_attainment", "output_tok_s",
+             "num_failed", "kv_bytes_per_request_mean", "kv_seconds_mean_ms", "kv_gb_per_s",
              "kv_ttft_share_mean"]
     configs = list(result["summary"])
-    print(f"{'metric (median [min-max])':<28}" + "".join(f"{c:>26}" for c in configs),
+    width = 25
+    print(f"{'median [min-max] over rounds':<44}" + "".join(f"{c:>{width}}" for c in configs),
           file=sys.stderr)
     for name in names:
-        row = f"{name:<28}"
+        row = f"{name:<44}"
         for config in configs:
             s = result["summary"][config].get(name)
-            text = "-" if s is None else f"{s['median']:.4g} [{s['min']:.4g}-{s['max']:.4g}]"
-            row += f"{text:>26}"
+            text = "-" if s is None else f"{_fmt(s['median'])} [{_fmt(s['min'])}-{_fmt(s['max'])}]"
+            row += f"{text:>{width}}"
         print(row, file=sys.stderr)
 
 
 RESULT_METRICS = [
     "decode_heavy_ttft_p50_ms", "decode_heavy_ttft_p99_ms", "decode_heavy_tpot_p50_ms",
-    "decode_heavy_tpot_p99_ms", "decode_heavy_itl_p99_ms", "prompt_heavy_ttft_p50_ms",
-    "prompt_heavy_ttft_p99_ms", "goodput_rps", "slo_attainment", "output_tok_s",
-    "request_throughput_rps", "num_failed", "num_usage_mismatch", "kv_bytes_per_request_mean",
-    "kv_seconds_mean_ms", "kv_seconds_p99_ms", "kv_ttft_share_mean",
+    "decode_heavy_tpot_p99_ms", "decode_heavy_itl_p99_ms",
+    "decode_heavy_tpot_p50_ms_prefill_overlapped", "decode_heavy_tpot_p50_ms_clean",
+    "decode_heavy_ttft_p50_ms_sent_during_prefill", "decode_heavy_ttft_p50_ms_sent_otherwise",
+    "prompt_heavy_ttft_p50_ms", "prompt_heavy_ttft_p99_ms", "goodput_rps", "slo_attainment",
+    "output_tok_s", "request_throughput_rps", "num_failed", "num_usage_mismatch",
+    "kv_bytes_per_request_mean", "kv_seconds_mean_ms", "kv_seconds_p99_ms", "kv_gb_per_s",
+    "kv_ttft_share_mean",
 ]
 RESULT_RATIOS = [
     "decode_heavy_ttft_p50_ms", "decode_heavy_ttft_p99_ms", "decode_heavy_tpot_p50_ms",

@@ -31,7 +31,8 @@ Usage:
   python benchmarks/serving.py --suite quick            # last line: RESULT {json}
   python benchmarks/serving.py --suite standard
   python benchmarks/serving.py client --base-url http://127.0.0.1:8000 --model NAME -c 8
-  python benchmarks/serving.py plot benchmarks/results/serving-quick.json
+  python benchmarks/serving.py plot benchmarks/results/serving-quick.json     # PNGs only
+  python benchmarks/serving.py report benchmarks/results/serving-quick.json   # PNGs, md, docs
 """
 
 from __future__ import annotations
@@ -343,6 +344,7 @@ class System:
     startup_timeout: float = 120.0
     serial: bool = False  # one sequence at a time
     max_concurrency: int = 10**6
+    kinds: tuple[str, ...] = ("sweep", "poisson", "prefix")  # cell kinds it takes part in
     versions: dict[str, str] = field(default_factory=dict)
     dist: str = ""
 
@@ -391,7 +393,7 @@ def build_systems(args: argparse.Namespace, served: str, mdir: Path) -> dict[str
              str(mdir), "--served-model-name", served, "--num-threads", threads, "--port",
              "{port}"],
             startup_timeout=120, serial=True, max_concurrency=args.hf_max_concurrency,
-            dist="transformers"),
+            kinds=("sweep",), dist="transformers"),
     }
     # the same vLLM without torch.compile: starts in a fraction of the time; an A/B of the two
     eager = systems["vllm"]
@@ -505,7 +507,10 @@ def suite_cells(args: argparse.Namespace) -> list[Cell]:
 
 
 def applies(system: System, cell: Cell) -> bool:
-    return cell.concurrency is None or cell.concurrency <= system.max_concurrency
+    """HF (a few tok/s, serial) only joins the low-concurrency sweep cells: elsewhere its queue
+    only grows, and one cell would take longer than the rest of the suite."""
+    return cell.kind in system.kinds and (cell.concurrency is None
+                                          or cell.concurrency <= system.max_concurrency)
 
 
 def med_range(xs: list[float]) -> dict[str, float]:
@@ -609,13 +614,24 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
     served = args.model
     systems = build_systems(args, served, mdir)
     wanted = [s for s in args.systems.split(",") if s]
+    unknown = sorted(set(wanted) - set(systems))
+    if unknown:
+        raise SystemExit(f"unknown system(s) {unknown}; known: {sorted(systems)}")
+    for sub in ("logs", "raw"):  # server logs and per-request records stay out of git
+        (RESULTS / sub).mkdir(parents=True, exist_ok=True)
+        ignore = RESULTS / sub / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("*\n")
     cells = suite_cells(args)
     slos = dict(kv.split(":") for kv in args.goodput.split()) if args.goodput else {}
     slos_f = {k: float(v) for k, v in slos.items()}
     run_id = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     t_begin = time.perf_counter()
     result: dict[str, Any] = {
-        "suite": args.suite, "run_id": run_id, "command": " ".join(sys.argv),
+        "suite": args.suite, "run_id": run_id,
+        "command": shlex.join([os.path.relpath(sys.executable, ROOT)
+                               if sys.executable.startswith(str(ROOT)) else sys.executable,
+                               *(["-P"] if sys.flags.safe_path else []), *sys.argv]),
         "model": args.model, "model_dir": str(mdir), "gguf": str(smollm2_gguf()),
         "threads": args.threads, "reps": args.reps, "slos_ms": slos_f,
         "machine": machine_info(), "git": git_rev(), "wanted": wanted,
@@ -646,11 +662,16 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
         log(f"{name}: UNAVAILABLE ({reason})")
     # the roofline child loads its weights while the servers start
     probe = RooflineProbe(mdir, args.threads, args.suite == "quick")
-    # start all, slowest first, wait in parallel
-    for name in sorted(servers, key=lambda n: -servers[n].system.startup_timeout):
-        log(f"starting {name}: {shlex.join(servers[name].argv)}")
-        servers[name].start()
     try:
+        # start all, slowest first, wait in parallel
+        for name in sorted(servers, key=lambda n: -servers[n].system.startup_timeout):
+            log(f"starting {name}: {shlex.join(servers[name].argv)}")
+            try:
+                servers[name].start()
+            except OSError as exc:
+                result["unavailable"][name] = f"failed to start: {exc}"
+                log(f"{name}: UNAVAILABLE ({result['unavailable'][name]})")
+                del servers[name]
         waits = await asyncio.gather(*(sv.wait_ready(served) for sv in servers.values()),
                                      return_exceptions=True)
         for (name, sv), w in zip(list(servers.items()), waits, strict=True):
@@ -766,7 +787,7 @@ def analyze(result: dict[str, Any]) -> None:
             per_rep = [ours[r["rep"]] / r["output_throughput"] for r in runs
                        if r["rep"] in ours and r["output_throughput"] > 0]
             mr = med_range(per_rep)
-            mr["significant"] = bool(per_rep) and (mr["min"] > 1 or mr["max"] < 1)
+            mr["significant"] = len(per_rep) >= 2 and (mr["min"] > 1 or mr["max"] < 1)
             ratios[f"ours_vs_{name}"] = mr
         cell["ratios"] = ratios
     # roofline: the best bandwidth seen in the run is the bound (noise only ever slows a probe)
@@ -891,7 +912,8 @@ def markdown(result: dict[str, Any]) -> str:
     for s in result["systems"].values():
         vers = ", ".join(f"{k} {v}" for k, v in s["versions"].items())
         lines.append(f"- **{s['label']}** ({vers}); startup {s['startup_s']:.1f} s; "
-                     f"sample `{s['sample_completion'].strip()[:40]!s}`; "
+                     f"greedy sample for 'The capital of France is': "
+                     f"`{json.dumps(s['sample_completion'][:40])}`; "
                      f"env `{' '.join(f'{k}={v}' for k, v in s['env'].items())}`; "
                      f"command `{s['command']}`")
     for name, why in result["unavailable"].items():
@@ -1127,6 +1149,15 @@ def main() -> None:
         path = Path(argv[1])
         for f in plot(json.loads(path.read_text()), path.parent):
             print(f)
+        return
+    if argv[:1] == ["report"]:  # re-render plots, the markdown and docs from a result JSON
+        path = Path(argv[1])
+        result = json.loads(path.read_text())
+        result["plots"] = make_plots(result, path)
+        md = markdown(result)
+        path.with_suffix(".md").write_text(md)
+        update_docs(result, md)
+        print("RESULT " + json.dumps(result_line(result), separators=(",", ":")))
         return
     args = parse_args(argv)
     log(f"serving benchmark, suite {args.suite}: systems {args.systems}, {args.reps} reps, "
