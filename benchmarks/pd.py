@@ -48,7 +48,8 @@ used more than 0.5 core is marked ``noisy`` (kept, but say so when quoting it).
 Usage:
     .venv/bin/python -P benchmarks/pd.py                # SmolLM2-135M, 2 rounds, ~10 min
     .venv/bin/python -P benchmarks/pd.py --quick        # tiny random model, 1 round, < 2 min
-Last line: RESULT {json}; the same JSON (plus per-cell details) goes to benchmarks/results/pd.json.
+Last line: RESULT {json}; the same JSON plus per-cell and per-request details goes to
+benchmarks/results/pd.json (pd-quick.json with --quick).
 """
 
 from __future__ import annotations
@@ -658,15 +659,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-cores", type=float, default=0.3,
                    help="before each cell, wait for other processes to use fewer cores than this")
     p.add_argument("--quiet-wait-s", type=float, default=None,
-                   help="... but at most this long (default 30; 0 quick); the reading is "
+                   help="... but at most this long (default 10; 0 quick); the reading is "
                    "recorded either way")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=None,
+                   help="default benchmarks/results/pd.json (pd-quick.json with --quick)")
     args = p.parse_args(argv)
     quick = args.quick
     defaults = {"model": "tiny-llama" if quick else "smollm2-135m-instruct",
                 "rounds": 1 if quick else 2, "rate": 3.0 if quick else 0.6,
                 "duration": 8.0 if quick else 45.0, "prompt_heavy_every": 4 if quick else 5,
-                "drain_timeout_s": 20.0 if quick else 40.0, "quiet_wait_s": 0.0 if quick else 30.0}
+                "drain_timeout_s": 20.0 if quick else 40.0, "quiet_wait_s": 0.0 if quick else 10.0,
+                "out": RESULTS.with_name("pd-quick.json") if quick else RESULTS}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -759,7 +762,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _fmt(x: float) -> str:
-    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+    return f"{x:.0f}" if 100 <= abs(x) < 100_000 else f"{x:.3g}"
 
 
 def print_table(result: dict[str, Any]) -> None:
