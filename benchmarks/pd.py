@@ -22,13 +22,14 @@ round each configuration also serves one unloaded request of each class (the num
 judged against, and the unloaded cost of the KV hop).
 
 SLO (per class; goodput = requests meeting their class's SLO / run duration; failures are misses).
-Single requests on an idle server (1 thread, SmolLM2-135M, this box) measured: decode-heavy
-(40 in / 96 out) TTFT 0.19-0.22 s and TPOT 45-49 ms; prompt-heavy (1250 in) TTFT 4.8-5.3 s
-(with other jobs loading the box: 0.27-0.5 s, 48-76 ms and 6.3-11.8 s). Hence:
+Single requests on an otherwise idle server (1 thread, SmolLM2-135M, this box; the "unloaded"
+numbers of three runs) measured: decode-heavy (40 in / 96 out) TTFT 0.19-0.30 s and TPOT
+40-53 ms; prompt-heavy (1250 in) TTFT 4.6-6.4 s (with other jobs loading the box harder:
+0.27-0.5 s, 48-76 ms and 6.3-11.8 s). Hence:
 - decode-heavy: TTFT <= 2 s (the common "human" bound; ~10x idle, so room for about one
   512-token prefill chunk ahead of it) and TPOT <= 150 ms (3x idle, as in BENCHMARKING §5.3;
   >= 6.7 tokens/s per user);
-- prompt-heavy: TTFT <= 15 s (3x idle; no TPOT bound for 8 tokens).
+- prompt-heavy: TTFT <= 15 s (2.3-3.3x idle; no TPOT bound for 8 tokens).
 The bounds are flags (``--slo-*``) and the unloaded numbers of this run are in the output, so the
 choice can be re-judged.
 
