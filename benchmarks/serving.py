@@ -1160,6 +1160,11 @@ def main() -> None:
         print("RESULT " + json.dumps(result_line(result), separators=(",", ":")))
         return
     args = parse_args(argv)
+
+    def on_sigterm(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # unwinds through run_suite's finally: servers are stopped
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     log(f"serving benchmark, suite {args.suite}: systems {args.systems}, {args.reps} reps, "
         f"{args.threads} threads")
     result = asyncio.run(run_suite(args))
