@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 export MOEFLOW_HOME ?= $(HOME)/.cache/moeflow
 
-.PHONY: install system-deps sync-crds run lint typecheck test check bench bench-quick bench-engine bench-xccl bench-pd bench-controlplane clean
+.PHONY: install system-deps sync-crds run lint typecheck test check bench bench-install bench-quick bench-engine bench-xccl bench-pd bench-controlplane clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -65,8 +65,14 @@ bench-controlplane: install
 bench-quick: install
 	$(BIN)/python -P benchmarks/serving.py --suite quick
 
-# the standard suite (about 30-40 min on 2 cores) and the component benchmarks
-bench: bench-engine bench-xccl bench-pd bench-controlplane
+# baselines for the serving suite, each in its own venv under benchmarks/.venvs (idempotent)
+bench-install:
+	benchmarks/baselines/install_hf.sh
+	benchmarks/baselines/install_vllm.sh
+	benchmarks/baselines/install_llamacpp.sh
+
+# the standard serving suite (~45 min on 2 cores) after the component benchmarks
+bench: bench-install bench-engine bench-xccl bench-pd bench-controlplane
 	$(BIN)/python -P benchmarks/serving.py --suite standard
 
 clean:

@@ -740,7 +740,7 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
                         f"load {la0:.1f}->{m['loadavg_after']:.1f}")
         raw.close()
         result["raw"] = str(raw.name)
-        probe.ask("probe")
+        probe.ask("probe" if args.suite == "quick" else "full")
         result["roofline"] = {"runs": probe.full, "samples": probe.samples,
                               **({"error": probe.error} if probe.error else {})}
     finally:
@@ -1167,7 +1167,11 @@ def main() -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
     log(f"serving benchmark, suite {args.suite}: systems {args.systems}, {args.reps} reps, "
         f"{args.threads} threads")
-    result = asyncio.run(run_suite(args))
+    try:
+        result = asyncio.run(run_suite(args))
+    except KeyboardInterrupt:
+        log("interrupted: servers stopped, no result written")
+        sys.exit(130)
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / f"serving-{args.suite}.json"
     json_path.write_text(json.dumps(result, indent=1))
