@@ -70,6 +70,12 @@ class BackendUnavailableError(MoeflowError):
     code = "backend_unavailable"
 
 
+class ExpertsUnavailableError(BackendUnavailableError):
+    """Attention/expert split: a routed expert has no live expert instance right now."""
+
+    code = "experts_unavailable"
+
+
 ERROR_CLASSES_BY_CODE: dict[str, type[MoeflowError]] = {
     cls.code: cls
     for cls in (
@@ -80,6 +86,7 @@ ERROR_CLASSES_BY_CODE: dict[str, type[MoeflowError]] = {
         OverloadedError,
         RequestTooLargeError,
         BackendUnavailableError,
+        ExpertsUnavailableError,
     )
 }
 

@@ -142,3 +142,45 @@ class EngineStats(_Message):
         if self.num_total_blocks == 0:
             return 0.0
         return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+
+# -- attention/expert split: balancer <-> attention and expert instances (HTTP) ----------------
+class ExpertPlacement(_Message):
+    """Which experts each expert instance hosts (index i = XCCL rank ``expert-i``), for every
+    MoE layer alike. ``version`` increases with each change the balancer makes."""
+
+    version: int = Field(ge=0)
+    hosted: tuple[tuple[int, ...], ...]
+
+
+class ExpertLoadRequest(_Message):
+    """Ask an expert instance to add (load) or drop (unload) these experts."""
+
+    experts: tuple[int, ...]
+
+
+class ExpertInstanceStats(_Message):
+    rank: str
+    hosted: tuple[int, ...]
+    tokens_per_expert: tuple[int, ...]
+    """(token, expert) pairs computed per expert id, over all MoE layers, since start."""
+    num_dispatches_total: int
+    num_missing_expert_total: int
+
+
+class AttentionExpertStats(_Message):
+    """An attention instance's view of the expert fleet (cumulative counters since start)."""
+
+    placement: ExpertPlacement
+    dead_instances: tuple[int, ...]
+    routed_tokens_per_expert: tuple[int, ...]
+    """Top-k hits per expert id, summed over MoE layers: what the balancer balances."""
+    pairs_per_instance: tuple[int, ...]
+    """(token, expert) pairs sent to each expert instance."""
+    a2e_ms_per_layer: tuple[float, ...]
+    """Mean A2E latency (send start -> expert has the message) per MoE layer, in order."""
+    e2a_ms_per_layer: tuple[float, ...]
+    """Mean E2A latency (expert starts its answer -> attention has it) per MoE layer."""
+    expert_compute_ms_per_layer: tuple[float, ...]
+    num_redispatches_total: int
+    """Pairs sent again to another replica after an expert instance failed."""

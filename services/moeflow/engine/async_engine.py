@@ -18,7 +18,7 @@ import torch
 
 from moeflow.common.errors import BackendUnavailableError, MoeflowError
 from moeflow.common.messages import GenerateRequest, TokenChunk
-from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.llm_engine import LLMEngine, StepFailed
 
 logger = logging.getLogger(__name__)
 
@@ -189,7 +189,15 @@ class AsyncEngine:
                         command = self._inbox.get_nowait()
                     except queue.Empty:
                         command = None
-                self._dispatch(self.engine.step())
+                try:
+                    self._dispatch(self.engine.step())
+                except StepFailed as failure:  # the step's requests fail; serving goes on
+                    logger.warning("step failed for %d requests: %s",
+                                   len(failure.request_ids), failure.error.message)
+                    for request_id in failure.request_ids:
+                        add = self._outboxes.pop(request_id, None)
+                        if add is not None:
+                            self._deliver(add, failure.error)
                 for request_id in self.engine.pending_kv_pulls:
                     add = self._outboxes.get(request_id)
                     if add is not None:

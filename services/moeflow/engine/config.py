@@ -46,16 +46,35 @@ class EngineSettings(BaseSettings):
     """Bounded admission queue; past it, new requests get 429 Overloaded."""
     enable_prefix_caching: bool = True
 
-    transport: Literal["shm", "redis"] = "shm"
-    """XCCL backend for KV transfer (prefill/decode roles)."""
+    transport: Literal["shm", "redis", "memory"] = "shm"
+    """XCCL backend for KV transfer (prefill/decode) and expert dispatch/combine
+    (attention/expert); "memory" joins endpoints inside one process (tests only)."""
     group: str = ""
     """XCCL group: instances of one deployment meet in it; defaults to the served name."""
     redis_url: str | None = None
     kv_transfer_timeout_s: float = Field(60.0, gt=0)
     """Longest a decode instance waits for a prompt's KV (includes the prefill itself)."""
 
+    num_expert_instances: int = Field(0, ge=0)
+    """Attention and expert roles: how many expert instances (XCCL ranks expert-0..N-1)."""
+    num_attention_instances: int = Field(0, ge=0)
+    """Expert role: how many attention instances it serves (ranks attention-0..N-1)."""
+    num_micro_batches: int = Field(2, ge=1, le=8)
+    """Attention role: micro-batches per step, so attention overlaps the experts' work."""
+    expert_timeout_s: float = Field(30.0, gt=0)
+    """Attention role: longest wait for an expert instance's answer before it counts as
+    dead (its pairs then go to another replica, or the step's requests fail)."""
+
     @model_validator(mode="after")
     def _check(self) -> EngineSettings:
+        if self.role in ("attention", "expert") and self.num_expert_instances < 1:
+            raise ValueError(f"role {self.role} needs num_expert_instances >= 1")
+        if self.role == "expert":
+            if self.num_attention_instances < 1:
+                raise ValueError("role expert needs num_attention_instances >= 1")
+            if self.rank >= self.num_expert_instances:
+                raise ValueError(f"expert rank {self.rank} must be < num_expert_instances "
+                                 f"({self.num_expert_instances})")
         if not self.model_path.is_dir():
             raise ValueError(
                 f"model_path {self.model_path} is not a folder; pull it first with "

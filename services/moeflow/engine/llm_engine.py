@@ -16,7 +16,9 @@ import torch
 
 from moeflow.common.errors import (
     ContextLengthExceededError,
+    ExpertsUnavailableError,
     InvalidRequestError,
+    MoeflowError,
     OverloadedError,
 )
 from moeflow.common.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
@@ -29,6 +31,16 @@ from moeflow.engine.scheduler import Scheduler
 from moeflow.engine.sequence import Sequence
 
 logger = logging.getLogger(__name__)
+
+
+class StepFailed(Exception):
+    """A step could not run (no live expert for a routed token): its requests are aborted
+    here and must be failed with ``error``; the engine itself keeps serving."""
+
+    def __init__(self, request_ids: list[str], error: MoeflowError) -> None:
+        super().__init__(error.message)
+        self.request_ids = request_ids
+        self.error = error
 
 
 @dataclass
@@ -60,14 +72,21 @@ class LLMEngine:
                 "or lower max_model_len"
             )
         started = time.perf_counter()
-        self.runner = ModelRunner(
-            settings.model_path,
-            self.arch,
-            dtype=settings.dtype,
-            num_blocks=num_blocks,
-            block_size=settings.block_size,
-            max_model_len=self.max_model_len,
-        )
+        if settings.role == "attention":
+            from moeflow.engine.ae.attention_runner import build_attention_runner
+
+            self.runner: ModelRunner = build_attention_runner(
+                settings, self.arch, num_blocks=num_blocks, max_model_len=self.max_model_len
+            )
+        else:
+            self.runner = ModelRunner(
+                settings.model_path,
+                self.arch,
+                dtype=settings.dtype,
+                num_blocks=num_blocks,
+                block_size=settings.block_size,
+                max_model_len=self.max_model_len,
+            )
         self.weight_load_s = time.perf_counter() - started
         self.block_manager = BlockManager(
             num_blocks, settings.block_size, enable_prefix_caching=settings.enable_prefix_caching
@@ -150,6 +169,10 @@ class LLMEngine:
             self.runner.forget(request_id)
         self.exported_kv.pop(request_id, None)
 
+    def close(self) -> None:
+        """Release what the runner holds outside this process (XCCL endpoints)."""
+        self.runner.close()
+
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work
@@ -161,7 +184,14 @@ class LLMEngine:
         self.last_step_was_idle = plan.is_empty
         if plan.is_empty:
             return []
-        sampled = self.runner.execute(plan)
+        try:
+            sampled = self.runner.execute(plan)
+        except ExpertsUnavailableError as exc:
+            # a failed step indexes nothing in the prefix cache (that happens in postprocess)
+            failed = [item.seq.request_id for item in plan.scheduled]
+            for request_id in failed:
+                self.abort(request_id)
+            raise StepFailed(failed, exc) from exc
         for item in plan.scheduled:
             seq = item.seq
             if seq.exports_kv and item.completes_sequence and not seq.output_token_ids:

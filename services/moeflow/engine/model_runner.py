@@ -32,11 +32,13 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         max_model_len: int,
+        with_routed_experts: bool = True,
     ) -> None:
         self.arch = arch
         self.block_size = block_size
         self.dtype = DTYPES[dtype]
-        self.model = load_model(model_dir, arch, dtype=self.dtype, max_len=max_model_len)
+        self.model = load_model(model_dir, arch, dtype=self.dtype, max_len=max_model_len,
+                                with_routed_experts=with_routed_experts)
         num_slots = num_blocks * block_size
         self.kv_cache = torch.zeros(
             arch.num_layers, 2, num_slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype
@@ -48,6 +50,9 @@ class ModelRunner:
         element_bytes = torch.empty((), dtype=DTYPES[dtype]).element_size()
         per_token = 2 * arch.num_layers * arch.num_kv_heads * arch.head_dim * element_bytes
         return max(1, num_bytes // (per_token * block_size))
+
+    def close(self) -> None:
+        """Nothing to release for a runner that holds every weight itself."""
 
     def forget(self, request_id: str) -> None:
         self._generators.pop(request_id, None)
@@ -133,9 +138,13 @@ class ModelRunner:
         """Run one step; return request_id -> sampled token for sequences that completed."""
         input_ids, positions, meta, sampled_items, sample_rows = self._prepare(plan)
         hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
+        return self._sample(hidden[sample_rows], sampled_items)
+
+    def _sample(self, hidden: torch.Tensor, sampled_items: list[ScheduledSeq]) -> dict[str, int]:
+        """Sample one token for each of sampled_items from its final hidden row."""
         if not sampled_items:
             return {}
-        logits = self.model.logits(hidden[sample_rows])
+        logits = self.model.logits(hidden)
         params = [s.seq.sampling for s in sampled_items]
         generators = []
         for s in sampled_items:

@@ -48,6 +48,12 @@ def transposed(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous()
 
 
+def expert_mlp(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One routed expert on its tokens: x [n, E], gate_up [2I, E], down [E, I] -> [n, E]."""
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
 @dataclass
 class DenseMLP:
     gate_up_t: torch.Tensor  # [E, 2I]: gate columns then up columns
@@ -89,20 +95,26 @@ class MoE:
         hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero().flatten().tolist()
         for e in hit:
             slot, token_idx = torch.where(expert_mask[e])
-            gate, up = F.linear(x[token_idx], self.gate_up[e]).chunk(2, dim=-1)
-            h = F.linear(F.silu(gate) * up, self.down[e])
+            h = expert_mlp(x[token_idx], self.gate_up[e], self.down[e])
             h = h * weights[token_idx, slot, None]
             out.index_add_(0, token_idx, h.to(out.dtype))
         return out
 
+    def shared_output(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The gated shared expert's output, or None when there is no shared expert."""
+        if self.shared is None:
+            return None
+        assert self.shared_gate is not None
+        return torch.sigmoid(F.linear(x, self.shared_gate)) * self.shared(x)
+
+    def add_shared(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out`` (the routed experts' sum) plus the gated shared expert, if there is one."""
+        shared = self.shared_output(x)
+        return out if shared is None else out + shared
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        shared_out = self.shared(x) if self.shared is not None else None
         expert_ids, weights = self.route(x)
-        out = self.experts(x, expert_ids, weights)
-        if shared_out is not None:
-            assert self.shared_gate is not None
-            out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * shared_out
-        return out
+        return self.add_shared(x, self.experts(x, expert_ids, weights))
 
 
 @dataclass
@@ -139,6 +151,44 @@ class DecoderModel:
         self.sin = self.sin.to(embed.dtype)
         self.scale = arch.head_dim**-0.5
 
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, Hd] for the tokens at ``positions``."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+    def attention_block(
+        self,
+        i: int,
+        x: torch.Tensor,  # [T, E]
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:  # [T, E]: x plus layer i's attention output
+        """Layer i up to its MLP: norm, QKV, RoPE, paged attention (writing this step's K/V
+        into the cache), output projection and the residual add."""
+        arch = self.arch
+        eps = arch.rms_norm_eps
+        layer = self.layers[i]
+        num_tokens = x.shape[0]
+        heads = [arch.num_heads, arch.num_kv_heads, arch.num_kv_heads]
+        h = rms_norm(x, layer.input_norm, eps)
+        qkv = h @ layer.qkv_t
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        qkv = qkv.view(num_tokens, -1, arch.head_dim)
+        q, k, v = qkv.split(heads, dim=1)
+        if layer.q_norm is not None and layer.k_norm is not None:
+            q = rms_norm(q, layer.q_norm, eps)
+            k = rms_norm(k, layer.k_norm, eps)
+            qk = torch.cat((q, k), dim=1)
+        else:
+            qk = qkv[:, : heads[0] + heads[1]]
+        # RoPE on q and k together: the same elementwise ops, half the dispatches
+        qk = (qk * cos) + (rotate_half(qk) * sin)
+        q, k = qk.split(heads[:2], dim=1)
+        attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
+        return x + F.linear(attn.reshape(num_tokens, -1), layer.o_proj)
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -146,34 +196,12 @@ class DecoderModel:
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # [layers, 2, S, K, Hd]
     ) -> torch.Tensor:  # [T, E]
-        arch = self.arch
-        eps = arch.rms_norm_eps
-        num_tokens = input_ids.shape[0]
-        heads = [arch.num_heads, arch.num_kv_heads, arch.num_kv_heads]
-        cos = self.cos[positions].unsqueeze(1)  # [T, 1, Hd]
-        sin = self.sin[positions].unsqueeze(1)
+        eps = self.arch.rms_norm_eps
+        cos, sin = self.rope(positions)
         x = F.embedding(input_ids, self.embed)
         for i, layer in enumerate(self.layers):
-            residual = x
-            h = rms_norm(x, layer.input_norm, eps)
-            qkv = h @ layer.qkv_t
-            if layer.qkv_bias is not None:
-                qkv = qkv + layer.qkv_bias
-            qkv = qkv.view(num_tokens, -1, arch.head_dim)
-            q, k, v = qkv.split(heads, dim=1)
-            if layer.q_norm is not None and layer.k_norm is not None:
-                q = rms_norm(q, layer.q_norm, eps)
-                k = rms_norm(k, layer.k_norm, eps)
-                qk = torch.cat((q, k), dim=1)
-            else:
-                qk = qkv[:, : heads[0] + heads[1]]
-            # RoPE on q and k together: the same elementwise ops, half the dispatches
-            qk = (qk * cos) + (rotate_half(qk) * sin)
-            q, k = qk.split(heads[:2], dim=1)
-            attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
-            x = residual + F.linear(attn.reshape(num_tokens, -1), layer.o_proj)
-            residual = x
-            x = residual + layer.mlp(rms_norm(x, layer.post_norm, eps))
+            x = self.attention_block(i, x, cos, sin, meta, kv_cache)
+            x = x + layer.mlp(rms_norm(x, layer.post_norm, eps))
         return rms_norm(x, self.final_norm, eps)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -8,7 +8,7 @@ says so.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,16 @@ class _Weights:
         tensor: torch.Tensor = handle.get_tensor(name)
         return tensor.to(self._dtype).contiguous()
 
+    def get_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+        """Rows `rows` of a stacked tensor, reading only their bytes."""
+        handle = self._handles.get(name)
+        if handle is None:
+            raise CheckpointError(f"checkpoint tensor {name!r} is missing")
+        part = handle.get_slice(name)
+        if not rows:
+            return torch.empty(0)
+        return torch.stack([part[r] for r in rows]).to(self._dtype).contiguous()
+
     def maybe(self, name: str) -> torch.Tensor | None:
         return self.get(name) if self.has(name) else None
 
@@ -69,19 +79,32 @@ def _dense_mlp(w: _Weights, prefix: str, gate: str, up: str, down: str) -> Dense
     )
 
 
-def _moe(w: _Weights, arch: ArchConfig, layer_prefix: str) -> MoE:
+def _moe_prefix(arch: ArchConfig, layer_prefix: str) -> tuple[str, tuple[str, str, str]]:
     if arch.model_type == "mixtral":
-        prefix, names = f"{layer_prefix}.block_sparse_moe", ("w1", "w3", "w2")
-    else:
-        prefix, names = f"{layer_prefix}.mlp", ("gate_proj", "up_proj", "down_proj")
+        return f"{layer_prefix}.block_sparse_moe", ("w1", "w3", "w2")
+    return f"{layer_prefix}.mlp", ("gate_proj", "up_proj", "down_proj")
+
+
+def _experts(
+    w: _Weights, arch: ArchConfig, layer_prefix: str, experts: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gate_up [len(experts), 2I, E] and down [len(experts), E, I] of the chosen experts."""
+    prefix, (gate, up, down_name) = _moe_prefix(arch, layer_prefix)
     if w.has(f"{prefix}.experts.gate_up_proj"):
-        gate_up = w.get(f"{prefix}.experts.gate_up_proj")
-        down = w.get(f"{prefix}.experts.down_proj")
-    else:
-        gate, up, down_name = names
-        experts = [f"{prefix}.experts.{e}" for e in range(arch.num_experts)]
-        gate_up = torch.stack([_gate_up(w, p, gate, up) for p in experts])
-        down = torch.stack([w.get(f"{p}.{down_name}.weight") for p in experts])
+        return (w.get_rows(f"{prefix}.experts.gate_up_proj", experts),
+                w.get_rows(f"{prefix}.experts.down_proj", experts))
+    names = [f"{prefix}.experts.{e}" for e in experts]
+    if not names:
+        return torch.empty(0), torch.empty(0)
+    gate_up = torch.stack([_gate_up(w, p, gate, up) for p in names])
+    down = torch.stack([w.get(f"{p}.{down_name}.weight") for p in names])
+    return gate_up, down
+
+
+def _moe(w: _Weights, arch: ArchConfig, layer_prefix: str, *, with_experts: bool) -> MoE:
+    prefix, _ = _moe_prefix(arch, layer_prefix)
+    chosen = range(arch.num_experts) if with_experts else range(0)
+    gate_up, down = _experts(w, arch, layer_prefix, chosen)
     shared = None
     shared_gate = None
     if arch.shared_expert_intermediate_size:
@@ -98,9 +121,35 @@ def _moe(w: _Weights, arch: ArchConfig, layer_prefix: str) -> MoE:
     )
 
 
+ExpertWeights = dict[int, tuple[torch.Tensor, torch.Tensor]]
+"""expert id -> (gate_up [2I, E], down [E, I]) of one MoE layer."""
+
+
+def load_experts(
+    model_dir: Path, arch: ArchConfig, experts: Sequence[int], *, dtype: torch.dtype
+) -> dict[int, ExpertWeights]:
+    """The routed experts `experts` of every MoE layer: layer id -> expert id -> weights.
+
+    What an expert instance holds; reads only those experts' bytes from the memory map."""
+    bad = [e for e in experts if not 0 <= e < arch.num_experts]
+    if bad:
+        raise CheckpointError(f"experts {bad} do not exist: the model has {arch.num_experts}")
+    chosen = sorted(set(experts))
+    with ExitStack() as stack:
+        w = _Weights(model_dir, dtype, stack)
+        out: dict[int, ExpertWeights] = {}
+        for i in arch.moe_layer_ids:
+            gate_up, down = _experts(w, arch, f"model.layers.{i}", chosen)
+            out[i] = {e: (gate_up[j], down[j]) for j, e in enumerate(chosen)}
+        return out
+
+
 def load_model(
-    model_dir: Path, arch: ArchConfig, *, dtype: torch.dtype, max_len: int
+    model_dir: Path, arch: ArchConfig, *, dtype: torch.dtype, max_len: int,
+    with_routed_experts: bool = True,
 ) -> DecoderModel:
+    """The whole model; without routed experts (an attention instance), MoE layers keep their
+    router and shared expert and get empty expert tensors."""
     with ExitStack() as stack:
         w = _Weights(model_dir, dtype, stack)
         layers: list[DecoderLayer] = []
@@ -108,7 +157,9 @@ def load_model(
             p = f"model.layers.{i}"
             a = f"{p}.self_attn"
             if i in arch.moe_layer_ids:
-                mlp: DenseMLP | MoE = _moe(w, arch, p)
+                mlp: DenseMLP | MoE = _moe(
+                    w, arch, p, with_experts=with_routed_experts
+                )
             else:
                 mlp = _dense_mlp(w, f"{p}.mlp", "gate_proj", "up_proj", "down_proj")
             layers.append(
