@@ -81,8 +81,10 @@ class ModelPlan:
 
 
 def engine_argv(*, model_path: str, served_model_name: str, role: Role, rank: int, host: str,
-                port: int) -> tuple[str, ...]:
-    return (
+                port: int, num_attention: int = 0, num_experts: int = 0) -> tuple[str, ...]:
+    """What one instance runs. Attention and expert instances also learn the size of the other
+    side (XCCL ranks attention-i / expert-j are derived from it)."""
+    argv: tuple[str, ...] = (
         "moeflow", "engine",
         "--model", model_path,
         "--served-model-name", served_model_name,
@@ -91,6 +93,11 @@ def engine_argv(*, model_path: str, served_model_name: str, role: Role, rank: in
         "--host", host,
         "--port", str(port),
     )
+    if role in (Role.ATTENTION, Role.EXPERT):
+        argv += ("--num-expert-instances", str(num_experts))
+    if role is Role.EXPERT:
+        argv += ("--num-attention-instances", str(num_attention))
+    return argv
 
 
 def gateway_argv(*, served_model_name: str, host: str, port: int, discovery: str,
@@ -128,6 +135,7 @@ def plan_model(
     path = model_path if model_path is not None else model_path_for(name, spec.source)
     jobs: list[JobPlan] = []
     instance_index = 0
+    sizes = {role: spec.role(role).replicas for role in spec.role_names}
     for role in spec.role_names:
         replicas = spec.role(role).replicas
         tasks: list[TaskPlan] = []
@@ -141,7 +149,9 @@ def plan_model(
                 name=naming.task_name(name, role, rank), role=role, rank=rank, host=host,
                 port=port,
                 argv=engine_argv(model_path=path, served_model_name=name, role=role, rank=rank,
-                                 host=host, port=port),
+                                 host=host, port=port,
+                                 num_attention=sizes.get(Role.ATTENTION, 0),
+                                 num_experts=sizes.get(Role.EXPERT, 0)),
             ))
         jobs.append(JobPlan(name=naming.job_name(name, role), role=role, replicas=replicas,
                             tasks=tuple(tasks)))

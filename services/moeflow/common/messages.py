@@ -184,3 +184,5 @@ class AttentionExpertStats(_Message):
     expert_compute_ms_per_layer: tuple[float, ...]
     num_redispatches_total: int
     """Pairs sent again to another replica after an expert instance failed."""
+    imbalance_ratio: float
+    """max / mean of the pairs each live expert instance got since the placement was set."""

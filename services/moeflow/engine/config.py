@@ -46,6 +46,13 @@ class EngineSettings(BaseSettings):
     """Bounded admission queue; past it, new requests get 429 Overloaded."""
     enable_prefix_caching: bool = True
 
+    # -- cold start (moeflow.coldstart, docs/coldstart.md) --
+    model_store: Path | None = None
+    """Node model store (e.g. /dev/shm/moeflow-store): weights are mapped from it when it holds
+    this model in this dtype; otherwise the checkpoint is loaded."""
+    warmup: bool = True
+    """Run one tiny request through the model before reporting ready."""
+
     transport: Literal["shm", "redis", "memory"] = "shm"
     """XCCL backend for KV transfer (prefill/decode) and expert dispatch/combine
     (attention/expert); "memory" joins endpoints inside one process (tests only)."""

@@ -79,6 +79,12 @@ def _placement(hosted: Sequence[set[int]], num_experts: int, slots: int) -> Plac
     )
 
 
+def placement_of(hosted: Sequence[Sequence[int]], num_experts: int, slots: int) -> Placement:
+    """The Placement of explicit per-instance expert sets (e.g. what live instances report);
+    experts hosted nowhere get no replicas (an empty `shares` entry)."""
+    return _placement([set(h) for h in hosted], num_experts, slots)
+
+
 def replica_counts(counts: Sequence[int], num_instances: int, budget: int, slots: int) -> list[int]:
     """Replicas per expert: start at one each, then repeatedly add a replica to the expert with
     the highest per-replica load (count / replicas) while the budget and the total capacity

@@ -11,9 +11,11 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+from moeflow.coldstart.record import ColdStartRecord
 from moeflow.common.errors import (
     ContextLengthExceededError,
     ExpertsUnavailableError,
@@ -29,6 +31,9 @@ from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import load_arch
 from moeflow.engine.scheduler import Scheduler
 from moeflow.engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from moeflow.coldstart.preload import Preloaded
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +56,19 @@ class _Request:
 
 
 class LLMEngine:
-    def __init__(self, settings: EngineSettings) -> None:
+    def __init__(self, settings: EngineSettings, *, preloaded: Preloaded | None = None,
+                 cold_start: ColdStartRecord | None = None) -> None:
+        # cold start (moeflow.coldstart): weights may come preloaded; the record times the steps
+        self.cold_start = cold_start or ColdStartRecord.from_process()
+        self.cold_start.mark_load_started()
         num_threads = settings.num_threads or len(os.sched_getaffinity(0))
         torch.set_num_threads(num_threads)
         self.settings = settings
         self.created_unix = int(time.time())
-        self.arch = load_arch(settings.model_path)
-        self.tokenizer = TextTokenizer.from_dir(settings.model_path)
+        self.arch = preloaded.arch if preloaded else load_arch(settings.model_path)
+        self.tokenizer = (
+            preloaded.tokenizer if preloaded else TextTokenizer.from_dir(settings.model_path)
+        )
         num_blocks = ModelRunner.num_blocks_for_bytes(
             self.arch, settings.dtype, settings.block_size, settings.kv_cache_bytes
         )
@@ -86,8 +97,13 @@ class LLMEngine:
                 num_blocks=num_blocks,
                 block_size=settings.block_size,
                 max_model_len=self.max_model_len,
+                model=preloaded.model if preloaded else None,
             )
         self.weight_load_s = time.perf_counter() - started
+        runner_load_s = (
+            0.0 if preloaded else getattr(self.runner, "weight_load_s", self.weight_load_s)
+        )
+        self.cold_start.mark_load_done(time.monotonic() - self.weight_load_s + runner_load_s)
         self.block_manager = BlockManager(
             num_blocks, settings.block_size, enable_prefix_caching=settings.enable_prefix_caching
         )

@@ -7,12 +7,15 @@ are laid out first in the flattened token batch so their attention runs as one p
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import torch
 
+from moeflow.engine.lazy_memory import lazy_zeros
 from moeflow.engine.models.arch import ArchConfig
 from moeflow.engine.models.attention import AttentionMetadata, PrefillSpan
+from moeflow.engine.models.decoder import DecoderModel
 from moeflow.engine.models.loader import load_model
 from moeflow.engine.sampler import make_generator, sample
 from moeflow.engine.scheduler import ScheduledSeq, StepPlan
@@ -33,14 +36,18 @@ class ModelRunner:
         block_size: int,
         max_model_len: int,
         with_routed_experts: bool = True,
+        model: DecoderModel | None = None,
     ) -> None:
         self.arch = arch
         self.block_size = block_size
         self.dtype = DTYPES[dtype]
-        self.model = load_model(model_dir, arch, dtype=self.dtype, max_len=max_model_len,
-                                with_routed_experts=with_routed_experts)
+        started = time.perf_counter()  # cold start: `model` is preloaded (moeflow.coldstart)
+        self.model = model if model is not None else load_model(
+            model_dir, arch, dtype=self.dtype, max_len=max_model_len,
+            with_routed_experts=with_routed_experts)
+        self.weight_load_s = time.perf_counter() - started
         num_slots = num_blocks * block_size
-        self.kv_cache = torch.zeros(
+        self.kv_cache = lazy_zeros(
             arch.num_layers, 2, num_slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype
         )
         self._generators: dict[str, torch.Generator | None] = {}

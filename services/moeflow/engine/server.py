@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from moeflow.coldstart.http import add_coldstart_routes
 from moeflow.common.errors import BackendUnavailableError, InvalidRequestError, MoeflowError
 from moeflow.common.messages import (
     EngineStats,
@@ -30,6 +31,8 @@ from moeflow.common.messages import (
     PrefillResponse,
     TokenChunk,
 )
+from moeflow.engine.ae.attention_routes import add_attention_routes
+from moeflow.engine.ae.attention_runner import AttentionRunner
 from moeflow.engine.async_engine import AsyncEngine, KVPullReady
 from moeflow.engine.disagg import KVPuller, prefill_only, send_kv
 from moeflow.engine.llm_engine import LLMEngine
@@ -96,6 +99,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
             yield
         finally:
             async_engine.stop()
+            engine.close()
             if puller is not None:
                 await puller.aclose()
             if transport is not None:
@@ -117,6 +121,9 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
 
     app = FastAPI(title="moeflow engine", lifespan=lifespan)
     app.state.async_engine = async_engine
+    add_coldstart_routes(app, engine.cold_start, registry)  # GET /v1/coldstart, histograms
+    if isinstance(engine.runner, AttentionRunner):
+        add_attention_routes(app, engine.runner.client, registry, settings.instance_name)
 
     @app.exception_handler(MoeflowError)
     async def _domain_error(_: Request, exc: MoeflowError) -> JSONResponse:

@@ -40,7 +40,8 @@ class KubeDiscovery:
 
     async def ready_urls(self) -> list[str]:
         instances = await self._tasks.list_instances(self._model)
-        return [i.url for i in instances if i.is_ready]
+        # expert instances answer attention instances over XCCL, never a gateway
+        return [i.url for i in instances if i.is_ready and i.role != "expert"]
 
     def close(self) -> None:
         self._tasks.close()

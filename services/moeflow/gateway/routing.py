@@ -118,8 +118,10 @@ def place(
     """Choose colocated vs split, then instances; None if no healthy instance can serve."""
     by_role: dict[str, list[InstanceView]] = {"colocated": [], "prefill": [], "decode": []}
     for instance in instances:
-        if instance.is_healthy and instance.role in by_role:
-            by_role[instance.role].append(instance)
+        # an attention instance (AE split) serves whole requests, as a colocated one does
+        role = "colocated" if instance.role == "attention" else instance.role
+        if instance.is_healthy and role in by_role:
+            by_role[role].append(instance)
     can_split = bool(by_role["prefill"] and by_role["decode"])
     can_colocate = bool(by_role["colocated"])
     wants_split = num_prompt_tokens >= min_prompt_tokens_for_split and max_tokens > 1

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeflow.common.errors import ExpertsUnavailableError
 from moeflow.common.messages import AttentionExpertStats, ExpertPlacement
 from moeflow.engine.ae.expert_map import ExpertMap
 from moeflow.engine.ae.wire import A2E_TAG, E2A_TAG, Combine, Dispatch, Status
@@ -34,6 +33,12 @@ from moeflow.xccl import Transport
 from moeflow.xccl.errors import XcclError
 
 logger = logging.getLogger(__name__)
+
+
+def imbalance(loads: Sequence[int]) -> float:
+    """max / mean (1.0 when balanced, or when there is no load yet)."""
+    total = sum(loads)
+    return max(loads) * len(loads) / total if total else 1.0
 
 
 def expert_rank(index: int) -> str:
@@ -46,6 +51,7 @@ class _Outstanding:
     seq: int
     layer: int
     sent_ns: int
+    map_version: int
     tokens: torch.Tensor  # [p] token index in the micro-batch
     slots: torch.Tensor  # [p] top-k slot
 
@@ -86,6 +92,7 @@ class ExpertClient:
         self.moe_layer_ids = tuple(moe_layer_ids)
         self.routed_tokens = torch.zeros(expert_map.num_experts, dtype=torch.int64)
         self.pairs_per_instance = [0] * expert_map.num_instances
+        self._window_pairs = [0] * expert_map.num_instances  # since the placement was set
         self._latency = {layer: _LayerLatency() for layer in self.moe_layer_ids}
         self.num_redispatches_total = 0
 
@@ -96,10 +103,15 @@ class ExpertClient:
                 f"placement has {len(placement.hosted)} expert instances; this attention "
                 f"instance was started with {self.map.num_instances}"
             )
+        hosted = {e for experts in placement.hosted for e in experts}
+        missing = sorted(set(range(self.map.num_experts)) - hosted)
+        if missing:
+            raise ValueError(f"placement hosts experts {missing} nowhere")
         if placement.version < self.map.version:
             raise ValueError(f"placement version {placement.version} is older than "
                              f"{self.map.version}")
         self.map = ExpertMap(placement.hosted, self.map.num_experts, version=placement.version)
+        self._window_pairs = [0] * self.map.num_instances
         logger.info("expert placement v%d: %s", placement.version, placement.hosted)
 
     def stats(self) -> AttentionExpertStats:
@@ -118,6 +130,8 @@ class ExpertClient:
             e2a_ms_per_layer=tuple(mean_ms(x.e2a_ns, x.count) for x in lat),
             expert_compute_ms_per_layer=tuple(mean_ms(x.compute_ns, x.count) for x in lat),
             num_redispatches_total=self.num_redispatches_total,
+            imbalance_ratio=imbalance([p for i, p in enumerate(self._window_pairs)
+                                       if i not in m.dead]),
         )
 
     def close(self) -> None:
@@ -143,10 +157,13 @@ class ExpertClient:
             item = pending.outstanding.pop(0)
             answer = self._receive(item)
             if answer is None or answer.status is not Status.OK:
+                moved_on = item.map_version < self.map.version
                 if answer is not None:
-                    logger.warning("expert-%d answered %s: sending its pairs elsewhere",
+                    logger.warning("expert-%d answered %s: sending its pairs again",
                                    item.instance, answer.status.name)
-                self._mark_dead(item.instance)
+                # an answer to a dispatch made under an older placement is not a fault
+                if not (moved_on and answer is not None):
+                    self._mark_dead(item.instance)
                 self.num_redispatches_total += int(item.tokens.numel())
                 self._send(pending, item.tokens, item.slots)
                 continue
@@ -176,8 +193,10 @@ class ExpertClient:
                     continue
                 self._waiting.add((instance, seq))
                 self.pairs_per_instance[instance] += int(rows.numel())
+                self._window_pairs[instance] += int(rows.numel())
                 pending.outstanding.append(
-                    _Outstanding(instance, seq, pending.layer, message.sent_ns, t, s)
+                    _Outstanding(instance, seq, pending.layer, message.sent_ns,
+                                 self.map.version, t, s)
                 )
             if not failed:
                 return

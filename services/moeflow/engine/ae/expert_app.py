@@ -1,0 +1,132 @@
+"""HTTP face of an expert instance: health, stats, live load/unload of experts, metrics.
+
+The data path is XCCL (``ExpertWorker``); HTTP is control only. ``GET /v1/model_info`` reports
+role "expert" so that a gateway that discovers every Task of a Model knows not to send it
+requests. Errors map to the OpenAI envelope through ``moeflow.engine.server.error_response``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from moeflow.common.errors import InvalidRequestError, MoeflowError
+from moeflow.common.messages import ExpertInstanceStats, ExpertLoadRequest
+from moeflow.engine.ae.expert_client import expert_rank
+from moeflow.engine.ae.expert_map import round_robin_hosted
+from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader
+from moeflow.engine.config import EngineSettings
+from moeflow.engine.model_runner import DTYPES
+from moeflow.engine.models.arch import load_arch
+from moeflow.engine.server import error_response
+from moeflow.xccl import make_transport
+
+logger = logging.getLogger(__name__)
+
+
+class _Metrics(Collector):
+    def __init__(self, worker: ExpertWorker) -> None:
+        self._worker = worker
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._worker.stats()
+        tokens = CounterMetricFamily("moeflow_expert_tokens", "Pairs computed per expert",
+                                     labels=["instance", "expert"])
+        for expert, count in enumerate(s.tokens_per_expert):
+            tokens.add_metric([s.rank, str(expert)], count)
+        hosted = GaugeMetricFamily("moeflow_expert_hosted", "Experts hosted here",
+                                   labels=["instance"])
+        hosted.add_metric([s.rank], len(s.hosted))
+        yield from (tokens, hosted)
+
+
+def build_expert_worker(settings: EngineSettings) -> ExpertWorker:
+    arch = load_arch(settings.model_path)
+    if not arch.is_moe:
+        raise ValueError(f"role expert needs a MoE model; {arch.model_type} is dense")
+    if settings.num_expert_instances > arch.num_experts:
+        raise ValueError(f"{settings.num_expert_instances} expert instances for "
+                         f"{arch.num_experts} experts: some would host nothing")
+    rank = expert_rank(settings.rank)
+    transport = make_transport(settings.transport, settings.xccl_group, rank,
+                               redis_url=settings.redis_url)
+    initial = round_robin_hosted(arch.num_experts, settings.num_expert_instances)[settings.rank]
+    peers = [f"attention-{i}" for i in range(settings.num_attention_instances)]
+    loader = checkpoint_loader(settings.model_path, arch, DTYPES[settings.dtype])
+    return ExpertWorker(transport, rank, peers, arch.num_experts, initial, loader,
+                        timeout_s=settings.expert_timeout_s)
+
+
+def build_expert_app(settings: EngineSettings) -> FastAPI:
+    torch.set_num_threads(settings.num_threads or 1)
+    started = time.perf_counter()
+    worker = build_expert_worker(settings)
+    logger.info("%s ready: experts %s loaded in %.2f s", worker.rank, sorted(worker.hosted),
+                time.perf_counter() - started)
+    registry = CollectorRegistry()
+    registry.register(_Metrics(worker))
+    created_unix = int(time.time())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        worker.start()
+        try:
+            yield
+        finally:
+            worker.stop()
+
+    app = FastAPI(title="moeflow expert instance", lifespan=lifespan)
+
+    @app.exception_handler(MoeflowError)
+    async def _domain_error(_: Request, exc: MoeflowError) -> JSONResponse:
+        return error_response(exc)
+
+    async def change(body: ExpertLoadRequest, unload: bool) -> ExpertInstanceStats:
+        try:
+            if unload:
+                worker.unload(body.experts)
+            else:  # reading weights takes a while: keep the event loop free
+                await asyncio.to_thread(worker.load, body.experts)
+        except ValueError as exc:
+            raise InvalidRequestError(str(exc), param="experts") from exc
+        return worker.stats()
+
+    @app.post("/v1/experts/load")
+    async def load(body: ExpertLoadRequest) -> ExpertInstanceStats:
+        return await change(body, unload=False)
+
+    @app.post("/v1/experts/unload")
+    async def unload(body: ExpertLoadRequest) -> ExpertInstanceStats:
+        return await change(body, unload=True)
+
+    @app.get("/v1/experts/stats")
+    async def stats() -> ExpertInstanceStats:
+        return worker.stats()
+
+    @app.get("/v1/model_info")
+    async def model_info() -> JSONResponse:
+        return JSONResponse({"served_model_name": settings.name, "role": "expert",
+                             "xccl_rank": worker.rank, "created_unix": created_unix})
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if not worker.is_healthy:
+            return JSONResponse({"status": "unhealthy"}, status_code=503)
+        return JSONResponse({"status": "ok", "role": "expert"})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
