@@ -17,7 +17,7 @@ from typing import Any
 
 import kopf
 
-from moeflow.controller import kube, naming, status
+from moeflow.controller import engine_report, kube, naming, status
 from moeflow.controller.build_engine import build_pod, build_task
 from moeflow.controller.events import Decision, applied, as_body
 from moeflow.controller.kube import KubeApi, OwnershipConflict
@@ -97,8 +97,16 @@ def sync_task_with_pod(api: KubeApi, settings: OperatorSettings, event_type: str
     endpoint = naming.instance_url(task.model, task.role, task.rank, namespace,
                                    task.template.port, settings.cluster_domain)
     previous: Mapping[str, Any] = task_body.get("status") or {}
+    now = status.now_iso()
     new = status.task_status(None if gone else pod, endpoint=endpoint, previous=previous,
-                             now=status.now_iso())
+                             now=now)
+    pod_ip = (pod.get("status") or {}).get("podIP")
+    if (new["phase"] == status.PHASE_READY and previous.get("phase") != status.PHASE_READY
+            and pod_ip and engine_report.needs_report(previous.get("coldStart"))):
+        # once, as the Pod turns Ready: the engine's own cold-start steps (docs/coldstart.md)
+        reported = engine_report.fetch_cold_start(pod_ip, task.template.port)
+        new = status.task_status(pod, endpoint=endpoint, previous=previous, now=now,
+                                 engine_cold_start=reported)
     if status.changed(previous, new):
         api.patch_status(kube.TASK, namespace, task_body["metadata"]["name"], new)
     decisions: list[Decision] = []

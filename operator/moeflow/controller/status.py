@@ -81,7 +81,8 @@ def _phase_of_pod(pod: Mapping[str, Any] | None) -> tuple[str, str, str]:
 
 
 def task_status(pod: Mapping[str, Any] | None, *, endpoint: str,
-                previous: Mapping[str, Any], now: str) -> Obj:
+                previous: Mapping[str, Any], now: str,
+                engine_cold_start: Mapping[str, float] | None = None) -> Obj:
     phase, reason, message = _phase_of_pod(pod)
     result: Obj = {"phase": phase, "ready": phase == PHASE_READY, "endpoint": endpoint,
                    "reason": reason, "message": message}
@@ -99,6 +100,7 @@ def task_status(pod: Mapping[str, Any] | None, *, endpoint: str,
             # First of the five cold-start steps; the engine reports the other four.
             cold_start = dict(previous.get("coldStart") or {})
             cold_start["podReadySeconds"] = max(0.0, (ready_at - created).total_seconds())
+            cold_start.update(engine_cold_start or {})  # engine_report.fetch_cold_start
             result["coldStart"] = cold_start
     result["conditions"] = [condition(READY, phase == PHASE_READY, reason, message,
                                       previous=previous.get("conditions") or [], now=now)]

@@ -55,7 +55,8 @@ def test_dead_instances_get_nothing_and_orphans_fail_clearly() -> None:
 
 
 def test_split_plan_balances_tokens_and_keeps_order() -> None:
-    items = [ScheduledSeq(make_seq(f"r{i}", list(range(20))), n) for i, n in enumerate([1, 1, 9, 1, 6, 1])]
+    sizes = [1, 1, 9, 1, 6, 1]
+    items = [ScheduledSeq(make_seq(f"r{i}", list(range(20))), n) for i, n in enumerate(sizes)]
     parts = split_plan(StepPlan(scheduled=items), 2)
     assert len(parts) == 2
     assert sorted(p.num_tokens for p in parts) == [9, 10]

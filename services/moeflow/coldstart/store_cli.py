@@ -1,0 +1,79 @@
+"""``moeflow store add|list|evict|pin|unpin``: the node model store from the command line.
+
+``main(argv)`` parses its own arguments so the top-level CLI can delegate to it as is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from moeflow.coldstart.store import DEFAULT_STORE_DIR, ModelStore, StoreFullError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moeflow store",
+                                     description="node model store (weights in DRAM)")
+    parser.add_argument("--dir", type=Path,
+                        default=Path(os.environ.get("MOEFLOW_STORE_DIR") or DEFAULT_STORE_DIR))
+    parser.add_argument("--budget-gb", type=float,
+                        default=float(os.environ.get("MOEFLOW_STORE_BUDGET_GB") or 16))
+    parser.add_argument("--pinned", action="append", default=[],
+                        help="keys the node always keeps (repeatable)")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add = sub.add_parser("add", help="convert a model to the engine layout and keep it here")
+    add.add_argument("model", help="cached model name or checkpoint folder")
+    add.add_argument("--name", default="", help="served model name (default: the folder's)")
+    add.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add.add_argument("--pin", action="store_true", help="never evict it")
+    sub.add_parser("list", help="entries, most recently used first")
+    evict = sub.add_parser("evict", help="remove entries")
+    evict.add_argument("keys", nargs="+")
+    for name in ("pin", "unpin"):
+        sub.add_parser(name).add_argument("keys", nargs="+")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    store = ModelStore(args.dir, budget_bytes=int(args.budget_gb * 1024**3), pinned=args.pinned)
+    out = sys.stdout
+    if args.command == "add":
+        from moeflow.checkpoints.store import resolve_home, resolve_model
+        from moeflow.coldstart.snapshot import store_key, write_snapshot
+
+        model_dir = resolve_model(args.model, resolve_home(os.environ))
+        name = args.name or args.model.rstrip("/").split("/")[-1]
+        expected = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+        try:
+            entry = store.publish(
+                store_key(name, args.dtype),
+                lambda dest: write_snapshot(model_dir, dest, dtype=args.dtype),
+                pinned=args.pin, expected_bytes=expected)
+        except StoreFullError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
+        out.write(f"{entry.key}\t{entry.size_bytes / 1e6:.1f} MB\t{entry.path}\n")
+    elif args.command == "list":
+        for e in sorted(store.entries(), key=lambda e: -e.last_used_s):
+            pin = "pinned" if e.is_pinned else "-"
+            out.write(f"{e.key}\t{e.size_bytes / 1e6:.1f} MB\t{pin}\t{e.meta.get('source', '')}\n")
+        out.write(f"used {store.used_bytes / 1e6:.1f} MB of {store.budget_bytes / 1e6:.1f} MB\n")
+    elif args.command == "evict":
+        missing = [k for k in args.keys if not store.evict(k)]
+        if missing:
+            sys.stderr.write(f"not in the store: {', '.join(missing)}\n")
+            return 1
+    else:
+        missing = [k for k in args.keys if not store.set_pinned(k, args.command == "pin")]
+        if missing:
+            sys.stderr.write(f"not in the store: {', '.join(missing)}\n")
+            return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
