@@ -37,6 +37,10 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="XCCL backend for prefill->decode KV transfer")
     p.add_argument("--redis-url", default=os.environ.get("MOEFLOW_REDIS_URL") or None,
                    help="Redis for --transport redis (moeflow up starts one if not given)")
+    p.add_argument("--num-micro-batches", type=int, default=2,
+                   help="attention role: micro-batches per step (overlap with the experts)")
+    p.add_argument("--expert-timeout-s", type=float, default=30.0,
+                   help="attention role: wait this long for an expert instance's answer")
 
 
 def _engine_argv(args: argparse.Namespace) -> list[str]:
@@ -52,6 +56,8 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
     if args.no_prefix_caching:
         argv.append("--no-prefix-caching")
     argv += ["--transport", args.transport]
+    argv += ["--num-micro-batches", str(args.num_micro_batches),
+             "--expert-timeout-s", str(args.expert_timeout_s)]
     return argv
 
 
@@ -60,8 +66,6 @@ def _run_engine(args: argparse.Namespace) -> int:
 
     from moeflow.checkpoints.store import resolve_model
     from moeflow.engine.config import EngineSettings
-    from moeflow.engine.llm_engine import LLMEngine
-    from moeflow.engine.server import build_engine_app
 
     model_path = resolve_model(args.model, _home())
     settings = EngineSettings(
@@ -83,11 +87,21 @@ def _run_engine(args: argparse.Namespace) -> int:
         transport=args.transport,
         group=args.group,
         redis_url=args.redis_url,
+        num_expert_instances=args.num_expert_instances,
+        num_attention_instances=args.num_attention_instances,
+        num_micro_batches=args.num_micro_batches,
+        expert_timeout_s=args.expert_timeout_s,
+        model_store=args.model_store,
     )
-    if settings.role not in ("colocated", "prefill", "decode"):
-        sys.stderr.write(f"error: role {settings.role!r} is not available yet\n")
-        return 2
-    app = build_engine_app(LLMEngine(settings))
+    if settings.role == "expert":
+        from moeflow.engine.ae.expert_app import build_expert_app
+
+        app = build_expert_app(settings)
+    else:  # cold start: node store, warm-up, the five-step record (moeflow.coldstart)
+        from moeflow.coldstart.launch import serve_engine
+        from moeflow.coldstart.record import ColdStartRecord
+
+        return serve_engine(settings, ColdStartRecord.from_process(os.environ))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
     return 0
 
@@ -110,7 +124,25 @@ def _gateway_settings(args: argparse.Namespace, engine_urls: Sequence[str]) -> o
         discovery=getattr(args, "discovery", "static"),
         namespace=getattr(args, "namespace", "default"),
         served_model_name=getattr(args, "served_model_name", ""),
+        max_waiting_for_scale_up=getattr(args, "max_waiting_for_scale_up", 64),
+        scale_up_timeout_s=getattr(args, "scale_up_timeout_s", 300.0),
     )
+
+
+def _add_autoscaling_flags(p: argparse.ArgumentParser) -> None:
+    """`moeflow up` autoscaling (moeflow.runtime.scaler); off unless one of the first three is
+    given, so today's fixed --instances stays the default."""
+    g = p.add_argument_group("autoscaling (off unless --min/--max-replicas or --idle-window-s)")
+    g.add_argument("--min-replicas", type=int, default=None,
+                   help="fewest engine instances; 0 allows scale to zero (default when on: 1)")
+    g.add_argument("--max-replicas", type=int, default=None,
+                   help="most engine instances (default when on: --instances)")
+    g.add_argument("--idle-window-s", type=float, default=None,
+                   help="no request for this long: scale to --min-replicas (default when on: 300)")
+    g.add_argument("--max-waiting-for-scale-up", type=int, default=64,
+                   help="requests held while the model scales up from zero; past it, 429")
+    g.add_argument("--scale-up-timeout-s", type=float, default=300.0,
+                   help="longest a request waits for a scale-up from zero; then 503")
 
 
 def _add_gateway_flags(p: argparse.ArgumentParser) -> None:
@@ -135,6 +167,18 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_store(args: argparse.Namespace) -> int:
+    from moeflow.coldstart.store_cli import main as store_main
+
+    return store_main(args.rest)
+
+
+def _run_device_plugin(args: argparse.Namespace) -> int:
+    from moeflow.deviceplugin.__main__ import main as plugin_main
+
+    return plugin_main(args.rest)
+
+
 def _run_up(args: argparse.Namespace) -> int:
     from moeflow.runtime.local import LocalRuntime
 
@@ -147,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     models_cli.register(sub, _home)
     operator_cli.register(sub)
+    # these two parse their own flags (and import grpc / the store only when used)
+    store = sub.add_parser("store", add_help=False,
+                           help="node model store for DRAM pre-loading: add|list|evict|pin|unpin")
+    store.add_argument("rest", nargs=argparse.REMAINDER)
+    store.set_defaults(func=_run_store)
+    plugin = sub.add_parser("device-plugin", add_help=False,
+                            help="kubelet device plugin advertising moeflow.dev/npu")
+    plugin.add_argument("rest", nargs=argparse.REMAINDER)
+    plugin.set_defaults(func=_run_device_plugin)
 
     engine = sub.add_parser("engine", help="run one engine instance (HTTP)")
     engine.add_argument("--model", required=True, help="cached model name or checkpoint folder")
@@ -158,7 +211,14 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--group", default="", help="XCCL group (default: served model name)")
     engine.add_argument("--host", default="127.0.0.1")
     engine.add_argument("--port", type=int, default=8001)
+    engine.add_argument("--num-expert-instances", type=int, default=0,
+                        help="attention/expert roles: size of the expert fleet")
+    engine.add_argument("--num-attention-instances", type=int, default=0,
+                        help="expert role: attention instances it serves")
     _add_engine_flags(engine)
+    engine.add_argument("--model-store", type=Path,
+                        default=os.environ.get("MOEFLOW_ENGINE_MODEL_STORE") or None,
+                        help="node model store (DRAM pre-load), e.g. /dev/shm/moeflow-store")
     engine.set_defaults(func=_run_engine)
 
     gateway = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
@@ -177,20 +237,33 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--port", type=int, default=8000)
     up.add_argument("--engine-port", type=int, default=0, help="first engine port (0: any free)")
-    up.add_argument("--mode", choices=["colocated", "pd"], default="colocated",
-                    help="pd: prefill/decode disaggregation over XCCL")
+    up.add_argument("--mode", choices=["colocated", "pd", "ae"], default="colocated",
+                    help="pd: prefill/decode disaggregation; ae: attention/expert "
+                    "disaggregation (MoE models); both over XCCL")
     up.add_argument("--instances", type=int, default=1, help="colocated instances")
     up.add_argument("--prefill", type=int, default=1, help="prefill instances (--mode pd)")
     up.add_argument("--decode", type=int, default=1, help="decode instances (--mode pd)")
+    up.add_argument("--attention", type=int, default=1, help="attention instances (--mode ae)")
+    up.add_argument("--experts", type=int, default=2, help="expert instances (--mode ae)")
+    up.add_argument("--expert-budget", type=int, default=-1,
+                    help="--mode ae: extra expert replicas in total (-1: one per expert instance)")
+    up.add_argument("--rebalance-interval-s", type=float, default=30.0,
+                    help="--mode ae: expert load balancing period (0: off)")
     up.add_argument("--pd-min-prompt-tokens", type=int, default=256,
                     help="with both colocated and split instances, split prompts this long")
     _add_engine_flags(up)
     _add_gateway_flags(up)
+    _add_autoscaling_flags(up)
     up.set_defaults(func=_run_up)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    for name, run in (("store", _run_store), ("device-plugin", _run_device_plugin)):
+        if argv[:1] == [name]:  # they own their flags, --help included
+            logging.basicConfig(level=logging.INFO)
+            return run(argparse.Namespace(rest=argv[1:]))
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

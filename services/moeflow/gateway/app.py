@@ -25,11 +25,21 @@ from moeflow.gateway.metrics import GatewayMetrics
 from moeflow.gateway.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
 from moeflow.gateway.registry import ModelRegistry
 from moeflow.gateway.routes import chat, completions, models
+from moeflow.gateway.scale_from_zero import ScaleUpRequester, WakeQueue
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.gateway.status_page import router as status_router
 
 
-def build_app(settings: GatewaySettings) -> FastAPI:
+def build_app(
+    settings: GatewaySettings,
+    *,
+    discovery: Discovery | None = None,
+    scale_up: ScaleUpRequester | None = None,
+) -> FastAPI:
+    """``discovery`` replaces the one ``settings`` name (the local scaler passes its own; the
+    instances in ``settings.engine_urls`` are awaited at start-up either way); ``scale_up``
+    turns on scale from zero (``moeflow.gateway.scale_from_zero``)."""
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = EngineClient(
@@ -38,26 +48,40 @@ def build_app(settings: GatewaySettings) -> FastAPI:
         )
         registry = ModelRegistry(client)
         metrics = GatewayMetrics(registry)
-        app.state.service = GenerationService(settings, registry, client, metrics)
         tasks = [asyncio.create_task(registry.poll_stats(settings.stats_poll_interval_s))]
-        discovery: Discovery
-        if settings.discovery == "kubernetes":
-            discovery = KubeDiscovery(settings.namespace, settings.served_model_name)
-            tasks.append(
-                asyncio.create_task(registry.follow(discovery, settings.discovery_interval_s))
-            )
+        found: Discovery
+        if discovery is not None:
+            found = discovery
+        elif settings.discovery == "kubernetes":
+            found = KubeDiscovery(settings.namespace, settings.served_model_name)
         else:
-            discovery = StaticDiscovery(settings.engine_urls)
+            found = StaticDiscovery(settings.engine_urls)
+        if discovery is not None or settings.discovery == "kubernetes":
+            tasks.append(
+                asyncio.create_task(registry.follow(found, settings.discovery_interval_s))
+            )
+        if settings.discovery == "static":
             await registry.discover(settings.engine_urls, settings.engine_startup_timeout_s)
             await registry.refresh_stats()
+        wake = WakeQueue(
+            requester=scale_up,
+            is_ready=registry.is_awake,
+            probe=lambda: registry.probe(found),
+            max_waiting=settings.max_waiting_for_scale_up,
+            timeout_s=settings.scale_up_timeout_s,
+            retry_after_s=settings.retry_after_s,
+            on_count=lambda model, n: metrics.waiting_for_scale_up.labels(model).set(n),
+        )
+        app.state.service = GenerationService(settings, registry, client, metrics, wake)
         try:
             yield
         finally:
+            wake.close()
             for task in tasks:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            discovery.close()
+            found.close()
             await client.aclose()
 
     app = FastAPI(title="MoEFlow gateway", version="0.1.0", lifespan=lifespan)

@@ -24,6 +24,7 @@ from moeflow.gateway.metrics import GatewayMetrics
 from moeflow.gateway.protocol import _SamplingFields
 from moeflow.gateway.registry import ModelRegistry, ServedModel
 from moeflow.gateway.routing import InstanceView
+from moeflow.gateway.scale_from_zero import WakeQueue
 from moeflow.gateway.settings import GatewaySettings
 
 T = TypeVar("T")
@@ -48,6 +49,8 @@ class GenerationService:
     registry: ModelRegistry
     client: EngineClient
     metrics: GatewayMetrics
+    wake: WakeQueue | None = None
+    """Scale from zero; None: a model without a ready instance gets 503 at once."""
     num_in_flight: int = 0
 
     def sampling_params(
@@ -113,14 +116,19 @@ class GenerationService:
         request_id: str,
         prompt_token_ids: list[int],
         sampling: SamplingParams,
+        is_disconnected: Callable[[], Awaitable[bool]] | None = None,
     ) -> AsyncGenerator[TokenChunk, None]:
         """Admit and start the request on an instance; return its chunk stream.
 
         Errors before the engine accepts (limits, unknown instance, engine 429) raise here, so
-        the caller can still answer with a proper status code.
+        the caller can still answer with a proper status code. A model scaled to zero is woken
+        first (the wait is bounded; ``is_disconnected`` ends it early).
         """
         self.admit()
         for attempt in range(_MAX_PLACEMENT_ATTEMPTS):
+            if self.wake is not None:
+                # again after a failed attempt: the last instance may just have scaled to zero
+                await self.wake.wait_until_ready(model.name, is_disconnected)
             try:
                 return await self._open_once(model, endpoint, request_id, prompt_token_ids,
                                              sampling)

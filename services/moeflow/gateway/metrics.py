@@ -70,6 +70,10 @@ class GatewayMetrics:
         self.in_flight = Gauge(
             "moeflow_gateway_requests_in_flight", "Requests the gateway holds now", registry=r
         )
+        self.waiting_for_scale_up = Gauge(
+            "moeflow_gateway_requests_waiting_for_scale_up",
+            "Requests held while their model scales up from zero", ["model"], registry=r,
+        )
         self._models = registry_of_models
         labels = ["model", "instance", "role"]
         self._queue_depth = Gauge(

@@ -50,6 +50,17 @@ class ModelRegistry:
             )
         return model
 
+    def is_awake(self, name: str) -> bool:
+        """False only for a known model with no healthy instance (one to scale up from zero);
+        an unknown model has nothing to wait for (``get`` refuses it)."""
+        model = self.models.get(name)
+        return model is None or any(i.is_healthy for i in model.instances)
+
+    async def probe(self, discovery: Discovery) -> None:
+        """Sync with ``discovery`` and refresh stats now (scale from zero polls this)."""
+        await self.sync(await discovery.ready_urls())
+        await self.refresh_stats()
+
     def place(
         self, model: ServedModel, prompt_token_ids: list[int], max_tokens: int,
         min_prompt_tokens_for_split: int,

@@ -40,3 +40,9 @@ class GatewaySettings(BaseSettings):
     max_prompts_per_request: int = Field(64, ge=1)
     pd_min_prompt_tokens: int = Field(256, ge=0)
     """With colocated and prefill/decode instances both present, split prompts this long."""
+    max_waiting_for_scale_up: int = Field(64, ge=0)
+    """Requests held per model while it scales up from zero; past it, 429 with Retry-After."""
+    scale_up_timeout_s: float = Field(300.0, gt=0)
+    """Longest a request waits for a model to scale up from zero; then 503."""
+    keep_alive_interval_s: float = Field(5.0, gt=0)
+    """SSE comment interval for streaming requests that wait for a scale-up."""

@@ -19,6 +19,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,6 +75,10 @@ class LocalRuntime:
             mode = "pd-disaggregated"
             roles = {"prefill": {"replicas": self.args.prefill},
                      "decode": {"replicas": self.args.decode}}
+        elif self.args.mode == "ae":
+            mode = "attention-expert-disaggregated"
+            roles = {"attention": {"replicas": self.args.attention},
+                     "expert": {"replicas": self.args.experts}}
         else:
             mode, roles = "colocated", {"colocated": {"replicas": self.args.instances}}
         transport: dict[str, str] = {"kind": self.args.transport}
@@ -142,6 +147,33 @@ class LocalRuntime:
                      engine.name, code, role)
         server.should_exit = True  # type: ignore[attr-defined]
 
+    @contextlib.contextmanager
+    def _expert_balancer(self, model_path: Path) -> Iterator[None]:
+        """--mode ae: the expert load balancer on a thread, every --rebalance-interval-s."""
+        from moeflow.engine.ae.balancer import ExpertBalancer
+        from moeflow.engine.models.arch import load_arch
+
+        interval_s = self.args.rebalance_interval_s
+        if interval_s <= 0:
+            yield
+            return
+        budget = None if self.args.expert_budget < 0 else self.args.expert_budget
+        balancer = ExpertBalancer(
+            [e.url for e in self.engines if "-attention-" in e.name],
+            [e.url for e in self.engines if "-expert-" in e.name],
+            load_arch(model_path).num_experts, budget=budget,
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=balancer.run, args=(interval_s, stop),
+                                  name="expert-balancer", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join(timeout=5.0)
+            balancer.close()
+
     def stop_engines(self) -> None:
         for engine in self.engines:
             if engine.process.poll() is None:
@@ -172,20 +204,29 @@ class LocalRuntime:
         served_name = self.args.served_model_name or self.args.model.rstrip("/").split("/")[-1]
         stack = contextlib.ExitStack()
         try:
-            if self.args.mode == "pd" and self.args.transport == "redis" and not self._redis_url:
+            split = self.args.mode in ("pd", "ae")
+            if split and self.args.transport == "redis" and not self._redis_url:
                 from moeflow.xccl.redis_server import start_local_redis
 
                 scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 redis = start_local_redis(scratch, port=free_port(self.args.host))
                 self._redis_url = stack.enter_context(redis).url
                 logger.info("started a private redis-server at %s", self._redis_url)
+            # --- autoscaling hook (moeflow.runtime.scaler): the scaler owns the engines ---
+            from moeflow.runtime.scaler import autoscaling_requested, serve_autoscaled
+
+            if autoscaling_requested(self.args):
+                return serve_autoscaled(self, model_path, served_name)
+            # --- end of the autoscaling hook ---
             plan = self.plan(model_path, served_name)
             self.engines = [
                 self._start_engine(task) for job in plan.jobs for task in job.tasks
             ]
             for engine in self.engines:
                 self._wait_ready(engine, _ENGINE_START_TIMEOUT_S)
-            settings = _gateway_settings(self.args, [e.url for e in self.engines])
+            # expert instances answer attention instances over XCCL, never the gateway
+            serving = [e.url for e in self.engines if "-expert-" not in e.name]
+            settings = _gateway_settings(self.args, serving)
             assert isinstance(settings, GatewaySettings)
             config = uvicorn.Config(
                 build_app(settings), host=settings.host, port=settings.port, log_level="info"
@@ -194,6 +235,8 @@ class LocalRuntime:
             self._server = server
             for engine in self.engines:
                 threading.Thread(target=self._watch, args=(engine,), daemon=True).start()
+            if self.args.mode == "ae":
+                stack.enter_context(self._expert_balancer(model_path))
             logger.info(
                 "serving %s at http://%s:%d/v1", served_name, settings.host, settings.port
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -43,7 +44,14 @@ async def create_chat_completion(
     )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = now_unix()
-    chunks = await service.open(model, "chat", request_id, prompt_ids, sampling)
+
+    async def start() -> AsyncIterator[TokenChunk]:
+        return await service.open(model, "chat", request_id, prompt_ids, sampling,
+                                  request.is_disconnected)
+
+    # a stream at zero instances starts now and sends keep-alives while the model wakes
+    ticket = service.wake.hold(model.name) if body.stream and service.wake else None
+    chunks = await start() if ticket is None else None
     base: dict[str, Any] = {
         "id": request_id,
         "object": "chat.completion.chunk",
@@ -75,16 +83,23 @@ async def create_chat_completion(
                  "finish_reason": None}
             ],
         }
-        return StreamingResponse(
-            sse_stream(
+        def render(chunks: AsyncIterator[TokenChunk]) -> AsyncIterator[str]:
+            return sse_stream(
                 chunks,
                 make_event=event,
                 make_usage_event=usage_event if include_usage else None,
                 first_events=[first],
-            ),
-            media_type="text/event-stream",
-        )
+            )
 
+        if ticket is not None and service.wake is not None:
+            events = service.wake.sse_after_wake(
+                ticket, service.settings.keep_alive_interval_s, start, render
+            )
+            return StreamingResponse(events, media_type="text/event-stream")
+        assert chunks is not None
+        return StreamingResponse(render(chunks), media_type="text/event-stream")
+
+    assert chunks is not None
     text, last = await until_disconnected(request.is_disconnected, collect(chunks))
     usage = make_usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
     return JSONResponse(

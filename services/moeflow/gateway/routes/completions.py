@@ -87,15 +87,23 @@ async def create_completion(
     ]
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = now_unix()
-    streams: list[AsyncGenerator[TokenChunk, None]] = []
-    try:
-        for i, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True)):
-            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
-            streams.append(await service.open(model, "completions", rid, ids, sampling))
-    except BaseException:
-        for stream in streams:
-            await stream.aclose()
-        raise
+
+    async def start() -> list[AsyncGenerator[TokenChunk, None]]:
+        streams: list[AsyncGenerator[TokenChunk, None]] = []
+        try:
+            for i, (ids, sampling) in enumerate(zip(prompts, samplings, strict=True)):
+                rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+                streams.append(await service.open(model, "completions", rid, ids, sampling,
+                                                  request.is_disconnected))
+        except BaseException:
+            for stream in streams:
+                await stream.aclose()
+            raise
+        return streams
+
+    # a stream at zero instances starts now and sends keep-alives while the model wakes
+    ticket = service.wake.hold(model.name) if body.stream and service.wake else None
+    opened = await start() if ticket is None else None
     base: dict[str, Any] = {
         "id": request_id, "object": "text_completion", "created": created, "model": model.name
     }
@@ -103,7 +111,7 @@ async def create_completion(
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        async def events() -> AsyncIterator[str]:
+        async def events(streams: list[AsyncGenerator[TokenChunk, None]]) -> AsyncIterator[str]:
             finals: dict[int, TokenChunk] = {}
             try:
                 async for index, chunk in _merge(streams):
@@ -128,10 +136,17 @@ async def create_completion(
                 yield sse({**base, "choices": [], "usage": usage.model_dump()})
             yield SSE_DONE
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        if ticket is not None and service.wake is not None:
+            waking = service.wake.sse_after_wake(
+                ticket, service.settings.keep_alive_interval_s, start, events
+            )
+            return StreamingResponse(waking, media_type="text/event-stream")
+        assert opened is not None
+        return StreamingResponse(events(opened), media_type="text/event-stream")
 
     async def gather_all() -> list[tuple[str, TokenChunk]]:
-        return list(await asyncio.gather(*(collect(s) for s in streams)))
+        assert opened is not None
+        return list(await asyncio.gather(*(collect(s) for s in opened)))
 
     results = await until_disconnected(request.is_disconnected, gather_all())
     usage = make_usage(

@@ -31,8 +31,11 @@ async def get_model(model_id: str, service: ServiceDep) -> ModelCard:
 async def health(service: ServiceDep) -> JSONResponse:
     models = service.registry.models.values()
     num_healthy = sum(1 for m in models for i in m.instances if i.is_healthy)
-    is_ok = num_healthy > 0
+    # a gateway that can wake its models serves them even at zero instances
+    can_wake = service.wake is not None and service.wake.can_wake
+    is_ok = num_healthy > 0 or (can_wake and bool(models))
     return JSONResponse(
-        {"status": "ok" if is_ok else "unavailable", "healthy_instances": num_healthy},
+        {"status": "ok" if is_ok else "unavailable", "healthy_instances": num_healthy,
+         "scale_from_zero": can_wake},
         status_code=200 if is_ok else 503,
     )
