@@ -9,8 +9,12 @@ Paths, interleaved round by round (each a fresh instance, stopped after it answe
 - xccl:             a claimed warm-pool worker receiving the weights from the fork server over
                     XCCL shm (`Transport.broadcast`)
 TTFT is measured by the client: from asking for the instance to the first NDJSON token line of
-its first request (health polled every 5 ms). Scale-out: N instances asked for at once, to the
-last one healthy: fork for N in 1, 4, 16, cold processes for N in 1, 4; on `--scale-model`.
+its first request (health polled every 1 ms over one keep-alive client, so the poll itself costs
+little). Fork to ready is taken two ways: the parent's view (the fork server's client gets the
+child's "ready" line, no polling: `ForkedInstance.wait_ready`) and the child's own record
+(`to_ready_seconds`, claim -> sockets listening); fork to first token is the fork path's TTFT.
+Scale-out: N instances asked for at once, to the last one ready: fork for N in 1, 4, 16 (ready
+lines), cold processes for N in 1, 4 (health polling); on `--scale-model`.
 
 Usage: python benchmarks/coldstart.py [--model smollm2-135m-instruct] [--rounds 3]
 Last line: RESULT {json}
@@ -19,6 +23,7 @@ Last line: RESULT {json}
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -42,6 +47,7 @@ from moeflow.coldstart.warm_pool import WarmPool
 from moeflow.engine.config import EngineSettings
 
 PROMPT = list(range(1, 17))
+CLIENT = httpx.Client(timeout=60)
 
 
 def free_port() -> int:
@@ -54,20 +60,24 @@ def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if CLIENT.get(f"{url}/health", timeout=1).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
-        time.sleep(0.005)
+        time.sleep(0.001)
     raise TimeoutError(url)
 
 
 def first_token(url: str) -> None:
     body = {"request_id": f"b{time.monotonic_ns()}", "prompt_token_ids": PROMPT,
             "sampling": {"max_tokens": 1, "temperature": 0.0}}
-    with httpx.stream("POST", f"{url}/v1/generate", json=body, timeout=60) as response:
+    with CLIENT.stream("POST", f"{url}/v1/generate", json=body) as response:
         for _ in response.iter_lines():
             return
+
+
+def snapshot_into(model_dir: Path, dest: Path) -> dict[str, Any]:
+    return write_snapshot(model_dir, dest, dtype="float32")
 
 
 def settings_for(model_dir: Path, port: int, store: Path | None) -> dict[str, Any]:
@@ -113,7 +123,7 @@ def main() -> None:
     for d in (model_dir, scale_dir):
         started = time.monotonic()
         store.publish(store_key(d.name, "float32"),
-                      lambda dest, d=d: write_snapshot(d, dest, dtype="float32"))
+                      functools.partial(snapshot_into, d))
         print(f"store add {d.name}: {time.monotonic() - started:.2f} s", file=sys.stderr)
 
     fork_server = ForkServer(settings_for(model_dir, 0, args.store_dir)).start()
@@ -121,19 +131,18 @@ def main() -> None:
     pool = WarmPool(3 * args.rounds, refill=False).start()
     ttft: dict[str, list[float]] = {}
     records: dict[str, list[dict[str, Any]]] = {}
-    fork_ready: list[float] = []
+    fork_ready: dict[str, list[float]] = {"parent_view": [], "child_record": []}
 
     def measure(name: str, launch: Callable[[int], Callable[[], None]]) -> None:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
         started = time.monotonic()
         stop = launch(port)
-        wait_healthy(url)
-        if name == "fork":
-            fork_ready.append(time.monotonic() - started)
+        if name != "fork":  # a forked child says when it is ready (see `fork` below)
+            wait_healthy(url)
         first_token(url)
         ttft.setdefault(name, []).append(time.monotonic() - started)
-        records.setdefault(name, []).append(httpx.get(f"{url}/v1/coldstart").json())
+        records.setdefault(name, []).append(CLIENT.get(f"{url}/v1/coldstart").json())
         stop()
 
     def cold(store_dir: Path | None) -> Callable[[int], Callable[[], None]]:
@@ -154,7 +163,12 @@ def main() -> None:
         return launch
 
     def fork(port: int) -> Callable[[], None]:
-        return fork_server.fork(port).stop
+        started = time.monotonic()
+        child = fork_server.fork(port)
+        record = child.wait_ready()
+        fork_ready["parent_view"].append(time.monotonic() - started)
+        fork_ready["child_record"].append(record["to_ready_seconds"])
+        return child.stop
 
     try:
         for r in range(args.rounds):
@@ -172,8 +186,8 @@ def main() -> None:
                 ports = [free_port() for _ in range(n)]
                 started = time.monotonic()
                 children = [scale_server.fork(p) for p in ports]
-                for p in ports:
-                    wait_healthy(f"http://127.0.0.1:{p}")
+                for child in children:
+                    child.wait_ready()
                 scale.setdefault(f"fork_{n}", []).append(time.monotonic() - started)
                 for child in children:
                     child.stop()
@@ -196,16 +210,26 @@ def main() -> None:
         keys = ("preload_seconds", "weight_load_seconds", "post_load_seconds")
         return {k: statistics.median(x[k] for x in records[name]) for k in keys}
 
-    result = {
+    result: dict[str, Any] = {
         "model": args.model, "scale_model": scale_dir.name, "rounds": args.rounds,
         "host": f"{platform.machine()}, {os.cpu_count()} cores", "threads_per_instance": 1,
         "ttft_s": {k: summary(v) for k, v in ttft.items()},
         "engine_steps_s": {k: steps(k) for k in records},
-        "fork_to_ready_s": summary(fork_ready),
+        "fork_to_ready_s": {k: summary(v) for k, v in fork_ready.items()},
+        "fork_to_first_token_s": summary(ttft["fork"]),
         "zero_to_n_ready_s": {k: summary(v) for k, v in scale.items()},
     }
-    for name, values in result["ttft_s"].items():  # type: ignore[attr-defined]
-        print(f"{name:16s} TTFT median {values['median'] * 1000:7.0f} ms", file=sys.stderr)
+    def line(label: str, values: dict[str, float]) -> None:
+        print(f"{label:28s} median {values['median'] * 1000:7.0f} ms  "
+              f"[{values['min'] * 1000:.0f} - {values['max'] * 1000:.0f}]", file=sys.stderr)
+
+    for name, values in result["ttft_s"].items():
+        line(f"{name} TTFT", values)
+    for view, values in result["fork_to_ready_s"].items():
+        line(f"fork to ready ({view})", values)
+    line("fork to first token", result["fork_to_first_token_s"])
+    for name, values in result["zero_to_n_ready_s"].items():
+        line(f"0 -> N ready {name}", values)
     print("RESULT " + json.dumps(result, separators=(",", ":")))
 
 

@@ -39,3 +39,12 @@ def tiny_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("tiny_models")
     return {arch: make_tiny(arch, root / tiny_dir_name(arch), seed=0) for arch in TINY_ARCHS}
+
+
+@pytest.fixture(scope="session")
+def upcycled_smollm2_dir(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2 upcycled to 4 experts, top-2, random router (~1.5 GB, once per session)."""
+    from moeflow.checkpoints.upcycle import UpcycleSpec, upcycle
+
+    root = tmp_path_factory.mktemp("upcycled")
+    return upcycle(smollm2_dir, root / "smollm2-moe4x2", UpcycleSpec(num_experts=4, top_k=2))

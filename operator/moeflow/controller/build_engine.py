@@ -18,7 +18,14 @@ from pydantic import BaseModel
 from moeflow.controller import naming
 from moeflow.controller.plan import JobPlan, engine_argv
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import JobSpec, ModelSpec, TaskSpec, TaskTemplate, TransportKind
+from moeflow.controller.spec import (
+    JobSpec,
+    ModelSpec,
+    Role,
+    TaskSpec,
+    TaskTemplate,
+    TransportKind,
+)
 
 Obj = dict[str, Any]
 _HEALTH_PATH = "/health"
@@ -32,6 +39,9 @@ def task_template(spec: ModelSpec, model_path: str, settings: OperatorSettings) 
         port=settings.engine_port, devices_per_instance=spec.devices_per_instance,
         resources=spec.resources,
         transport=spec.transport.model_copy(update={"kind": spec.transport_kind}),
+        expert_instances=spec.role(Role.EXPERT).replicas if Role.EXPERT in spec.role_names else 0,
+        attention_instances=(spec.role(Role.ATTENTION).replicas
+                             if Role.ATTENTION in spec.role_names else 0),
     )
 
 
@@ -123,7 +133,9 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(engine_argv(model_path=template.model_path, served_model_name=task.model,
                                     role=task.role, rank=task.rank, host="0.0.0.0",
-                                    port=template.port)),
+                                    port=template.port,
+                                    num_attention=template.attention_instances,
+                                    num_experts=template.expert_instances)),
         "ports": [{"name": "http", "containerPort": template.port, "protocol": "TCP"}],
         "env": _env(template, task_name),
         "resources": _resources(template, settings),

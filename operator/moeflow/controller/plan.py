@@ -15,6 +15,7 @@ dense and a rank names the same instance across scale events.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moeflow.controller import naming
@@ -127,21 +128,29 @@ def plan_model(
     engine_port: int = DEFAULT_ENGINE_PORT,
     gateway_port: int = DEFAULT_GATEWAY_PORT,
     unique_ports: bool = False,
+    engine_ports: Sequence[int] | None = None,
     discovery: str = "kubernetes",
 ) -> ModelPlan:
     """The desired Jobs (one per role of `spec.mode`, in the mode's role order), their Tasks
     and the gateway. With `unique_ports`, instance i (in plan order) listens on
-    `engine_port + i`; otherwise every instance uses `engine_port` (one per Pod)."""
+    `engine_port + i`; otherwise every instance uses `engine_port` (one per Pod). Explicit
+    `engine_ports` (one per instance, in plan order) override both."""
     path = model_path if model_path is not None else model_path_for(name, spec.source)
     jobs: list[JobPlan] = []
     instance_index = 0
+    if engine_ports is not None:
+        needed = sum(spec.role(role).replicas for role in spec.role_names)
+        if len(engine_ports) < needed:
+            raise ValueError(f"{len(engine_ports)} engine ports for {needed} instances")
     sizes = {role: spec.role(role).replicas for role in spec.role_names}
     for role in spec.role_names:
         replicas = spec.role(role).replicas
         tasks: list[TaskPlan] = []
         for rank in range(replicas):
             port = engine_port + instance_index if unique_ports else engine_port
-            if unique_ports and port == gateway_port:
+            if engine_ports is not None:
+                port = engine_ports[instance_index]
+            elif unique_ports and port == gateway_port:
                 instance_index += 1
                 port += 1
             instance_index += 1

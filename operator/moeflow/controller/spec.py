@@ -234,6 +234,10 @@ class TaskTemplate(_Spec):
     devices_per_instance: int = Field(0, ge=0)
     resources: Resources = Resources()
     transport: Transport = Transport()
+    expert_instances: int = Field(0, ge=0)
+    """Attention/expert split: the size of the expert fleet (both roles need it)."""
+    attention_instances: int = Field(0, ge=0)
+    """Attention/expert split: the attention instances an expert instance serves."""
 
 
 class JobSpec(_Spec):

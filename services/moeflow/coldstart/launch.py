@@ -2,13 +2,22 @@
 
 ``moeflow engine`` (cold process), a claimed warm-pool worker and a forked child all end in
 ``serve_engine``: load (unless the weights came with the caller), build the engine, warm it up,
-then serve HTTP and mark ready once the sockets listen.
+then serve HTTP and mark ready once the sockets listen. A forked child brings an engine its
+parent already built and warmed up (``engine=``), so it only builds the app and listens.
+
+``prewarm_http`` pays the HTTP stack's first-call costs (FastAPI/pydantic route and schema
+set-up, uvicorn's protocol imports) in a process that will later serve: the warm-pool worker
+before its claim, the fork server before it forks.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import uvicorn
 
@@ -26,15 +35,23 @@ logger = logging.getLogger(__name__)
 class ReadyServer(uvicorn.Server):
     """uvicorn, marking the instance ready as soon as it listens."""
 
-    def __init__(self, config: uvicorn.Config, metrics: ColdStartMetrics) -> None:
+    def __init__(self, config: uvicorn.Config, metrics: ColdStartMetrics,
+                 on_ready: ReadyCallback | None = None) -> None:
         super().__init__(config)
         self._metrics = metrics
+        self._on_ready = on_ready
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             self._metrics.observe_ready()
+            if self._on_ready is not None:
+                self._on_ready(self._metrics.record)
             logger.info("cold start: %s", self._metrics.record.as_dict())
+
+
+ReadyCallback = Callable[[ColdStartRecord], None]
+"""Called once, on the event loop, right after ready is marked (keep it short)."""
 
 
 def warm_up(engine: LLMEngine) -> None:
@@ -63,11 +80,35 @@ def build_engine(settings: EngineSettings, record: ColdStartRecord,
     return engine
 
 
-def serve_engine(settings: EngineSettings, record: ColdStartRecord,
-                 preloaded: Preloaded | None = None) -> int:
-    """Build and serve until stopped (SIGINT/SIGTERM); the exit code."""
-    engine = build_engine(settings, record, preloaded)
+def uvicorn_config(app: object, settings: EngineSettings) -> uvicorn.Config:
+    return uvicorn.Config(app, host=settings.host, port=settings.port,  # type: ignore[arg-type]
+                          log_level="warning")
+
+
+def prewarm_http(engine: LLMEngine | None = None) -> None:
+    """Build a throwaway engine app and load a uvicorn config for it, so that the real ones
+    built later in this process (or in its forked children) skip the first-call costs.
+
+    Without an engine (warm-pool worker, no model yet) a stand-in with the attributes
+    ``build_engine_app`` reads at build time is used; nothing of it is ever served.
+    """
+    if engine is None:
+        settings = EngineSettings.model_construct(model_path=Path("/"))
+        stand_in = SimpleNamespace(settings=settings, cold_start=ColdStartRecord(0.0),
+                                   runner=None)
+        engine = cast(LLMEngine, stand_in)
     app = build_engine_app(engine)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
-    ReadyServer(config, app.state.coldstart_metrics).run()
+    uvicorn_config(app, engine.settings).load()
+
+
+def serve_engine(settings: EngineSettings, record: ColdStartRecord,
+                 preloaded: Preloaded | None = None, *, engine: LLMEngine | None = None,
+                 on_ready: ReadyCallback | None = None) -> int:
+    """Build (unless ``engine`` is given) and serve until stopped (SIGINT/SIGTERM); the exit
+    code. ``on_ready`` is told once the sockets listen."""
+    if engine is None:
+        engine = build_engine(settings, record, preloaded)
+    app = build_engine_app(engine)
+    config = uvicorn_config(app, settings)
+    ReadyServer(config, app.state.coldstart_metrics, on_ready).run()
     return 0

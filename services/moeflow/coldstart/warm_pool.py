@@ -178,13 +178,15 @@ def _receive_weights(spec: Mapping[str, Any], settings: EngineSettings) -> Prelo
 
 
 def worker_main(socket_path: Path) -> int:
-    # The pre-load a claim skips: every import the engine needs, torch's first set-up.
+    # The pre-load a claim skips: every import the engine needs, torch's first set-up, the HTTP
+    # stack's first-call costs.
     import torch
 
-    from moeflow.coldstart.launch import serve_engine
+    from moeflow.coldstart.launch import prewarm_http, serve_engine
     from moeflow.engine.config import EngineSettings
 
     torch.empty(1).sum()
+    prewarm_http()  # the app's route/schema set-up and uvicorn's imports, before the claim
     listener = listen(socket_path)
     conn, _ = listener.accept()
     with conn, conn.makefile("rb") as reader:

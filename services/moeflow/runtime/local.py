@@ -33,9 +33,19 @@ _ENGINE_START_TIMEOUT_S = 300.0
 
 
 def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(host, 1)[0]
+
+
+def free_ports(host: str, count: int) -> list[int]:
+    """`count` distinct ports the kernel had free just now (all held open while choosing, so
+    they differ; another process may still take one before the engine binds it)."""
+    with contextlib.ExitStack() as stack:
+        ports = []
+        for _ in range(count):
+            s = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            ports.append(int(s.getsockname()[1]))
+        return ports
 
 
 @dataclass
@@ -90,11 +100,17 @@ class LocalRuntime:
 
     def plan(self, model_path: Path, served_name: str) -> ModelPlan:
         """What to run: the same pure planner the operator turns into Pods."""
-        base_port = self.args.engine_port or free_port(self.args.host)
+        spec = self.model_spec(model_path)
+        # --engine-port: consecutive ports from it; else ephemeral ones, chosen one by one
+        # (consecutive ports from one free base collide with other local platforms)
+        ports = None
+        if not self.args.engine_port:
+            count = sum(spec.role(role).replicas for role in spec.role_names)
+            ports = free_ports(self.args.host, count)
         return plan_model(
-            served_name, self.model_spec(model_path), model_path=str(model_path),
-            host=self.args.host, engine_port=base_port, gateway_port=self.args.port,
-            unique_ports=True, discovery="static",
+            served_name, spec, model_path=str(model_path), host=self.args.host,
+            engine_port=self.args.engine_port or 0, gateway_port=self.args.port,
+            unique_ports=True, engine_ports=ports, discovery="static",
         )
 
     def _start_engine(self, task: TaskPlan) -> EngineProcess:

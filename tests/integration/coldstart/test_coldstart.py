@@ -132,10 +132,20 @@ def test_forked_children_serve_and_weights_broadcast_into_a_warm_worker(
     try:
         children = [server.fork(free_port()) for _ in range(2)]
         for child in children:
-            wait_healthy(child.url)
+            # the child says when it listens; it ran no warm-up of its own (the parent did),
+            # so this first request is its first forward pass
+            ready = child.wait_ready()
+            assert ready["is_ready"] and ready["path"] == "fork"
+            assert 0 <= ready["to_ready_seconds"] < 30
             assert greedy(child.url) == expected
             record = cold_start_of(child.url)
             assert (record["path"], record["weights_source"]) == ("fork", "fork")
+            assert record["to_ready_seconds"] == ready["to_ready_seconds"]
+            stats = httpx.get(f"{child.url}/v1/stats", timeout=5).json()
+            assert stats["instance_id"] == f"fork-{child.url.rsplit(':', 1)[1]}"
+        late = server.fork(free_port())  # after the others served: the template is unchanged
+        late.wait_ready()
+        assert greedy(late.url) == expected
         group = f"cs{time.monotonic_ns() % 10**8}"
         weights = {"transport": "shm", "group": group, "rank": "warm-0", "peer": "src",
                    "tag": "weights"}
@@ -144,6 +154,29 @@ def test_forked_children_serve_and_weights_broadcast_into_a_warm_worker(
         wait_healthy(instance.url)
         assert greedy(instance.url) == expected
         assert cold_start_of(instance.url)["weights_source"] == "xccl"
+        for child in [*children, late]:
+            child.stop()
     finally:
         pool.close()
         server.close()
+
+
+def test_prefault_keeps_store_mapped_weights_bit_identical(store_dir: Path,
+                                                           model_dir: Path) -> None:
+    import torch
+
+    from moeflow.coldstart.fork import prefault
+    from moeflow.coldstart.snapshot import pack, read_snapshot, store_key
+    from moeflow.coldstart.store import ModelStore
+    from moeflow.engine.models.arch import load_arch
+
+    entry = ModelStore(store_dir).get(store_key(model_dir.name, "float32"))
+    assert entry is not None
+    model = read_snapshot(entry.path, load_arch(entry.path), max_len=512)
+    before = [t.clone() for t in pack(model)[1:]]
+    assert prefault(model) > 0
+    after = pack(model)[1:]
+    assert all(torch.equal(x, y) for x, y in zip(before, after, strict=True))
+    # the snapshot file itself is untouched (private mapping)
+    again = read_snapshot(entry.path, load_arch(entry.path), max_len=512)
+    assert all(torch.equal(x, y) for x, y in zip(before, pack(again)[1:], strict=True))

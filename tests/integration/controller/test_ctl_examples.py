@@ -59,10 +59,15 @@ async def test_example_model_yields_children_and_becomes_ready(
         assert controller_of(pod) == ("Task", task["metadata"]["name"])
         (container,) = pod["spec"]["containers"]
         source = model["spec"]["source"]["uri"].removeprefix("store://")
+        fleet: list[str] = []  # attention/expert instances learn the other side's size
+        if task["spec"]["role"] in ("attention", "expert"):
+            fleet += ["--num-expert-instances", str(roles["expert"])]
+        if task["spec"]["role"] == "expert":
+            fleet += ["--num-attention-instances", str(roles["attention"])]
         assert container["command"] == [
             "moeflow", "engine", "--model", f"/models/{source}", "--served-model-name", name,
             "--role", task["spec"]["role"], "--rank", str(task["spec"]["rank"]),
-            "--host", "0.0.0.0", "--port", "8001"]
+            "--host", "0.0.0.0", "--port", "8001", *fleet]
         assert container["image"] == "ghcr.io/moeflow/moeflow:0.1.0"
         assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
         assert container["livenessProbe"]["httpGet"]["path"] == "/health"

@@ -95,6 +95,23 @@ def test_split_equals_colocated_and_transformers(
     assert len(stats.a2e_ms_per_layer) == len(load_arch(model_dir).moe_layer_ids)
 
 
+@pytest.mark.slow
+def test_upcycled_smollm2_split_equals_colocated_and_transformers(
+    upcycled_smollm2_dir: Path, smollm2_dir: Path, fleet_factory: object
+) -> None:
+    from tests.reference import hf_chat_ids
+
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "Hi",
+                 "Name three colours."]
+    prompts = [hf_chat_ids(smollm2_dir, [{"role": "user", "content": q}]) for q in questions]
+    fleet = fleet_factory(upcycled_smollm2_dir, kv_cache_bytes=64 * 2**20)  # type: ignore[operator]
+    split, _ = run_engine(fleet.engine, prompts, 20)
+    assert split == [hf_greedy(upcycled_smollm2_dir, p, 20) for p in prompts]
+    fleet.place([[0, 1, 2, 3], [1, 3]])  # live: hot-expert replicas on the second instance
+    again, _ = run_engine(fleet.engine, prompts, 20, prefix="again")
+    assert again == split
+
+
 def test_chunked_prefill_and_one_micro_batch_give_the_same_tokens(
     tiny_dirs: dict[str, Path], fleet_factory: object
 ) -> None:

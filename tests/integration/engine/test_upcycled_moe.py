@@ -89,10 +89,12 @@ def test_perturbed_experts_engine_matches_transformers(
 
 
 @pytest.mark.slow
-def test_upcycled_smollm2_generates_the_dense_tokens(smollm2_dir: Path, tmp_path: Path) -> None:
+def test_upcycled_smollm2_generates_the_dense_tokens(
+    smollm2_dir: Path, upcycled_smollm2_dir: Path
+) -> None:
     # 4 experts keep this at ~1.5 GB and ~35 s; 8 experts (2.8 GB) measured the same: identical
     # tokens, max |logit diff| 7.3e-5
-    moe = upcycle(smollm2_dir, tmp_path / "smollm2-moe4x2", UpcycleSpec(num_experts=4, top_k=2))
+    moe = upcycled_smollm2_dir
     questions = ["What is the capital of France?", "Write a haiku about the sea.", "Hi"]
     prompts = [hf_chat_ids(smollm2_dir, [{"role": "user", "content": q}]) for q in questions]
     expected = [hf_greedy(smollm2_dir, p, 24) for p in prompts]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from moeflow.controller.plan import model_path_for, plan_model
 from moeflow.controller.spec import Role, Source, parse_model_spec
 
@@ -36,6 +38,21 @@ def test_each_mode_plans_its_roles() -> None:
         assert plan_model("x", spec).roles == roles
 
 
+def test_attention_and_expert_instances_learn_the_size_of_the_other_side() -> None:
+    spec = parse_model_spec({"source": {"uri": "store://x"},
+                             "mode": "attention-expert-disaggregated",
+                             "transport": {"redisUrl": "redis://r"},
+                             "roles": {"attention": {"replicas": 2}, "expert": {"replicas": 3}}})
+    plan = plan_model("x", spec)
+    attention = plan.job(Role.ATTENTION).tasks[1].argv
+    expert = plan.job(Role.EXPERT).tasks[2].argv
+    assert attention[-2:] == ("--num-expert-instances", "3")
+    assert expert[-4:] == ("--num-expert-instances", "3", "--num-attention-instances", "2")
+    assert "--num-expert-instances" not in PD.model_dump_json()
+    assert all("--num-expert-instances" not in t.argv for j in plan_model("m", PD).jobs
+               for t in j.tasks)
+
+
 def test_local_runtime_gets_unique_ports_and_its_own_paths() -> None:
     plan = plan_model("m", PD, model_path="/home/u/.cache/moeflow/models/m", host="127.0.0.1",
                       engine_port=9001, gateway_port=9000, unique_ports=True,
@@ -44,6 +61,19 @@ def test_local_runtime_gets_unique_ports_and_its_own_paths() -> None:
     assert ports == [9001, 9002, 9003]
     assert plan.job(Role.PREFILL).tasks[0].argv[3] == "/home/u/.cache/moeflow/models/m"
     assert "--namespace" not in plan.gateway.argv and plan.gateway.port == 9000
+    chosen = plan_model("m", PD, host="127.0.0.1", unique_ports=True, engine_ports=[7, 5, 6],
+                        discovery="static")
+    assert [t.port for j in chosen.jobs for t in j.tasks] == [7, 5, 6]
+    assert "--port" in chosen.job(Role.DECODE).tasks[1].argv
+    with pytest.raises(ValueError, match="2 engine ports for 3 instances"):
+        plan_model("m", PD, engine_ports=[1, 2])
+
+
+def test_free_ports_are_distinct() -> None:
+    from moeflow.runtime.local import free_ports
+
+    ports = free_ports("127.0.0.1", 16)
+    assert len(set(ports)) == 16
 
 
 def test_scaled_to_zero_role_has_no_tasks() -> None:

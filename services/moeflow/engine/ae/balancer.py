@@ -103,6 +103,10 @@ class ExpertBalancer:
         self._last_counts = totals
         return window
 
+    def reset_window(self) -> None:
+        """Start the routed-token window now (the next cycle plans from what follows)."""
+        self._window_counts(self.attention_stats())
+
     # -- one cycle -----------------------------------------------------------------------
     def rebalance(self, *, force: bool = False) -> RebalanceReport:
         with self._lock:
