@@ -138,3 +138,28 @@ async def test_killed_expert_instance_fails_clearly_then_heals(tiny_dirs: dict[s
         assert "re-placed the experts of dead instances" in platform.log()
     finally:
         assert platform.stop() == 0, platform.log()[-3000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("transport", ["shm", "redis"])
+def test_upcycled_smollm2_chat_through_the_split(
+    upcycled_smollm2_dir: Path, smollm2_dir: Path, transport: str
+) -> None:
+    from tests.reference import hf_chat_ids
+
+    platform = start_platform(upcycled_smollm2_dir, [
+        "--served-model-name", MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
+        "--transport", transport, "--rebalance-interval-s", "0", "--max-model-len", "1024",
+    ], timeout_s=300)
+    try:
+        tokenizer = TextTokenizer.from_dir(smollm2_dir)
+        client = openai.OpenAI(base_url=platform.base_url, api_key="x", max_retries=0,
+                               timeout=120)
+        for question in ("What is the capital of France?", "Name three colours."):
+            messages = [{"role": "user", "content": question}]
+            expected = hf_greedy(upcycled_smollm2_dir, hf_chat_ids(smollm2_dir, messages), 16)
+            reply = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                                   max_tokens=16, temperature=0)
+            assert reply.choices[0].message.content == tokenizer.decode(expected)
+    finally:
+        assert platform.stop() == 0, platform.log()[-3000:]
