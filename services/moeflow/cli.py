@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -179,6 +180,40 @@ def _run_device_plugin(args: argparse.Namespace) -> int:
     return plugin_main(args.rest)
 
 
+def _run_balancer(args: argparse.Namespace) -> int:
+    """The expert balancer as its own process (one per attention/expert Model on a cluster)."""
+    import asyncio
+    import threading
+
+    import httpx
+
+    from moeflow.controller.discovery import KubeTaskDiscovery
+    from moeflow.engine.ae.balancer import ExpertBalancer, fleet_urls
+
+    discovery = KubeTaskDiscovery(args.namespace) if args.discovery == "kubernetes" else None
+
+    def refresh() -> tuple[list[str], list[str]]:
+        if discovery is None:
+            return list(args.attention), list(args.expert)
+        found = asyncio.run(discovery.list_instances(args.served_model_name))
+        return fleet_urls([(i.role, i.rank, i.url) for i in found], args.num_expert_instances)
+
+    attention, experts = refresh()
+    while not attention:  # wait for the first attention instance to learn the expert count
+        time.sleep(args.interval_s)
+        attention, experts = refresh()
+    stats = httpx.get(f"{attention[0]}/v1/experts/stats", timeout=10).json()
+    balancer = ExpertBalancer(attention, experts, len(stats["routed_tokens_per_expert"]),
+                              budget=None if args.budget < 0 else args.budget)
+    try:
+        balancer.run(args.interval_s, threading.Event(), refresh)
+    finally:
+        balancer.close()
+        if discovery is not None:
+            discovery.close()
+    return 0
+
+
 def _run_up(args: argparse.Namespace) -> int:
     from moeflow.runtime.local import LocalRuntime
 
@@ -230,6 +265,22 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--port", type=int, default=8000)
     _add_gateway_flags(gateway)
     gateway.set_defaults(func=_run_gateway)
+
+    balancer = sub.add_parser("balancer", help="expert load balancer of one attention/expert "
+                              "Model (moeflow up --mode ae runs one itself)")
+    balancer.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
+    balancer.add_argument("--namespace", default="default")
+    balancer.add_argument("--served-model-name", default="")
+    balancer.add_argument("--num-expert-instances", type=int, default=0,
+                          help="kubernetes discovery: expert ranks of the Model")
+    balancer.add_argument("--attention", action="append", default=[],
+                          help="static: attention instance URL (repeatable)")
+    balancer.add_argument("--expert", action="append", default=[],
+                          help="static: expert instance URL, in rank order (repeatable)")
+    balancer.add_argument("--interval-s", type=float, default=30.0)
+    balancer.add_argument("--budget", type=int, default=-1,
+                          help="extra replicas in total (-1: one per expert instance)")
+    balancer.set_defaults(func=_run_balancer)
 
     up = sub.add_parser("up", help="run the whole platform locally (gateway + engine processes)")
     up.add_argument("--model", default="smollm2-135m-instruct")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -75,6 +75,15 @@ class ExpertBalancer:
     def close(self) -> None:
         self._http.close()
 
+    def set_fleet(self, attention_urls: Sequence[str], expert_urls: Sequence[str]) -> None:
+        """New URLs (pods come back with new addresses). `expert_urls[i]` is rank expert-i; ""
+        for an instance with no address right now (it counts as dead)."""
+        if len(expert_urls) != len(self._experts):
+            raise ValueError(f"{len(expert_urls)} expert URLs for {len(self._experts)} ranks")
+        with self._lock:
+            self._attention = list(attention_urls)
+            self._experts = list(expert_urls)
+
     # -- observations --------------------------------------------------------------------
     def attention_stats(self) -> list[AttentionExpertStats]:
         out = []
@@ -88,6 +97,9 @@ class ExpertBalancer:
         """Per expert instance, its stats, or None when it does not answer (dead)."""
         out: list[ExpertInstanceStats | None] = []
         for url in self._experts:
+            if not url:
+                out.append(None)
+                continue
             try:
                 response = self._http.get(f"{url}/v1/experts/stats", timeout=5.0)
                 response.raise_for_status()
@@ -175,10 +187,27 @@ class ExpertBalancer:
         hosted = tuple(tuple(s.hosted) if s is not None else () for s in experts)
         return RebalanceReport(applied, reason, self.version, hosted, before, after, num_moves)
 
-    def run(self, interval_s: float, stop: threading.Event) -> None:
-        """Rebalance every `interval_s` until `stop` is set; errors are logged, not fatal."""
+    def run(self, interval_s: float, stop: threading.Event,
+            refresh: Callable[[], tuple[list[str], list[str]]] | None = None) -> None:
+        """Rebalance every `interval_s` until `stop` is set; errors are logged, not fatal.
+        `refresh` (e.g. from Kubernetes Tasks) gives the current URLs before each cycle."""
         while not stop.wait(interval_s):
             try:
-                self.rebalance()
-            except (httpx.HTTPError, ValueError) as exc:
+                if refresh is not None:
+                    self.set_fleet(*refresh())
+                if self._attention:
+                    self.rebalance()
+            except (httpx.HTTPError, ValueError, OSError) as exc:
                 logger.warning("expert rebalance skipped: %s", exc)
+
+
+def fleet_urls(instances: Sequence[tuple[str, int, str]], num_experts: int
+               ) -> tuple[list[str], list[str]]:
+    """(role, rank, url) of a Model's instances -> attention URLs, and expert URLs by rank
+    ("" where a rank has no instance)."""
+    attention = [url for role, _, url in sorted(instances) if role == "attention"]
+    experts = [""] * num_experts
+    for role, rank, url in instances:
+        if role == "expert" and 0 <= rank < num_experts:
+            experts[rank] = url
+    return attention, experts
