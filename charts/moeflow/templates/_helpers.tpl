@@ -75,7 +75,8 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
 */}}
 {{- define "moeflow.operatorRules" -}}
 # Users create Models, Requests and WarmPools; the operator watches them, patches kopf's
-# annotations and finalizers, and reads Models for batch Requests.
+# annotations and finalizers, reads Models for batch Requests, and patches the replicas of
+# autoscaled roles.
 - apiGroups: [moeflow.dev]
   resources: [models, requests, warmpools]
   verbs: [get, list, watch, patch]
@@ -90,9 +91,11 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
 # OwnerReferencesPermissionEnforcement admission plugin only allow with update on the owner's
 # finalizers.
 - apiGroups: [moeflow.dev]
-  resources: [models/finalizers, jobs/finalizers, tasks/finalizers, requests/finalizers]
+  resources: [models/finalizers, jobs/finalizers, tasks/finalizers, requests/finalizers,
+              warmpools/finalizers]
   verbs: [update]
-# One engine Pod per Task: created, read, replaced (delete + create) when its template changes.
+# One engine Pod per Task: created, read, replaced (delete + create) when its template changes;
+# warm-pool worker Pods likewise.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, delete]
@@ -107,7 +110,8 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch]
-# The per-Model gateway's Role (get/list/watch tasks and models, which the operator holds).
+# The per-Model gateway's Role (get/list/watch tasks and models, patch its own Model for
+# scale from zero: all of which the operator holds).
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, create, patch]

@@ -3,7 +3,9 @@
 The gateway is a Deployment, not a Job of Tasks: it is stateless, holds no rank and no
 weights, and is scaled and rolled like any web front end (HPA, rolling updates). It finds the
 engine instances itself by listing the Model's Tasks (`--discovery kubernetes`), for which it
-gets its own ServiceAccount and a namespaced Role limited to reading Tasks and Models.
+gets its own ServiceAccount and a namespaced Role limited to reading Tasks and Models, and to
+patching its own Model (scale from zero sets `spec.roles.<role>.replicas`,
+`moeflow.gateway.kube_scale`).
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def build_gateway_service(model: str, namespace: str, port: int) -> Obj:
 
 
 def build_gateway_rbac(model: str, namespace: str) -> list[Obj]:
-    """ServiceAccount, Role (read Tasks and Models) and RoleBinding for the gateway."""
+    """ServiceAccount, Role (read Tasks and Models, patch this Model) and RoleBinding."""
     name = naming.gateway_name(model)
     labels = naming.model_labels(model, naming.COMPONENT_GATEWAY)
     meta = {"name": name, "namespace": namespace, "labels": labels}
@@ -81,7 +83,9 @@ def build_gateway_rbac(model: str, namespace: str) -> list[Obj]:
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
          "rules": [{"apiGroups": [naming.GROUP], "resources": ["tasks", "models"],
-                    "verbs": ["get", "list", "watch"]}]},
+                    "verbs": ["get", "list", "watch"]},
+                   {"apiGroups": [naming.GROUP], "resources": ["models"],
+                    "resourceNames": [model], "verbs": ["patch"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
          "metadata": dict(meta),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},

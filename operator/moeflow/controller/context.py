@@ -7,6 +7,7 @@ settings and stores it under `memo["moeflow"]`; handlers fetch it with `context_
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from moeflow.controller.coalesce import Coalescer
+from moeflow.controller.engine_report import EngineStatsClient, HttpEngineStats
 from moeflow.controller.kube import KubeApi
 from moeflow.controller.settings import OperatorSettings
 
@@ -27,8 +29,15 @@ class OperatorContext:
     api: KubeApi
     refreshes: Coalescer = field(default_factory=Coalescer)
     executor: ThreadPoolExecutor | None = None
+    engine_stats: EngineStatsClient | None = None
+    """How the autoscaler reads engines' /v1/stats; default: HTTP on the Pod IP."""
+    autoscaled: set[tuple[str, str]] = field(default_factory=set)
+    """(namespace, name) of the Models with autoscaling bounds, kept by a Model event handler."""
+    background: list[asyncio.Task[None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if self.engine_stats is None:
+            self.engine_stats = HttpEngineStats(self.settings.engine_stats_timeout_s)
         if self.executor is None:
             self.executor = ThreadPoolExecutor(self.settings.handler_workers,
                                                thread_name_prefix="moeflow-api")
@@ -38,9 +47,19 @@ class OperatorContext:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self.executor, functools.partial(fn, *args, **kwargs))
 
+    async def stop_background(self) -> None:
+        for task in self.background:
+            task.cancel()
+        for task in self.background:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self.background.clear()
+
     def close(self) -> None:
         if self.executor is not None:
             self.executor.shutdown(wait=False, cancel_futures=True)
+        if isinstance(self.engine_stats, HttpEngineStats):
+            self.engine_stats.close()
         self.api.close()
 
 

@@ -1,18 +1,25 @@
-"""What an engine says about its own cold start (``GET /v1/coldstart``), for Task status.
+"""What the operator asks engines directly, over HTTP on the Pod IP. Any failure means "not
+now" (nothing is reported), never an error.
 
-The operator does not poll engines. It asks once, when a Task's Pod turns Ready and the Task's
-``coldStart`` lacks the engine-reported steps; the answer's ``task_status`` already uses the
-CRD's field names. Any failure means "not now" (the fields stay absent), never an error.
-``firstRoutedRequestSeconds`` is present only if a request was served before that read.
+- Cold start (``GET /v1/coldstart``), for Task status: asked once, when a Task's Pod turns
+  Ready and the Task's ``coldStart`` lacks the engine-reported steps; the answer's
+  ``task_status`` already uses the CRD's field names. ``firstRoutedRequestSeconds`` is present
+  only if a request was served before that read.
+- Load (``GET /v1/stats``), for the autoscaler: asked every autoscale interval of each ready
+  engine of an autoscaled role, through the ``EngineStatsClient`` protocol so tests can put a
+  double in its place (tests/unit/controller/test_ctl_engine_stats.py is the contract both
+  pass).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
+
+from moeflow.common.messages import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -34,3 +41,27 @@ def fetch_cold_start(pod_ip: str, port: int, timeout_s: float = 1.0) -> dict[str
         return {}
     return {k: float(v) for k, v in reported.items()
             if k in ENGINE_FIELDS and isinstance(v, int | float) and v >= 0}
+
+
+class EngineStatsClient(Protocol):
+    def stats(self, host: str, port: int) -> EngineStats | None:
+        """The engine's ``/v1/stats`` now; None when it does not answer well in time."""
+
+
+class HttpEngineStats:
+    """``EngineStatsClient`` over HTTP; safe to share between threads (httpx.Client is)."""
+
+    def __init__(self, timeout_s: float = 1.0) -> None:
+        self._http = httpx.Client(timeout=timeout_s)
+
+    def stats(self, host: str, port: int) -> EngineStats | None:
+        try:
+            response = self._http.get(f"http://{host}:{port}/v1/stats")
+            response.raise_for_status()
+            return EngineStats.model_validate_json(response.content)
+        except (httpx.HTTPError, ValueError) as exc:
+            logger.info("stats of %s:%s unavailable: %s", host, port, exc)
+            return None
+
+    def close(self) -> None:
+        self._http.close()

@@ -4,7 +4,8 @@ official client's ApiClient (auth, TLS, retries are the client's), working on pl
 Idempotency contract, which every reconcile relies on:
 - `create` returns None on 409 (already there);
 - `delete` returns False on 404 (already gone);
-- `patch` returns None on 404;
+- `patch` returns None on 404, and raises `Conflict` on 409 (a patch that carries
+  `metadata.resourceVersion` is an optimistic lock);
 - `apply` = create, or on 409 read + patch only if the desired fields differ, and refuses to
   touch an object that another controller owns (`OwnershipConflict`).
 Calls are blocking; async callers use `asyncio.to_thread`.
@@ -71,6 +72,10 @@ def kind_of(obj: Mapping[str, Any]) -> Kind:
         return _KINDS[(obj["apiVersion"], obj["kind"])]
     except KeyError:
         raise ValueError(f"unknown kind {obj.get('apiVersion')}/{obj.get('kind')}") from None
+
+
+class Conflict(Exception):
+    """A patch carried `metadata.resourceVersion` and the object has moved on (409)."""
 
 
 class OwnershipConflict(Exception):
@@ -170,6 +175,8 @@ class KubeApi:
         except ApiException as e:
             if e.status == 404:
                 return None
+            if e.status == 409:
+                raise Conflict(f"{kind.kind} {name} changed meanwhile: {e.reason}") from e
             raise
 
     def patch_status(self, kind: Kind, namespace: str, name: str,

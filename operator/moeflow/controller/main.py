@@ -9,21 +9,27 @@ Flow (each arrow is a watch event that triggers the next level, level-based and 
     Pod    --event-->  Task status   --event-->  Job status   --event-->  Model status
     Deployment (gateway) --event-->  Model status
     Request --daemon while unfinished-->  batch fan-out, results ConfigMap
+    Model with maxReplicas --one loop, every autoscale_interval_s-->  spec.roles.<role>.replicas
+    WarmPool --create/update/resume-->  worker Pods   Pod --event-->  WarmPool (refill, status)
 Status refreshes of one object are coalesced (`Coalescer`): bursts of child events cost one
 read-compute-write of the parent at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 import kopf
 
 from moeflow.controller import naming
+from moeflow.controller.autoscale import has_bounds
 from moeflow.controller.context import MEMO_KEY, OperatorContext, context_of
 from moeflow.controller.events import Decision, post
 from moeflow.controller.kube import KubeApi, OwnershipConflict
+from moeflow.controller.reconcile_autoscale import Memory, autoscale_model
 from moeflow.controller.reconcile_engine import (
     apply_job,
     apply_task,
@@ -32,19 +38,22 @@ from moeflow.controller.reconcile_engine import (
 )
 from moeflow.controller.reconcile_model import apply_model, record_error, refresh_model_status
 from moeflow.controller.reconcile_request import is_unfinished, run_request
+from moeflow.controller.reconcile_warm_pool import apply_warm_pool
 from moeflow.controller.settings import OperatorSettings
 from moeflow.controller.spec import SpecError
-from moeflow.controller.status import invalid_status, now_iso
 
 MODELS = (naming.GROUP, naming.VERSION, "models")
 JOBS = (naming.GROUP, naming.VERSION, "jobs")
 TASKS = (naming.GROUP, naming.VERSION, "tasks")
 REQUESTS = (naming.GROUP, naming.VERSION, "requests")
 WARM_POOLS = (naming.GROUP, naming.VERSION, "warmpools")
+logger = logging.getLogger(__name__)
 ENGINE_PODS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
                naming.LABEL_COMPONENT: naming.COMPONENT_ENGINE}
 GATEWAYS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
             naming.LABEL_COMPONENT: naming.COMPONENT_GATEWAY}
+WARM_PODS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
+             naming.LABEL_COMPONENT: naming.COMPONENT_WARM_POOL}
 
 
 @kopf.on.startup()
@@ -64,6 +73,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     if MEMO_KEY in memo:
+        await context_of(memo).stop_background()
         context_of(memo).close()
 
 
@@ -173,11 +183,71 @@ async def request_daemon(body: kopf.Body, memo: kopf.Memo, stopped: kopf.DaemonS
     await run_request(context_of(memo), body, stopped, logger)
 
 
+@kopf.on.event(*MODELS)
+async def model_seen(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
+                     namespace: str | None, name: str, **_: Any) -> None:
+    """Keep the autoscaler's list of Models with bounds (kopf's own watch, so only served
+    namespaces)."""
+    ctx, key = context_of(memo), (_namespaced(namespace), name)
+    if event.get("type") != "DELETED" and has_bounds(body.get("spec") or {}):
+        ctx.autoscaled.add(key)
+        if not ctx.background:
+            # Started here, not at startup: it inherits the context kopf's Event posting needs.
+            ctx.background.append(asyncio.create_task(_autoscale_forever(ctx),
+                                                      name="autoscaler"))
+    else:
+        ctx.autoscaled.discard(key)
+
+
+# One loop for every autoscaled Model, not a per-Model @kopf.timer or daemon: kopf puts a
+# finalizer on every object with a timer or daemon, and Models deliberately have none
+# (deleting one must not wait for the operator). The interval comes from the settings, which
+# a timer's decorator could not read either.
+async def _autoscale_forever(ctx: OperatorContext) -> None:
+    assert ctx.engine_stats is not None
+    memories: dict[tuple[str, str], Memory] = {}
+
+    async def one(key: tuple[str, str]) -> None:
+        namespace, name = key
+        try:
+            memory, decisions, model = await ctx.call(
+                autoscale_model, ctx.api, ctx.engine_stats, namespace, name,
+                memories.get(key, {}), time.monotonic())
+        except Exception:  # an API hiccup: this round is lost, the next one retries
+            logger.exception("autoscaler round of %s/%s failed", namespace, name)
+            return
+        memories[key] = memory
+        if model is not None:
+            post(model, decisions)
+
+    while True:
+        keys = sorted(ctx.autoscaled)
+        for gone in set(memories) - set(keys):
+            del memories[gone]
+        await asyncio.gather(*(one(key) for key in keys))
+        await asyncio.sleep(ctx.settings.autoscale_interval_s)
+
+
+async def _reconcile_warm_pool(ctx: OperatorContext, namespace: str, name: str) -> None:
+    async def run() -> None:
+        pool, decisions = await ctx.call(apply_warm_pool, ctx.api, ctx.settings, namespace, name)
+        if pool is not None:
+            post(pool, decisions)
+
+    await ctx.refreshes.run(("warmpool", namespace, name), run)
+
+
 @kopf.on.resume(*WARM_POOLS)
 @kopf.on.create(*WARM_POOLS)
-async def warm_pool_declared(body: kopf.Body, patch: kopf.Patch, **_: Any) -> None:
-    message = ("WarmPools are accepted but not reconciled yet: no pre-warmed Pods are made;"
-               " Tasks start cold")
-    patch.status.update(invalid_status(message, reason="NotImplemented",
-                                       previous=body.get("status") or {}, now=now_iso()))
-    post(body, [Decision("NotImplemented", message, "Warning")])
+@kopf.on.update(*WARM_POOLS)
+async def reconcile_warm_pool(memo: kopf.Memo, namespace: str | None, name: str,
+                              **_: Any) -> None:
+    await _reconcile_warm_pool(context_of(memo), _namespaced(namespace), name)
+
+
+@kopf.on.event("", "v1", "pods", labels=WARM_PODS)
+async def warm_pod_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
+                           **_: Any) -> None:
+    pool = (body["metadata"].get("labels") or {}).get(naming.LABEL_WARM_POOL)
+    if pool:
+        await _reconcile_warm_pool(context_of(memo), _namespaced(namespace), pool)

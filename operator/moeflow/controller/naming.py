@@ -8,6 +8,7 @@ event finds what already exists (409 = already there) instead of making a twin:
     gateway   <model>-gateway            Deployment, Service, ServiceAccount, Role, RoleBinding
     headless  <model>-instances          Service; Pod DNS <task>.<model>-instances.<ns>.svc
     results   <request>-results          ConfigMap written by a Request
+    warm Pod  <pool>-<n>                 n: the lowest numbers no Pod of the pool uses
 
 Labels follow app.kubernetes.io/* plus moeflow.dev/* keys that selectors and discovery use.
 """
@@ -30,9 +31,13 @@ LABEL_ROLE = "moeflow.dev/role"
 LABEL_RANK = "moeflow.dev/rank"
 LABEL_JOB = "moeflow.dev/job"
 LABEL_TASK = "moeflow.dev/task"
+LABEL_WARM_POOL = "moeflow.dev/warm-pool"
+LABEL_WARM_STATE = "moeflow.dev/warm-state"
+WARM_IDLE, WARM_CLAIMED = "idle", "claimed"
 MANAGED_BY = "moeflow-operator"
 COMPONENT_ENGINE = "engine"
 COMPONENT_GATEWAY = "gateway"
+COMPONENT_WARM_POOL = "warm-pool"
 
 # Annotation on Pods: hash of everything the Pod was built from; a change means "recreate".
 ANNOTATION_TEMPLATE_HASH = "moeflow.dev/template-hash"
@@ -56,6 +61,23 @@ def instances_service_name(model: str) -> str:
 
 def results_configmap_name(request: str) -> str:
     return f"{request}-results"
+
+
+def warm_pod_name(pool: str, number: int) -> str:
+    return f"{pool}-{number}"
+
+
+def warm_pool_labels(pool: str) -> dict[str, str]:
+    """Labels of an idle warm Pod; a claim sets LABEL_WARM_STATE to WARM_CLAIMED."""
+    return {
+        LABEL_NAME: "moeflow",
+        LABEL_INSTANCE: pool,
+        LABEL_COMPONENT: COMPONENT_WARM_POOL,
+        LABEL_PART_OF: "moeflow",
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_WARM_POOL: pool,
+        LABEL_WARM_STATE: WARM_IDLE,
+    }
 
 
 def model_labels(model: str, component: str) -> dict[str, str]:

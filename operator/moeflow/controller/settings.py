@@ -55,3 +55,13 @@ class OperatorSettings(BaseSettings):
 
     handler_workers: int = Field(16, ge=1)
     """Threads for blocking API calls from handlers."""
+
+    autoscale_interval_s: float = Field(10.0, gt=0)
+    """Period of the autoscaler's loop over each autoscaled Model (one with a role's
+    maxReplicas set): read engine stats, run the policy, patch `spec.roles.<role>.replicas`."""
+
+    engine_stats_timeout_s: float = Field(1.0, gt=0)
+    """Per `GET /v1/stats` of one engine by the autoscaler; no answer = no stats this round."""
+
+    warm_pool_socket_dir: str = "/var/run/moeflow"
+    """Directory (a Pod-local emptyDir) where a warm-pool worker listens for its claim."""

@@ -174,6 +174,18 @@ def job_status(counts: Counts, *, role: str, generation: int | None,
     }
 
 
+def warm_pool_status(counts: Counts, *, generation: int | None, previous: Mapping[str, Any],
+                     now: str) -> Obj:
+    """WarmPool status: desired/ready worker Pods and the three conditions. The CRD's status
+    has no observedGeneration, so the conditions carry it."""
+    return {
+        "desired": counts.desired, "ready": counts.ready,
+        "conditions": _three_conditions({"warm": counts}, generation=None,
+                                        observed_generation=generation,
+                                        previous=previous.get("conditions") or [], now=now),
+    }
+
+
 def model_status(roles: Mapping[str, Counts], gateway: Counts, *, endpoint: str,
                  generation: int | None, previous: Mapping[str, Any], now: str) -> Obj:
     counts = {**roles, "gateway": gateway}

@@ -21,6 +21,7 @@ from moeflow.gateway.discovery import Discovery, KubeDiscovery, StaticDiscovery
 from moeflow.gateway.engine_client import EngineClient
 from moeflow.gateway.errors import install_error_handlers
 from moeflow.gateway.generation import GenerationService
+from moeflow.gateway.kube_scale import KubeScaleUp
 from moeflow.gateway.metrics import GatewayMetrics
 from moeflow.gateway.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
 from moeflow.gateway.registry import ModelRegistry
@@ -38,7 +39,8 @@ def build_app(
 ) -> FastAPI:
     """``discovery`` replaces the one ``settings`` name (the local scaler passes its own; the
     instances in ``settings.engine_urls`` are awaited at start-up either way); ``scale_up``
-    turns on scale from zero (``moeflow.gateway.scale_from_zero``)."""
+    turns on scale from zero (``moeflow.gateway.scale_from_zero``). Kubernetes discovery
+    without ``scale_up`` wakes its Model itself (``kube_scale_from_zero``, default on)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -63,8 +65,13 @@ def build_app(
         if settings.discovery == "static":
             await registry.discover(settings.engine_urls, settings.engine_startup_timeout_s)
             await registry.refresh_stats()
+        requester = scale_up
+        kube_scale: KubeScaleUp | None = None
+        if (requester is None and settings.discovery == "kubernetes"
+                and settings.kube_scale_from_zero):
+            requester = kube_scale = KubeScaleUp(settings.namespace)
         wake = WakeQueue(
-            requester=scale_up,
+            requester=requester,
             is_ready=registry.is_awake,
             probe=lambda: registry.probe(found),
             max_waiting=settings.max_waiting_for_scale_up,
@@ -82,6 +89,8 @@ def build_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             found.close()
+            if kube_scale is not None:
+                kube_scale.close()
             await client.aclose()
 
     app = FastAPI(title="MoEFlow gateway", version="0.1.0", lifespan=lifespan)

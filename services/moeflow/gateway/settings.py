@@ -20,6 +20,9 @@ class GatewaySettings(BaseSettings):
     discovery: Literal["static", "kubernetes"] = "static"
     """kubernetes: follow the Task objects of ``served_model_name`` in ``namespace``."""
     namespace: str = "default"
+    kube_scale_from_zero: bool = True
+    """With kubernetes discovery: a request for a model at zero replicas patches the Model's
+    ``spec.roles.<role>.replicas`` to wake it (``moeflow.gateway.kube_scale``) and waits."""
     served_model_name: str = ""
     discovery_interval_s: float = Field(2.0, gt=0)
     api_keys: tuple[SecretStr, ...] = ()

@@ -1,5 +1,5 @@
 """Batch `Request`s with the real operator against a real HTTP server that speaks the OpenAI
-completions shape (the gateway's stand-in), and the declared-only WarmPool."""
+completions shape (the gateway's stand-in)."""
 
 from __future__ import annotations
 
@@ -91,11 +91,3 @@ async def test_request_waits_for_its_model_and_fails_on_missing_input(
     assert cluster.events("InputNotFound", involved="no-input")
     cluster.validate_everything()
 
-
-async def test_warm_pool_is_declared_not_reconciled(cluster: Cluster, operator: object) -> None:
-    await cluster.apply(yaml.safe_load((EXAMPLES / "warmpool.yaml").read_text()))
-    condition = await wait_for(
-        lambda: cluster.condition("moeflow.dev/v1alpha1/warmpools", "cpu-pool", "Ready"),
-        what="WarmPool status")
-    assert condition["reason"] == "NotImplemented"
-    cluster.validate_everything()

@@ -1,6 +1,7 @@
 """The gateway, run with `--discovery kubernetes`, serves the instances its Model's Tasks
 report as ready, and drops them when their Task goes away (real gateway and engine processes,
-Task objects in the emulated API server)."""
+Task objects in the emulated API server). At zero instances it stays up (200) and says it can
+scale from zero: a request would patch its Model (`moeflow.gateway.kube_scale`)."""
 
 from __future__ import annotations
 
@@ -72,10 +73,13 @@ async def test_gateway_follows_ready_tasks(
         deadline = time.monotonic() + 15
         async with httpx.AsyncClient() as http:
             while time.monotonic() < deadline:
-                if (await http.get(f"{gateway_url}/health")).status_code == 503:
+                if (await http.get(f"{gateway_url}/health")).json()["healthy_instances"] == 0:
                     break
                 await asyncio.sleep(0.3)
-            assert (await http.get(f"{gateway_url}/health")).status_code == 503
+            health = await http.get(f"{gateway_url}/health")
+            assert health.status_code == 200
+            assert health.json() == {"status": "ok", "healthy_instances": 0,
+                                     "scale_from_zero": True}
         await client.close()
     finally:
         for process in (gateway, engine):

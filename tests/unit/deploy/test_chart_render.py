@@ -165,7 +165,8 @@ def test_operator_rbac_is_least_privilege_and_covers_what_the_operator_touches()
     assert not any(v in ("escalate", "bind", "impersonate", "deletecollection")
                    for _, _, v in everything)
     assert {r for _, r, v in everything if v == "update"} == {
-        "models/finalizers", "jobs/finalizers", "tasks/finalizers", "requests/finalizers"}
+        "models/finalizers", "jobs/finalizers", "tasks/finalizers", "requests/finalizers",
+        "warmpools/finalizers"}
     assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                        ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
     # Every kind kube.py works with has rules; users' kinds are never created or deleted.
