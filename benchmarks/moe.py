@@ -18,10 +18,12 @@ model's initializer_range), float32. Every server is ``moeflow up`` on a free po
    one host).
 3. Decode throughput at concurrency 8 and 32: ``colocated`` (one engine, 2 torch threads) vs
    ``split-shm`` (1 attention + 2 expert instances, 1 thread each; on 2 cores that is 3 threads:
-   the split pays for its extra processes here). c requests start together (32-token random
-   prompts, 64 output tokens, ignore_eos, streamed); decode tok/s = tokens streamed while all c
-   are decoding / that window. Configurations interleave for ``--rounds`` rounds; medians and
-   ranges are reported.
+   the split pays for its extra processes here), and ``split-shm-1mb`` (the same with one
+   micro-batch per step: each micro-batch streams every hit expert's weights once, so two
+   micro-batches double the experts' memory traffic at decode). c requests start together
+   (32-token random prompts, 64 output tokens, ignore_eos, streamed); decode tok/s = tokens
+   streamed while all c are decoding / that window. Configurations interleave for ``--rounds``
+   rounds; medians and ranges are reported.
 
 Run: ``python -P benchmarks/moe.py`` (``--rounds 1`` for a quick look). Last line: RESULT {json}.
 """
@@ -172,6 +174,9 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
         "colocated": ["--num-threads", "2"],
         "split-shm": ["--mode", "ae", "--attention", "1", "--experts", "2",
                       "--rebalance-interval-s", "0", "--num-threads", "1"],
+        "split-shm-1mb": ["--mode", "ae", "--attention", "1", "--experts", "2",
+                          "--rebalance-interval-s", "0", "--num-threads", "1",
+                          "--num-micro-batches", "1"],
     }
     rates: dict[str, dict[int, list[float]]] = {n: {8: [], 32: []} for n in configs}
     latency: list[dict[str, Any]] = []
@@ -185,7 +190,7 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
                     rates[name][c].append(rate)
                     print(f"[moe] round {r} {name} c{c}: {rate:.1f} tok/s (load {loadavg()})",
                           file=sys.stderr)
-                if name != "colocated":
+                if name == "split-shm":
                     [attention] = engine_urls(platform, "attention")
                     stats = await attention_stats(attention)
                     latency.append({k: stats[k] for k in ("a2e_ms_per_layer",
@@ -197,11 +202,12 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
             out[f"{name}_c{c}_tok_s"] = {"median": round(statistics.median(values), 1),
                                          "min": round(min(values), 1),
                                          "max": round(max(values), 1)}
-        ratios = [s / b for s, b in zip(rates["split-shm"][c], rates["colocated"][c],
-                                        strict=True)]
-        out[f"split_over_colocated_c{c}"] = {"median": round(statistics.median(ratios), 3),
-                                             "min": round(min(ratios), 3),
-                                             "max": round(max(ratios), 3)}
+        for split in ("split-shm", "split-shm-1mb"):
+            ratios = [s / b for s, b in zip(rates[split][c], rates["colocated"][c],
+                                            strict=True)]
+            key = f"{split.replace('-', '_')}_over_colocated_c{c}"
+            out[key] = {"median": round(statistics.median(ratios), 3),
+                        "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
     if latency:
         per_layer = list(zip(*(run["a2e_ms_per_layer"] for run in latency), strict=True))
         out["decode_a2e_ms_median_per_layer"] = [round(statistics.median(v), 3)
