@@ -123,7 +123,9 @@ async def test_killed_expert_instance_fails_clearly_then_heals(tiny_dirs: dict[s
         outcomes = await asyncio.wait_for(running, timeout=60)  # nothing hangs
         for outcome, want in zip(outcomes, expected, strict=True):
             if isinstance(outcome, BaseException):  # failed clearly, with the OpenAI envelope
-                assert isinstance(outcome, openai.APIError), outcome
+                assert isinstance(outcome, openai.APIStatusError), outcome
+                assert outcome.status_code == 503
+                assert "no live expert instance" in outcome.message
             else:
                 assert outcome == [want]
         deadline = time.monotonic() + 60
