@@ -95,26 +95,32 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
               warmpools/finalizers]
   verbs: [update]
 # One engine Pod per Task: created, read, replaced (delete + create) when its template changes;
-# warm-pool worker Pods likewise.
+# warm-pool worker Pods likewise; a Task claiming a warm Pod patches its labels and owner.
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # Per-Model gateway Service and ServiceAccount, headless instances Service, batch results.
 - apiGroups: [""]
   resources: [services, serviceaccounts, configmaps]
   verbs: [get, create, patch]
+# The expert balancer's ServiceAccount goes when a Model leaves attention/expert mode.
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [delete]
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# Per-Model gateway Deployments (watched for Model status).
+# Per-Model gateway Deployments (watched for Model status) and expert balancer Deployments
+# (attention/expert mode; deleted when a Model leaves it).
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [get, list, watch, create, patch]
+  verbs: [get, list, watch, create, patch, delete]
 # The per-Model gateway's Role (get/list/watch tasks and models, patch its own Model for
-# scale from zero: all of which the operator holds).
+# scale from zero) and the expert balancer's Role (get/list/watch tasks): all of which the
+# operator holds. The balancer's go with attention/expert mode.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
-  verbs: [get, create, patch]
+  verbs: [get, create, patch, delete]
 {{- end }}
 
 {{/* Cluster-scoped reads kopf needs in every mode: CRD scanning, and the namespace list. */}}

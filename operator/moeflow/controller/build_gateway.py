@@ -1,4 +1,5 @@
-"""Pure builders of a Model's gateway and of the list of everything a Model owns.
+"""Pure builders of a Model's gateway and of the list of everything a Model owns (gateway,
+instances Service, expert balancer in attention/expert mode, Jobs).
 
 The gateway is a Deployment, not a Job of Tasks: it is stateless, holds no rank and no
 weights, and is scaled and rolled like any web front end (HPA, rolling updates). It finds the
@@ -13,12 +14,14 @@ from __future__ import annotations
 from typing import Any
 
 from moeflow.controller import naming
+from moeflow.controller.build_balancer import build_balancer_deployment, build_balancer_rbac
 from moeflow.controller.build_engine import (
     build_instances_service,
     build_job,
     http_probe,
     task_template,
 )
+from moeflow.controller.build_rbac import build_service_account_rbac
 from moeflow.controller.plan import GatewayPlan, ModelPlan
 from moeflow.controller.settings import OperatorSettings
 
@@ -76,31 +79,29 @@ def build_gateway_service(model: str, namespace: str, port: int) -> Obj:
 
 def build_gateway_rbac(model: str, namespace: str) -> list[Obj]:
     """ServiceAccount, Role (read Tasks and Models, patch this Model) and RoleBinding."""
-    name = naming.gateway_name(model)
-    labels = naming.model_labels(model, naming.COMPONENT_GATEWAY)
-    meta = {"name": name, "namespace": namespace, "labels": labels}
-    return [
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": dict(meta)},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": dict(meta),
-         "rules": [{"apiGroups": [naming.GROUP], "resources": ["tasks", "models"],
-                    "verbs": ["get", "list", "watch"]},
-                   {"apiGroups": [naming.GROUP], "resources": ["models"],
-                    "resourceNames": [model], "verbs": ["patch"]}]},
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
-         "metadata": dict(meta),
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-         "subjects": [{"kind": "ServiceAccount", "name": name, "namespace": namespace}]},
-    ]
+    return build_service_account_rbac(
+        naming.gateway_name(model), namespace,
+        naming.model_labels(model, naming.COMPONENT_GATEWAY),
+        [{"apiGroups": [naming.GROUP], "resources": ["tasks", "models"],
+          "verbs": ["get", "list", "watch"]},
+         {"apiGroups": [naming.GROUP], "resources": ["models"],
+          "resourceNames": [model], "verbs": ["patch"]}])
 
 
 def build_model_children(plan: ModelPlan, namespace: str, settings: OperatorSettings) -> list[Obj]:
     """Everything a Model owns directly, in apply order: RBAC before the Deployment that uses
-    it, Services before the Pods that register in them, then one Job per role."""
+    it, Services before the Pods that register in them, the expert balancer (attention/expert
+    mode), then one Job per role."""
     template = task_template(plan.spec, plan.model_path, settings)
+    balancer: list[Obj] = []
+    if plan.balancer is not None:
+        balancer = [*build_balancer_rbac(plan.model, namespace),
+                    build_balancer_deployment(plan.model, namespace, plan.balancer, settings)]
     return [
         *build_gateway_rbac(plan.model, namespace),
         build_gateway_service(plan.model, namespace, plan.gateway.port),
         build_instances_service(plan.model, namespace, settings.engine_port),
         build_gateway_deployment(plan.model, namespace, plan.gateway, settings),
+        *balancer,
         *(build_job(plan.model, namespace, job, template) for job in plan.jobs),
     ]

@@ -1,18 +1,32 @@
-"""Pure builders and decisions of a WarmPool: its worker Pods and which to add or remove.
-Dicts in, dicts out; no I/O, no kopf.
+"""Pure builders and decisions of a WarmPool: its worker Pods, which to add or remove, and
+how a Task claims one. Dicts in, dicts out; no I/O, no kopf.
 
-A warm Pod runs one warm-pool worker (`moeflow warm-pool`): the engine's imports
-and torch set-up done, no model, waiting on a Unix socket in a Pod-local emptyDir for one
-claim. It mounts the node model store read-only and gets the accelerator devices, so a claim
-only has to load the weights. Ready = the socket exists (an exec probe).
+A warm Pod runs one warm-pool worker (`moeflow warm-pool --port <engine port>`): the engine's
+imports and torch set-up done, no model, waiting for one claim, which it takes over HTTP
+(`POST /v1/claim`) on the same port an engine Pod serves on, then becomes that engine there.
+It mounts the node model store read-only and gets the accelerator devices, so a claim only
+has to load the weights.
+
+Probes (a Pod's spec cannot change once claimed, so they serve both lives):
+- readiness: `GET /health` over HTTP, exactly as on an engine Pod. The worker answers 503
+  until a claim's engine serves, so the Pod turns Ready only as a loaded engine (the Task
+  mirrors it) and an idle warm Pod is never Ready (no Service or gateway routes to it).
+- startup: a TCP connect on the port: passes once the worker listens, i.e. imports done and
+  ready to be claimed. A Pod whose container has `started: true` and that is still idle is
+  what the pool counts as ready (`is_claimable`), and what a Task may claim.
+- liveness: a TCP connect too (an idle or loading worker answers 503 on /health, so an HTTP
+  liveness probe would kill it); the socket stays open from the worker through the engine.
 
 Names are `<pool>-<n>` with n the lowest numbers that no Pod labelled with the pool uses, claimed
 ones included: a function of the observed Pods, so a replayed event makes the same names (409 =
 already there), and a claimed Pod, which keeps its name, never blocks a refill.
 
-Claim protocol (not built here; docs/coldstart.md): the claimer sets `moeflow.dev/warm-state:
-claimed` and moves the Pod's controller reference from the WarmPool to its Task in one patch;
-the pool stops counting the Pod (it only counts Pods it controls) and makes a new one.
+Claims (`reconcile_warm_pool.claim_warm_pod` does the I/O): a Task may take a warm Pod when
+`claim_refusal(task)` is None and `pod_fits` the Pod (idle, claimable, controlled by a
+WarmPool, same image, same devices, same port, model store mounted over the model path).
+`claim_patch` relabels the Pod as the Task's engine Pod, moves its controller reference from
+the WarmPool to the Task (the pool only counts Pods it controls, so it refills) and stamps
+the Task's Pod-template hash, in one merge patch guarded by the Pod's resourceVersion.
 """
 
 from __future__ import annotations
@@ -22,32 +36,49 @@ from dataclasses import dataclass
 from typing import Any
 
 from moeflow.controller import naming
-from moeflow.controller.build_engine import spec_hash
+from moeflow.controller.build_engine import http_probe, spec_hash
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import WarmPoolSpec
+from moeflow.controller.spec import Role, TaskSpec, TransportKind, WarmPoolSpec
 
 Obj = dict[str, Any]
 SOCKET_NAME = "warm.sock"
+CONTAINER = "worker"
+WARM_POOL_KIND = "WarmPool"
+ANNOTATION_CLAIMED_AT = "moeflow.dev/claimed-at"
+"""When a Task claimed the Pod: Task `coldStart.podReadySeconds` counts from here."""
 
 
 def socket_path(settings: OperatorSettings) -> str:
     return f"{settings.warm_pool_socket_dir.rstrip('/')}/{SOCKET_NAME}"
 
 
+def _tcp_probe(*, period_s: int, failure_threshold: int) -> Obj:
+    return {"tcpSocket": {"port": "http"}, "periodSeconds": period_s, "timeoutSeconds": 3,
+            "failureThreshold": failure_threshold}
+
+
 def build_warm_pod(pool: str, namespace: str, number: int, spec: WarmPoolSpec,
                    settings: OperatorSettings) -> Obj:
-    socket = socket_path(settings)
     amounts: dict[str, str] = {}
     if spec.devices_per_instance > 0:
         amounts[settings.accelerator_resource] = str(spec.devices_per_instance)
     container: Obj = {
-        "name": "worker",
+        "name": CONTAINER,
         "image": spec.image or settings.image,
         "imagePullPolicy": settings.image_pull_policy,
-        "command": ["moeflow", "warm-pool", "--socket", socket],
-        "env": [{"name": "MOEFLOW_WARM_POOL", "value": pool}],
-        "readinessProbe": {"exec": {"command": ["test", "-S", socket]},
-                           "periodSeconds": 2, "failureThreshold": 1},
+        "command": ["moeflow", "warm-pool", "--socket", socket_path(settings),
+                    "--host", "0.0.0.0", "--port", str(settings.engine_port)],
+        "ports": [{"name": "http", "containerPort": settings.engine_port, "protocol": "TCP"}],
+        "env": [
+            {"name": "MOEFLOW_WARM_POOL", "value": pool},
+            {"name": "MOEFLOW_NAMESPACE",
+             "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+            {"name": "MOEFLOW_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        ],
+        "startupProbe": _tcp_probe(period_s=2, failure_threshold=max(
+            1, settings.startup_timeout_s // 2)),
+        "readinessProbe": http_probe("http", period_s=5, failure_threshold=3),
+        "livenessProbe": _tcp_probe(period_s=10, failure_threshold=3),
         "volumeMounts": [
             {"name": "run", "mountPath": settings.warm_pool_socket_dir},
             {"name": "model-store", "mountPath": settings.model_mount_path, "readOnly": True},
@@ -59,7 +90,7 @@ def build_warm_pod(pool: str, namespace: str, number: int, spec: WarmPoolSpec,
     pod_spec: Obj = {
         "restartPolicy": "Always",
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 10,
+        "terminationGracePeriodSeconds": 30,
         "containers": [container],
         "volumes": [
             {"name": "run", "emptyDir": {}},
@@ -77,6 +108,109 @@ def build_warm_pod(pool: str, namespace: str, number: int, spec: WarmPoolSpec,
     }
 
 
+def is_claimable(pod: Mapping[str, Any]) -> bool:
+    """Running, its worker listening (startup probe passed), not going away."""
+    statuses = (pod.get("status") or {}).get("containerStatuses") or []
+    return (not pod["metadata"].get("deletionTimestamp")
+            and (pod.get("status") or {}).get("phase") == "Running"
+            and bool(statuses) and all(s.get("started") is True for s in statuses))
+
+
+def claim_refusal(task: TaskSpec) -> str | None:
+    """Why no warm Pod can serve this Task (None: one may)."""
+    if task.role is Role.EXPERT:
+        return "expert instances run their own app, not a warm worker"
+    if task.template.source.scheme != "store":
+        return (f"source {task.template.source.uri}: warm Pods mount only the node model store"
+                " (store://)")
+    if task.template.resources.cpu or task.template.resources.memory:
+        return "the Task requests cpu/memory; warm Pods request only devices"
+    return None
+
+
+def _container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
+    containers = (pod.get("spec") or {}).get("containers") or [{}]
+    return next((c for c in containers if c.get("name") == CONTAINER), containers[0])
+
+
+def pod_fits(task: TaskSpec, pod: Mapping[str, Any], settings: OperatorSettings) -> bool:
+    """An idle, claimable warm Pod (of a WarmPool) that runs what the Task's Pod would: same
+    image, same number of devices, the engine port, the model store over the model path."""
+    meta = pod["metadata"]
+    labels = meta.get("labels") or {}
+    controller: Mapping[str, Any] = next(
+        (r for r in meta.get("ownerReferences") or [] if r.get("controller")), {})
+    if (labels.get(naming.LABEL_WARM_STATE) != naming.WARM_IDLE
+            or controller.get("kind") != WARM_POOL_KIND or not is_claimable(pod)):
+        return False
+    container = _container(pod)
+    limits = (container.get("resources") or {}).get("limits") or {}
+    ports = {p.get("name"): p.get("containerPort") for p in container.get("ports") or []}
+    mounts = [m["mountPath"].rstrip("/") for m in container.get("volumeMounts") or []
+              if m.get("name") == "model-store"]
+    template = task.template
+    return (container.get("image") == template.image
+            and int(limits.get(settings.accelerator_resource, 0)) == template.devices_per_instance
+            and ports.get("http") == template.port
+            and any(template.model_path.startswith(f"{m}/") for m in mounts))
+
+
+def pick_warm_pod(task: TaskSpec, pods: Iterable[Mapping[str, Any]],
+                  settings: OperatorSettings) -> Mapping[str, Any] | None:
+    """The first fitting Pod by name (deterministic), or None."""
+    fitting = [p for p in pods if pod_fits(task, p, settings)]
+    return min(fitting, key=lambda p: p["metadata"]["name"]) if fitting else None
+
+
+def owner_reference(owner: Mapping[str, Any]) -> Obj:
+    """A controller reference to `owner` (what kopf.adopt writes)."""
+    meta = owner["metadata"]
+    return {"apiVersion": owner["apiVersion"], "kind": owner["kind"], "name": meta["name"],
+            "uid": meta["uid"], "controller": True, "blockOwnerDeletion": True}
+
+
+def claim_patch(pod: Mapping[str, Any], task_body: Mapping[str, Any], task: TaskSpec,
+                template_hash: str, now: str) -> Obj:
+    """The merge patch that makes a warm Pod the Task's Pod. It keeps the pool label (its
+    number stays taken while the Pod lives), sets warm-state=claimed, adds the Task's labels
+    (component engine: the headless Service, discovery and the Task's Pod handler see it),
+    and replaces the owner references (the list is replaced whole by a merge patch). The
+    resourceVersion makes it fail (409) if the Pod changed since it was read: two claimers
+    never both win."""
+    return {"metadata": {
+        "resourceVersion": pod["metadata"]["resourceVersion"],
+        "labels": {**naming.task_labels(task.model, task.role, task.rank),
+                   naming.LABEL_WARM_STATE: naming.WARM_CLAIMED},
+        "annotations": {naming.ANNOTATION_TEMPLATE_HASH: template_hash,
+                        ANNOTATION_CLAIMED_AT: now},
+        "ownerReferences": [owner_reference(task_body)],
+    }}
+
+
+def claim_message(task: TaskSpec) -> Obj:
+    """What the worker becomes: the fields `moeflow engine` gets as flags on an engine Pod
+    (plan.engine_argv and the Pod's transport environment)."""
+    template = task.template
+    settings: Obj = {
+        "model_path": template.model_path, "served_model_name": task.model,
+        "role": task.role.value, "rank": task.rank, "host": "0.0.0.0", "port": template.port,
+        "transport": (template.transport.kind or TransportKind.SHM).value,
+    }
+    if template.transport.kind is TransportKind.REDIS and template.transport.redis_url:
+        settings["redis_url"] = template.transport.redis_url
+    if task.role is Role.ATTENTION:
+        settings["num_expert_instances"] = template.expert_instances
+    return {"settings": settings, "weights": None}
+
+
+def claimed_pool(pod: Mapping[str, Any]) -> str | None:
+    """The WarmPool a Task's Pod was claimed from (None: a Pod made for the Task)."""
+    labels = pod["metadata"].get("labels") or {}
+    if labels.get(naming.LABEL_WARM_STATE) != naming.WARM_CLAIMED:
+        return None
+    return labels.get(naming.LABEL_WARM_POOL)
+
+
 @dataclass(frozen=True)
 class PoolPlan:
     """What to do to a pool's Pods: create these numbers, delete these names."""
@@ -84,11 +218,6 @@ class PoolPlan:
     create: tuple[int, ...]
     delete: tuple[str, ...]
     num_ready: int
-
-
-def _is_ready(pod: Mapping[str, Any]) -> bool:
-    return any(c.get("type") == "Ready" and c.get("status") == "True"
-               for c in (pod.get("status") or {}).get("conditions") or [])
 
 
 def _number(pool: str, name: str) -> int | None:
@@ -100,7 +229,7 @@ def plan_pool(pool: str, size: int, desired_hash: str, owned: Iterable[Mapping[s
               taken_names: Iterable[str]) -> PoolPlan:
     """`owned`: live Pods the pool controls; `taken_names`: every Pod name labelled with the
     pool (claimed and terminating ones too). Outdated Pods (template hash) are deleted and
-    replaced once gone; surplus Pods go not-ready first, then highest number first."""
+    replaced once gone; surplus Pods go not-claimable first, then highest number first."""
     current: list[Mapping[str, Any]] = []
     outdated: list[Mapping[str, Any]] = []
     for pod in owned:
@@ -109,7 +238,7 @@ def plan_pool(pool: str, size: int, desired_hash: str, owned: Iterable[Mapping[s
         (outdated if is_outdated else current).append(pod)
 
     def keep_order(pod: Mapping[str, Any]) -> tuple[bool, int]:
-        return (not _is_ready(pod), _number(pool, pod["metadata"]["name"]) or 0)
+        return (not is_claimable(pod), _number(pool, pod["metadata"]["name"]) or 0)
 
     current.sort(key=keep_order)
     surplus = current[size:]
@@ -118,4 +247,4 @@ def plan_pool(pool: str, size: int, desired_hash: str, owned: Iterable[Mapping[s
     free = (n for n in range(len(taken) + missing + 1) if n not in taken)
     create = tuple(next(free) for _ in range(missing))
     delete = tuple(p["metadata"]["name"] for p in [*outdated, *reversed(surplus)])
-    return PoolPlan(create, delete, sum(_is_ready(p) for p in current[:size]))
+    return PoolPlan(create, delete, sum(is_claimable(p) for p in current[:size]))

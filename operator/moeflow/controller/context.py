@@ -18,8 +18,12 @@ from moeflow.controller.coalesce import Coalescer
 from moeflow.controller.engine_report import EngineStatsClient, HttpEngineStats
 from moeflow.controller.kube import KubeApi
 from moeflow.controller.settings import OperatorSettings
+from moeflow.controller.warm_claim import HttpWarmClaims, WarmClaimClient
 
 MEMO_KEY = "moeflow"
+WARM_CLAIMS_KEY = "warm_claims"
+"""A `WarmClaimClient` put in the operator's root memo under this key replaces the HTTP one
+(tests: a double; `kopf.operator(memo=kopf.Memo(warm_claims=...))`)."""
 T = TypeVar("T")
 
 
@@ -31,6 +35,8 @@ class OperatorContext:
     executor: ThreadPoolExecutor | None = None
     engine_stats: EngineStatsClient | None = None
     """How the autoscaler reads engines' /v1/stats; default: HTTP on the Pod IP."""
+    warm_claims: WarmClaimClient | None = None
+    """How a Task hands a claimed warm Pod its instance; default: HTTP on the Pod IP."""
     autoscaled: set[tuple[str, str]] = field(default_factory=set)
     """(namespace, name) of the Models with autoscaling bounds, kept by a Model event handler."""
     background: list[asyncio.Task[None]] = field(default_factory=list)
@@ -38,6 +44,8 @@ class OperatorContext:
     def __post_init__(self) -> None:
         if self.engine_stats is None:
             self.engine_stats = HttpEngineStats(self.settings.engine_stats_timeout_s)
+        if self.warm_claims is None:
+            self.warm_claims = HttpWarmClaims(self.settings.warm_pool_claim_timeout_s)
         if self.executor is None:
             self.executor = ThreadPoolExecutor(self.settings.handler_workers,
                                                thread_name_prefix="moeflow-api")
@@ -60,6 +68,8 @@ class OperatorContext:
             self.executor.shutdown(wait=False, cancel_futures=True)
         if isinstance(self.engine_stats, HttpEngineStats):
             self.engine_stats.close()
+        if isinstance(self.warm_claims, HttpWarmClaims):
+            self.warm_claims.close()
         self.api.close()
 
 

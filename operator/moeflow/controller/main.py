@@ -4,6 +4,7 @@ Run with `moeflow operator` (see `cli.py`) or `kopf run -m moeflow.controller.ma
 
 Flow (each arrow is a watch event that triggers the next level, level-based and idempotent):
     Model  --create/update/resume-->  Jobs, gateway Deployment/Services/RBAC
+                                      (attention/expert: balancer Deployment/RBAC)
     Job    --create/update/resume-->  Tasks (ranks 0..replicas-1)
     Task   --create/update/resume-->  Pod
     Pod    --event-->  Task status   --event-->  Job status   --event-->  Model status
@@ -11,6 +12,7 @@ Flow (each arrow is a watch event that triggers the next level, level-based and 
     Request --daemon while unfinished-->  batch fan-out, results ConfigMap
     Model with maxReplicas --one loop, every autoscale_interval_s-->  spec.roles.<role>.replicas
     WarmPool --create/update/resume-->  worker Pods   Pod --event-->  WarmPool (refill, status)
+    Task needing a Pod  --claims-->  an idle warm Pod that fits (relabel, re-own, POST claim)
 Status refreshes of one object are coalesced (`Coalescer`): bursts of child events cost one
 read-compute-write of the parent at a time.
 """
@@ -26,7 +28,7 @@ import kopf
 
 from moeflow.controller import naming
 from moeflow.controller.autoscale import has_bounds
-from moeflow.controller.context import MEMO_KEY, OperatorContext, context_of
+from moeflow.controller.context import MEMO_KEY, WARM_CLAIMS_KEY, OperatorContext, context_of
 from moeflow.controller.events import Decision, post
 from moeflow.controller.kube import KubeApi, OwnershipConflict
 from moeflow.controller.reconcile_autoscale import Memory, autoscale_model
@@ -52,8 +54,9 @@ ENGINE_PODS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
                naming.LABEL_COMPONENT: naming.COMPONENT_ENGINE}
 GATEWAYS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
             naming.LABEL_COMPONENT: naming.COMPONENT_GATEWAY}
-WARM_PODS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
-             naming.LABEL_COMPONENT: naming.COMPONENT_WARM_POOL}
+# Claimed warm Pods included (they keep the pool label): a claim's relabel event refills the pool.
+WARM_PODS: dict[str, Any] = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
+                             naming.LABEL_WARM_POOL: kopf.PRESENT}
 
 
 @kopf.on.startup()
@@ -67,7 +70,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     settings.persistence.finalizer = f"{naming.GROUP}/finalizer"
     settings.posting.reporting_component = naming.MANAGED_BY
     settings.execution.default_backoff = op_settings.retry_backoff_s
-    memo[MEMO_KEY] = OperatorContext(op_settings, KubeApi.from_config(op_settings.kubeconfig))
+    memo[MEMO_KEY] = OperatorContext(op_settings, KubeApi.from_config(op_settings.kubeconfig),
+                                     warm_claims=memo.get(WARM_CLAIMS_KEY))
 
 
 @kopf.on.cleanup()
@@ -159,7 +163,7 @@ async def task_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
 async def reconcile_task(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     ctx = context_of(memo)
     try:
-        decisions = await ctx.call(apply_task, ctx.api, ctx.settings, body)
+        decisions = await ctx.call(apply_task, ctx.api, ctx.settings, body, ctx.warm_claims)
     except (SpecError, OwnershipConflict) as e:
         post(body, [Decision(type(e).__name__, str(e), "Warning")])
         raise kopf.PermanentError(str(e)) from None
@@ -171,7 +175,7 @@ async def pod_changed(event: kopf.RawEvent, body: kopf.Body, memo: kopf.Memo,
                       **_: Any) -> None:
     ctx = context_of(memo)
     task, decisions = await ctx.call(sync_task_with_pod, ctx.api, ctx.settings,
-                                     event.get("type"), body)
+                                     event.get("type"), body, ctx.warm_claims)
     if task is not None:
         post(task, decisions)
 

@@ -6,6 +6,7 @@ event finds what already exists (409 = already there) instead of making a twin:
     Job       <model>-<role>             e.g. smollm2-135m-instruct-decode
     Task/Pod  <model>-<role>-<rank>      e.g. smollm2-135m-instruct-decode-0
     gateway   <model>-gateway            Deployment, Service, ServiceAccount, Role, RoleBinding
+    balancer  <model>-balancer           Deployment, ServiceAccount, Role, RoleBinding (AE only)
     headless  <model>-instances          Service; Pod DNS <task>.<model>-instances.<ns>.svc
     results   <request>-results          ConfigMap written by a Request
     warm Pod  <pool>-<n>                 n: the lowest numbers no Pod of the pool uses
@@ -37,6 +38,7 @@ WARM_IDLE, WARM_CLAIMED = "idle", "claimed"
 MANAGED_BY = "moeflow-operator"
 COMPONENT_ENGINE = "engine"
 COMPONENT_GATEWAY = "gateway"
+COMPONENT_BALANCER = "balancer"
 COMPONENT_WARM_POOL = "warm-pool"
 
 # Annotation on Pods: hash of everything the Pod was built from; a change means "recreate".
@@ -53,6 +55,10 @@ def task_name(model: str, role: Role, rank: int) -> str:
 
 def gateway_name(model: str) -> str:
     return f"{model}-gateway"
+
+
+def balancer_name(model: str) -> str:
+    return f"{model}-balancer"
 
 
 def instances_service_name(model: str) -> str:
@@ -81,7 +87,7 @@ def warm_pool_labels(pool: str) -> dict[str, str]:
 
 
 def model_labels(model: str, component: str) -> dict[str, str]:
-    """Labels shared by every object of one Model's `component` (engine or gateway)."""
+    """Labels shared by every object of one Model's `component` (engine, gateway, balancer)."""
     return {
         LABEL_NAME: "moeflow",
         LABEL_INSTANCE: model,
@@ -94,6 +100,10 @@ def model_labels(model: str, component: str) -> dict[str, str]:
 
 def gateway_selector(model: str) -> dict[str, str]:
     return {LABEL_MODEL: model, LABEL_COMPONENT: COMPONENT_GATEWAY}
+
+
+def balancer_selector(model: str) -> dict[str, str]:
+    return {LABEL_MODEL: model, LABEL_COMPONENT: COMPONENT_BALANCER}
 
 
 def engine_selector(model: str) -> dict[str, str]:

@@ -1,13 +1,16 @@
-"""What to run for a Model: the desired Jobs, Tasks and gateway, as plain data. Pure; no I/O.
+"""What to run for a Model: the desired Jobs, Tasks, gateway and (attention/expert mode) expert
+balancer, as plain data. Pure; no I/O.
 
 `plan_model(name, spec)` is the one decision both runtimes share. The operator turns a plan
 into Job/Task custom resources and Pods; the local runtime turns the same plan into processes
 (`unique_ports=True` gives every instance its own port on one host, and `model_path` points at
-a local checkpoint). The argv of each instance is exactly the engine/gateway CLI:
+a local checkpoint). The argv of each instance is exactly the engine/gateway/balancer CLI:
 
     moeflow engine --model P --served-model-name M --role R --rank N --host H --port 8001
     moeflow gateway --host H --port 8000 --discovery kubernetes --namespace NS
                     --served-model-name M
+    moeflow balancer --discovery kubernetes --namespace NS --served-model-name M
+                     --num-expert-instances N
 
 Ranks run 0..replicas-1 per role; scale-down removes the highest ranks first, so ranks stay
 dense and a rank names the same instance across scale events.
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from moeflow.controller import naming
-from moeflow.controller.spec import ModelSpec, Role, Source, TransportKind
+from moeflow.controller.spec import Mode, ModelSpec, Role, Source, TransportKind
 
 DEFAULT_ENGINE_PORT = 8001
 DEFAULT_GATEWAY_PORT = 8000
@@ -58,6 +61,14 @@ class GatewayPlan:
 
 
 @dataclass(frozen=True)
+class BalancerPlan:
+    """The expert load balancer of an attention/expert Model: one process, no port."""
+
+    name: str
+    argv: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class ModelPlan:
     model: str
     spec: ModelSpec
@@ -65,6 +76,8 @@ class ModelPlan:
     transport: TransportKind
     jobs: tuple[JobPlan, ...]
     gateway: GatewayPlan
+    balancer: BalancerPlan | None = None
+    """Only in attention/expert mode."""
 
     @property
     def roles(self) -> tuple[Role, ...]:
@@ -109,6 +122,17 @@ def gateway_argv(*, served_model_name: str, host: str, port: int, discovery: str
     return (*argv, "--served-model-name", served_model_name)
 
 
+def balancer_argv(*, served_model_name: str, num_experts: int, discovery: str,
+                  namespace: str) -> tuple[str, ...]:
+    """The expert fleet's size is part of the argv: expert URLs are indexed by rank, so a new
+    expert replica count means a new balancer process."""
+    argv = ["moeflow", "balancer", "--discovery", discovery]
+    if discovery == "kubernetes":
+        argv += ["--namespace", namespace]
+    return (*argv, "--served-model-name", served_model_name,
+            "--num-expert-instances", str(num_experts))
+
+
 def model_path_for(model: str, source: Source, model_root: str = DEFAULT_MODEL_ROOT) -> str:
     """Where the weights appear inside an engine container. The node model store is mounted
     at `model_root` (so `store://x` is `<root>/x`); a PVC or node directory is mounted at
@@ -134,7 +158,8 @@ def plan_model(
     """The desired Jobs (one per role of `spec.mode`, in the mode's role order), their Tasks
     and the gateway. With `unique_ports`, instance i (in plan order) listens on
     `engine_port + i`; otherwise every instance uses `engine_port` (one per Pod). Explicit
-    `engine_ports` (one per instance, in plan order) override both."""
+    `engine_ports` (one per instance, in plan order) override both. Attention/expert mode
+    adds the expert balancer."""
     path = model_path if model_path is not None else model_path_for(name, spec.source)
     jobs: list[JobPlan] = []
     instance_index = 0
@@ -170,5 +195,12 @@ def plan_model(
         argv=gateway_argv(served_model_name=name, host=host, port=gateway_port,
                           discovery=discovery, namespace=namespace),
     )
+    balancer = None
+    if spec.mode is Mode.ATTENTION_EXPERT_DISAGGREGATED:
+        balancer = BalancerPlan(
+            name=naming.balancer_name(name),
+            argv=balancer_argv(served_model_name=name, num_experts=sizes[Role.EXPERT],
+                               discovery=discovery, namespace=namespace),
+        )
     return ModelPlan(model=name, spec=spec, model_path=path, transport=spec.transport_kind,
-                     jobs=tuple(jobs), gateway=gateway)
+                     jobs=tuple(jobs), gateway=gateway, balancer=balancer)

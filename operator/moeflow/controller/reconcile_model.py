@@ -2,12 +2,13 @@
 
 `apply_model` makes the cluster match the plan: it applies every child (create-or-patch with
 deterministic names, owner reference to the Model via kopf.adopt) and deletes Jobs of roles
-the mode no longer has. `refresh_model_status` recomputes the status from the children.
+the mode no longer has, and the expert balancer's objects once the mode is no longer
+attention/expert. `refresh_model_status` recomputes the status from the children.
 Both are idempotent: run twice, the second run changes nothing and says so.
 
 No finalizer: nothing outside the cluster is created, and everything inside carries an owner
 reference to the Model, so deleting a Model is the cluster garbage collector's job
-(Model -> Jobs, gateway objects -> Tasks -> Pods).
+(Model -> Jobs, gateway and balancer objects -> Tasks -> Pods).
 """
 
 from __future__ import annotations
@@ -67,10 +68,31 @@ def apply_model(api: KubeApi, settings: OperatorSettings, body: Mapping[str, Any
             decisions.append(Decision(
                 "Deleted", f"Job {job_name} deleted: mode {spec.mode.value} has no role"
                 f" {job['spec'].get('role')!r}"))
+    if plan.balancer is None:
+        decisions += _delete_balancer(api, meta, spec)
     api.patch_status(kube.MODEL, meta["namespace"], meta["name"], {
         "observedGeneration": meta.get("generation"), "mode": spec.mode.value,
         "endpoint": endpoint_of(body, settings), "reconcileError": None,
     })
+    return decisions
+
+
+# Deployment first: it is the only one that runs anything; then what it ran as.
+_BALANCER_KINDS = (kube.DEPLOYMENT, kube.ROLE_BINDING, kube.ROLE, kube.SERVICE_ACCOUNT)
+
+
+def _delete_balancer(api: KubeApi, meta: Mapping[str, Any], spec: ModelSpec) -> list[Decision]:
+    """The balancer's objects, where this Model controls them (a mode change away from
+    attention/expert). One GET per kind when there is nothing to delete."""
+    name, namespace = naming.balancer_name(meta["name"]), meta["namespace"]
+    decisions: list[Decision] = []
+    for kind in _BALANCER_KINDS:
+        obj = api.get(kind, namespace, name)
+        if obj is not None and kube.controller_uid(obj) == meta["uid"] and api.delete(
+                kind, namespace, name):
+            decisions.append(Decision(
+                "Deleted", f"{kind.kind} {name} deleted: mode {spec.mode.value} has no expert"
+                " balancer"))
     return decisions
 
 

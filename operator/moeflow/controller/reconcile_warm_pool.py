@@ -6,6 +6,11 @@ them), deletes surplus and outdated ones, and writes `status.desired/ready/condi
 on every change of the pool and of its Pods (a deleted Pod is replaced on its DELETED event).
 No finalizer: nothing outside the cluster is made. Builders and the plan are in
 `build_warm_pool`.
+
+`claim_warm_pod` is the Task side: when a Task needs a Pod and an idle warm Pod fits it, the
+Pod is relabelled and re-owned for the Task in one guarded patch, then told its instance
+(`POST /v1/claim` on the Pod IP through a `WarmClaimClient`). If the worker refuses or does
+not answer, the half-claimed Pod is deleted and the Task gets a fresh Pod as usual.
 """
 
 from __future__ import annotations
@@ -16,11 +21,19 @@ from typing import Any
 import kopf
 
 from moeflow.controller import kube, naming, status
-from moeflow.controller.build_warm_pool import build_warm_pod, plan_pool
+from moeflow.controller.build_warm_pool import (
+    build_warm_pod,
+    claim_message,
+    claim_patch,
+    claim_refusal,
+    pick_warm_pod,
+    plan_pool,
+)
 from moeflow.controller.events import Decision, as_body
-from moeflow.controller.kube import KubeApi
+from moeflow.controller.kube import Conflict, KubeApi
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import SpecError, WarmPoolSpec, parse_spec
+from moeflow.controller.spec import SpecError, TaskSpec, WarmPoolSpec, parse_spec
+from moeflow.controller.warm_claim import WarmClaimClient
 
 
 def apply_warm_pool(api: KubeApi, settings: OperatorSettings, namespace: str, name: str
@@ -66,3 +79,36 @@ def apply_warm_pool(api: KubeApi, settings: OperatorSettings, namespace: str, na
     if status.changed(previous, new):
         api.patch_status(kube.WARM_POOL, namespace, name, new)
     return pool, decisions
+
+
+def claim_warm_pod(api: KubeApi, claims: WarmClaimClient, settings: OperatorSettings,
+                   task_body: Mapping[str, Any], task: TaskSpec, template_hash: str
+                   ) -> tuple[bool, list[Decision]]:
+    """Give the Task an idle warm Pod that fits it. Returns (claimed, decisions): False with
+    no decisions when none fits (or another claimer won it), False with a Warning when the
+    claim failed (the Pod is deleted); either way the caller creates a fresh Pod."""
+    if claim_refusal(task) is not None:
+        return False, []
+    namespace = task_body["metadata"]["namespace"]
+    idle = api.list(kube.POD, namespace, {naming.LABEL_COMPONENT: naming.COMPONENT_WARM_POOL,
+                                          naming.LABEL_WARM_STATE: naming.WARM_IDLE})
+    pod = pick_warm_pod(task, idle, settings)
+    if pod is None:
+        return False, []
+    pod_name = pod["metadata"]["name"]
+    pool = pod["metadata"]["labels"][naming.LABEL_WARM_POOL]
+    patch = claim_patch(pod, task_body, task, template_hash, status.now_iso())
+    try:
+        if api.patch(kube.POD, namespace, pod_name, patch) is None:
+            return False, []  # gone meanwhile
+    except Conflict:
+        return False, []  # changed meanwhile (another Task claimed it, the pool deleted it)
+    task_name = task_body["metadata"]["name"]
+    error = claims.claim(pod["status"]["podIP"], task.template.port, claim_message(task))
+    if error is None:
+        return True, [Decision("WarmPodClaimed", f"warm Pod {pod_name} of WarmPool {pool}"
+                               f" claimed for Task {task_name}: loading {task.model}")]
+    api.delete(kube.POD, namespace, pod_name)
+    return False, [Decision("WarmClaimFailed", f"claiming warm Pod {pod_name} of WarmPool"
+                            f" {pool} failed ({error}); Pod deleted, a fresh Pod is created",
+                            "Warning")]

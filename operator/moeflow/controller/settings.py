@@ -64,4 +64,9 @@ class OperatorSettings(BaseSettings):
     """Per `GET /v1/stats` of one engine by the autoscaler; no answer = no stats this round."""
 
     warm_pool_socket_dir: str = "/var/run/moeflow"
-    """Directory (a Pod-local emptyDir) where a warm-pool worker listens for its claim."""
+    """Directory (a Pod-local emptyDir) of a warm-pool worker: its Unix socket (local claims)
+    and the claim it took (`claim.json`, re-read by a restarted container)."""
+
+    warm_pool_claim_timeout_s: float = Field(5.0, gt=0)
+    """Per `POST /v1/claim` to a warm Pod (the worker answers at once, before loading); no
+    answer in time = the claim failed: that Pod is deleted and the Task gets a fresh Pod."""

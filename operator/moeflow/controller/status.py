@@ -82,7 +82,10 @@ def _phase_of_pod(pod: Mapping[str, Any] | None) -> tuple[str, str, str]:
 
 def task_status(pod: Mapping[str, Any] | None, *, endpoint: str,
                 previous: Mapping[str, Any], now: str,
-                engine_cold_start: Mapping[str, float] | None = None) -> Obj:
+                engine_cold_start: Mapping[str, float] | None = None,
+                warm_pool: str | None = None, claimed_at: str | None = None) -> Obj:
+    """`warm_pool`/`claimed_at`: the Pod was claimed from that WarmPool at that time
+    (coldStart says `path: warm-pool`, and podReadySeconds counts from the claim)."""
     phase, reason, message = _phase_of_pod(pod)
     result: Obj = {"phase": phase, "ready": phase == PHASE_READY, "endpoint": endpoint,
                    "reason": reason, "message": message}
@@ -94,11 +97,14 @@ def task_status(pod: Mapping[str, Any] | None, *, endpoint: str,
         if pod.get("spec", {}).get("nodeName"):
             result["nodeName"] = pod["spec"]["nodeName"]
         ready = _pod_condition(pod, "Ready")
-        created = _parse_time(pod["metadata"].get("creationTimestamp"))
+        created = _parse_time(claimed_at or pod["metadata"].get("creationTimestamp"))
         ready_at = _parse_time(ready.get("lastTransitionTime")) if ready else None
+        if warm_pool:
+            result["coldStart"] = {**(previous.get("coldStart") or {}), "path": "warm-pool",
+                                   "warmPool": warm_pool}
         if phase == PHASE_READY and created and ready_at:
             # First of the five cold-start steps; the engine reports the other four.
-            cold_start = dict(previous.get("coldStart") or {})
+            cold_start = dict(result.get("coldStart") or previous.get("coldStart") or {})
             cold_start["podReadySeconds"] = max(0.0, (ready_at - created).total_seconds())
             cold_start.update(engine_cold_start or {})  # engine_report.fetch_cold_start
             result["coldStart"] = cold_start

@@ -20,6 +20,7 @@ from types import SimpleNamespace
 from typing import cast
 
 import uvicorn
+from fastapi import FastAPI
 
 from moeflow.coldstart.http import ColdStartMetrics
 from moeflow.coldstart.preload import Preloaded, preload, store_from
@@ -103,12 +104,18 @@ def prewarm_http(engine: LLMEngine | None = None) -> None:
 
 def serve_engine(settings: EngineSettings, record: ColdStartRecord,
                  preloaded: Preloaded | None = None, *, engine: LLMEngine | None = None,
-                 on_ready: ReadyCallback | None = None) -> int:
+                 on_ready: ReadyCallback | None = None,
+                 sockets: list[socket.socket] | None = None,
+                 customize: Callable[[FastAPI], None] | None = None) -> int:
     """Build (unless ``engine`` is given) and serve until stopped (SIGINT/SIGTERM); the exit
-    code. ``on_ready`` is told once the sockets listen."""
+    code. ``on_ready`` is told once the sockets listen. ``sockets``: already listening ones
+    to serve on (a claimed warm worker's), instead of binding ``settings.host:port``;
+    ``customize`` may add routes to the app before it serves."""
     if engine is None:
         engine = build_engine(settings, record, preloaded)
     app = build_engine_app(engine)
+    if customize is not None:
+        customize(app)
     config = uvicorn_config(app, settings)
-    ReadyServer(config, app.state.coldstart_metrics, on_ready).run()
+    ReadyServer(config, app.state.coldstart_metrics, on_ready).run(sockets=sockets)
     return 0

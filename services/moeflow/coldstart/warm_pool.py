@@ -11,10 +11,17 @@ the checkpoint (``settings.model_store``), or received from a live peer over XCC
 see ``fork.ForkServer.broadcast``); then it serves on ``settings.port``. Its cold-start record
 starts at ``claimed_monotonic`` with path ``warm_pool``, so the skipped pre-load reads ~0.
 
-``WarmPool`` is the local API (tests, benchmark, ``moeflow up`` later). On Kubernetes a
-``WarmPool`` CR would map to a Deployment of such workers per node group (the socket on a
-shared emptyDir or a hostPath), and a Task "claims" one by relabelling its pod and sending the
-claim through a node agent; that controller is not built (docs/coldstart.md).
+``WarmPool`` is the local API (tests, benchmark, ``moeflow up`` later).
+
+On Kubernetes (a WarmPool CR's Pod, ``moeflow warm-pool --port P``) the worker also takes its
+claim over HTTP: ``POST /v1/claim`` with the same message (``claimed_monotonic`` optional: the
+claimer's clock is another machine's, so the worker's receipt time is used). 202 ``{"pid"}``
+accepted, 400 a claim it cannot serve (the message says why), 409 already claimed. It then
+becomes the engine on that same listening socket (never closed, so no gap and no other
+process can take the port): ``GET /health`` answers 503 until the engine serves, so a Pod's
+readiness probe passes only once the claimed model is loaded, as for an engine Pod. A claim is
+also written to ``claim_file`` (a Pod-local emptyDir): a restarted container (same command)
+claims itself with it at once instead of waiting for a claim that will not come again.
 """
 
 from __future__ import annotations
@@ -25,19 +32,24 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from moeflow.coldstart.record import ColdStartRecord
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from moeflow.coldstart.preload import Preloaded
     from moeflow.engine.config import EngineSettings
 
 WORKER_MODULE = "moeflow.coldstart.warm_pool"
+CLAIM_PATH = "/v1/claim"
 
 
 def send_json(path: Path, message: Mapping[str, Any], timeout_s: float = 30.0) -> dict[str, Any]:
@@ -177,28 +189,187 @@ def _receive_weights(spec: Mapping[str, Any], settings: EngineSettings) -> Prelo
                      time.monotonic() - started)
 
 
-def worker_main(socket_path: Path) -> int:
+class ClaimError(ValueError):
+    """A claim this worker cannot serve (HTTP 400): the message says which field and why."""
+
+
+class AlreadyClaimed(RuntimeError):
+    """A second claim (HTTP 409): a worker becomes one instance, once."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    settings: EngineSettings
+    weights: Mapping[str, Any] | None
+    claimed_monotonic: float
+    message: Mapping[str, Any]
+
+
+def parse_claim(message: Any, *, port: int | None = None) -> Claim:
+    """Validate a claim message; ``port``: the port this worker listens on (the settings must
+    name it, the engine serves on that socket)."""
+    from pydantic import ValidationError
+
+    from moeflow.engine.config import EngineSettings
+
+    if not isinstance(message, Mapping) or not isinstance(message.get("settings"), Mapping):
+        raise ClaimError('a claim is a JSON object with "settings" (EngineSettings fields)')
+    try:
+        settings = EngineSettings.model_validate(message["settings"])
+    except ValidationError as e:
+        fields = "; ".join(f"settings.{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                           for err in e.errors())
+        raise ClaimError(fields) from None
+    if settings.role == "expert":
+        raise ClaimError("settings.role: expert instances run their own app, not a warm worker")
+    if port is not None and settings.port != port:
+        raise ClaimError(f"settings.port: {settings.port}, but this worker listens on {port}")
+    weights = message.get("weights")
+    if weights is not None and not isinstance(weights, Mapping):
+        raise ClaimError('"weights" must be null or an object')
+    claimed = message.get("claimed_monotonic")
+    return Claim(settings, weights,
+                 float(claimed) if isinstance(claimed, int | float) else time.monotonic(),
+                 dict(message))
+
+
+class _ClaimBox:
+    """The one claim, from whichever channel comes first (Unix socket, HTTP)."""
+
+    def __init__(self, port: int | None) -> None:
+        self.port = port
+        self.claim: Claim | None = None
+        self.taken = threading.Event()
+        self._lock = threading.Lock()
+
+    def take(self, message: Any) -> Claim:
+        claim = parse_claim(message, port=self.port)  # ClaimError: nothing is taken
+        with self._lock:
+            if self.claim is not None:
+                raise AlreadyClaimed("this worker is already claimed")
+            self.claim = claim
+        self.taken.set()
+        return claim
+
+
+def _serve_unix_claims(listener: socket.socket, box: _ClaimBox) -> None:
+    """Answer claims on the Unix socket until it is closed (one JSON line each way)."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn, conn.makefile("rb") as reader:
+            try:
+                box.take(json.loads(reader.readline()))
+                answer: dict[str, Any] = {"pid": os.getpid()}
+            except (ClaimError, AlreadyClaimed, ValueError) as e:
+                answer = {"error": str(e)}
+            conn.sendall(json.dumps(answer).encode() + b"\n")
+
+
+def _claim_handler(box: _ClaimBox) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def _answer(self, status: int, body: Mapping[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:  # noqa: N802
+            state = "claimed" if box.taken.is_set() else "idle"
+            if self.path == "/health":  # not ready: no engine serves here yet
+                self._answer(503, {"status": "loading" if state == "claimed" else "warm"})
+            elif self.path == "/v1/warm":
+                self._answer(200, {"state": state, "pid": os.getpid()})
+            else:
+                self._answer(404, {"error": f"{self.path}: not found on a warm worker"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != CLAIM_PATH:
+                self._answer(404, {"error": f"{self.path}: not found on a warm worker"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length") or 0)
+                box.take(json.loads(self.rfile.read(length) or b"null"))
+            except AlreadyClaimed as e:
+                self._answer(409, {"error": str(e)})
+            except (ClaimError, ValueError) as e:
+                self._answer(400, {"error": f"bad claim: {e}"})
+            else:
+                self._answer(202, {"pid": os.getpid(), "state": "claimed"})
+
+        def log_message(self, *_: object) -> None:
+            return None
+
+    return Handler
+
+
+def _claim_server(sock: socket.socket, box: _ClaimBox) -> ThreadingHTTPServer:
+    """The pre-claim HTTP server, on an already listening socket (kept open when it stops)."""
+    server = ThreadingHTTPServer(sock.getsockname()[:2], _claim_handler(box),
+                                 bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, args=(0.05,), name="warm-claims",
+                     daemon=True).start()
+    return server
+
+
+def refuse_claims(app: FastAPI) -> None:
+    """The claimed engine keeps answering claims: 409, as the worker did."""
+    from fastapi.responses import JSONResponse
+
+    async def claimed() -> JSONResponse:
+        return JSONResponse({"error": "this worker is already claimed"}, status_code=409)
+
+    app.add_api_route(CLAIM_PATH, claimed, methods=["POST"])
+
+
+def worker_main(socket_path: Path | None, *, port: int | None = None, host: str = "0.0.0.0",
+                claim_file: Path | None = None) -> int:
+    """Pre-load, wait for one claim (Unix socket ``socket_path`` and/or HTTP on ``port``),
+    then serve it; the exit code."""
     # The pre-load a claim skips: every import the engine needs, torch's first set-up, the HTTP
     # stack's first-call costs.
     import torch
 
-    from moeflow.coldstart.launch import prewarm_http, serve_engine
-    from moeflow.engine.config import EngineSettings
+    from moeflow.coldstart.launch import build_engine, prewarm_http, serve_engine
 
     torch.empty(1).sum()
     prewarm_http()  # the app's route/schema set-up and uvicorn's imports, before the claim
-    listener = listen(socket_path)
-    conn, _ = listener.accept()
-    with conn, conn.makefile("rb") as reader:
-        claim = json.loads(reader.readline())
-        record = ColdStartRecord(started_s=float(claim["claimed_monotonic"]), path="warm_pool")
-        record.mark_load_started()
-        conn.sendall(json.dumps({"pid": os.getpid()}).encode() + b"\n")
-    listener.close()
-    socket_path.unlink(missing_ok=True)
-    settings = EngineSettings.model_validate(claim["settings"])
-    preloaded = _receive_weights(claim["weights"], settings) if claim.get("weights") else None
-    return serve_engine(settings, record, preloaded)
+    box = _ClaimBox(port)
+    http_sock = socket.create_server((host, port), backlog=128) if port is not None else None
+    server = _claim_server(http_sock, box) if http_sock is not None else None
+    listener = listen(socket_path) if socket_path is not None else None
+    if listener is not None:
+        threading.Thread(target=_serve_unix_claims, args=(listener, box), name="warm-unix",
+                         daemon=True).start()
+    if claim_file is not None and claim_file.exists():  # a restarted, claimed container
+        box.take({**json.loads(claim_file.read_text()), "claimed_monotonic": None})
+    box.taken.wait()
+    claim = box.claim
+    assert claim is not None
+    if claim_file is not None and not claim_file.exists():
+        claim_file.write_text(json.dumps(claim.message))
+    if listener is not None:
+        listener.close()  # connections queued there get EOF: already claimed
+        assert socket_path is not None
+        socket_path.unlink(missing_ok=True)
+    record = ColdStartRecord(started_s=claim.claimed_monotonic, path="warm_pool")
+    record.mark_load_started()
+    settings = claim.settings
+    preloaded = _receive_weights(claim.weights, settings) if claim.weights else None
+    if server is None:
+        return serve_engine(settings, record, preloaded)
+    assert http_sock is not None
+    engine = build_engine(settings, record, preloaded)
+    server.shutdown()  # the socket stays open: requests wait in its backlog for the engine
+    return serve_engine(settings, record, engine=engine, sockets=[http_sock],
+                        customize=refuse_claims)
 
 
 if __name__ == "__main__":

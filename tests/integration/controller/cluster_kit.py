@@ -59,9 +59,11 @@ async def wait_for(probe: Callable[[], T], *, timeout_s: float = 15.0,
 class OperatorRunner:
     """The real operator (kopf + moeflow.controller.main), in a thread, cluster-wide."""
 
-    def __init__(self) -> None:
+    def __init__(self, memo: kopf.Memo | None = None) -> None:
+        """`memo`: the operator's root memo (e.g. a `warm_claims` double, see context.py)."""
         import moeflow.controller.main  # noqa: F401  # registers the handlers
 
+        self._memo = memo if memo is not None else kopf.Memo()
         self._stop = threading.Event()
         self._ready = threading.Event()
         self._thread: threading.Thread | None = None
@@ -74,7 +76,7 @@ class OperatorRunner:
         try:
             asyncio.run(kopf.operator(clusterwide=True, standalone=True, settings=settings,
                                       stop_flag=self._stop, ready_flag=self._ready,
-                                      memo=kopf.Memo()))
+                                      memo=self._memo))
         except BaseException as e:  # surfaced by stop()
             self.error = e
 

@@ -87,9 +87,22 @@ async def test_example_model_yields_children_and_becomes_ready(
     services = {s["metadata"]["name"]: s for s in cluster.objects("v1/services")}
     assert services[f"{name}-gateway"]["spec"]["type"] == "ClusterIP"
     assert services[f"{name}-instances"]["spec"]["clusterIP"] == "None"
+    # Attention/expert only: the expert balancer, a Deployment with its own RBAC, no Service.
+    balancer = cluster.get("apps/v1/deployments", f"{name}-balancer")
+    if "expert" in roles:
+        assert balancer is not None and controller_of(balancer) == ("Model", name)
+        (container,) = balancer["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == [
+            "moeflow", "balancer", "--discovery", "kubernetes", "--namespace", "default",
+            "--served-model-name", name, "--num-expert-instances", str(roles["expert"])]
+        assert container["image"] == "ghcr.io/moeflow/moeflow:0.1.0"
+        assert f"{name}-balancer" not in services
+    else:
+        assert balancer is None
+    identities = sorted([f"{name}-gateway"] + ([f"{name}-balancer"] if balancer else []))
     for resource in ("v1/serviceaccounts", "rbac.authorization.k8s.io/v1/roles",
                      "rbac.authorization.k8s.io/v1/rolebindings"):
-        assert cluster.names(resource) == [f"{name}-gateway"], resource
+        assert cluster.names(resource) == identities, resource
 
     # Not ready until the Pods are; then Ready with the per-role counts.
     progressing = cluster.condition("moeflow.dev/v1alpha1/models", name, "Progressing")
@@ -114,4 +127,4 @@ async def test_example_model_yields_children_and_becomes_ready(
         (r, rank, True) for r, n in roles.items() for rank in range(n))
     assert all(i.url.endswith(".default.svc.cluster.local:8001") for i in instances)
 
-    assert cluster.validate_everything() >= 2 * num_instances + 7
+    assert cluster.validate_everything() >= 2 * num_instances + 7 + (4 if balancer else 0)

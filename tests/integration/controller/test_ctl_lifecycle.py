@@ -13,6 +13,7 @@ from moeflow.controller import kube
 MODELS, JOBS, TASKS = ("moeflow.dev/v1alpha1/models", "moeflow.dev/v1alpha1/jobs",
                        "moeflow.dev/v1alpha1/tasks")
 PD = "smollm2-135m-instruct-pd"
+DEPLOYMENTS = "apps/v1/deployments"
 
 
 def is_ready(cluster: Cluster, model: str) -> bool:
@@ -76,6 +77,51 @@ async def test_scaling_lost_pod_and_mode_change(cluster: Cluster, operator: obje
     cluster.validate_everything()
 
 
+async def test_the_expert_balancer_follows_the_expert_fleet_and_leaves_with_the_mode(
+        cluster: Cluster, operator: object) -> None:
+    model = load_example("model-attention-expert-disaggregated.yaml")
+    name = model["metadata"]["name"]
+    balancer = f"{name}-balancer"
+    rbac = ("v1/serviceaccounts", "rbac.authorization.k8s.io/v1/roles",
+            "rbac.authorization.k8s.io/v1/rolebindings")
+
+    def argv() -> list[str] | None:
+        deployment = cluster.get(DEPLOYMENTS, balancer)
+        return deployment and deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+
+    def expected(num_experts: int) -> list[str]:
+        return ["moeflow", "balancer", "--discovery", "kubernetes", "--namespace", "default",
+                "--served-model-name", name, "--num-expert-instances", str(num_experts)]
+
+    await cluster.apply(model)
+    await wait_for(lambda: argv() == expected(2), what="balancer for 2 experts")
+    deployment = cluster.get(DEPLOYMENTS, balancer)
+    assert deployment is not None and deployment["spec"]["replicas"] == 1
+    (owner,) = deployment["metadata"]["ownerReferences"]
+    assert (owner["kind"], owner["name"], owner["controller"]) == ("Model", name, True)
+    for resource in rbac:
+        assert balancer in cluster.names(resource), resource
+
+    # More expert instances: the balancer's argv (expert URLs by rank) follows.
+    await cluster.patch(kube.MODEL, name, {"spec": {"roles": {"expert": {"replicas": 3}}}})
+    await wait_for(lambda: argv() == expected(3), what="balancer for 3 experts")
+    patched = cluster.get(DEPLOYMENTS, balancer)
+    assert patched is not None and patched["metadata"]["uid"] == deployment["metadata"]["uid"]
+
+    # Colocated: nothing to balance; the balancer and its identity go, the gateway's stay.
+    await cluster.patch(kube.MODEL, name, {"spec": {
+        "mode": "colocated", "transport": None,
+        "roles": {"attention": None, "expert": None, "colocated": {"replicas": 1}}}})
+    await wait_for(lambda: cluster.get(DEPLOYMENTS, balancer) is None, what="balancer gone")
+    await wait_for(lambda: all(cluster.names(r) == [f"{name}-gateway"] for r in rbac),
+                   what="only the gateway's ServiceAccount, Role and RoleBinding")
+    assert deleted_names(cluster, DEPLOYMENTS) == [balancer]
+    await wait_for(lambda: len(cluster.events("Deleted", involved=name)) >= 4 + 2,
+                   what="Deleted events (balancer objects, attention and expert Jobs)")
+    assert cluster.get(DEPLOYMENTS, f"{name}-gateway") is not None
+    cluster.validate_everything()
+
+
 async def test_invalid_spec_is_degraded_with_an_event_then_fixed(
         cluster: Cluster, operator: object) -> None:
     model = load_example("model-colocated.yaml")
@@ -117,7 +163,7 @@ async def test_deleting_a_model_needs_no_finalizer_and_gc_removes_the_rest(
     # What remains is the garbage collector's job: every object hangs off the Model through
     # controller owner references. Emulate the GC and check the operator does not fight it.
     num_collected = await cluster.emulator.collect_garbage()
-    assert num_collected == 2 + 3 + 3 + 6  # jobs, tasks, pods, gateway objects
+    assert num_collected == 2 + 3 + 3 + 6 + 4  # jobs, tasks, pods, gateway, balancer objects
     await asyncio.sleep(0.5)  # time to (wrongly) react to the DELETED events
     for resource in ("v1/pods", "v1/services", "apps/v1/deployments", JOBS, TASKS):
         assert cluster.objects(resource) == [], resource

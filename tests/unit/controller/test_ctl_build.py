@@ -43,8 +43,11 @@ def test_all_built_in_children_are_valid_kubernetes(mode: str) -> None:
     kinds = [c["kind"] for c in children]
     assert kinds[:6] == ["ServiceAccount", "Role", "RoleBinding", "Service", "Service",
                          "Deployment"]
-    assert kinds[6:] == ["Job"] * len(spec.role_names)
-    for child in children[:6]:
+    # attention/expert: the expert balancer's RBAC, then its Deployment
+    balancer = ["ServiceAccount", "Role", "RoleBinding", "Deployment"] if (
+        mode == "attention-expert-disaggregated") else []
+    assert kinds[6:] == balancer + ["Job"] * len(spec.role_names)
+    for child in children[:6 + len(balancer)]:
         validate(child)
 
 
@@ -139,3 +142,39 @@ def test_gateway_deployment_and_services() -> None:
     role = by_kind["Role", "m-gateway"]
     assert role["rules"][0]["resources"] == ["tasks", "models"]
     assert set(role["rules"][0]["verbs"]) == {"get", "list", "watch"}
+
+
+def test_balancer_deployment_runs_the_balancer_cli_with_a_task_reading_role() -> None:
+    spec = model_spec(mode="attention-expert-disaggregated",
+                      transport={"redisUrl": "redis://r:6379/0"},
+                      roles={"attention": {"replicas": 2}, "expert": {"replicas": 3}})
+    settings = OperatorSettings(image="registry.local/moeflow:dev", image_pull_policy="Always")
+    children = build_model_children(plan_model("m", spec, namespace="ns"), "ns", settings)
+    by_kind = {(c["kind"], c["metadata"]["name"]): c for c in children}
+    deployment = by_kind["Deployment", "m-balancer"]
+    validate(deployment)
+    assert deployment["spec"]["replicas"] == 1
+    assert deployment["spec"]["strategy"] == {"type": "Recreate"}  # never two balancers
+    assert deployment["spec"]["selector"]["matchLabels"] == naming.balancer_selector("m")
+    assert deployment["metadata"]["labels"] == naming.model_labels("m", "balancer")
+    pod = deployment["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "m-balancer"
+    (container,) = pod["containers"]
+    assert container["command"] == [
+        "moeflow", "balancer", "--discovery", "kubernetes", "--namespace", "ns",
+        "--served-model-name", "m", "--num-expert-instances", "3"]
+    assert (container["image"], container["imagePullPolicy"]) == (
+        "registry.local/moeflow:dev", "Always")
+    assert children[-1]["spec"]["template"]["image"] == container["image"]  # the engines'
+    assert ("Service", "m-balancer") not in by_kind
+    role = by_kind["Role", "m-balancer"]
+    assert role["rules"] == [{"apiGroups": ["moeflow.dev"], "resources": ["tasks"],
+                              "verbs": ["get", "list", "watch"]}]
+    binding = by_kind["RoleBinding", "m-balancer"]
+    assert binding["roleRef"]["name"] == "m-balancer"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "m-balancer",
+                                    "namespace": "ns"}]
+    for kind in ("ServiceAccount", "Role", "RoleBinding"):
+        validate(by_kind[kind, "m-balancer"])
+    colocated = build_model_children(plan_model("m", model_spec()), "ns", SETTINGS)
+    assert not [c for c in colocated if c["metadata"]["name"] == "m-balancer"]

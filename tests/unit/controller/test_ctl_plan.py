@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from moeflow.cli import build_parser
 from moeflow.controller.plan import model_path_for, plan_model
 from moeflow.controller.spec import Role, Source, parse_model_spec
 
@@ -51,6 +52,26 @@ def test_attention_and_expert_instances_learn_the_size_of_the_other_side() -> No
     assert "--num-expert-instances" not in PD.model_dump_json()
     assert all("--num-expert-instances" not in t.argv for j in plan_model("m", PD).jobs
                for t in j.tasks)
+
+
+def test_only_attention_expert_mode_plans_a_balancer_that_knows_the_expert_fleet() -> None:
+    spec = parse_model_spec({"source": {"uri": "store://x"},
+                             "mode": "attention-expert-disaggregated",
+                             "transport": {"redisUrl": "redis://r"},
+                             "roles": {"attention": {"replicas": 2}, "expert": {"replicas": 3}}})
+    balancer = plan_model("x", spec, namespace="ns").balancer
+    assert balancer is not None and balancer.name == "x-balancer"
+    assert balancer.argv == (
+        "moeflow", "balancer", "--discovery", "kubernetes", "--namespace", "ns",
+        "--served-model-name", "x", "--num-expert-instances", "3")
+    args = build_parser().parse_args(list(balancer.argv[1:]))
+    assert (args.command, args.discovery, args.namespace, args.served_model_name,
+            args.num_expert_instances) == ("balancer", "kubernetes", "ns", "x", 3)
+    local = plan_model("x", spec, discovery="static").balancer
+    assert local is not None and "--namespace" not in local.argv
+    assert plan_model("m", PD).balancer is None
+    colocated = parse_model_spec({"source": {"uri": "store://x"}})
+    assert plan_model("m", colocated).balancer is None
 
 
 def test_local_runtime_gets_unique_ports_and_its_own_paths() -> None:

@@ -13,6 +13,7 @@ import yaml
 
 from moeflow.cli import build_parser
 from moeflow.controller import kube, naming
+from moeflow.controller.build_balancer import build_balancer_rbac
 from moeflow.controller.build_gateway import build_gateway_rbac, build_gateway_service
 from moeflow.controller.plan import model_path_for
 from moeflow.controller.settings import OperatorSettings
@@ -179,9 +180,11 @@ def test_operator_rbac_is_least_privilege_and_covers_what_the_operator_touches()
         assert ("moeflow.dev", plural, "create") not in rules
         assert ("moeflow.dev", plural, "delete") not in rules
         assert ("moeflow.dev", f"{plural}/status", "patch") in rules
-    # The API server only lets the operator create the per-Model gateway's Role if it holds
-    # every permission that Role grants.
+    # The API server only lets the operator create the per-Model gateway's and balancer's
+    # Roles if it holds every permission they grant.
     (_, role, _) = build_gateway_rbac("m", "ns")
+    assert rules_of(role) <= rules
+    (_, role, _) = build_balancer_rbac("m", "ns")
     assert rules_of(role) <= rules
 
 
