@@ -234,7 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     operator_cli.register(sub)
     # these two parse their own flags (and import grpc / the store only when used)
     store = sub.add_parser("store", add_help=False,
-                           help="node model store for DRAM pre-loading: add|list|evict|pin|unpin")
+                           help="node model store for DRAM pre-loading: "
+                                "add|list|evict|pin|unpin|agent")
     store.add_argument("rest", nargs=argparse.REMAINDER)
     store.set_defaults(func=_run_store)
     plugin = sub.add_parser("device-plugin", add_help=False,

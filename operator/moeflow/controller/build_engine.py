@@ -42,6 +42,7 @@ def task_template(spec: ModelSpec, model_path: str, settings: OperatorSettings) 
         expert_instances=spec.role(Role.EXPERT).replicas if Role.EXPERT in spec.role_names else 0,
         attention_instances=(spec.role(Role.ATTENTION).replicas
                              if Role.ATTENTION in spec.role_names else 0),
+        dram_preload=spec.dram_preload,
     )
 
 
@@ -93,6 +94,19 @@ def _model_volume(task: TaskSpec, settings: OperatorSettings) -> tuple[Obj, Obj]
     return volume, mount
 
 
+def _dram_store(task: TaskSpec, settings: OperatorSettings) -> tuple[list[Obj], list[Obj]]:
+    """The node DRAM store, read-only, for a `dramPreload` Model (else nothing). The engine
+    maps a snapshot from it when there is one and loads the checkpoint otherwise, so a node
+    whose store is empty or missing (DirectoryOrCreate) still serves."""
+    if not task.template.dram_preload:
+        return [], []
+    volume = {"name": "dram-store", "hostPath": {"path": settings.dram_store_host_path,
+                                                 "type": "DirectoryOrCreate"}}
+    mount = {"name": "dram-store", "mountPath": settings.dram_store_mount_path,
+             "readOnly": True}
+    return [volume], [mount]
+
+
 def _resources(template: TaskTemplate, settings: OperatorSettings) -> Obj:
     amounts: dict[str, str] = {}
     if template.resources.cpu:
@@ -127,6 +141,7 @@ def http_probe(port_name: str, *, period_s: int, failure_threshold: int) -> Obj:
 def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: OperatorSettings) -> Obj:
     template = task.template
     volume, mount = _model_volume(task, settings)
+    dram_volumes, dram_mounts = _dram_store(task, settings)
     container: Obj = {
         "name": "engine",
         "image": template.image,
@@ -135,7 +150,9 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
                                     role=task.role, rank=task.rank, host="0.0.0.0",
                                     port=template.port,
                                     num_attention=template.attention_instances,
-                                    num_experts=template.expert_instances)),
+                                    num_experts=template.expert_instances,
+                                    model_store=(settings.dram_store_mount_path
+                                                 if template.dram_preload else None))),
         "ports": [{"name": "http", "containerPort": template.port, "protocol": "TCP"}],
         "env": _env(template, task_name),
         "resources": _resources(template, settings),
@@ -144,7 +161,7 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
             1, settings.startup_timeout_s // _PROBE_PERIOD_S)),
         "readinessProbe": http_probe("http", period_s=_PROBE_PERIOD_S, failure_threshold=3),
         "livenessProbe": http_probe("http", period_s=10, failure_threshold=3),
-        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}],
+        "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}, *dram_mounts],
     }
     pod_spec: Obj = {
         # hostname + subdomain give the stable DNS name <task>.<model>-instances.<ns>.svc.
@@ -154,7 +171,7 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": 30,
         "containers": [container],
-        "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+        "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *dram_volumes],
     }
     return {
         "apiVersion": "v1", "kind": "Pod",

@@ -95,9 +95,11 @@ class ModelPlan:
 
 
 def engine_argv(*, model_path: str, served_model_name: str, role: Role, rank: int, host: str,
-                port: int, num_attention: int = 0, num_experts: int = 0) -> tuple[str, ...]:
+                port: int, num_attention: int = 0, num_experts: int = 0,
+                model_store: str | None = None) -> tuple[str, ...]:
     """What one instance runs. Attention and expert instances also learn the size of the other
-    side (XCCL ranks attention-i / expert-j are derived from it)."""
+    side (XCCL ranks attention-i / expert-j are derived from it). `model_store`: the node DRAM
+    store to map the weights from when it holds them."""
     argv: tuple[str, ...] = (
         "moeflow", "engine",
         "--model", model_path,
@@ -111,6 +113,8 @@ def engine_argv(*, model_path: str, served_model_name: str, role: Role, rank: in
         argv += ("--num-expert-instances", str(num_experts))
     if role is Role.EXPERT:
         argv += ("--num-attention-instances", str(num_attention))
+    if model_store:
+        argv += ("--model-store", model_store)
     return argv
 
 

@@ -30,6 +30,16 @@ class OperatorSettings(BaseSettings):
 
     model_mount_path: str = "/models"
 
+    dram_store_host_path: str = "/dev/shm/moeflow-store"
+    """Node DRAM model store (engine-layout snapshots on the host's tmpfs, kept by `moeflow
+    store agent`). Same default as the agent's `--dir` and the device plugin's
+    `store_host_path`."""
+
+    dram_store_mount_path: str = "/var/lib/moeflow/dram-store"
+    """Where an engine of a `dramPreload` Model sees the DRAM store (read-only), passed as
+    `--model-store`. Not the device plugin's `/models/store`: that one nests in the `store://`
+    mount and is only there when devices are allocated; two mounts at one path would clash."""
+
     cluster_domain: str = "cluster.local"
 
     gateway_cpu: str = "500m"

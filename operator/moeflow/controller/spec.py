@@ -179,6 +179,9 @@ class ModelSpec(_Spec):
     slo: Slo = Slo()
     scale_to_zero_after_seconds: int = Field(0, ge=0)
     warm_pool_size: int = Field(0, ge=0)
+    dram_preload: bool = False
+    """Keep the weights in every node's DRAM model store (pinned by `moeflow store agent`)
+    and have engines map them from there; see docs/coldstart.md."""
 
     @model_validator(mode="after")
     def _check_cross_fields(self, info: ValidationInfo) -> ModelSpec:
@@ -238,6 +241,8 @@ class TaskTemplate(_Spec):
     """Attention/expert split: the size of the expert fleet (both roles need it)."""
     attention_instances: int = Field(0, ge=0)
     """Attention/expert split: the attention instances an expert instance serves."""
+    dram_preload: bool = False
+    """The Model's `dramPreload`: engines mount the node DRAM store and map from it."""
 
 
 class JobSpec(_Spec):

@@ -1,4 +1,7 @@
-"""``moeflow store add|list|evict|pin|unpin``: the node model store from the command line.
+"""``moeflow store add|list|evict|pin|unpin|agent``: the node model store from the command line.
+
+``agent`` runs the node's store agent (`store_agent.py`): it keeps the Models that declare
+``dramPreload`` pinned in this store until they stop declaring it.
 
 ``main(argv)`` parses its own arguments so the top-level CLI can delegate to it as is.
 """
@@ -6,8 +9,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,13 +40,52 @@ def build_parser() -> argparse.ArgumentParser:
     evict.add_argument("keys", nargs="+")
     for name in ("pin", "unpin"):
         sub.add_parser(name).add_argument("keys", nargs="+")
+    agent = sub.add_parser("agent", help="keep the Models that declare dramPreload pinned here")
+    agent.add_argument("--namespace", default=None,
+                       help="list Models in this namespace only (default: every namespace)")
+    agent.add_argument("--models-dir", type=Path, default=None,
+                       help="disk model store holding store://NAME checkpoints as NAME/ "
+                            "(default: $MOEFLOW_HOME/models)")
+    agent.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                       help="the engines' dtype (part of the store key)")
+    agent.add_argument("--interval-s", type=float, default=30.0,
+                       help="seconds between two syncs")
+    agent.add_argument("--kubeconfig", default=None,
+                       help="outside a cluster only (default: service account or ~/.kube/config)")
+    agent.add_argument("--once", action="store_true", help="sync once and exit")
     return parser
+
+
+def _run_agent(args: argparse.Namespace, store: ModelStore) -> int:
+    from moeflow.checkpoints.store import models_dir, resolve_home
+    from moeflow.coldstart.store_agent import KubeModelLister, StoreAgent
+
+    if args.interval_s <= 0:
+        sys.stderr.write(f"error: --interval-s must be > 0, got {args.interval_s}\n")
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    lister = KubeModelLister(args.namespace, kubeconfig=args.kubeconfig)
+    agent = StoreAgent(store, lister, args.models_dir or models_dir(resolve_home(os.environ)),
+                       dtype=args.dtype, interval_s=args.interval_s)
+    try:
+        if args.once:
+            agent.sync_once()
+            return 0
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
+        agent.run(stop)
+    finally:
+        lister.close()
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     store = ModelStore(args.dir, budget_bytes=int(args.budget_gb * 1024**3), pinned=args.pinned)
     out = sys.stdout
+    if args.command == "agent":
+        return _run_agent(args, store)
     if args.command == "add":
         from moeflow.checkpoints.store import resolve_home, resolve_model
         from moeflow.coldstart.snapshot import store_key, write_snapshot

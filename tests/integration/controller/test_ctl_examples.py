@@ -64,6 +64,8 @@ async def test_example_model_yields_children_and_becomes_ready(
             fleet += ["--num-expert-instances", str(roles["expert"])]
         if task["spec"]["role"] == "expert":
             fleet += ["--num-attention-instances", str(roles["attention"])]
+        if model["spec"].get("dramPreload"):  # maps the weights from the node DRAM store
+            fleet += ["--model-store", "/var/lib/moeflow/dram-store"]
         assert container["command"] == [
             "moeflow", "engine", "--model", f"/models/{source}", "--served-model-name", name,
             "--role", task["spec"]["role"], "--rank", str(task["spec"]["rank"]),

@@ -14,6 +14,7 @@ from moeflow.controller.build_gateway import build_model_children
 from moeflow.controller.plan import plan_model
 from moeflow.controller.settings import OperatorSettings
 from moeflow.controller.spec import JobSpec, Role, TaskSpec, parse_model_spec, parse_spec
+from moeflow.deviceplugin.settings import DevicePluginSettings
 
 SETTINGS = OperatorSettings()
 
@@ -107,6 +108,33 @@ def test_weights_volume_per_source(source: str, volume: dict[str, Any],
     assert model_volume == {"name": "model", **volume}
     assert pod["spec"]["containers"][0]["volumeMounts"][0] == {
         "name": "model", "readOnly": True, **mount}
+
+
+@pytest.mark.parametrize("source", ["store://smol", "pvc://weights/smol"])
+def test_a_dram_preload_model_maps_the_node_dram_store_read_only(source: str) -> None:
+    pod = pod_for(source, dramPreload=True, devicesPerInstance=1)
+    validate(pod)
+    (container,) = pod["spec"]["containers"]
+    assert container["command"][-2:] == ["--model-store", SETTINGS.dram_store_mount_path]
+    (volume,) = [v for v in pod["spec"]["volumes"] if v["name"] == "dram-store"]
+    # The agent's and the device plugin's store; missing on a node = an empty store there.
+    assert volume["hostPath"] == {"path": "/dev/shm/moeflow-store", "type": "DirectoryOrCreate"}
+    assert volume["hostPath"]["path"] == str(DevicePluginSettings().store_host_path)
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "dram-store"]
+    assert mount == {"name": "dram-store", "mountPath": SETTINGS.dram_store_mount_path,
+                     "readOnly": True}
+    # Not where the device plugin mounts the same store for device containers: no clash.
+    paths = [m["mountPath"] for m in container["volumeMounts"]]
+    assert str(DevicePluginSettings().store_container_path) not in paths
+    assert len(set(paths)) == len(paths)
+
+
+def test_without_dram_preload_the_pod_is_as_before() -> None:
+    plain, declared_off = pod_for(), pod_for(dramPreload=False)
+    assert plain == declared_off
+    assert "--model-store" not in plain["spec"]["containers"][0]["command"]
+    assert {v["name"] for v in plain["spec"]["volumes"]} == {"model", "dshm"}
+    assert spec_hash(pod_for(dramPreload=True)["spec"]) != spec_hash(plain["spec"])
 
 
 def test_template_hash_changes_with_the_template_only() -> None:

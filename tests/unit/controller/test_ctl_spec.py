@@ -26,6 +26,8 @@ def test_a_minimal_model_gets_the_defaults() -> None:
     assert spec.role(Role.COLOCATED).replicas == 1
     assert spec.transport_kind is TransportKind.SHM
     assert spec.devices_per_instance == 0 and spec.gateway.replicas == 1
+    assert spec.dram_preload is False
+    assert parse_model_spec({**SOURCE, "dramPreload": True}).dram_preload is True
 
 
 def test_camel_case_wire_names_and_int_quantities() -> None:

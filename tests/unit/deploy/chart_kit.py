@@ -36,6 +36,8 @@ EVERYTHING_ON: Obj = {
     "devicePlugin": {"enabled": True,
                      "image": {"repository": "registry.example.com/moeflow-shim", "tag": "0.0.1"}},
     "modelStore": {"preload": {"enabled": True},
+                   "dram": {"agent": {"enabled": True,
+                                      "pinned": ["smollm2-135m-instruct--float32"]}},
                    "persistence": {"enabled": True, "storageClassName": "standard"}},
 }
 

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from moeflow.cli import build_parser
+from moeflow.coldstart.store_cli import build_parser as store_build_parser
 from moeflow.controller import kube, naming
 from moeflow.controller.build_balancer import build_balancer_rbac
 from moeflow.controller.build_gateway import build_gateway_rbac, build_gateway_service
@@ -74,6 +75,9 @@ def test_everything_on_adds_each_optional_piece() -> None:
         ("ServiceAccount", "moeflow-gateway"), ("PodDisruptionBudget", "moeflow-gateway"),
         ("DaemonSet", "moeflow-device-plugin"), ("DaemonSet", "moeflow-model-preload"),
         ("PersistentVolumeClaim", "moeflow-models"),
+        ("DaemonSet", "moeflow-model-store-agent"), ("ServiceAccount", "moeflow-model-store-agent"),
+        ("ClusterRole", "moeflow-model-store-agent"),
+        ("ClusterRoleBinding", "moeflow-model-store-agent"),
         ("StatefulSet", "moeflow-redis"), ("Service", "moeflow-redis"),
         ("NetworkPolicy", "moeflow-redis"), ("ServiceMonitor", "moeflow-gateways"),
     }
@@ -209,11 +213,13 @@ def test_watching_one_namespace_uses_a_role_there() -> None:
 ROOT_CONTAINERS = {
     ("DaemonSet/moeflow-device-plugin", "device-plugin"),  # socket in the kubelet's root dir
     ("DaemonSet/moeflow-model-preload", "pull-0"),  # writes into the root-owned node store
+    ("DaemonSet/moeflow-model-store-agent", "agent"),  # writes into the root-owned DRAM store
 }
 # Containers without probes, and why.
 UNPROBED_CONTAINERS = {
     ("DaemonSet/moeflow-device-plugin", "device-plugin"),  # the shim's API is a later issue
     ("DaemonSet/moeflow-model-preload", "idle"),  # the pause container does nothing
+    ("DaemonSet/moeflow-model-store-agent", "agent"),  # a loop without a server
 }
 
 
@@ -313,6 +319,42 @@ def test_model_store_preload_lands_where_engines_mount_it() -> None:
     assert model_path_for("smollm2-135m-instruct", source,
                           operator_env["MOEFLOW_OPERATOR_MODEL_MOUNT_PATH"]) == (
         "/models/smollm2-135m-instruct")
+
+
+def test_model_store_agent_reads_models_only_and_fills_the_store_engines_map() -> None:
+    docs = render_objects(EVERYTHING_ON)
+    role = find(docs, "ClusterRole", "moeflow-model-store-agent")
+    assert role["rules"] == [{"apiGroups": ["moeflow.dev"], "resources": ["models"],
+                              "verbs": ["get", "list", "watch"]}]
+    binding = find(docs, "ClusterRoleBinding", "moeflow-model-store-agent")
+    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    pod = find(docs, "DaemonSet", "moeflow-model-store-agent")["spec"]["template"]["spec"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": pod["serviceAccountName"],
+                                    "namespace": NAMESPACE}]
+    assert ("ServiceAccount", pod["serviceAccountName"]) in kinds(docs)
+    (container,) = pod["containers"]
+    args = store_build_parser().parse_args(container["args"][1:])  # a valid `moeflow store` call
+    assert container["command"] == ["moeflow"] and container["args"][0] == "store"
+    assert (args.command, args.namespace, args.budget_gb, args.pinned) == (
+        "agent", None, 8.0, ["smollm2-135m-instruct--float32"])
+    assert args.dtype == "float32" and args.interval_s == 30.0
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    operator_env = {e["name"]: e["value"] for e in operator_container(EVERYTHING_ON)["env"]}
+    # It writes where engines of dramPreload Models map from...
+    assert mounts["dram-store"] == str(args.dir)
+    assert volumes["dram-store"] == operator_env["MOEFLOW_OPERATOR_DRAM_STORE_HOST_PATH"]
+    # ...and reads store://NAME checkpoints where the pre-loader pulls them.
+    assert mounts["store"] == str(args.models_dir)
+    assert volumes["store"] == operator_env["MOEFLOW_OPERATOR_MODEL_STORE_HOST_PATH"]
+    assert container["resources"]["limits"]["memory"] == "12Gi"
+
+
+def test_model_store_agent_follows_the_watched_namespace() -> None:
+    values = {**MODES["one-namespace"], "modelStore": {"dram": {"agent": {"enabled": True}}}}
+    pod = find(render_objects(values), "DaemonSet",
+               "moeflow-model-store-agent")["spec"]["template"]["spec"]
+    assert store_build_parser().parse_args(pod["containers"][0]["args"][1:]).namespace == "team-a"
 
 
 def notes(values: dict[str, Any] | None = None) -> str:
