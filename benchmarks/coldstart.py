@@ -230,6 +230,9 @@ def main() -> None:
     line("fork to first token", result["fork_to_first_token_s"])
     for name, values in result["zero_to_n_ready_s"].items():
         line(f"0 -> N ready {name}", values)
+    out = Path(__file__).resolve().parent / "results" / "coldstart.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
     print("RESULT " + json.dumps(result, separators=(",", ":")))
 
 
