@@ -155,6 +155,24 @@ def test_shared_gateway_command_is_a_valid_moeflow_cli_call() -> None:
     assert container["readinessProbe"]["httpGet"]["path"] == "/health"
 
 
+def test_device_plugin_runs_the_shim_from_the_moeflow_image_by_default() -> None:
+    import argparse
+
+    from moeflow.deviceplugin.__main__ import add_arguments, settings_from_args
+
+    docs = render_objects({"devicePlugin": {"enabled": True}})
+    pod = find(docs, "DaemonSet", "moeflow-device-plugin")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    operator = find(docs, *OPERATOR_DEPLOYMENT)["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == operator["image"]  # one image for every MoEFlow process
+    assert container["args"] == ["device-plugin"]  # the image's entrypoint is `moeflow`
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    settings = settings_from_args(parser.parse_args(container["args"][1:]))
+    assert env["MOEFLOW_DEVICE_PLUGIN_RESOURCE"] == settings.resource_name == "moeflow.dev/npu"
+
+
 def rules_of(doc: Obj) -> set[tuple[str, str, str]]:
     return {(group, resource, verb) for rule in doc["rules"] for group in rule["apiGroups"]
             for resource in rule["resources"] for verb in rule["verbs"]}
@@ -217,7 +235,7 @@ ROOT_CONTAINERS = {
 }
 # Containers without probes, and why.
 UNPROBED_CONTAINERS = {
-    ("DaemonSet/moeflow-device-plugin", "device-plugin"),  # the shim's API is a later issue
+    ("DaemonSet/moeflow-device-plugin", "device-plugin"),  # gRPC on a unix socket, no HTTP
     ("DaemonSet/moeflow-model-preload", "idle"),  # the pause container does nothing
     ("DaemonSet/moeflow-model-store-agent", "agent"),  # a loop without a server
 }

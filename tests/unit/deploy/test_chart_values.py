@@ -49,9 +49,6 @@ def test_schema_refuses_bad_values_naming_the_key(values: dict[str, Any], messag
 
 
 @pytest.mark.parametrize(("values", "message"), [
-    ({"devicePlugin": {"enabled": True}},
-     "devicePlugin.image.repository is required when devicePlugin.enabled is true: the MoEFlow"
-     " device-plugin shim is not released yet"),
     ({"redis": {"enabled": True, "externalUrl": "redis://r:6379/0"}},
      "redis.enabled and redis.externalUrl are both set"),
     ({"operator": {"serviceAccount": {"create": False}}},
