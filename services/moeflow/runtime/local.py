@@ -53,6 +53,7 @@ class EngineProcess:
     name: str
     url: str
     process: subprocess.Popen[bytes]
+    role: str = "colocated"
 
 
 class LocalRuntime:
@@ -122,7 +123,8 @@ class LocalRuntime:
         if self._redis_url:
             argv += ["--redis-url", self._redis_url]
         process = subprocess.Popen(argv)
-        engine = EngineProcess(task.name, f"http://{task.host}:{task.port}", process)
+        engine = EngineProcess(task.name, f"http://{task.host}:{task.port}", process,
+                               task.role.value)
         logger.info("started engine %s (pid %d) at %s", engine.name, process.pid, engine.url)
         return engine
 
@@ -150,11 +152,8 @@ class LocalRuntime:
         server = self._server
         if server is None or getattr(server, "should_exit", True):
             return
-        role = engine.name.rsplit("-", 1)[0]  # task names are <model>-<role>-<rank>
-        alive = [
-            e for e in self.engines
-            if e.name.rsplit("-", 1)[0] == role and e.process.poll() is None
-        ]
+        role = engine.role
+        alive = [e for e in self.engines if e.role == role and e.process.poll() is None]
         if alive:
             logger.error("engine %s exited with code %s; %d %s engine(s) still serve",
                          engine.name, code, len(alive), role)
@@ -175,8 +174,8 @@ class LocalRuntime:
             return
         budget = None if self.args.expert_budget < 0 else self.args.expert_budget
         balancer = ExpertBalancer(
-            [e.url for e in self.engines if "-attention-" in e.name],
-            [e.url for e in self.engines if "-expert-" in e.name],
+            [e.url for e in self.engines if e.role == "attention"],
+            [e.url for e in self.engines if e.role == "expert"],
             load_arch(model_path).num_experts, budget=budget,
         )
         stop = threading.Event()
@@ -241,7 +240,7 @@ class LocalRuntime:
             for engine in self.engines:
                 self._wait_ready(engine, _ENGINE_START_TIMEOUT_S)
             # expert instances answer attention instances over XCCL, never the gateway
-            serving = [e.url for e in self.engines if "-expert-" not in e.name]
+            serving = [e.url for e in self.engines if e.role != "expert"]
             settings = _gateway_settings(self.args, serving)
             assert isinstance(settings, GatewaySettings)
             config = uvicorn.Config(
