@@ -18,9 +18,10 @@ model's initializer_range), float32. Every server is ``moeflow up`` on a free po
    one host).
 3. Decode throughput at concurrency 8 and 32: ``colocated`` (one engine, 2 torch threads) vs
    ``split-shm`` (1 attention + 2 expert instances, 1 thread each; on 2 cores that is 3 threads:
-   the split pays for its extra processes here), and ``split-shm-1mb`` (the same with one
-   micro-batch per step: each micro-batch streams every hit expert's weights once, so two
-   micro-batches double the experts' memory traffic at decode). c requests start together
+   the split pays for its extra processes here; defaults, so decode steps of fewer than 2 x 64
+   tokens run as one micro-batch), and ``split-shm-2mb`` (two micro-batches in every step:
+   each micro-batch streams every hit expert's weights again, so at decode two micro-batches
+   double the experts' memory traffic). c requests start together
    (32-token random prompts, 64 output tokens, ignore_eos, streamed); decode tok/s = tokens
    streamed while all c are decoding / that window. Configurations interleave for ``--rounds``
    rounds; medians and ranges are reported.
@@ -174,9 +175,9 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
         "colocated": ["--num-threads", "2"],
         "split-shm": ["--mode", "ae", "--attention", "1", "--experts", "2",
                       "--rebalance-interval-s", "0", "--num-threads", "1"],
-        "split-shm-1mb": ["--mode", "ae", "--attention", "1", "--experts", "2",
+        "split-shm-2mb": ["--mode", "ae", "--attention", "1", "--experts", "2",
                           "--rebalance-interval-s", "0", "--num-threads", "1",
-                          "--num-micro-batches", "1"],
+                          "--micro-batch-min-tokens", "1"],
     }
     rates: dict[str, dict[int, list[float]]] = {n: {8: [], 32: []} for n in configs}
     latency: list[dict[str, Any]] = []
@@ -190,7 +191,7 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
                     rates[name][c].append(rate)
                     print(f"[moe] round {r} {name} c{c}: {rate:.1f} tok/s (load {loadavg()})",
                           file=sys.stderr)
-                if name == "split-shm":
+                if name == "split-shm-2mb":
                     [attention] = engine_urls(platform, "attention")
                     stats = await attention_stats(attention)
                     latency.append({k: stats[k] for k in ("a2e_ms_per_layer",
@@ -202,7 +203,7 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
             out[f"{name}_c{c}_tok_s"] = {"median": round(statistics.median(values), 1),
                                          "min": round(min(values), 1),
                                          "max": round(max(values), 1)}
-        for split in ("split-shm", "split-shm-1mb"):
+        for split in ("split-shm", "split-shm-2mb"):
             ratios = [s / b for s, b in zip(rates[split][c], rates["colocated"][c],
                                             strict=True)]
             key = f"{split.replace('-', '_')}_over_colocated_c{c}"

@@ -40,6 +40,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
                    help="Redis for --transport redis (moeflow up starts one if not given)")
     p.add_argument("--num-micro-batches", type=int, default=2,
                    help="attention role: micro-batches per step (overlap with the experts)")
+    p.add_argument("--micro-batch-min-tokens", type=int, default=64,
+                   help="attention role: split a step only if each micro-batch gets this many "
+                   "tokens")
     p.add_argument("--expert-timeout-s", type=float, default=30.0,
                    help="attention role: wait this long for an expert instance's answer")
 
@@ -58,6 +61,7 @@ def _engine_argv(args: argparse.Namespace) -> list[str]:
         argv.append("--no-prefix-caching")
     argv += ["--transport", args.transport]
     argv += ["--num-micro-batches", str(args.num_micro_batches),
+             "--micro-batch-min-tokens", str(args.micro_batch_min_tokens),
              "--expert-timeout-s", str(args.expert_timeout_s)]
     return argv
 
@@ -91,6 +95,7 @@ def _run_engine(args: argparse.Namespace) -> int:
         num_expert_instances=args.num_expert_instances,
         num_attention_instances=args.num_attention_instances,
         num_micro_batches=args.num_micro_batches,
+        micro_batch_min_tokens=args.micro_batch_min_tokens,
         expert_timeout_s=args.expert_timeout_s,
         model_store=args.model_store,
     )

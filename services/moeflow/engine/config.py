@@ -68,6 +68,10 @@ class EngineSettings(BaseSettings):
     """Expert role: how many attention instances it serves (ranks attention-0..N-1)."""
     num_micro_batches: int = Field(2, ge=1, le=8)
     """Attention role: micro-batches per step, so attention overlaps the experts' work."""
+    micro_batch_min_tokens: int = Field(64, ge=1)
+    """Attention role: split a step only when every micro-batch gets at least this many tokens.
+    Each micro-batch makes the experts stream their weights again; with few tokens (decode)
+    that costs more than the overlap gains (measured: benchmarks/moe.py)."""
     expert_timeout_s: float = Field(30.0, gt=0)
     """Attention role: longest wait for an expert instance's answer before it counts as
     dead (its pairs then go to another replica, or the step's requests fail)."""

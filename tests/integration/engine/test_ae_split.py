@@ -65,6 +65,7 @@ def fleet_factory() -> Iterator[object]:
                                   timeout_s=10)
             worker.start()
             workers.append(worker)
+        engine_overrides.setdefault("micro_batch_min_tokens", 1)  # two micro-batches always
         engine = make_engine(model_dir, role="attention", num_expert_instances=num_experts,
                              transport="memory", group=group, expert_timeout_s=5,
                              **engine_overrides)

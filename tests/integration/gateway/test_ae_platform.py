@@ -68,6 +68,7 @@ def ae_platform(request: pytest.FixtureRequest,
     platform = start_platform(tiny_dirs[arch], [
         "--served-model-name", MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
         "--transport", transport, "--rebalance-interval-s", "0", "--max-model-len", "512",
+        "--micro-batch-min-tokens", "1",  # two micro-batches in decode steps too
     ])
     yield platform, tiny_dirs[arch]
     assert platform.stop() == 0, platform.log()[-3000:]

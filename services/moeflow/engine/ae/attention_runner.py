@@ -1,6 +1,7 @@
 """The attention instance's model runner: everything but the routed experts, in micro-batches.
 
-A step's sequences split into (up to) two micro-batches of about equal token counts. Layer by
+A step's sequences split into (up to) two micro-batches of about equal token counts, when each
+gets at least ``micro_batch_min_tokens`` tokens (else the step runs whole). Layer by
 layer, each micro-batch first collects its previous layer's expert output, then runs this
 layer's attention and dispatches its tokens to the experts; so micro-batch B's attention runs
 while micro-batch A's tokens are at the experts, and the other way round (xDeepServe's
@@ -30,10 +31,11 @@ from moeflow.engine.scheduler import ScheduledSeq, StepPlan
 from moeflow.xccl import make_transport
 
 
-def split_plan(plan: StepPlan, num_micro_batches: int) -> list[StepPlan]:
+def split_plan(plan: StepPlan, num_micro_batches: int, min_tokens: int = 1) -> list[StepPlan]:
     """Up to `num_micro_batches` plans with about equal token counts (greedy, largest first),
-    each keeping the original order of its sequences; never an empty one."""
-    parts = min(num_micro_batches, len(plan.scheduled))
+    each keeping the original order of its sequences; never an empty one, and no more parts
+    than leave `min_tokens` tokens to each."""
+    parts = min(num_micro_batches, len(plan.scheduled), plan.num_tokens // min_tokens)
     if parts <= 1:
         return [plan]
     tokens = [0] * parts
@@ -82,16 +84,19 @@ class AttentionRunner(ModelRunner):
         max_model_len: int,
         client: ExpertClient,
         num_micro_batches: int = 2,
+        micro_batch_min_tokens: int = 1,
     ) -> None:
         super().__init__(model_dir, arch, dtype=dtype, num_blocks=num_blocks,
                          block_size=block_size, max_model_len=max_model_len,
                          with_routed_experts=False)
         self.client = client
         self.num_micro_batches = num_micro_batches
+        self.micro_batch_min_tokens = micro_batch_min_tokens
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> dict[str, int]:
-        parts = [self._prepare(p) for p in split_plan(plan, self.num_micro_batches)]
+        parts = [self._prepare(p) for p in split_plan(plan, self.num_micro_batches,
+                                                       self.micro_batch_min_tokens)]
         hiddens = self._forward([(ids, pos, meta) for ids, pos, meta, _, _ in parts])
         rows = [hidden[sample_rows] for hidden, (*_, sample_rows) in zip(hiddens, parts,
                                                                           strict=True)]
@@ -157,4 +162,5 @@ def build_attention_runner(
         settings.model_path, arch, dtype=settings.dtype, num_blocks=num_blocks,
         block_size=settings.block_size, max_model_len=max_model_len, client=client,
         num_micro_batches=settings.num_micro_batches,
+        micro_batch_min_tokens=settings.micro_batch_min_tokens,
     )

@@ -64,6 +64,9 @@ def test_split_plan_balances_tokens_and_keeps_order() -> None:
         ids = [s.seq.request_id for s in part.scheduled]
         assert ids == sorted(ids, key=lambda r: int(r[1:]))
     assert split_plan(StepPlan(scheduled=items[:1]), 2)[0].scheduled == items[:1]
+    # 19 tokens: two micro-batches of >= 9 tokens each, but not of >= 10
+    assert len(split_plan(StepPlan(scheduled=items), 2, min_tokens=9)) == 2
+    assert split_plan(StepPlan(scheduled=items), 2, min_tokens=10) == [StepPlan(scheduled=items)]
 
 
 def test_combine_order_reproduces_moe_experts_bit_for_bit() -> None:
