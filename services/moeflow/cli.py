@@ -147,6 +147,10 @@ def _add_autoscaling_flags(p: argparse.ArgumentParser) -> None:
                    help="no request for this long: scale to --min-replicas (default when on: 300)")
     g.add_argument("--max-waiting-for-scale-up", type=int, default=64,
                    help="requests held while the model scales up from zero; past it, 429")
+    g.add_argument("--slo-ttft-ms", type=float, default=None,
+                   help="scale up when the recent p90 time to first token is above this")
+    g.add_argument("--slo-tpot-ms", type=float, default=None,
+                   help="scale up when the recent p90 time per output token is above this")
     g.add_argument("--scale-up-timeout-s", type=float, default=300.0,
                    help="longest a request waits for a scale-up from zero; then 503")
 

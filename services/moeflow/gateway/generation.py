@@ -204,6 +204,7 @@ class GenerationService:
                 if first_s is None:
                     first_s = now
                     m.ttft.labels(name).observe(now - started_s)
+                    m.recent.record_ttft(now - started_s)
                     if chunk.kv_bytes:
                         m.kv_transfer_bytes.labels(name).observe(chunk.kv_bytes)
                         m.kv_transfer_seconds.labels(name).observe(chunk.kv_transfer_ms / 1000)
@@ -231,7 +232,9 @@ class GenerationService:
                 m.generation_tokens.labels(name).inc(last.num_output_tokens)
                 m.cached_prompt_tokens.labels(name).inc(last.num_cached_tokens)
                 if first_s is not None and last.num_output_tokens > 1:
-                    m.tpot.labels(name).observe((last_s - first_s) / (last.num_output_tokens - 1))
+                    tpot_s = (last_s - first_s) / (last.num_output_tokens - 1)
+                    m.tpot.labels(name).observe(tpot_s)
+                    m.recent.record_tpot(tpot_s)
 
     def _release(self, urls: list[str], model: ServedModel) -> None:
         self.num_in_flight -= 1

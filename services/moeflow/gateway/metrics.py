@@ -7,6 +7,9 @@ consecutive streamed chunks.
 
 from __future__ import annotations
 
+import time
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from moeflow.gateway.registry import ModelRegistry
@@ -17,8 +20,30 @@ _LATENCY_BUCKETS_S = (
 )
 
 
+class RecentLatencies:
+    """The last `max_samples` TTFT and TPOT observations with their time, for an autoscaler
+    that judges the SLO on what happened lately (histograms only hold totals)."""
+
+    def __init__(self, max_samples: int = 1024) -> None:
+        self._ttft: deque[tuple[float, float]] = deque(maxlen=max_samples)
+        self._tpot: deque[tuple[float, float]] = deque(maxlen=max_samples)
+
+    def record_ttft(self, seconds: float) -> None:
+        self._ttft.append((time.monotonic(), seconds * 1000))
+
+    def record_tpot(self, seconds: float) -> None:
+        self._tpot.append((time.monotonic(), seconds * 1000))
+
+    def window(self, window_s: float) -> tuple[list[float], list[float]]:
+        """(TTFT ms, TPOT ms) observed in the last `window_s` seconds."""
+        since = time.monotonic() - window_s
+        return ([ms for at, ms in list(self._ttft) if at >= since],
+                [ms for at, ms in list(self._tpot) if at >= since])
+
+
 class GatewayMetrics:
     def __init__(self, registry_of_models: ModelRegistry) -> None:
+        self.recent = RecentLatencies()
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(

@@ -46,6 +46,8 @@ logger = logging.getLogger(__name__)
 _START_BACKOFF_S = 5.0
 _STOP_GRACE_S = 10.0
 _HELD_FRESH_S = 3.0  # the gateway re-asks every second while requests wait
+SLO_WINDOW_S = 30.0
+"""The TTFT/TPOT SLO is judged on the gateway's observations of the last this many seconds."""
 
 
 def autoscaling_requested(args: argparse.Namespace) -> bool:
@@ -59,7 +61,9 @@ def policy_from_args(args: argparse.Namespace) -> ScalePolicy:
     high = max(args.instances, low, 1) if args.max_replicas is None else args.max_replicas
     idle = 300.0 if args.idle_window_s is None else args.idle_window_s
     return ScalePolicy(min_replicas=low, max_replicas=high, idle_window_s=idle,
-                       scale_up_cooldown_s=5.0, scale_down_cooldown_s=max(30.0, idle))
+                       scale_up_cooldown_s=5.0, scale_down_cooldown_s=max(30.0, idle),
+                       slo_ttft_ms=getattr(args, "slo_ttft_ms", None),
+                       slo_tpot_ms=getattr(args, "slo_tpot_ms", None))
 
 
 @dataclass
@@ -96,6 +100,7 @@ class LocalScaler:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._http = httpx.Client(timeout=2.0)
+        self.app: object | None = None
         now = time.monotonic()
         self._last_request = now
         self._last_scale = now
@@ -181,8 +186,10 @@ class LocalScaler:
         growth = queue_growth_per_s(self._last_waiting, waiting, now - self._last_tick)
         self._last_waiting, self._last_tick = waiting, now
         current = sum(1 for s in self._slots if s.engine is not None)
+        ttft_ms, tpot_ms = self._recent_latencies()
         decision = decide(RoleObservation(
             current_replicas=current, stats=stats, num_held_at_gateway=held,
+            ttft_ms=ttft_ms, tpot_ms=tpot_ms,
             waiting_growth_per_s=growth, cold_start_s=self.cold_start_s,
             seconds_since_last_request=now - self._last_request,
             seconds_since_last_scale=now - self._last_scale,
@@ -195,6 +202,14 @@ class LocalScaler:
             logger.info("autoscaler: %d -> %d (%s)", current, decision.desired_replicas,
                         decision.reason)
             self._scale_down(current - decision.desired_replicas)
+
+    def _recent_latencies(self) -> tuple[list[float], list[float]]:
+        """TTFT/TPOT (ms) the gateway measured in the last SLO window, once it runs."""
+        service = getattr(getattr(self.app, "state", None), "service", None)
+        if service is None:
+            return [], []
+        ttft_ms, tpot_ms = service.metrics.recent.window(SLO_WINDOW_S)
+        return ttft_ms, tpot_ms
 
     def _reap(self) -> None:
         for slot in self._slots:
@@ -299,9 +314,10 @@ def serve_autoscaled(runtime: LocalRuntime, model_path: Path, served_name: str) 
     scaler.start_initial(min(max(args.instances, policy.min_replicas, 1), policy.max_replicas))
     settings = settings.model_copy(update={"engine_urls": tuple(
         e.url for e in runtime.engines)})
+    app = build_app(settings, discovery=scaler, scale_up=scaler)
+    scaler.app = app  # the SLO check reads the gateway's recent TTFT/TPOT
     server = uvicorn.Server(uvicorn.Config(
-        build_app(settings, discovery=scaler, scale_up=scaler),
-        host=settings.host, port=settings.port, log_level="info",
+        app, host=settings.host, port=settings.port, log_level="info",
     ))
     runtime._server = server
     scaler.start()

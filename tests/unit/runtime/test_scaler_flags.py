@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import pytest
+
 from moeflow.cli import _gateway_settings, build_parser
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.runtime.scaler import autoscaling_requested, policy_from_args
@@ -40,3 +42,23 @@ def test_scale_up_limits_reach_the_gateway_settings() -> None:
     default = _gateway_settings(_args(), [])
     assert isinstance(default, GatewaySettings)
     assert (default.max_waiting_for_scale_up, default.scale_up_timeout_s) == (64, 300.0)
+
+
+def test_slo_flags_reach_the_policy() -> None:
+    policy = policy_from_args(_args("--max-replicas", "2", "--slo-ttft-ms", "800",
+                                    "--slo-tpot-ms", "120"))
+    assert (policy.slo_ttft_ms, policy.slo_tpot_ms) == (800.0, 120.0)
+    assert policy_from_args(_args("--max-replicas", "2")).slo_ttft_ms is None
+
+
+def test_recent_latencies_keep_only_the_window() -> None:
+    from moeflow.gateway.metrics import RecentLatencies
+
+    recent = RecentLatencies(max_samples=3)
+    for seconds in (0.1, 0.2, 0.3, 0.4):
+        recent.record_ttft(seconds)
+    recent.record_tpot(0.05)
+    ttft_ms, tpot_ms = recent.window(60.0)
+    assert ttft_ms == pytest.approx([200.0, 300.0, 400.0])  # bounded: the oldest fell off
+    assert tpot_ms == pytest.approx([50.0])
+    assert recent.window(0.0) == ([], [])  # nothing is newer than now
