@@ -177,22 +177,23 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_store(args: argparse.Namespace) -> int:
-    from moeflow.coldstart.store_cli import main as store_main
+# Subcommands that parse their own flags (--help included): name -> (module with
+# `main(argv) -> int`, help). Imported only when used, so grpc and the store stay out of the rest.
+DELEGATED: dict[str, tuple[str, str]] = {
+    "store": ("moeflow.coldstart.store_cli",
+              "node model store for DRAM pre-loading: add|list|evict|pin|unpin|agent"),
+    "device-plugin": ("moeflow.deviceplugin.__main__",
+                      "kubelet device plugin advertising moeflow.dev/npu"),
+    "warm-pool": ("moeflow.coldstart.warm_pool_cli",
+                  "a pre-warmed engine worker (imports done, no model) on a socket"),
+}
 
-    return store_main(args.rest)
 
+def _run_delegated(name: str, argv: Sequence[str]) -> int:
+    import importlib
 
-def _run_warm_pool(args: argparse.Namespace) -> int:
-    from moeflow.coldstart.warm_pool_cli import main as warm_pool_main
-
-    return warm_pool_main(args.rest)
-
-
-def _run_device_plugin(args: argparse.Namespace) -> int:
-    from moeflow.deviceplugin.__main__ import main as plugin_main
-
-    return plugin_main(args.rest)
+    code: int = importlib.import_module(DELEGATED[name][0]).main(list(argv))
+    return code
 
 
 def _run_balancer(args: argparse.Namespace) -> int:
@@ -241,20 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     models_cli.register(sub, _home)
     operator_cli.register(sub)
-    # these two parse their own flags (and import grpc / the store only when used)
-    store = sub.add_parser("store", add_help=False,
-                           help="node model store for DRAM pre-loading: "
-                                "add|list|evict|pin|unpin|agent")
-    store.add_argument("rest", nargs=argparse.REMAINDER)
-    store.set_defaults(func=_run_store)
-    plugin = sub.add_parser("device-plugin", add_help=False,
-                            help="kubelet device plugin advertising moeflow.dev/npu")
-    plugin.add_argument("rest", nargs=argparse.REMAINDER)
-    plugin.set_defaults(func=_run_device_plugin)
-    pool = sub.add_parser("warm-pool", add_help=False,
-                          help="a pre-warmed engine worker (imports done, no model) on a socket")
-    pool.add_argument("rest", nargs=argparse.REMAINDER)
-    pool.set_defaults(func=_run_warm_pool)
+    for name, (_, help_text) in DELEGATED.items():  # listed in --help; main() dispatches them
+        sub.add_parser(name, add_help=False, help=help_text)
 
     engine = sub.add_parser("engine", help="run one engine instance (HTTP)")
     engine.add_argument("--model", required=True, help="cached model name or checkpoint folder")
@@ -331,11 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    for name, run in (("store", _run_store), ("device-plugin", _run_device_plugin),
-                      ("warm-pool", _run_warm_pool)):
-        if argv[:1] == [name]:  # they own their flags, --help included
-            logging.basicConfig(level=logging.INFO)
-            return run(argparse.Namespace(rest=argv[1:]))
+    if argv[:1] and argv[0] in DELEGATED:  # they own their flags, --help included
+        logging.basicConfig(level=logging.INFO)
+        return _run_delegated(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -74,7 +74,8 @@ class ExpertWorker:
         self._lock = threading.Lock()  # serialises load/unload, not the data path
         self._weights: dict[int, ExpertWeights] = loader(initial_experts)
         self.hosted: frozenset[int] = frozenset(initial_experts)
-        self._tokens = [0] * num_experts
+        self._tokens = torch.zeros(num_experts, dtype=torch.int64)
+        self._counters = threading.Lock()  # one serving thread per attention peer updates them
         self._num_dispatches = 0
         self._num_missing = 0
         self._stopping = threading.Event()
@@ -121,7 +122,7 @@ class ExpertWorker:
         return ExpertInstanceStats(
             rank=self.rank,
             hosted=tuple(sorted(self.hosted)),
-            tokens_per_expert=tuple(self._tokens),
+            tokens_per_expert=tuple(int(c) for c in self._tokens.tolist()),
             num_dispatches_total=self._num_dispatches,
             num_missing_expert_total=self._num_missing,
         )
@@ -157,15 +158,17 @@ class ExpertWorker:
         hosted_here = weights.get(message.layer, {})
         missing = set(message.experts.tolist()) - set(hosted_here)
         if missing:
-            self._num_missing += 1
             status, out = Status.MISSING_EXPERT, torch.empty(0)
         else:
             with torch.inference_mode():
                 out = compute(weights, message)
             status = Status.OK
-            counts = torch.bincount(message.experts, minlength=self._num_experts).tolist()
-            self._tokens = [a + b for a, b in zip(self._tokens, counts, strict=True)]
-        self._num_dispatches += 1
+        with self._counters:
+            self._num_dispatches += 1
+            if missing:
+                self._num_missing += 1
+            else:
+                self._tokens += torch.bincount(message.experts, minlength=self._num_experts)
         answer = Combine(message.seq, status, recv_ns, time.time_ns(),
                          time.perf_counter_ns() - started, out)
         try:
