@@ -40,7 +40,7 @@ from cluster_kit import OperatorRunner  # noqa: E402
 from crd_schema import CRD_DIR  # noqa: E402
 from kube_emulator import ClusterEmulator  # noqa: E402
 
-from moeflow.controller import kube  # noqa: E402
+from moeflow.kube import api as kube  # noqa: E402
 
 
 def model(replicas: int) -> dict[str, object]:

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from moeflow.checkpoints.store import resolve_home, resolve_model
-from moeflow.common.messages import GenerateRequest, SamplingParams
+from moeflow.domain.messages import GenerateRequest, SamplingParams
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.llm_engine import LLMEngine
 

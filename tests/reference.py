@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from moeflow.common.messages import GenerateRequest, SamplingParams
+from moeflow.domain.messages import GenerateRequest, SamplingParams
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.llm_engine import LLMEngine
 

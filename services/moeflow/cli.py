@@ -17,6 +17,7 @@ from pathlib import Path
 from moeflow.checkpoints import cli as models_cli
 from moeflow.checkpoints.store import resolve_home
 from moeflow.controller import cli as operator_cli
+from moeflow.domain.roles import Role
 
 
 def _home() -> Path:
@@ -99,13 +100,13 @@ def _run_engine(args: argparse.Namespace) -> int:
         expert_timeout_s=args.expert_timeout_s,
         model_store=args.model_store,
     )
-    if settings.role == "expert":
+    if settings.role is Role.EXPERT:
         from moeflow.engine.ae.expert_app import build_expert_app
 
         app = build_expert_app(settings)
     else:  # cold start: node store, warm-up, the five-step record (moeflow.coldstart)
         from moeflow.coldstart.launch import serve_engine
-        from moeflow.coldstart.record import ColdStartRecord
+        from moeflow.domain.coldstart import ColdStartRecord
 
         return serve_engine(settings, ColdStartRecord.from_process(os.environ))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
@@ -203,8 +204,8 @@ def _run_balancer(args: argparse.Namespace) -> int:
 
     import httpx
 
-    from moeflow.controller.discovery import KubeTaskDiscovery
     from moeflow.engine.ae.balancer import ExpertBalancer, fleet_urls
+    from moeflow.kube.discovery import KubeTaskDiscovery
 
     discovery = KubeTaskDiscovery(args.namespace) if args.discovery == "kubernetes" else None
 
@@ -249,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     engine.add_argument("--model", required=True, help="cached model name or checkpoint folder")
     engine.add_argument("--served-model-name", default="")
     engine.add_argument("--role", default="colocated",
-                        choices=["colocated", "prefill", "decode", "attention", "expert"])
+                        choices=[r.value for r in Role])
     engine.add_argument("--rank", type=int, default=0)
     engine.add_argument("--instance-id", default="")
     engine.add_argument("--group", default="", help="XCCL group (default: served model name)")

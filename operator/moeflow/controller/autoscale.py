@@ -1,6 +1,6 @@
 """The cluster autoscaler's bookkeeping around the shared policy. Pure; no I/O, no kopf.
 
-The policy itself (``moeflow.autoscale.policy.decide``) is shared with the local scaler; this
+The policy itself (``moeflow.domain.autoscale.decide``) is shared with the local scaler; this
 module turns what the operator sees of one role (its Tasks, their engines' ``/v1/stats``) into
 a ``RoleObservation``, remembers what the policy needs across rounds (``RoleMemory``), and
 says how a decision is written down.
@@ -31,9 +31,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from moeflow.autoscale.policy import Decision, RoleObservation, queue_growth_per_s
-from moeflow.common.messages import EngineStats
-from moeflow.controller.spec import ModelSpec, Role
+from moeflow.domain.autoscale import Decision, RoleObservation, queue_growth_per_s
+from moeflow.domain.messages import EngineStats
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import ModelSpec
 
 
 def autoscaled_roles(spec: ModelSpec) -> tuple[Role, ...]:
@@ -140,34 +141,6 @@ def observe(memory: RoleMemory, *, replicas: int, tasks: RoleTasks,
 
 def after_scale(memory: RoleMemory, desired: int, now_s: float) -> RoleMemory:
     return dataclasses.replace(memory, replicas=desired, last_scale_s=now_s)
-
-
-def replicas_patch(replicas: Mapping[Role, int], resource_version: str | None
-                   ) -> dict[str, Any]:
-    """A merge patch of ``spec.roles.<role>.replicas``; with a resourceVersion it is an
-    optimistic lock (409 if the Model moved since it was read)."""
-    patch: dict[str, Any] = {"spec": {"roles": {
-        role.value: {"replicas": count} for role, count in replicas.items()}}}
-    if resource_version is not None:
-        patch["metadata"] = {"resourceVersion": resource_version}
-    return patch
-
-
-def wake_replicas(spec: ModelSpec) -> dict[Role, int]:
-    """Scale from zero: every role of the mode at zero replicas gets ``max(1, minReplicas)``
-    (a prefill/decode Model needs both roles to serve). Roles whose ``maxReplicas`` is 0 cannot
-    wake and are left out; an empty result means there is nothing to do."""
-    wanted: dict[Role, int] = {}
-    for role in spec.role_names:
-        role_spec = spec.role(role)
-        if role_spec.replicas > 0:
-            continue
-        count = max(1, role_spec.min_replicas)
-        if role_spec.max_replicas is not None:
-            count = min(count, role_spec.max_replicas)
-        if count > 0:
-            wanted[role] = count
-    return wanted
 
 
 def event_reason(decision: Decision) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from moeflow.controller.spec import CompletionApi
+from moeflow.domain.spec import CompletionApi
 
 API_PATHS = {CompletionApi.COMPLETIONS: "/v1/completions",
              CompletionApi.CHAT_COMPLETIONS: "/v1/chat/completions"}

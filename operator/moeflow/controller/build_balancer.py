@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeflow.controller import naming
 from moeflow.controller.build_rbac import build_service_account_rbac
-from moeflow.controller.plan import BalancerPlan
 from moeflow.controller.settings import OperatorSettings
+from moeflow.domain import naming
+from moeflow.domain.plan import BalancerPlan
 
 Obj = dict[str, Any]
 

@@ -15,17 +15,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from moeflow.controller import naming
-from moeflow.controller.plan import JobPlan, engine_argv
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import (
-    JobSpec,
-    ModelSpec,
-    Role,
-    TaskSpec,
-    TaskTemplate,
-    TransportKind,
-)
+from moeflow.domain import naming
+from moeflow.domain.plan import JobPlan, engine_argv
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import JobSpec, ModelSpec, TaskSpec, TaskTemplate, TransportKind
 
 Obj = dict[str, Any]
 _HEALTH_PATH = "/health"

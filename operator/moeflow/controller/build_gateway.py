@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeflow.controller import naming
 from moeflow.controller.build_balancer import build_balancer_deployment, build_balancer_rbac
 from moeflow.controller.build_engine import (
     build_instances_service,
@@ -22,8 +21,9 @@ from moeflow.controller.build_engine import (
     task_template,
 )
 from moeflow.controller.build_rbac import build_service_account_rbac
-from moeflow.controller.plan import GatewayPlan, ModelPlan
 from moeflow.controller.settings import OperatorSettings
+from moeflow.domain import naming
+from moeflow.domain.plan import GatewayPlan, ModelPlan
 
 Obj = dict[str, Any]
 

@@ -35,10 +35,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from moeflow.controller import naming
 from moeflow.controller.build_engine import http_probe, spec_hash
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import Role, TaskSpec, TransportKind, WarmPoolSpec
+from moeflow.domain import naming
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import TaskSpec, TransportKind, WarmPoolSpec
 
 Obj = dict[str, Any]
 SOCKET_NAME = "warm.sock"

@@ -16,9 +16,9 @@ from typing import Any, TypeVar
 
 from moeflow.controller.coalesce import Coalescer
 from moeflow.controller.engine_report import EngineStatsClient, HttpEngineStats
-from moeflow.controller.kube import KubeApi
 from moeflow.controller.settings import OperatorSettings
 from moeflow.controller.warm_claim import HttpWarmClaims, WarmClaimClient
+from moeflow.kube.api import KubeApi
 
 MEMO_KEY = "moeflow"
 WARM_CLAIMS_KEY = "warm_claims"

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from moeflow.common.messages import EngineStats
+from moeflow.domain.messages import EngineStats
 
 logger = logging.getLogger(__name__)
 

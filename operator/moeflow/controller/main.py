@@ -26,11 +26,9 @@ from typing import Any
 
 import kopf
 
-from moeflow.controller import naming
 from moeflow.controller.autoscale import has_bounds
 from moeflow.controller.context import MEMO_KEY, WARM_CLAIMS_KEY, OperatorContext, context_of
 from moeflow.controller.events import Decision, post
-from moeflow.controller.kube import KubeApi, OwnershipConflict
 from moeflow.controller.reconcile_autoscale import Memory, autoscale_model
 from moeflow.controller.reconcile_engine import (
     apply_job,
@@ -42,7 +40,9 @@ from moeflow.controller.reconcile_model import apply_model, record_error, refres
 from moeflow.controller.reconcile_request import is_unfinished, run_request
 from moeflow.controller.reconcile_warm_pool import apply_warm_pool
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import SpecError
+from moeflow.domain import naming
+from moeflow.domain.spec import SpecError
+from moeflow.kube.api import KubeApi, OwnershipConflict
 
 MODELS = (naming.GROUP, naming.VERSION, "models")
 JOBS = (naming.GROUP, naming.VERSION, "jobs")

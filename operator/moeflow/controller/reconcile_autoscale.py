@@ -16,14 +16,17 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from moeflow.autoscale.policy import Decision as ScaleDecision
-from moeflow.autoscale.policy import ScalePolicy, decide
-from moeflow.common.messages import EngineStats
-from moeflow.controller import autoscale, kube, naming, status
+from moeflow.controller import autoscale, status
 from moeflow.controller.engine_report import EngineStatsClient
 from moeflow.controller.events import Decision
-from moeflow.controller.kube import Conflict, KubeApi
-from moeflow.controller.spec import Role, SpecError, parse_model_spec
+from moeflow.domain import naming
+from moeflow.domain.autoscale import Decision as ScaleDecision
+from moeflow.domain.autoscale import ScalePolicy, decide, replicas_patch
+from moeflow.domain.messages import EngineStats
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import SpecError, parse_model_spec
+from moeflow.kube import api as kube
+from moeflow.kube.api import Conflict, KubeApi
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,7 @@ def autoscale_model(api: KubeApi, stats_client: EngineStatsClient, namespace: st
                if d.desired_replicas != spec.role(role).replicas}
     events: list[Decision] = []
     if changes:
-        patch = autoscale.replicas_patch(changes, model["metadata"].get("resourceVersion"))
+        patch = replicas_patch(changes, model["metadata"].get("resourceVersion"))
         try:
             api.patch(kube.MODEL, namespace, name, patch)
         except Conflict as e:

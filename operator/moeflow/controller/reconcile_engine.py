@@ -19,15 +19,17 @@ from typing import Any
 
 import kopf
 
-from moeflow.controller import engine_report, kube, naming, status
+from moeflow.controller import engine_report, status
 from moeflow.controller.build_engine import build_pod, build_task
 from moeflow.controller.build_warm_pool import ANNOTATION_CLAIMED_AT, claimed_pool
 from moeflow.controller.events import Decision, applied, as_body
-from moeflow.controller.kube import KubeApi, OwnershipConflict
 from moeflow.controller.reconcile_warm_pool import claim_warm_pod
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import JobSpec, TaskSpec, parse_spec
 from moeflow.controller.warm_claim import WarmClaimClient
+from moeflow.domain import naming
+from moeflow.domain.spec import JobSpec, TaskSpec, parse_spec
+from moeflow.kube import api as kube
+from moeflow.kube.api import KubeApi, OwnershipConflict
 
 
 def _is_live(obj: Mapping[str, Any] | None) -> bool:

@@ -18,13 +18,15 @@ from typing import Any
 
 import kopf
 
-from moeflow.controller import kube, naming, status
+from moeflow.controller import status
 from moeflow.controller.build_gateway import build_model_children
 from moeflow.controller.events import Decision, applied, as_body
-from moeflow.controller.kube import KubeApi
-from moeflow.controller.plan import ModelPlan, model_path_for, plan_model
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import ModelSpec, SpecError, check_model_name, parse_model_spec
+from moeflow.domain import naming
+from moeflow.domain.plan import ModelPlan, model_path_for, plan_model
+from moeflow.domain.spec import ModelSpec, SpecError, check_model_name, parse_model_spec
+from moeflow.kube import api as kube
+from moeflow.kube.api import KubeApi
 
 
 def parse_model(body: Mapping[str, Any]) -> ModelSpec:

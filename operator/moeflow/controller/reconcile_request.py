@@ -19,7 +19,7 @@ from typing import Any
 
 import kopf
 
-from moeflow.controller import kube, naming, status
+from moeflow.controller import status
 from moeflow.controller.batch import (
     CompletionClient,
     HttpCompletionClient,
@@ -30,7 +30,9 @@ from moeflow.controller.batch import (
 )
 from moeflow.controller.context import OperatorContext
 from moeflow.controller.events import Decision, as_body, post
-from moeflow.controller.spec import RequestSpec, SpecError, parse_spec
+from moeflow.domain import naming
+from moeflow.domain.spec import RequestSpec, SpecError, parse_spec
+from moeflow.kube import api as kube
 
 FINAL_PHASES = ("Succeeded", "Failed")
 # A ConfigMap holds at most 1 MiB in all; keep room for metadata.

@@ -20,7 +20,7 @@ from typing import Any
 
 import kopf
 
-from moeflow.controller import kube, naming, status
+from moeflow.controller import status
 from moeflow.controller.build_warm_pool import (
     build_warm_pod,
     claim_message,
@@ -30,10 +30,12 @@ from moeflow.controller.build_warm_pool import (
     plan_pool,
 )
 from moeflow.controller.events import Decision, as_body
-from moeflow.controller.kube import Conflict, KubeApi
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import SpecError, TaskSpec, WarmPoolSpec, parse_spec
 from moeflow.controller.warm_claim import WarmClaimClient
+from moeflow.domain import naming
+from moeflow.domain.spec import SpecError, TaskSpec, WarmPoolSpec, parse_spec
+from moeflow.kube import api as kube
+from moeflow.kube.api import Conflict, KubeApi
 
 
 def apply_warm_pool(api: KubeApi, settings: OperatorSettings, namespace: str, name: str

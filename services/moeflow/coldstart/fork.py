@@ -39,14 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moeflow.coldstart.record import ColdStartRecord
 from moeflow.coldstart.warm_pool import listen, send_json, wait_for_path
+from moeflow.domain.coldstart import ColdStartRecord
+from moeflow.domain.roles import Role
 
 if TYPE_CHECKING:
-    from moeflow.coldstart.preload import Preloaded
     from moeflow.engine.config import EngineSettings
     from moeflow.engine.llm_engine import LLMEngine
     from moeflow.engine.models.decoder import DecoderModel
+    from moeflow.engine.preloaded import Preloaded
 
 SERVER_MODULE = "moeflow.coldstart.fork"
 PREFAULT_ENV_VAR = "MOEFLOW_FORK_PREFAULT"
@@ -274,7 +275,7 @@ def server_main(socket_path: Path, settings_json: str) -> int:
     torch.set_num_threads(1)  # see the module docstring: no OpenMP pool before fork
     settings = EngineSettings.model_validate(json.loads(settings_json))
     preloaded = preload(settings, store_from(settings.model_store))
-    template = build_template(settings, preloaded) if settings.role == "colocated" else None
+    template = build_template(settings, preloaded) if settings.role is Role.COLOCATED else None
     children: set[int] = set()
 
     def stop(*_: object) -> None:

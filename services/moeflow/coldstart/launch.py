@@ -22,12 +22,13 @@ from typing import cast
 import uvicorn
 from fastapi import FastAPI
 
-from moeflow.coldstart.http import ColdStartMetrics
-from moeflow.coldstart.preload import Preloaded, preload, store_from
-from moeflow.coldstart.record import ColdStartRecord
-from moeflow.common.messages import GenerateRequest, SamplingParams
+from moeflow.coldstart.preload import preload, store_from
+from moeflow.domain.coldstart import ColdStartRecord
+from moeflow.domain.messages import GenerateRequest, SamplingParams
+from moeflow.engine.coldstart_routes import ColdStartMetrics
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.preloaded import Preloaded
 from moeflow.engine.server import build_engine_app
 
 logger = logging.getLogger(__name__)
@@ -71,12 +72,12 @@ def warm_up(engine: LLMEngine) -> None:
 def build_engine(settings: EngineSettings, record: ColdStartRecord,
                  preloaded: Preloaded | None = None) -> LLMEngine:
     record.mark_load_started()
-    if preloaded is None and settings.role in ("colocated", "prefill", "decode"):
+    if preloaded is None and settings.role.runs_whole_model:
         preloaded = preload(settings, store_from(settings.model_store))
     if preloaded is not None and record.weights_source == "checkpoint":
         record.weights_source = preloaded.weights_source
     engine = LLMEngine(settings, preloaded=preloaded, cold_start=record)
-    if settings.warmup and settings.role in ("colocated", "prefill", "decode"):
+    if settings.warmup and settings.role.runs_whole_model:
         warm_up(engine)
     return engine
 

@@ -9,31 +9,20 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-from moeflow.coldstart.record import WeightsSource
 from moeflow.coldstart.snapshot import DTYPES, is_compatible, read_snapshot, store_key
 from moeflow.coldstart.store import ModelStore
-from moeflow.common.tokenizer import TextTokenizer
+from moeflow.domain.coldstart import WeightsSource
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.models.arch import ArchConfig, load_arch
-from moeflow.engine.models.decoder import DecoderModel
 from moeflow.engine.models.loader import load_model
+from moeflow.engine.preloaded import Preloaded
+from moeflow.text.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_LEN = 8192
-
-
-@dataclass
-class Preloaded:
-    arch: ArchConfig
-    tokenizer: TextTokenizer
-    model: DecoderModel
-    weights_source: WeightsSource
-    load_s: float
-    """Seconds this process spent getting the weights (0 for a forked child)."""
 
 
 def rope_len(settings: EngineSettings, arch: ArchConfig) -> int:

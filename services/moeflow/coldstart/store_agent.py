@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from moeflow.coldstart.store import ModelStore, StoreEntry, StoreFullError
-from moeflow.controller import kube
-from moeflow.controller.kube import KubeApi
+from moeflow.kube import api as kube
+from moeflow.kube.api import KubeApi
 
 logger = logging.getLogger(__name__)
 

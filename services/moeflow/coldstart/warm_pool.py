@@ -40,13 +40,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moeflow.coldstart.record import ColdStartRecord
+from moeflow.domain.coldstart import ColdStartRecord
+from moeflow.domain.roles import Role
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
 
-    from moeflow.coldstart.preload import Preloaded
     from moeflow.engine.config import EngineSettings
+    from moeflow.engine.preloaded import Preloaded
 
 WORKER_MODULE = "moeflow.coldstart.warm_pool"
 CLAIM_PATH = "/v1/claim"
@@ -173,10 +174,10 @@ class WarmPool:
 # -- the worker process ----------------------------------------------------------------------
 def _receive_weights(spec: Mapping[str, Any], settings: EngineSettings) -> Preloaded:
     """Weights from a live peer over XCCL (shm), as a ``Preloaded``."""
-    from moeflow.coldstart.preload import Preloaded
     from moeflow.coldstart.snapshot import unpack
-    from moeflow.common.tokenizer import TextTokenizer
     from moeflow.engine.models.arch import load_arch
+    from moeflow.engine.preloaded import Preloaded
+    from moeflow.text.tokenizer import TextTokenizer
     from moeflow.xccl import make_transport
 
     started = time.monotonic()
@@ -220,7 +221,7 @@ def parse_claim(message: Any, *, port: int | None = None) -> Claim:
         fields = "; ".join(f"settings.{'.'.join(map(str, err['loc']))}: {err['msg']}"
                            for err in e.errors())
         raise ClaimError(fields) from None
-    if settings.role == "expert":
+    if settings.role is Role.EXPERT:
         raise ClaimError("settings.role: expert instances run their own app, not a warm worker")
     if port is not None and settings.port != port:
         raise ClaimError(f"settings.port: {settings.port}, but this worker listens on {port}")

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-from moeflow.common.errors import BackendUnavailableError, MoeflowError
-from moeflow.common.messages import GenerateRequest, TokenChunk
+from moeflow.domain.errors import BackendUnavailableError, MoeflowError
+from moeflow.domain.messages import GenerateRequest, TokenChunk
 from moeflow.engine.llm_engine import LLMEngine, StepFailed
 
 logger = logging.getLogger(__name__)

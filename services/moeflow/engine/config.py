@@ -8,7 +8,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-Role = Literal["colocated", "prefill", "decode", "attention", "expert"]
+from moeflow.domain.roles import Role
+
 DType = Literal["float32", "bfloat16"]
 
 
@@ -21,7 +22,7 @@ class EngineSettings(BaseSettings):
     """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)."""
     served_model_name: str = ""
     """Name clients use in ``model``; defaults to the folder name."""
-    role: Role = "colocated"
+    role: Role = Role.COLOCATED
     rank: int = Field(0, ge=0)
     instance_id: str = ""
     host: str = "127.0.0.1"
@@ -78,9 +79,9 @@ class EngineSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> EngineSettings:
-        if self.role in ("attention", "expert") and self.num_expert_instances < 1:
+        if self.role in (Role.ATTENTION, Role.EXPERT) and self.num_expert_instances < 1:
             raise ValueError(f"role {self.role} needs num_expert_instances >= 1")
-        if self.role == "expert":
+        if self.role is Role.EXPERT:
             if self.num_attention_instances < 1:
                 raise ValueError("role expert needs num_attention_instances >= 1")
             if self.rank >= self.num_expert_instances:

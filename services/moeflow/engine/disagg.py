@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from moeflow.common.errors import BackendUnavailableError, MoeflowError, error_from_code
-from moeflow.common.messages import GenerateRequest, PrefillRequest, PrefillResponse
+from moeflow.domain.errors import BackendUnavailableError, MoeflowError, error_from_code
+from moeflow.domain.messages import GenerateRequest, PrefillRequest, PrefillResponse
 from moeflow.xccl import Transport, XcclError
 
 

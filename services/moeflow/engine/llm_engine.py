@@ -15,25 +15,26 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from moeflow.coldstart.record import ColdStartRecord
-from moeflow.common.errors import (
+from moeflow.domain.coldstart import ColdStartRecord
+from moeflow.domain.errors import (
     ContextLengthExceededError,
     ExpertsUnavailableError,
     InvalidRequestError,
     MoeflowError,
     OverloadedError,
 )
-from moeflow.common.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
-from moeflow.common.tokenizer import IncrementalDetokenizer, TextTokenizer
+from moeflow.domain.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
+from moeflow.domain.roles import Role
 from moeflow.engine.block_manager import BlockManager, num_blocks_for
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import load_arch
 from moeflow.engine.scheduler import Scheduler
 from moeflow.engine.sequence import Sequence
+from moeflow.text.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 if TYPE_CHECKING:
-    from moeflow.coldstart.preload import Preloaded
+    from moeflow.engine.preloaded import Preloaded
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ class LLMEngine:
                 "or lower max_model_len"
             )
         started = time.perf_counter()
-        if settings.role == "attention":
+        if settings.role is Role.ATTENTION:
             from moeflow.engine.ae.attention_runner import build_attention_runner
 
             self.runner: ModelRunner = build_attention_runner(
@@ -158,7 +159,7 @@ class LLMEngine:
             )
         if request.request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
-        if request.kv_source is not None and self.settings.role != "decode":
+        if request.kv_source is not None and self.settings.role is not Role.DECODE:
             raise InvalidRequestError(
                 f"this instance's role is {self.settings.role!r}: only decode instances take "
                 "requests whose KV comes from a prefill instance"

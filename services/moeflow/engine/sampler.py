@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
-from moeflow.common.messages import SamplingParams
+from moeflow.domain.messages import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

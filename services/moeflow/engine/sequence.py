@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from moeflow.common.messages import FinishReason, SamplingParams
+from moeflow.domain.messages import FinishReason, SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -20,9 +20,8 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from moeflow.coldstart.http import add_coldstart_routes
-from moeflow.common.errors import BackendUnavailableError, InvalidRequestError, MoeflowError
-from moeflow.common.messages import (
+from moeflow.domain.errors import BackendUnavailableError, InvalidRequestError, MoeflowError
+from moeflow.domain.messages import (
     EngineStats,
     ErrorChunk,
     GenerateRequest,
@@ -31,9 +30,11 @@ from moeflow.common.messages import (
     PrefillResponse,
     TokenChunk,
 )
+from moeflow.domain.roles import Role
 from moeflow.engine.ae.attention_routes import add_attention_routes
 from moeflow.engine.ae.attention_runner import AttentionRunner
 from moeflow.engine.async_engine import AsyncEngine, KVPullReady
+from moeflow.engine.coldstart_routes import add_coldstart_routes
 from moeflow.engine.disagg import KVPuller, prefill_only, send_kv
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.xccl import Transport, make_transport
@@ -74,7 +75,7 @@ def _metrics(engine: LLMEngine) -> CollectorRegistry:
 
 def _open_transport(engine: LLMEngine) -> Transport | None:
     s = engine.settings
-    if s.role not in ("prefill", "decode"):
+    if s.role not in (Role.PREFILL, Role.DECODE):
         return None
     return make_transport(s.transport, s.xccl_group, s.instance_name, redis_url=s.redis_url)
 
@@ -91,7 +92,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
         puller = None
         if transport is not None:
             state["transport"] = transport
-            if settings.role == "decode":
+            if settings.role is Role.DECODE:
                 puller = KVPuller(transport, settings.instance_name, settings.kv_transfer_timeout_s)
                 state["puller"] = puller
         async_engine.start()
@@ -161,7 +162,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
     async def prefill(body: PrefillRequest) -> PrefillResponse:
         """Prefill role: compute the prompt, send its KV to the decode rank, return token 1."""
         transport = cast(Transport | None, state.get("transport"))
-        if settings.role != "prefill" or transport is None:
+        if settings.role is not Role.PREFILL or transport is None:
             raise InvalidRequestError(f"this instance's role is {settings.role!r}, not prefill")
         request = prefill_only(body.request)
         last: TokenChunk | None = None

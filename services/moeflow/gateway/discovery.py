@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from moeflow.domain.roles import Role
+
 
 class Discovery(Protocol):
     async def ready_urls(self) -> list[str]: ...
@@ -33,7 +35,7 @@ class KubeDiscovery:
     """Ready instances of ``model_name`` in ``namespace``, from its Task objects."""
 
     def __init__(self, namespace: str, model_name: str, kubeconfig: str | None = None) -> None:
-        from moeflow.controller.discovery import KubeTaskDiscovery
+        from moeflow.kube.discovery import KubeTaskDiscovery
 
         self._tasks = KubeTaskDiscovery(namespace, kubeconfig=kubeconfig)
         self._model = model_name
@@ -41,7 +43,7 @@ class KubeDiscovery:
     async def ready_urls(self) -> list[str]:
         instances = await self._tasks.list_instances(self._model)
         # expert instances answer attention instances over XCCL, never a gateway
-        return [i.url for i in instances if i.is_ready and i.role != "expert"]
+        return [i.url for i in instances if i.is_ready and i.role != Role.EXPERT]
 
     def close(self) -> None:
         self._tasks.close()

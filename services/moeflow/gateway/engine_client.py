@@ -1,4 +1,4 @@
-"""HTTP client for engine instances: the gateway side of the ``moeflow.common.messages`` wire.
+"""HTTP client for engine instances: the gateway side of the ``moeflow.domain.messages`` wire.
 
 Errors an instance reports become the same domain errors here; an instance that cannot be
 reached, or that drops a stream, becomes ``BackendUnavailableError``.
@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 
 import httpx
 
-from moeflow.common.errors import BackendUnavailableError, MoeflowError, error_from_code
-from moeflow.common.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
+from moeflow.domain.errors import BackendUnavailableError, MoeflowError, error_from_code
+from moeflow.domain.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
 
 
 class EngineUnreachableError(BackendUnavailableError):

@@ -1,6 +1,6 @@
 """The one place where gateway errors become HTTP responses (the OpenAI error envelope).
 
-Domain errors (``moeflow.common.errors``) carry their status and code; request-validation
+Domain errors (``moeflow.domain.errors``) carry their status and code; request-validation
 errors become 400 with the offending ``param``; unknown routes 404; anything unexpected 500
 with no internals in the body (the traceback goes to the log).
 """
@@ -15,7 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from moeflow.common.errors import MoeflowError, OverloadedError
+from moeflow.domain.errors import MoeflowError, OverloadedError
 
 logger = logging.getLogger(__name__)
 

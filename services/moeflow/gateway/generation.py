@@ -13,12 +13,12 @@ from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from moeflow.common.errors import (
+from moeflow.domain.errors import (
     ContextLengthExceededError,
     InvalidRequestError,
     OverloadedError,
 )
-from moeflow.common.messages import GenerateRequest, KVSource, SamplingParams, TokenChunk
+from moeflow.domain.messages import GenerateRequest, KVSource, SamplingParams, TokenChunk
 from moeflow.gateway.engine_client import EngineClient, EngineStream, EngineUnreachableError
 from moeflow.gateway.metrics import GatewayMetrics
 from moeflow.gateway.protocol import _SamplingFields

@@ -2,7 +2,7 @@
 
 ``request_scale_up(model, num_waiting)`` returns at once; one worker thread reads the Model and,
 if a role of its mode is at zero replicas, merge-patches ``spec.roles.<role>.replicas`` to
-``max(1, minReplicas)`` (``moeflow.controller.autoscale.wake_replicas``), locked on the Model's
+``max(1, minReplicas)`` (``moeflow.domain.autoscale.wake_replicas``), locked on the Model's
 resourceVersion. The operator then makes the Job's Task and Pod as for any replica change, and
 the gateway's discovery sees the Task turn ready.
 
@@ -18,10 +18,10 @@ import logging
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from moeflow.controller import kube
-from moeflow.controller.autoscale import replicas_patch, wake_replicas
-from moeflow.controller.kube import Conflict, KubeApi
-from moeflow.controller.spec import SpecError, parse_model_spec
+from moeflow.domain.autoscale import replicas_patch, wake_replicas
+from moeflow.domain.spec import SpecError, parse_model_spec
+from moeflow.kube import api as kube
+from moeflow.kube.api import Conflict, KubeApi
 
 logger = logging.getLogger(__name__)
 

@@ -13,12 +13,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from moeflow.common.errors import BackendUnavailableError, ModelNotFoundError
-from moeflow.common.messages import EngineStats, ModelInfo
-from moeflow.common.tokenizer import TextTokenizer
+from moeflow.domain.errors import BackendUnavailableError, ModelNotFoundError
+from moeflow.domain.messages import EngineStats, ModelInfo
 from moeflow.gateway.discovery import Discovery
 from moeflow.gateway.engine_client import EngineClient
 from moeflow.gateway.routing import InstanceView, Placement, PrefixTracker, place, prefix_keys
+from moeflow.text.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 

@@ -18,13 +18,15 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from moeflow.domain.roles import Role
+
 PREFIX_BLOCK_TOKENS = 16
 
 
 @dataclass
 class InstanceView:
     url: str
-    role: str = "colocated"
+    role: Role = Role.COLOCATED
     rank_name: str = ""
     is_healthy: bool = True
     num_waiting: int = 0
@@ -116,20 +118,20 @@ def place(
     load_tolerance: int = 2,
 ) -> Placement | None:
     """Choose colocated vs split, then instances; None if no healthy instance can serve."""
-    by_role: dict[str, list[InstanceView]] = {"colocated": [], "prefill": [], "decode": []}
+    by_role: dict[Role, list[InstanceView]] = {Role.COLOCATED: [], Role.PREFILL: [],
+                                               Role.DECODE: []}
     for instance in instances:
-        # an attention instance (AE split) serves whole requests, as a colocated one does
-        role = "colocated" if instance.role == "attention" else instance.role
+        role = Role(instance.role).routes_as
         if instance.is_healthy and role in by_role:
             by_role[role].append(instance)
-    can_split = bool(by_role["prefill"] and by_role["decode"])
-    can_colocate = bool(by_role["colocated"])
+    can_split = bool(by_role[Role.PREFILL] and by_role[Role.DECODE])
+    can_colocate = bool(by_role[Role.COLOCATED])
     wants_split = num_prompt_tokens >= min_prompt_tokens_for_split and max_tokens > 1
     if can_split and (wants_split or not can_colocate):
-        prefill = pick_instance(by_role["prefill"], prefix_blocks, load_tolerance)
-        decode = least_loaded(by_role["decode"])
+        prefill = pick_instance(by_role[Role.PREFILL], prefix_blocks, load_tolerance)
+        decode = least_loaded(by_role[Role.DECODE])
         return Placement(prefill=prefill, decode=decode)
     if can_colocate:
-        return Placement(colocated=pick_instance(by_role["colocated"], prefix_blocks,
+        return Placement(colocated=pick_instance(by_role[Role.COLOCATED], prefix_blocks,
                                                  load_tolerance))
     return None

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
-from moeflow.common.errors import BackendUnavailableError, MoeflowError, OverloadedError
+from moeflow.domain.errors import BackendUnavailableError, MoeflowError, OverloadedError
 from moeflow.gateway.errors import sse_error
 
 logger = logging.getLogger(__name__)

@@ -25,6 +25,7 @@ from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CollectorRegistry
 
+from moeflow.domain.roles import Role
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.registry import ServedModel
 
@@ -39,7 +40,7 @@ _CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
     "img-src 'self'; base-uri 'none'; frame-ancestors 'none'; form-action 'none'"
 )
-_ROLE_ORDER = ("colocated", "prefill", "decode", "attention", "expert")
+_ROLE_ORDER = tuple(Role)
 
 router = APIRouter()
 
@@ -165,7 +166,7 @@ def describe_model(model: ServedModel, totals: ModelTotals) -> dict[str, Any]:
             "num_in_flight": instance.num_in_flight,
             "kv_cache_usage_ratio": round(instance.kv_usage_ratio, 4),
         })
-    order = {role: i for i, role in enumerate(_ROLE_ORDER)}
+    order: dict[str, int] = {role.value: i for i, role in enumerate(_ROLE_ORDER)}
     ordered = sorted(roles.items(), key=lambda item: (order.get(item[0], len(order)), item[0]))
     return {
         "name": model.name,

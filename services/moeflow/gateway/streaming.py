@@ -6,8 +6,8 @@ import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from moeflow.common.errors import BackendUnavailableError, MoeflowError
-from moeflow.common.messages import TokenChunk
+from moeflow.domain.errors import BackendUnavailableError, MoeflowError
+from moeflow.domain.messages import TokenChunk
 from moeflow.gateway.errors import sse_error
 from moeflow.gateway.protocol import Usage, make_usage
 

@@ -23,8 +23,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from moeflow.controller.plan import ModelPlan, TaskPlan, plan_model
-from moeflow.controller.spec import ModelSpec
+from moeflow.domain.plan import ModelPlan, TaskPlan, plan_model
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import ModelSpec
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class EngineProcess:
     name: str
     url: str
     process: subprocess.Popen[bytes]
-    role: str = "colocated"
+    role: Role = Role.COLOCATED
 
 
 class LocalRuntime:
@@ -124,7 +125,7 @@ class LocalRuntime:
             argv += ["--redis-url", self._redis_url]
         process = subprocess.Popen(argv)
         engine = EngineProcess(task.name, f"http://{task.host}:{task.port}", process,
-                               task.role.value)
+                               task.role)
         logger.info("started engine %s (pid %d) at %s", engine.name, process.pid, engine.url)
         return engine
 
@@ -174,8 +175,8 @@ class LocalRuntime:
             return
         budget = None if self.args.expert_budget < 0 else self.args.expert_budget
         balancer = ExpertBalancer(
-            [e.url for e in self.engines if e.role == "attention"],
-            [e.url for e in self.engines if e.role == "expert"],
+            [e.url for e in self.engines if e.role is Role.ATTENTION],
+            [e.url for e in self.engines if e.role is Role.EXPERT],
             load_arch(model_path).num_experts, budget=budget,
         )
         stop = threading.Event()
@@ -240,7 +241,7 @@ class LocalRuntime:
             for engine in self.engines:
                 self._wait_ready(engine, _ENGINE_START_TIMEOUT_S)
             # expert instances answer attention instances over XCCL, never the gateway
-            serving = [e.url for e in self.engines if e.role != "expert"]
+            serving = [e.url for e in self.engines if e.role.takes_requests]
             settings = _gateway_settings(self.args, serving)
             assert isinstance(settings, GatewaySettings)
             config = uvicorn.Config(

@@ -1,6 +1,6 @@
 """Local autoscaling for `moeflow up --min-replicas/--max-replicas/--idle-window-s`.
 
-``LocalScaler`` runs the autoscaler policy (``moeflow.autoscale.policy``) once a second, in a
+``LocalScaler`` runs the autoscaler policy (``moeflow.domain.autoscale``) once a second, in a
 thread, against the ``/v1/stats`` of the engine processes of the colocated role, and starts or
 stops processes (through the runtime's own ``_start_engine``/``_wait_ready``) to match. It is
 also the gateway's ``Discovery`` (the URLs of ready engines) and its ``ScaleUpRequester`` (a
@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-from moeflow.autoscale.policy import RoleObservation, ScalePolicy, decide, queue_growth_per_s
-from moeflow.common.messages import EngineStats
-from moeflow.controller.plan import TaskPlan
+from moeflow.domain.autoscale import RoleObservation, ScalePolicy, decide, queue_growth_per_s
+from moeflow.domain.messages import EngineStats
+from moeflow.domain.plan import TaskPlan
 
 if TYPE_CHECKING:
     from moeflow.runtime.local import EngineProcess, LocalRuntime

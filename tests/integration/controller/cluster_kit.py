@@ -23,7 +23,8 @@ import yaml
 from crd_schema import CrdValidator
 from kube_emulator import ClusterEmulator
 
-from moeflow.controller import kube, naming
+from moeflow.domain import naming
+from moeflow.kube import api as kube
 
 T = TypeVar("T")
 NAMESPACE = "default"

@@ -15,9 +15,10 @@ from typing import Any
 import pytest
 from cluster_kit import NAMESPACE, Cluster, OperatorRunner, wait_for
 
-from moeflow.common.messages import EngineStats
-from moeflow.controller import kube, naming
+from moeflow.domain import naming
+from moeflow.domain.messages import EngineStats
 from moeflow.gateway.kube_scale import KubeScaleUp
+from moeflow.kube import api as kube
 
 MODELS, JOBS, TASKS = ("moeflow.dev/v1alpha1/models", "moeflow.dev/v1alpha1/jobs",
                        "moeflow.dev/v1alpha1/tasks")

@@ -13,13 +13,7 @@ import yaml
 from cluster_kit import EXAMPLES
 from crd_schema import CrdValidator, load_crds, openapi_schema
 
-from moeflow.controller.spec import (
-    ModelSpec,
-    RequestSpec,
-    SpecError,
-    parse_model_spec,
-    parse_spec,
-)
+from moeflow.domain.spec import ModelSpec, RequestSpec, SpecError, parse_model_spec, parse_spec
 
 CRDS = load_crds()
 

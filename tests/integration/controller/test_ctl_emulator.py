@@ -12,8 +12,8 @@ import pytest
 from kube_emulator import ClusterEmulator, matches_selector
 from kubernetes.client.exceptions import ApiException
 
-from moeflow.controller import kube
-from moeflow.controller.kube import KubeApi
+from moeflow.kube import api as kube
+from moeflow.kube.api import KubeApi
 
 
 @pytest.fixture

@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 from cluster_kit import Cluster, load_example, wait_for
 
-from moeflow.controller import kube, naming
-from moeflow.controller.discovery import KubeTaskDiscovery
+from moeflow.domain import naming
+from moeflow.kube import api as kube
+from moeflow.kube.discovery import KubeTaskDiscovery
 
 EXPECTED_ROLES = {
     "model-colocated.yaml": {"colocated": 1},

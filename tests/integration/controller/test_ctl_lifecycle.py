@@ -8,7 +8,7 @@ import asyncio
 import kmock
 from cluster_kit import Cluster, OperatorRunner, load_example, wait_for
 
-from moeflow.controller import kube
+from moeflow.kube import api as kube
 
 MODELS, JOBS, TASKS = ("moeflow.dev/v1alpha1/models", "moeflow.dev/v1alpha1/jobs",
                        "moeflow.dev/v1alpha1/tasks")

@@ -10,7 +10,7 @@ from fake_gateway import FakeGateway, respond
 from openai_shape import SHAPES, check, check_gateway
 
 from moeflow.controller.batch import HttpCompletionClient, extract_text, parse_prompts
-from moeflow.controller.spec import CompletionApi
+from moeflow.domain.spec import CompletionApi
 
 PATHS = {CompletionApi.COMPLETIONS: "/v1/completions",
          CompletionApi.CHAT_COMPLETIONS: "/v1/chat/completions"}

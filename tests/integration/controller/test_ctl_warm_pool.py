@@ -14,9 +14,10 @@ import kopf
 import pytest
 from cluster_kit import Cluster, OperatorRunner, load_example, wait_for
 
-from moeflow.controller import kube, naming
 from moeflow.controller.context import WARM_CLAIMS_KEY
 from moeflow.controller.settings import OperatorSettings
+from moeflow.domain import naming
+from moeflow.kube import api as kube
 from tests.fake_warm_claims import FakeWarmClaims
 
 POOLS = "moeflow.dev/v1alpha1/warmpools"

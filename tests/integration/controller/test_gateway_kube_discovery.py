@@ -16,12 +16,12 @@ import httpx
 import openai
 from cluster_kit import NAMESPACE, Cluster
 
-from moeflow.controller import kube
 from moeflow.controller.build_engine import build_task
 from moeflow.controller.build_gateway import build_model_children
-from moeflow.controller.plan import plan_model
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import JobSpec, parse_model_spec, parse_spec
+from moeflow.domain.plan import plan_model
+from moeflow.domain.spec import JobSpec, parse_model_spec, parse_spec
+from moeflow.kube import api as kube
 from tests.platform_process import free_port
 
 

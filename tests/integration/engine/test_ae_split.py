@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow.common.errors import ExpertsUnavailableError
-from moeflow.common.messages import ExpertPlacement, GenerateRequest, SamplingParams
+from moeflow.domain.errors import ExpertsUnavailableError
+from moeflow.domain.messages import ExpertPlacement, GenerateRequest, SamplingParams
 from moeflow.engine.ae.attention_runner import AttentionRunner
 from moeflow.engine.ae.expert_map import round_robin_hosted
 from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader

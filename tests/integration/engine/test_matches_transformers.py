@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow.common.tokenizer import TextTokenizer
+from moeflow.text.tokenizer import TextTokenizer
 from tests.reference import hf_chat_ids, hf_greedy, make_engine, run_engine
 
 ARCHS = ["llama", "qwen3_moe", "mixtral", "qwen2_moe"]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moeflow.checkpoints.upcycle import UpcycleSpec, upcycle
-from moeflow.common.tokenizer import TextTokenizer
+from moeflow.text.tokenizer import TextTokenizer
 from tests.reference import hf_chat_ids, hf_greedy, hf_model, make_engine, run_engine
 
 TEXTS = [

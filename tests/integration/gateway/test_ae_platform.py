@@ -15,9 +15,9 @@ import httpx
 import openai
 import pytest
 
-from moeflow.common.messages import AttentionExpertStats, ExpertInstanceStats
-from moeflow.common.tokenizer import TextTokenizer
+from moeflow.domain.messages import AttentionExpertStats, ExpertInstanceStats
 from moeflow.engine.ae.balancer import ExpertBalancer
+from moeflow.text.tokenizer import TextTokenizer
 from tests.platform_process import Platform, start_platform
 from tests.reference import hf_greedy
 

@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from moeflow.common.tokenizer import TextTokenizer
+from moeflow.text.tokenizer import TextTokenizer
 from tests.platform_process import Platform
 from tests.reference import hf_chat_ids, hf_greedy
 

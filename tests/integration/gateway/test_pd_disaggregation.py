@@ -19,7 +19,7 @@ import httpx
 import openai
 import pytest
 
-from moeflow.common.tokenizer import TextTokenizer
+from moeflow.text.tokenizer import TextTokenizer
 from tests.platform_process import Platform, start_platform
 from tests.reference import hf_greedy, make_engine, run_engine
 

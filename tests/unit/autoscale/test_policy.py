@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from moeflow.autoscale.policy import (
+from moeflow.domain.autoscale import (
     Decision,
     RoleObservation,
     ScalePolicy,
@@ -14,8 +14,9 @@ from moeflow.autoscale.policy import (
     quantile,
     queue_growth_per_s,
 )
-from moeflow.common.messages import EngineStats
-from moeflow.controller.spec import Role, parse_model_spec
+from moeflow.domain.messages import EngineStats
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import parse_model_spec
 
 POLICY = ScalePolicy(min_replicas=0, max_replicas=4, target_load_per_replica=4,
                      idle_window_s=60, scale_up_cooldown_s=10, scale_down_cooldown_s=30)

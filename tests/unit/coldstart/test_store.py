@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from moeflow.coldstart.record import ColdStartRecord, process_start_monotonic
 from moeflow.coldstart.store import ModelStore, StoreEntry, StoreFullError, plan_evictions
+from moeflow.domain.coldstart import ColdStartRecord, process_start_monotonic
 
 
 def entry(key: str, size: int, used: float, pinned: bool = False) -> StoreEntry:

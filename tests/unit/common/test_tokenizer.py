@@ -11,8 +11,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer
 
-from moeflow.common.errors import InvalidRequestError
-from moeflow.common.tokenizer import IncrementalDetokenizer, TextTokenizer
+from moeflow.domain.errors import InvalidRequestError
+from moeflow.text.tokenizer import IncrementalDetokenizer, TextTokenizer
 
 CONVERSATIONS = [
     [{"role": "user", "content": "Hello! How are you?"}],

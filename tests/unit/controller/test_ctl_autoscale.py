@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from moeflow.autoscale.policy import Decision, ScalePolicy, decide
-from moeflow.common.messages import EngineStats
 from moeflow.controller import autoscale
-from moeflow.controller.spec import Role, parse_model_spec
+from moeflow.domain import autoscale as policy
+from moeflow.domain.autoscale import Decision, ScalePolicy, decide
+from moeflow.domain.messages import EngineStats
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import parse_model_spec
 
 COLOCATED = {"source": {"uri": "store://m"},
              "roles": {"colocated": {"replicas": 1, "minReplicas": 0, "maxReplicas": 3}},
@@ -93,10 +95,10 @@ def test_a_starting_replica_or_someone_elses_scale_keeps_the_role_active() -> No
 
 
 def test_replicas_patch_is_locked_on_the_resource_version() -> None:
-    assert autoscale.replicas_patch({Role.DECODE: 3}, "42") == {
+    assert policy.replicas_patch({Role.DECODE: 3}, "42") == {
         "metadata": {"resourceVersion": "42"},
         "spec": {"roles": {"decode": {"replicas": 3}}}}
-    assert "metadata" not in autoscale.replicas_patch({Role.DECODE: 3}, None)
+    assert "metadata" not in policy.replicas_patch({Role.DECODE: 3}, None)
 
 
 def test_wake_gives_every_role_at_zero_max_of_one_and_min() -> None:
@@ -105,13 +107,13 @@ def test_wake_gives_every_role_at_zero_max_of_one_and_min() -> None:
         "transport": {"redisUrl": "redis://r:6379/0"},
         "roles": {"prefill": {"replicas": 0, "maxReplicas": 2},
                   "decode": {"replicas": 2, "minReplicas": 2, "maxReplicas": 4}}})
-    assert autoscale.wake_replicas(pd) == {Role.PREFILL: 1}
+    assert policy.wake_replicas(pd) == {Role.PREFILL: 1}
     at_zero = parse_model_spec({**COLOCATED, "roles": {"colocated": {"replicas": 0}}})
-    assert autoscale.wake_replicas(at_zero) == {Role.COLOCATED: 1}
-    assert autoscale.wake_replicas(parse_model_spec(COLOCATED)) == {}  # awake: nothing to do
+    assert policy.wake_replicas(at_zero) == {Role.COLOCATED: 1}
+    assert policy.wake_replicas(parse_model_spec(COLOCATED)) == {}  # awake: nothing to do
     capped = parse_model_spec({**COLOCATED, "roles": {"colocated": {
         "replicas": 0, "maxReplicas": 0}}})
-    assert autoscale.wake_replicas(capped) == {}
+    assert policy.wake_replicas(capped) == {}
 
 
 def test_status_records_decisions_and_changes_only_on_desired_or_action() -> None:

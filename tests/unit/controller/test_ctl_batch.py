@@ -17,7 +17,7 @@ from moeflow.controller.batch import (
     results_jsonl,
     run_batch,
 )
-from moeflow.controller.spec import CompletionApi
+from moeflow.domain.spec import CompletionApi
 
 
 class FakeClient:

@@ -8,13 +8,14 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
-from moeflow.controller import naming
 from moeflow.controller.build_engine import build_pod, build_task, spec_hash, task_template
 from moeflow.controller.build_gateway import build_model_children
-from moeflow.controller.plan import plan_model
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import JobSpec, Role, TaskSpec, parse_model_spec, parse_spec
 from moeflow.deviceplugin.settings import DevicePluginSettings
+from moeflow.domain import naming
+from moeflow.domain.plan import plan_model
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import JobSpec, TaskSpec, parse_model_spec, parse_spec
 
 SETTINGS = OperatorSettings()
 

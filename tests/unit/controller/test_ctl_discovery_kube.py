@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from moeflow.controller import kube
-from moeflow.controller.discovery import Instance, KubeTaskDiscovery, instances_from_tasks
+from moeflow.kube import api as kube
+from moeflow.kube.discovery import Instance, KubeTaskDiscovery, instances_from_tasks
 
 
 def task(role: str, rank: int, ready: bool | None, **meta: Any) -> dict[str, Any]:

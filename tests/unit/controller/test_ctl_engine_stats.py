@@ -11,8 +11,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from moeflow.common.messages import EngineStats
 from moeflow.controller.engine_report import EngineStatsClient, HttpEngineStats
+from moeflow.domain.messages import EngineStats
 
 STATS = EngineStats(instance_id="m-colocated-0", role="colocated", num_waiting=2,
                     num_running=3, num_free_blocks=5, num_total_blocks=10,

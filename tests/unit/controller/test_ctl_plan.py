@@ -1,4 +1,4 @@
-"""moeflow.controller.plan: the desired Jobs, Tasks and gateway of a Model, as data."""
+"""moeflow.domain.plan: the desired Jobs, Tasks and gateway of a Model, as data."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ import sys
 import pytest
 
 from moeflow.cli import build_parser
-from moeflow.controller.plan import model_path_for, plan_model
-from moeflow.controller.spec import Role, Source, parse_model_spec
+from moeflow.domain.plan import model_path_for, plan_model
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import Source, parse_model_spec
 
 PD = parse_model_spec({"source": {"uri": "store://smollm2-135m-instruct"},
                        "mode": "pd-disaggregated", "transport": {"redisUrl": "redis://r"},
@@ -110,7 +111,7 @@ def test_model_paths_per_source() -> None:
 
 
 def test_spec_and_plan_import_neither_kopf_nor_kubernetes() -> None:
-    code = ("import sys, moeflow.controller.plan, moeflow.controller.spec, "
+    code = ("import sys, moeflow.domain.plan, moeflow.domain.spec, "
             "moeflow.controller.status, moeflow.controller.build_gateway; "
             "bad = [m for m in ('kopf', 'kubernetes') if m in sys.modules]; "
             "assert not bad, bad")

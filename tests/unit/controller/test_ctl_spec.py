@@ -1,14 +1,13 @@
-"""moeflow.controller.spec: typed specs parsed from CR dicts, errors that name field and fix."""
+"""moeflow.domain.spec: typed specs parsed from CR dicts, errors that name field and fix."""
 
 from __future__ import annotations
 
 import pytest
 
-from moeflow.controller.spec import (
+from moeflow.domain.roles import Mode, Role
+from moeflow.domain.spec import (
     JobSpec,
-    Mode,
     RequestSpec,
-    Role,
     SpecError,
     TransportKind,
     check_model_name,

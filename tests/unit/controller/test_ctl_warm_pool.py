@@ -7,7 +7,6 @@ from typing import Any
 
 import pytest
 
-from moeflow.controller import naming
 from moeflow.controller.build_engine import build_pod
 from moeflow.controller.build_warm_pool import (
     ANNOTATION_CLAIMED_AT,
@@ -23,8 +22,10 @@ from moeflow.controller.build_warm_pool import (
     socket_path,
 )
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import Role, TaskSpec, WarmPoolSpec, parse_spec
 from moeflow.controller.status import Counts, task_status, warm_pool_status
+from moeflow.domain import naming
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import TaskSpec, WarmPoolSpec, parse_spec
 
 SETTINGS = OperatorSettings()
 HASH = "h1"

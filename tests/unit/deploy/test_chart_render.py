@@ -13,12 +13,13 @@ import yaml
 
 from moeflow.cli import build_parser
 from moeflow.coldstart.store_cli import build_parser as store_build_parser
-from moeflow.controller import kube, naming
 from moeflow.controller.build_balancer import build_balancer_rbac
 from moeflow.controller.build_gateway import build_gateway_rbac, build_gateway_service
-from moeflow.controller.plan import model_path_for
 from moeflow.controller.settings import OperatorSettings
-from moeflow.controller.spec import parse_model_spec
+from moeflow.domain import naming
+from moeflow.domain.plan import model_path_for
+from moeflow.domain.spec import parse_model_spec
+from moeflow.kube import api as kube
 from tests.unit.deploy.chart_kit import (
     CHART,
     EVERYTHING_ON,

@@ -10,7 +10,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from moeflow.controller import naming
+from moeflow.domain import naming
 from tests.unit.deploy.chart_kit import CHART, ROOT, find, render_objects
 
 DOCS = {name: (ROOT / "docs" / name).read_text()

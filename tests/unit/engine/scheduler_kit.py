@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from moeflow.common.messages import SamplingParams
+from moeflow.domain.messages import SamplingParams
 from moeflow.engine.block_manager import BlockManager
 from moeflow.engine.scheduler import Scheduler, StepPlan
 from moeflow.engine.sequence import Sequence, SequenceStatus

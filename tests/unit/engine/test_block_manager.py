@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from moeflow.common.messages import SamplingParams
+from moeflow.domain.messages import SamplingParams
 from moeflow.engine.block_manager import BlockManager, chain_hash, num_blocks_for
 from moeflow.engine.sequence import Sequence
 

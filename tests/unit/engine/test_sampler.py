@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from moeflow.common.messages import SamplingParams
+from moeflow.domain.messages import SamplingParams
 from moeflow.engine.sampler import _filter, make_generator, sample
 
 torch.set_num_threads(1)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from moeflow.common.messages import SamplingParams
+from moeflow.domain.messages import SamplingParams
 from moeflow.engine.block_manager import BlockManager
 from moeflow.engine.scheduler import Scheduler, max_blocks_per_seq
 from moeflow.engine.sequence import Sequence, SequenceStatus

@@ -8,9 +8,9 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from moeflow.controller import kube
-from moeflow.controller.kube import Conflict
 from moeflow.gateway.kube_scale import KubeScaleUp
+from moeflow.kube import api as kube
+from moeflow.kube.api import Conflict
 
 
 class FakeApi:

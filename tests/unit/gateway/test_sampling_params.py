@@ -8,13 +8,13 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from moeflow.common.errors import ContextLengthExceededError, InvalidRequestError
-from moeflow.common.messages import ModelInfo, SamplingParams
-from moeflow.common.tokenizer import TextTokenizer
+from moeflow.domain.errors import ContextLengthExceededError, InvalidRequestError
+from moeflow.domain.messages import ModelInfo, SamplingParams
 from moeflow.gateway.generation import GenerationService
 from moeflow.gateway.protocol import ChatCompletionRequest, CompletionRequest
 from moeflow.gateway.registry import ServedModel
 from moeflow.gateway.settings import GatewaySettings
+from moeflow.text.tokenizer import TextTokenizer
 
 MAX_MODEL_LEN = 64
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from moeflow.common.errors import BackendUnavailableError, OverloadedError
+from moeflow.domain.errors import BackendUnavailableError, OverloadedError
 from moeflow.gateway.scale_from_zero import SSE_KEEP_ALIVE, WakeQueue
 
 

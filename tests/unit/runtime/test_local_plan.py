@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from moeflow.cli import build_parser
-from moeflow.controller.plan import plan_model
-from moeflow.controller.spec import SpecError, parse_model_spec
+from moeflow.domain.plan import plan_model
+from moeflow.domain.spec import SpecError, parse_model_spec
 from moeflow.runtime.local import LocalRuntime
 
 

@@ -14,8 +14,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from moeflow.common.errors import InvalidRequestError
-from moeflow.common.messages import AttentionExpertStats, ExpertPlacement
+from moeflow.domain.errors import InvalidRequestError
+from moeflow.domain.messages import AttentionExpertStats, ExpertPlacement
 from moeflow.engine.ae.expert_client import ExpertClient
 
 

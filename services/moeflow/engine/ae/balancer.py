@@ -24,12 +24,13 @@ from dataclasses import dataclass
 
 import httpx
 
-from moeflow.common.messages import (
+from moeflow.domain.messages import (
     AttentionExpertStats,
     ExpertInstanceStats,
     ExpertLoadRequest,
     ExpertPlacement,
 )
+from moeflow.domain.roles import Role
 from moeflow.engine import eplb
 
 logger = logging.getLogger(__name__)
@@ -205,9 +206,9 @@ def fleet_urls(instances: Sequence[tuple[str, int, str]], num_experts: int
                ) -> tuple[list[str], list[str]]:
     """(role, rank, url) of a Model's instances -> attention URLs, and expert URLs by rank
     ("" where a rank has no instance)."""
-    attention = [url for role, _, url in sorted(instances) if role == "attention"]
+    attention = [url for role, _, url in sorted(instances) if role == Role.ATTENTION]
     experts = [""] * num_experts
     for role, rank, url in instances:
-        if role == "expert" and 0 <= rank < num_experts:
+        if role == Role.EXPERT and 0 <= rank < num_experts:
             experts[rank] = url
     return attention, experts

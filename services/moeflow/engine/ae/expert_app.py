@@ -21,8 +21,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from moeflow.common.errors import InvalidRequestError, MoeflowError
-from moeflow.common.messages import ExpertInstanceStats, ExpertLoadRequest
+from moeflow.domain.errors import InvalidRequestError, MoeflowError
+from moeflow.domain.messages import ExpertInstanceStats, ExpertLoadRequest
+from moeflow.domain.roles import Role
 from moeflow.engine.ae.expert_client import expert_rank
 from moeflow.engine.ae.expert_map import round_robin_hosted
 from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader
@@ -123,7 +124,7 @@ def build_expert_app(settings: EngineSettings) -> FastAPI:
     async def health() -> JSONResponse:
         if not worker.is_healthy:
             return JSONResponse({"status": "unhealthy"}, status_code=503)
-        return JSONResponse({"status": "ok", "role": "expert"})
+        return JSONResponse({"status": "ok", "role": Role.EXPERT})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moeflow.common.messages import AttentionExpertStats, ExpertPlacement
+from moeflow.domain.messages import AttentionExpertStats, ExpertPlacement
 from moeflow.engine.ae.expert_map import ExpertMap
 from moeflow.engine.ae.wire import A2E_TAG, E2A_TAG, Combine, Dispatch, Status
 from moeflow.xccl import Transport

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moeflow.common.errors import ExpertsUnavailableError
+from moeflow.domain.errors import ExpertsUnavailableError
 
 
 def round_robin_hosted(num_experts: int, num_instances: int) -> list[list[int]]:

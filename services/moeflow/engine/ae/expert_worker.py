@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from moeflow.common.messages import ExpertInstanceStats
+from moeflow.domain.messages import ExpertInstanceStats
 from moeflow.engine.ae.wire import A2E_TAG, E2A_TAG, Combine, Dispatch, Status
 from moeflow.engine.models.arch import ArchConfig
 from moeflow.engine.models.decoder import expert_mlp

@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from moeflow.common.errors import InvalidRequestError
-from moeflow.common.messages import TokenChunk
+from moeflow.domain.errors import InvalidRequestError
+from moeflow.domain.messages import TokenChunk
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.generation import until_disconnected
 from moeflow.gateway.protocol import ChatCompletionRequest, Usage, make_usage, now_unix

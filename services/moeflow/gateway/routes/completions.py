@@ -10,8 +10,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from moeflow.common.errors import InvalidRequestError, MoeflowError
-from moeflow.common.messages import TokenChunk
+from moeflow.domain.errors import InvalidRequestError, MoeflowError
+from moeflow.domain.messages import TokenChunk
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.errors import sse_error
 from moeflow.gateway.generation import until_disconnected

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from moeflow.common.errors import ExpertsUnavailableError
+from moeflow.domain.errors import ExpertsUnavailableError
 from moeflow.engine.ae.attention_runner import split_plan, sum_in_expert_order
 from moeflow.engine.ae.expert_client import imbalance
 from moeflow.engine.ae.expert_map import ExpertMap, round_robin_hosted

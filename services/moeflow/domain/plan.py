@@ -21,8 +21,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from moeflow.controller import naming
-from moeflow.controller.spec import Mode, ModelSpec, Role, Source, TransportKind
+from moeflow.domain import naming
+from moeflow.domain.roles import Mode, Role
+from moeflow.domain.spec import ModelSpec, Source, TransportKind
 
 DEFAULT_ENGINE_PORT = 8001
 DEFAULT_GATEWAY_PORT = 8000

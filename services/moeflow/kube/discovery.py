@@ -17,8 +17,9 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from moeflow.controller import kube, naming
-from moeflow.controller.kube import KubeApi
+from moeflow.domain import naming
+from moeflow.kube import api as kube
+from moeflow.kube.api import KubeApi
 
 logger = logging.getLogger(__name__)
 

@@ -28,11 +28,13 @@ decides, so it runs in microseconds and the local scaler and the operator can sh
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
-from moeflow.common.messages import EngineStats
-from moeflow.controller.spec import ModelSpec, Role
+from moeflow.domain.messages import EngineStats
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import ModelSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,3 +182,31 @@ def decide(obs: RoleObservation, policy: ScalePolicy) -> Decision:
         return result(max(current - 1, fits, floor), "down",
                       f"scale down: load {load} fits in {max(fits, floor)} replica(s)")
     return result(current, "hold", f"steady: load {load} on {current} replica(s)")
+
+
+def replicas_patch(replicas: Mapping[Role, int], resource_version: str | None
+                   ) -> dict[str, Any]:
+    """A merge patch of ``spec.roles.<role>.replicas``; with a resourceVersion it is an
+    optimistic lock (409 if the Model moved since it was read)."""
+    patch: dict[str, Any] = {"spec": {"roles": {
+        role.value: {"replicas": count} for role, count in replicas.items()}}}
+    if resource_version is not None:
+        patch["metadata"] = {"resourceVersion": resource_version}
+    return patch
+
+
+def wake_replicas(spec: ModelSpec) -> dict[Role, int]:
+    """Scale from zero: every role of the mode at zero replicas gets ``max(1, minReplicas)``
+    (a prefill/decode Model needs both roles to serve). Roles whose ``maxReplicas`` is 0 cannot
+    wake and are left out; an empty result means there is nothing to do."""
+    wanted: dict[Role, int] = {}
+    for role in spec.role_names:
+        role_spec = spec.role(role)
+        if role_spec.replicas > 0:
+            continue
+        count = max(1, role_spec.min_replicas)
+        if role_spec.max_replicas is not None:
+            count = min(count, role_spec.max_replicas)
+        if count > 0:
+            wanted[role] = count
+    return wanted

@@ -13,6 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from moeflow.domain.roles import Role
+
 SCHEMA_VERSION: Literal[1] = 1
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -120,13 +122,13 @@ class ModelInfo(_Message):
     eos_token: str | None
     eos_token_ids: tuple[int, ...]
     created_unix: int
-    role: str = "colocated"
+    role: Role = Role.COLOCATED
     xccl_rank: str = ""
 
 
 class EngineStats(_Message):
     instance_id: str
-    role: str
+    role: Role
     num_waiting: int
     num_running: int
     num_free_blocks: int

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CollectorRegistry, Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from moeflow.coldstart.record import STEPS, ColdStartRecord
+from moeflow.domain.coldstart import STEPS, ColdStartRecord
 
 BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 

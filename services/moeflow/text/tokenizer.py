@@ -18,7 +18,7 @@ from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from moeflow.common.errors import InvalidRequestError
+from moeflow.domain.errors import InvalidRequestError
 
 # Bytes of an incomplete UTF-8 sequence decode to U+FFFD; hold them back until complete.
 _REPLACEMENT_CHAR = "\ufffd"

@@ -29,19 +29,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
-
-class Mode(StrEnum):
-    COLOCATED = "colocated"
-    PD_DISAGGREGATED = "pd-disaggregated"
-    ATTENTION_EXPERT_DISAGGREGATED = "attention-expert-disaggregated"
-
-
-class Role(StrEnum):
-    COLOCATED = "colocated"
-    PREFILL = "prefill"
-    DECODE = "decode"
-    ATTENTION = "attention"
-    EXPERT = "expert"
+from moeflow.domain.roles import ROLES_BY_MODE, Mode, Role
 
 
 class TransportKind(StrEnum):
@@ -53,13 +41,6 @@ class CompletionApi(StrEnum):
     COMPLETIONS = "completions"
     CHAT_COMPLETIONS = "chat.completions"
 
-
-# The job roles of each serving mode, in the order their Jobs are planned.
-ROLES_BY_MODE: Mapping[Mode, tuple[Role, ...]] = {
-    Mode.COLOCATED: (Role.COLOCATED,),
-    Mode.PD_DISAGGREGATED: (Role.PREFILL, Role.DECODE),
-    Mode.ATTENTION_EXPERT_DISAGGREGATED: (Role.ATTENTION, Role.EXPERT),
-}
 
 # 40 leaves room for the longest child name, "<model>-attention-<rank>", in a 63-char DNS label.
 MAX_MODEL_NAME_LENGTH = 40

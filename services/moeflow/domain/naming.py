@@ -16,7 +16,7 @@ Labels follow app.kubernetes.io/* plus moeflow.dev/* keys that selectors and dis
 
 from __future__ import annotations
 
-from moeflow.controller.spec import Role
+from moeflow.domain.roles import Role
 
 GROUP = "moeflow.dev"
 VERSION = "v1alpha1"
