@@ -1,7 +1,7 @@
 """Domain errors shared by every process.
 
 Each error carries what the wire needs (an HTTP status, an OpenAI error ``type`` and ``code``, an
-optional ``param``) so that exactly one place, ``moeflow.gateway.errors`` for the gateway and
+optional ``param``) so that exactly one place, ``moeflow.web.errors`` for the gateway and
 ``moeflow.engine.server`` for engine instances, turns them into responses. Nothing here imports
 a web framework.
 """

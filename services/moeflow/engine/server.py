@@ -1,6 +1,6 @@
 """HTTP face of one engine instance: generate (NDJSON stream), model info, stats, health.
 
-This is the only place where engine-side errors become HTTP responses. The body of
+Errors become responses through ``moeflow.web.errors``, as in the gateway. The body of
 ``POST /v1/generate`` is a ``GenerateRequest``; the response streams one JSON ``TokenChunk``
 per line, or an ``ErrorChunk`` if the request fails after the stream began. Closing the
 connection aborts the request and frees its KV blocks.
@@ -14,8 +14,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import cast
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
@@ -37,25 +36,10 @@ from moeflow.engine.async_engine import AsyncEngine, KVPullReady
 from moeflow.engine.coldstart_routes import add_coldstart_routes
 from moeflow.engine.disagg import KVPuller, prefill_only, send_kv
 from moeflow.engine.llm_engine import LLMEngine
+from moeflow.web.errors import install_error_handlers
 from moeflow.xccl import Transport, make_transport
 
 logger = logging.getLogger(__name__)
-
-
-def error_response(exc: MoeflowError) -> JSONResponse:
-    headers = {}
-    retry_after_s = getattr(exc, "retry_after_s", None)
-    if retry_after_s is not None:
-        headers["Retry-After"] = str(retry_after_s)
-    body = {
-        "error": {
-            "message": exc.message,
-            "type": exc.error_type,
-            "param": exc.param,
-            "code": exc.code,
-        }
-    }
-    return JSONResponse(body, status_code=exc.status_code, headers=headers)
 
 
 def _metrics(engine: LLMEngine) -> CollectorRegistry:
@@ -126,17 +110,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
     if isinstance(engine.runner, AttentionRunner):
         add_attention_routes(app, engine.runner.client, registry, settings.instance_name)
 
-    @app.exception_handler(MoeflowError)
-    async def _domain_error(_: Request, exc: MoeflowError) -> JSONResponse:
-        return error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse(
-            {"error": {"message": str(exc.errors()[:3]), "type": "invalid_request_error",
-                       "param": None, "code": "invalid_request"}},
-            status_code=422,
-        )
+    install_error_handlers(app)  # the OpenAI envelope, as the gateway answers
 
     @app.post("/v1/generate")
     async def generate(request: GenerateRequest) -> StreamingResponse:

@@ -19,7 +19,6 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.discovery import Discovery, KubeDiscovery, StaticDiscovery
 from moeflow.gateway.engine_client import EngineClient
-from moeflow.gateway.errors import install_error_handlers
 from moeflow.gateway.generation import GenerationService
 from moeflow.gateway.kube_scale import KubeScaleUp
 from moeflow.gateway.metrics import GatewayMetrics
@@ -29,6 +28,7 @@ from moeflow.gateway.routes import chat, completions, models
 from moeflow.gateway.scale_from_zero import ScaleUpRequester, WakeQueue
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.gateway.status_page import router as status_router
+from moeflow.web.errors import install_error_handlers
 
 
 def build_app(

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moeflow.domain.errors import AuthenticationError, MoeflowError, RequestTooLargeError
-from moeflow.gateway.errors import error_body
+from moeflow.web.errors import error_body
 
 _OPEN_PATHS = ("/health", "/metrics", "/status")
 

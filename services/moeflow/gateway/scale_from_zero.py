@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from moeflow.domain.errors import BackendUnavailableError, MoeflowError, OverloadedError
-from moeflow.gateway.errors import sse_error
+from moeflow.web.errors import sse_error
 
 logger = logging.getLogger(__name__)
 

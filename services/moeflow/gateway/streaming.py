@@ -8,8 +8,8 @@ from typing import Any
 
 from moeflow.domain.errors import BackendUnavailableError, MoeflowError
 from moeflow.domain.messages import TokenChunk
-from moeflow.gateway.errors import sse_error
 from moeflow.gateway.protocol import Usage, make_usage
+from moeflow.web.errors import sse_error
 
 SSE_DONE = "data: [DONE]\n\n"
 

@@ -2,7 +2,7 @@
 
 The data path is XCCL (``ExpertWorker``); HTTP is control only. ``GET /v1/model_info`` reports
 role "expert" so that a gateway that discovers every Task of a Model knows not to send it
-requests. Errors map to the OpenAI envelope through ``moeflow.engine.server.error_response``.
+requests. Errors map to the OpenAI envelope through ``moeflow.web.errors``.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from moeflow.domain.errors import InvalidRequestError, MoeflowError
+from moeflow.domain.errors import InvalidRequestError
 from moeflow.domain.messages import ExpertInstanceStats, ExpertLoadRequest
 from moeflow.domain.roles import Role
 from moeflow.engine.ae.expert_client import expert_rank
@@ -30,7 +30,7 @@ from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.model_runner import DTYPES
 from moeflow.engine.models.arch import load_arch
-from moeflow.engine.server import error_response
+from moeflow.web.errors import install_error_handlers
 from moeflow.xccl import make_transport
 
 logger = logging.getLogger(__name__)
@@ -89,9 +89,7 @@ def build_expert_app(settings: EngineSettings) -> FastAPI:
 
     app = FastAPI(title="moeflow expert instance", lifespan=lifespan)
 
-    @app.exception_handler(MoeflowError)
-    async def _domain_error(_: Request, exc: MoeflowError) -> JSONResponse:
-        return error_response(exc)
+    install_error_handlers(app)
 
     async def change(body: ExpertLoadRequest, unload: bool) -> ExpertInstanceStats:
         try:

@@ -13,11 +13,11 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from moeflow.domain.errors import InvalidRequestError, MoeflowError
 from moeflow.domain.messages import TokenChunk
 from moeflow.gateway.deps import ServiceDep
-from moeflow.gateway.errors import sse_error
 from moeflow.gateway.generation import until_disconnected
 from moeflow.gateway.protocol import CompletionRequest, make_usage, now_unix
 from moeflow.gateway.registry import ServedModel
 from moeflow.gateway.streaming import SSE_DONE, collect, sse
+from moeflow.web.errors import sse_error
 
 router = APIRouter()
 

@@ -1,4 +1,5 @@
-"""The one place where gateway errors become HTTP responses (the OpenAI error envelope).
+"""The one place where errors become HTTP responses (the OpenAI error envelope), for the gateway
+and every engine instance alike.
 
 Domain errors (``moeflow.domain.errors``) carry their status and code; request-validation
 errors become 400 with the offending ``param``; unknown routes 404; anything unexpected 500
@@ -28,8 +29,9 @@ def error_body(
 
 def error_response(exc: MoeflowError) -> JSONResponse:
     headers = {}
-    if isinstance(exc, OverloadedError):
-        headers["Retry-After"] = str(exc.retry_after_s)
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if isinstance(exc, OverloadedError) or retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s or 1)
     return JSONResponse(
         error_body(exc.message, exc.error_type, exc.code, exc.param),
         status_code=exc.status_code,
