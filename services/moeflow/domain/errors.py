@@ -76,6 +76,13 @@ class ExpertsUnavailableError(BackendUnavailableError):
     code = "experts_unavailable"
 
 
+class PrefillUnavailableError(BackendUnavailableError):
+    """Prefill/decode split: the prefill instance of a request failed or could not be reached
+    (the gateway stops routing to it and places the request again)."""
+
+    code = "prefill_unavailable"
+
+
 ERROR_CLASSES_BY_CODE: dict[str, type[MoeflowError]] = {
     cls.code: cls
     for cls in (
@@ -87,6 +94,7 @@ ERROR_CLASSES_BY_CODE: dict[str, type[MoeflowError]] = {
         RequestTooLargeError,
         BackendUnavailableError,
         ExpertsUnavailableError,
+        PrefillUnavailableError,
     )
 }
 

@@ -1,37 +1,55 @@
 """HTTP client for engine instances: the gateway side of the ``moeflow.domain.messages`` wire.
 
-Errors an instance reports become the same domain errors here; an instance that cannot be
-reached, or that drops a stream, becomes ``BackendUnavailableError``.
+Errors an instance reports become the same domain errors here. Failures of the instance itself
+(cannot be reached, dropped or cut the stream, answered garbage) become ``InstanceFailedError``,
+which names the instance for the gateway's own use (marking it unhealthy, failing over) and
+carries a message without internal addresses for the client.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 
 import httpx
 
 from moeflow.domain.errors import BackendUnavailableError, MoeflowError, error_from_code
 from moeflow.domain.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
+from moeflow.web.framing import FrameTooLargeError, read_lines
 
 
-class EngineUnreachableError(BackendUnavailableError):
-    """Connecting to the instance failed: nothing was sent, so another instance may retry."""
+class InstanceFailedError(BackendUnavailableError):
+    """The instance at ``url`` failed (``reason``: unreachable, cut, error). ``is_before_accept``:
+    nothing was accepted, so the request can go elsewhere as it is. ``detail`` is for logs."""
+
+    def __init__(self, url: str, reason: str, detail: str, *, is_before_accept: bool) -> None:
+        super().__init__("an engine instance serving this request failed")
+        self.url = url
+        self.reason = reason
+        self.detail = detail
+        self.is_before_accept = is_before_accept
 
 
-def _error_from_response(status_code: int, body: bytes) -> MoeflowError:
+# Backwards-compatible name: connecting failed, nothing was sent.
+EngineUnreachableError = InstanceFailedError
+
+
+def _error_from_response(url: str, status_code: int, body: bytes) -> MoeflowError:
     try:
         error = json.loads(body)["error"]
         return error_from_code(str(error["code"]), str(error["message"]), error.get("param"))
     except (ValueError, KeyError, TypeError):
-        return BackendUnavailableError(f"engine instance answered HTTP {status_code}")
+        return InstanceFailedError(url, "error", f"HTTP {status_code} without an envelope",
+                                   is_before_accept=True)
 
 
 class EngineClient:
-    def __init__(self, *, connect_timeout_s: float, request_timeout_s: float) -> None:
+    def __init__(self, *, connect_timeout_s: float, request_timeout_s: float,
+                 headers: Mapping[str, str] | None = None) -> None:
+        """``headers`` go with every call (the internal token that engines require)."""
         timeout = httpx.Timeout(request_timeout_s, connect=connect_timeout_s)
-        limits = httpx.Limits(max_connections=1024, max_keepalive_connections=64)
-        self._http = httpx.AsyncClient(timeout=timeout, limits=limits)
+        limits = httpx.Limits(max_connections=4096, max_keepalive_connections=256)
+        self._http = httpx.AsyncClient(timeout=timeout, limits=limits, headers=dict(headers or {}))
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -55,23 +73,27 @@ class EngineClient:
         try:
             response = await self._http.send(http_request, stream=True)
         except httpx.ConnectError as exc:
-            raise EngineUnreachableError(f"engine instance {url} is unreachable") from exc
+            raise InstanceFailedError(url, "unreachable", repr(exc),
+                                      is_before_accept=True) from exc
         except httpx.HTTPError as exc:
-            raise BackendUnavailableError(
-                f"engine instance {url} failed: {type(exc).__name__}"
-            ) from exc
+            raise InstanceFailedError(url, "error", f"{type(exc).__name__}: {exc}",
+                                      is_before_accept=False) from exc
         if response.status_code != 200:
             body = await response.aread()
             await response.aclose()
-            raise _error_from_response(response.status_code, body)
+            raise _error_from_response(url, response.status_code, body)
         return EngineStream(url, response)
 
 
 class EngineStream:
-    """Chunks of one accepted request; ``aclose`` (or leaving early) aborts it upstream."""
+    """Chunks of one accepted request; ``aclose`` (or leaving early) aborts it upstream.
+
+    Ends after the chunk with ``finish_reason``. An ``ErrorChunk`` raises its domain error; a
+    stream that breaks, ends early or carries garbage raises ``InstanceFailedError``.
+    """
 
     def __init__(self, url: str, response: httpx.Response) -> None:
-        self._url = url
+        self.url = url
         self._response = response
 
     async def aclose(self) -> None:
@@ -79,9 +101,7 @@ class EngineStream:
 
     async def __aiter__(self) -> AsyncIterator[TokenChunk]:
         try:
-            async for line in self._response.aiter_lines():
-                if not line:
-                    continue
+            async for line in read_lines(self._response.aiter_bytes()):
                 data = json.loads(line)
                 if "code" in data and "token_ids" not in data:
                     raise error_from_code(str(data["code"]), str(data["message"]))
@@ -90,9 +110,12 @@ class EngineStream:
                 if chunk.finish_reason is not None:
                     return
         except httpx.HTTPError as exc:
-            raise BackendUnavailableError(
-                f"engine instance {self._url} failed mid-request: {type(exc).__name__}"
-            ) from exc
+            raise InstanceFailedError(self.url, "cut", f"{type(exc).__name__}: {exc}",
+                                      is_before_accept=False) from exc
+        except (ValueError, FrameTooLargeError) as exc:  # JSON or schema: a broken peer
+            raise InstanceFailedError(self.url, "error", f"bad stream: {exc}",
+                                      is_before_accept=False) from exc
         finally:
             await self._response.aclose()
-        raise BackendUnavailableError(f"engine instance {self._url} ended the stream early")
+        raise InstanceFailedError(self.url, "cut", "stream ended before finish_reason",
+                                  is_before_accept=False)

@@ -8,18 +8,28 @@ while recording TTFT, ITL, TPOT, end-to-end latency and token counts.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from moeflow.domain.errors import (
+    BackendUnavailableError,
     ContextLengthExceededError,
     InvalidRequestError,
+    MoeflowError,
     OverloadedError,
+    PrefillUnavailableError,
 )
-from moeflow.domain.messages import GenerateRequest, KVSource, SamplingParams, TokenChunk
-from moeflow.gateway.engine_client import EngineClient, EngineStream, EngineUnreachableError
+from moeflow.domain.messages import (
+    GenerateRequest,
+    KVSource,
+    ResumeState,
+    SamplingParams,
+    TokenChunk,
+)
+from moeflow.gateway.engine_client import EngineClient, EngineStream, InstanceFailedError
 from moeflow.gateway.metrics import GatewayMetrics
 from moeflow.gateway.protocol import _SamplingFields
 from moeflow.gateway.registry import ModelRegistry, ServedModel
@@ -28,16 +38,7 @@ from moeflow.gateway.scale_from_zero import WakeQueue
 from moeflow.gateway.settings import GatewaySettings
 
 T = TypeVar("T")
-
-_MAX_PLACEMENT_ATTEMPTS = 2
-
-
-class _InstanceUnreachable(Exception):
-    def __init__(self, instance: InstanceView, error: EngineUnreachableError) -> None:
-        super().__init__(str(error))
-        self.instance = instance
-        self.error = error
-
+logger = logging.getLogger(__name__)
 
 def _refuse(param: str, message: str) -> InvalidRequestError:
     return InvalidRequestError(message, param=param)
@@ -122,35 +123,90 @@ class GenerationService:
 
         Errors before the engine accepts (limits, unknown instance, engine 429) raise here, so
         the caller can still answer with a proper status code. A model scaled to zero is woken
-        first (the wait is bounded; ``is_disconnected`` ends it early).
+        first (the wait is bounded; ``is_disconnected`` ends it early). An instance that fails,
+        before or after accepting, is replaced: the request goes to another instance with the
+        tokens already streamed (``ResumeState``), and the stream goes on (see ``_serve``).
         """
         self.admit()
-        for attempt in range(_MAX_PLACEMENT_ATTEMPTS):
+        job = _Job(model, endpoint, request_id, tuple(prompt_token_ids), sampling,
+                   deadline_s=time.monotonic() + self.settings.request_timeout_s,
+                   is_disconnected=is_disconnected)
+        self.num_in_flight += 1
+        self.metrics.in_flight.inc()
+        try:
+            attempt = await self._start(job)
+        except BaseException as exc:
+            self._release_job()
+            self.metrics.requests.labels(model.name, endpoint, _status(exc)).inc()
+            raise
+        return self._serve(job, attempt)
+
+    async def _start(self, job: _Job) -> _Attempt:
+        """Place the job and open its stream, trying other instances when one fails; raises
+        the client's error (400, 429) at once and a clean 503 when nothing is left."""
+        while True:
             if self.wake is not None:
                 # again after a failed attempt: the last instance may just have scaled to zero
-                await self.wake.wait_until_ready(model.name, is_disconnected)
+                await self.wake.wait_until_ready(job.model.name, job.is_disconnected)
             try:
-                return await self._open_once(model, endpoint, request_id, prompt_token_ids,
-                                             sampling)
-            except _InstanceUnreachable as exc:
-                # an instance that refuses connections is dead or gone: stop routing to it
-                # (the stats poller revives it if it comes back) and place the request again
-                exc.instance.is_healthy = False
-                if attempt + 1 == _MAX_PLACEMENT_ATTEMPTS:
-                    raise exc.error from None
-        raise AssertionError("unreachable")
+                return await self._open_once(job)
+            except _NoHealthyInstance as exc:
+                # instances exist but none is healthy right now (restarting, Redis down):
+                # wait a bounded time for one to come back rather than fail at once
+                if time.monotonic() >= job.started_s + self.settings.failover_wait_s:
+                    raise BackendUnavailableError(
+                        f"no healthy instance of {job.model.name!r} came back within "
+                        f"{self.settings.failover_wait_s:.0f} s", ) from exc
+                await asyncio.sleep(_WAIT_POLL_S)
+            except _FailedBeforeStream as failed:
+                if not isinstance(failed.error, InstanceFailedError | PrefillUnavailableError):
+                    # it answered, but refuses work (draining, loop dead): route elsewhere
+                    self.registry.mark_unhealthy(job.model, failed.target_url, "refused")
+                self._give_up_or_count(job, failed.error, failed.prefill_url)
+                await asyncio.sleep(_backoff_s(job.num_failures))
 
-    async def _open_once(
-        self,
-        model: ServedModel,
-        endpoint: str,
-        request_id: str,
-        prompt_token_ids: list[int],
-        sampling: SamplingParams,
-    ) -> AsyncGenerator[TokenChunk, None]:
-        placement = self.registry.place(
-            model, prompt_token_ids, sampling.max_tokens, self.settings.pd_min_prompt_tokens
-        )
+    def _give_up_or_count(self, job: _Job, exc: BackendUnavailableError,
+                          prefill_url: str | None = None) -> None:
+        """One more failed attempt: mark a dead instance, and raise if the budget is spent."""
+        if isinstance(exc, PrefillUnavailableError) and prefill_url is not None:
+            logger.warning("request %s: prefill instance %s failed: %s", job.request_id,
+                           prefill_url, exc.message)
+            self.registry.mark_unhealthy(job.model, prefill_url, "prefill_failed")
+        elif isinstance(exc, InstanceFailedError):
+            logger.warning("request %s: instance %s failed (%s: %s)", job.request_id, exc.url,
+                           exc.reason, exc.detail)
+            if exc.reason in ("unreachable", "cut"):
+                self.registry.mark_unhealthy(job.model, exc.url, exc.reason)
+        else:
+            logger.warning("request %s: %s", job.request_id, exc.message)
+        job.num_failures += 1
+        self.metrics.failovers.labels(job.model.name, _reason(exc)).inc()
+        if job.num_failures > self.settings.max_failovers:
+            raise BackendUnavailableError(
+                f"the request failed on {job.num_failures} engine instances of "
+                f"{job.model.name!r}; giving up") from None
+        if time.monotonic() >= job.deadline_s:
+            raise BackendUnavailableError(
+                f"the request could not finish within {self.settings.request_timeout_s:.0f} s "
+                "after its engine instance failed") from None
+
+    async def _open_once(self, job: _Job) -> _Attempt:
+        model = job.model
+        resume = None
+        if job.output_token_ids:
+            resume = ResumeState(output_token_ids=tuple(job.output_token_ids),
+                                 num_emitted_chars=job.num_emitted_chars)
+        context = list(job.prompt_token_ids) + job.output_token_ids
+        sampling = job.sampling.model_copy(
+            update={"max_tokens": job.sampling.max_tokens - len(job.output_token_ids)})
+        try:
+            placement = self.registry.place(
+                model, context, sampling.max_tokens, self.settings.pd_min_prompt_tokens
+            )
+        except BackendUnavailableError as exc:
+            if not model.instances:
+                raise  # nothing to wait for (scale from zero is the wake queue's job)
+            raise _NoHealthyInstance(exc.message) from exc
         used = [i for i in (placement.colocated, placement.prefill, placement.decode) if i]
         target = placement.decode or placement.colocated
         assert target is not None
@@ -159,73 +215,80 @@ class GenerationService:
             kv_source = KVSource(
                 prefill_url=placement.prefill.url, prefill_rank=placement.prefill.rank_name
             )
-        self.num_in_flight += 1
-        self.metrics.in_flight.inc()
         for instance in used:
             instance.num_in_flight += 1
-        urls = [i.url for i in used]
-        started_s = time.perf_counter()
+        # a failed instance may still hold the old id: each attempt gets its own
+        suffix = f":{job.num_failures}" if job.num_failures else ""
+        request = GenerateRequest(
+            request_id=f"{job.request_id}{suffix}",
+            prompt_token_ids=job.prompt_token_ids,
+            sampling=sampling,
+            kv_source=kv_source,
+            resume=resume,
+        )
+        prefill_url = placement.prefill.url if placement.prefill is not None else None
         try:
-            request = GenerateRequest(
-                request_id=request_id,
-                prompt_token_ids=tuple(prompt_token_ids),
-                sampling=sampling,
-                kv_source=kv_source,
-            )
             stream = await self.client.open_generate(target.url, request)
-        except EngineUnreachableError as exc:
-            self._release(urls, model)
-            raise _InstanceUnreachable(target, exc) from exc
-        except BaseException as exc:
-            self._release(urls, model)
-            self.metrics.requests.labels(model.name, endpoint, _status(exc)).inc()
+        except BackendUnavailableError as exc:
+            _release_instances(used)
+            raise _FailedBeforeStream(exc, target.url, prefill_url) from exc
+        except BaseException:
+            _release_instances(used)
             raise
-        mode = "split" if placement.is_split else "colocated"
-        return self._observe(stream, model, endpoint, started_s, urls, mode)
+        return _Attempt(stream, used, "split" if placement.is_split else "colocated",
+                        prefill_url)
 
-    async def _observe(
-        self,
-        stream: EngineStream,
-        model: ServedModel,
-        endpoint: str,
-        started_s: float,
-        urls: list[str],
-        mode: str,
-    ) -> AsyncGenerator[TokenChunk, None]:
+    async def _serve(self, job: _Job, attempt: _Attempt) -> AsyncGenerator[TokenChunk, None]:
+        """Stream the job's chunks, failing over mid-stream: when the instance dies or reports
+        a failure, the job goes to another instance with what was already streamed, and the
+        client sees one stream with no gap and no repeat. Usage counts the original prompt."""
         m = self.metrics
-        name = model.name
+        name = job.model.name
+        started_s = time.perf_counter()
         first_s: float | None = None
         last_s = started_s
         last: TokenChunk | None = None
         status = "499"
         try:
-            async for chunk in stream:
-                now = time.perf_counter()
-                if first_s is None:
-                    first_s = now
-                    m.ttft.labels(name).observe(now - started_s)
-                    m.recent.record_ttft(now - started_s)
-                    if chunk.kv_bytes:
-                        m.kv_transfer_bytes.labels(name).observe(chunk.kv_bytes)
-                        m.kv_transfer_seconds.labels(name).observe(chunk.kv_transfer_ms / 1000)
-                        ttft_ms = 1000 * (now - started_s)
-                        m.kv_transfer_ttft_share.labels(name).observe(
-                            min(1.0, chunk.kv_transfer_ms / max(ttft_ms, 1e-6))
-                        )
-                else:
-                    m.itl.labels(name).observe(now - last_s)
-                last_s = now
-                last = chunk
-                yield chunk
-            status = "200"
+            while True:
+                num_resumed = len(job.output_token_ids)
+                try:
+                    async for chunk in attempt.stream:
+                        now = time.perf_counter()
+                        if first_s is None:
+                            first_s = now
+                            m.ttft.labels(name).observe(now - started_s)
+                            m.recent.record_ttft(now - started_s)
+                            _observe_kv(m, name, chunk, 1000 * (now - started_s))
+                        else:
+                            m.itl.labels(name).observe(now - last_s)
+                        last_s = now
+                        if num_resumed:
+                            chunk = _as_continuation(chunk, job, num_resumed)
+                        job.output_token_ids.extend(chunk.token_ids)
+                        job.num_emitted_chars += len(chunk.text)
+                        last = chunk
+                        yield chunk
+                        if chunk.finish_reason is not None:
+                            status = "200"
+                            return
+                    raise InstanceFailedError(attempt.stream.url, "cut", "stream ended",
+                                              is_before_accept=False)
+                except MoeflowError as exc:
+                    if not _is_instance_failure(exc):
+                        raise
+                    await attempt.close()
+                    self._give_up_or_count(job, _as_backend_error(exc), attempt.prefill_url)
+                    await asyncio.sleep(_backoff_s(job.num_failures))
+                    attempt = await self._start(job)
         except BaseException as exc:
             status = _status(exc)
             raise
         finally:
-            await stream.aclose()
-            self._release(urls, model)
-            m.requests.labels(name, endpoint, status).inc()
-            m.requests_by_mode.labels(name, mode).inc()
+            await attempt.close()
+            self._release_job()
+            m.requests.labels(name, job.endpoint, status).inc()
+            m.requests_by_mode.labels(name, attempt.mode).inc()
             if last is not None:
                 m.e2e.labels(name).observe(last_s - started_s)
                 m.prompt_tokens.labels(name).inc(last.num_prompt_tokens)
@@ -236,12 +299,106 @@ class GenerationService:
                     m.tpot.labels(name).observe(tpot_s)
                     m.recent.record_tpot(tpot_s)
 
-    def _release(self, urls: list[str], model: ServedModel) -> None:
+    def _release_job(self) -> None:
         self.num_in_flight -= 1
         self.metrics.in_flight.dec()
-        for instance in model.instances:
-            if instance.url in urls:
-                instance.num_in_flight -= 1
+
+
+@dataclass
+class _Job:
+    """One client request across the instances that serve it (one, or more after failover)."""
+
+    model: ServedModel
+    endpoint: str
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingParams
+    deadline_s: float
+    started_s: float = field(default_factory=time.monotonic)
+    is_disconnected: Callable[[], Awaitable[bool]] | None = None
+    output_token_ids: list[int] = field(default_factory=list)
+    num_emitted_chars: int = 0
+    num_failures: int = 0
+
+
+_WAIT_POLL_S = 0.25
+
+
+class _NoHealthyInstance(Exception):
+    pass
+
+
+class _FailedBeforeStream(Exception):
+    def __init__(self, error: BackendUnavailableError, target_url: str,
+                 prefill_url: str | None) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.target_url = target_url
+        self.prefill_url = prefill_url
+
+
+def _backoff_s(num_failures: int) -> float:
+    """A short pause before the next attempt grows with each failure, so that a burst of
+    failures does not spend the whole budget before the stats poller has seen the change."""
+    return min(1.0, 0.05 * 2.0 ** (num_failures - 1))
+
+
+@dataclass
+class _Attempt:
+    stream: EngineStream
+    instances: list[InstanceView]
+    mode: str
+    prefill_url: str | None = None
+    is_closed: bool = False
+
+    async def close(self) -> None:
+        if not self.is_closed:
+            self.is_closed = True
+            _release_instances(self.instances)
+            await self.stream.aclose()
+
+
+def _release_instances(instances: list[InstanceView]) -> None:
+    for instance in instances:
+        instance.num_in_flight -= 1
+
+
+def _is_instance_failure(exc: MoeflowError) -> bool:
+    """Failures of the instance rather than of the request: the instance died, cut the stream,
+    lost a peer (prefill, experts, Redis) or failed a step (``internal_error``)."""
+    return isinstance(exc, BackendUnavailableError) or exc.code == "internal_error"
+
+
+def _as_backend_error(exc: MoeflowError) -> BackendUnavailableError:
+    if isinstance(exc, BackendUnavailableError):
+        return exc
+    return BackendUnavailableError(f"an engine instance failed the request: {exc.message}")
+
+
+def _as_continuation(chunk: TokenChunk, job: _Job, num_resumed: int) -> TokenChunk:
+    """A chunk of a resumed attempt, counted as if one instance had served the whole job."""
+    num_prompt = len(job.prompt_token_ids)
+    return chunk.model_copy(update={
+        "request_id": job.request_id,
+        "num_prompt_tokens": num_prompt,
+        "num_cached_tokens": min(chunk.num_cached_tokens, num_prompt),
+        "num_output_tokens": chunk.num_output_tokens + num_resumed,
+        "kv_bytes": 0,
+        "kv_transfer_ms": 0.0,
+    })
+
+
+def _observe_kv(m: GatewayMetrics, name: str, chunk: TokenChunk, ttft_ms: float) -> None:
+    if chunk.kv_bytes:
+        m.kv_transfer_bytes.labels(name).observe(chunk.kv_bytes)
+        m.kv_transfer_seconds.labels(name).observe(chunk.kv_transfer_ms / 1000)
+        m.kv_transfer_ttft_share.labels(name).observe(
+            min(1.0, chunk.kv_transfer_ms / max(ttft_ms, 1e-6))
+        )
+
+
+def _reason(exc: BackendUnavailableError) -> str:
+    return exc.reason if isinstance(exc, InstanceFailedError) else exc.code
 
 
 def _status(exc: BaseException) -> str:

@@ -36,6 +36,18 @@ class ServedModel:
         return self.info.served_model_name
 
 
+def instance_state(stats: EngineStats) -> str:
+    """What an instance's own stats say about taking work: healthy, loop_dead,
+    transport_down or draining."""
+    if not stats.is_loop_alive:
+        return "loop_dead"
+    if not stats.is_transport_ok:
+        return "transport_down"
+    if stats.is_draining:
+        return "draining"
+    return "healthy"
+
+
 class ModelRegistry:
     def __init__(self, client: EngineClient) -> None:
         self._client = client
@@ -80,6 +92,17 @@ class ModelRegistry:
         if computes_prompt is not None:
             model.prefixes.record(computes_prompt.url, keys)
         return placement
+
+    def mark_unhealthy(self, model: ServedModel, url: str, reason: str) -> None:
+        """Stop routing to an instance that failed a request (the stats poller revives it
+        once it answers again)."""
+        for instance in model.instances:
+            if instance.url == url:
+                if instance.is_healthy:
+                    logger.warning("instance %s of %s marked unhealthy: %s", url, model.name,
+                                   reason)
+                instance.is_healthy = False
+                instance.state = reason
 
     async def add_instance(self, url: str) -> None:
         info = await self._client.model_info(url)
@@ -153,9 +176,13 @@ class ModelRegistry:
                 except Exception:
                     if instance.is_healthy:
                         logger.warning("instance %s stopped answering", instance.url)
-                    instance.is_healthy = False
+                    instance.is_healthy, instance.state = False, "unreachable"
                     continue
-                instance.is_healthy = True
+                state = instance_state(stats)
+                if state != instance.state:
+                    logger.info("instance %s of %s: %s -> %s", instance.url, model.name,
+                                instance.state, state)
+                instance.is_healthy, instance.state = state == "healthy", state
                 instance.num_waiting = stats.num_waiting
                 instance.num_running = stats.num_running
                 instance.kv_usage_ratio = stats.kv_usage_ratio

@@ -29,6 +29,8 @@ class InstanceView:
     role: Role = Role.COLOCATED
     rank_name: str = ""
     is_healthy: bool = True
+    state: str = "healthy"
+    """Why it is (un)healthy: healthy, unreachable, cut, loop_dead, transport_down, draining."""
     num_waiting: int = 0
     num_running: int = 0
     num_in_flight: int = 0
