@@ -28,6 +28,7 @@ from prometheus_client import CollectorRegistry
 from moeflow.domain.roles import Role
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.registry import ServedModel
+from moeflow.gateway.routes.health import model_state
 
 STATUS_SCHEMA_VERSION = 1
 _STATIC_DIR = Path(__file__).parent / "static"
@@ -143,16 +144,8 @@ def series(samples: Iterable[Sample], models: Iterable[str]) -> dict[str, Any]:
     return {"t": times, "models": out}
 
 
-def _model_state(roles: Mapping[str, list[dict[str, Any]]]) -> str:
-    """ready: every instance healthy; degraded: every role still has a healthy instance;
-    unavailable: some role has none (or the model has no instance)."""
-    states = [[i["state"] == "healthy" for i in instances] for instances in roles.values()]
-    if not states or not all(any(role) for role in states):
-        return "unavailable"
-    return "ready" if all(all(role) for role in states) else "degraded"
-
-
-def describe_model(model: ServedModel, totals: ModelTotals) -> dict[str, Any]:
+def describe_model(model: ServedModel, totals: ModelTotals, *,
+                   can_wake: bool = False) -> dict[str, Any]:
     roles: dict[str, list[dict[str, Any]]] = {}
     for instance in model.instances:
         stats = model.stats.get(instance.url)
@@ -161,6 +154,7 @@ def describe_model(model: ServedModel, totals: ModelTotals) -> dict[str, Any]:
             "instance_id": stats.instance_id if stats else "",
             "rank": instance.rank_name,
             "state": "healthy" if instance.is_healthy else "unhealthy",
+            "reason": instance.state,
             "num_waiting": instance.num_waiting,
             "num_running": instance.num_running,
             "num_in_flight": instance.num_in_flight,
@@ -172,7 +166,7 @@ def describe_model(model: ServedModel, totals: ModelTotals) -> dict[str, Any]:
         "name": model.name,
         "architecture": model.info.architecture,
         "max_model_len": model.info.max_model_len,
-        "state": _model_state(roles),
+        "state": model_state(model, can_wake=can_wake),
         "totals": {
             "requests": int(totals.requests),
             "prompt_tokens": int(totals.prompt_tokens),
@@ -208,7 +202,8 @@ async def status_data(request: Request, service: ServiceDep) -> JSONResponse:
             "requests_in_flight": service.num_in_flight,
             "max_in_flight_requests": service.settings.max_in_flight_requests,
         },
-        "models": [describe_model(models[name], totals.get(name, ModelTotals()))
+        "models": [describe_model(models[name], totals.get(name, ModelTotals()),
+                                  can_wake=service.wake is not None and service.wake.can_wake)
                    for name in sorted(models)],
         "series": series(history.samples, models),
     }
