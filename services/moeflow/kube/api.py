@@ -56,6 +56,8 @@ SERVICE_ACCOUNT = Kind("v1", "serviceaccounts", "ServiceAccount")
 DEPLOYMENT = Kind("apps/v1", "deployments", "Deployment")
 ROLE = Kind("rbac.authorization.k8s.io/v1", "roles", "Role")
 ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding")
+SECRET = Kind("v1", "secrets", "Secret")
+NETWORK_POLICY = Kind("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy")
 MODEL = Kind("moeflow.dev/v1alpha1", "models", "Model")
 JOB = Kind("moeflow.dev/v1alpha1", "jobs", "Job")
 TASK = Kind("moeflow.dev/v1alpha1", "tasks", "Task")
@@ -64,7 +66,7 @@ WARM_POOL = Kind("moeflow.dev/v1alpha1", "warmpools", "WarmPool")
 
 _KINDS = {(k.api_version, k.kind): k for k in (
     POD, SERVICE, CONFIG_MAP, SERVICE_ACCOUNT, DEPLOYMENT, ROLE, ROLE_BINDING, MODEL, JOB, TASK,
-    REQUEST, WARM_POOL)}
+    REQUEST, WARM_POOL, SECRET, NETWORK_POLICY)}
 
 
 def kind_of(obj: Mapping[str, Any]) -> Kind:
@@ -80,10 +82,6 @@ class Conflict(Exception):
 
 class OwnershipConflict(Exception):
     """An object with our deterministic name exists but another controller owns it."""
-
-
-def status_of(error: BaseException) -> int | None:
-    return error.status if isinstance(error, ApiException) else None
 
 
 def is_subset(desired: Any, actual: Any) -> bool:
