@@ -121,6 +121,16 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]
   verbs: [get, create, patch, delete]
+# Each Model's internal token Secret `<model>-internal-token`: created once if absent, read
+# back when it exists. Never listed, watched, patched or deleted (no rotation by a reconcile;
+# the garbage collector removes it with its Model).
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create]
+# Each Model's engines NetworkPolicy `<model>-engines` (it goes with its Model).
+- apiGroups: [networking.k8s.io]
+  resources: [networkpolicies]
+  verbs: [get, create, patch]
 {{- end }}
 
 {{/* Cluster-scoped reads kopf needs in every mode: CRD scanning, and the namespace list. */}}
@@ -149,5 +159,8 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
 {{- end }}
 {{- if and .Values.operator.watchNamespace (not .Values.operator.serviceAccount.create) (not .Values.operator.serviceAccount.name) }}
 {{- fail "operator.serviceAccount.name is required when operator.serviceAccount.create is false" }}
+{{- end }}
+{{- if and .Values.gateway.enabled (not .Values.gateway.internalTokenSecret.name) }}
+{{- fail "gateway.internalTokenSecret.name is required when gateway.enabled is true: engines made by the operator accept work only with their Model's internal token; set it to <model>-internal-token, the Secret the operator makes for a Model in the release namespace (several Models behind one shared gateway: create each <model>-internal-token yourself, with the same key `token`, before applying the Models)" }}
 {{- end }}
 {{- end }}

@@ -1,11 +1,14 @@
 """Pure builders of an attention/expert Model's expert load balancer (`moeflow balancer`).
 
 One Deployment of one replica with the `Recreate` strategy: two balancers of one Model would
-both move experts around, so a rollout stops the old one before the new one starts. It serves
-nothing (no port, no Service, no probes): each cycle it lists the Model's Tasks
-(`--discovery kubernetes`) and calls the instances' /v1/experts/* endpoints. Its own
-ServiceAccount and Role allow exactly that LIST: get/list/watch on Tasks. The expert fleet's
-size is in the argv, so scaling the expert role rolls the balancer.
+both move experts around, so a rollout stops the old one before the new one starts. Each cycle
+it lists the Model's Tasks (`--discovery kubernetes`) and calls the instances'
+/v1/experts/* endpoints, with the Model's internal token (MOEFLOW_INTERNAL_TOKEN from
+`<model>-internal-token`), which engines require. It serves nothing (no port, no Service, so
+nothing to probe): a cycle's HTTP errors are logged and the next cycle retries, anything else
+ends the process and the kubelet restarts it. Its own ServiceAccount and Role allow exactly
+that LIST: get/list/watch on Tasks. The expert fleet's size is in the argv, so scaling the
+expert role rolls the balancer.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from moeflow.controller.build_rbac import build_service_account_rbac
+from moeflow.controller.build_security import internal_token_env
 from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
 from moeflow.domain.plan import BalancerPlan
@@ -32,6 +36,7 @@ def build_balancer_deployment(model: str, namespace: str, balancer: BalancerPlan
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(balancer.argv),
+        "env": [internal_token_env(model)],
         "resources": {
             "requests": {"cpu": BALANCER_CPU, "memory": BALANCER_MEMORY},
             "limits": {"memory": BALANCER_MEMORY},

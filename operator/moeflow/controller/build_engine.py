@@ -5,6 +5,17 @@ Pods are bare (one per Task, restartPolicy Always): the Task is the controller t
 a lost Pod, as a StatefulSet would, but with the rank and role that the request-job-task model
 needs. Pod specs are immutable, so each Pod carries a hash of what it was built from; a Task
 whose desired hash differs gets its Pod replaced.
+
+What restarts what (every role, the expert app included, serves the same health paths):
+- the engine loop dies: `/health/live` answers 503 and the process exits non-zero; the
+  kubelet restarts the container (restartPolicy Always), the liveness probe being the backstop
+  for a process that hangs instead of exiting;
+- not ready (loop dead, transport unreachable, draining): `/health/ready` answers 503, the
+  Pod turns NotReady, its Task mirrors it and gateways stop routing to it; no restart;
+- loading weights: only the startup probe runs, for up to `startup_timeout_s`;
+- deleted (scale-down removes the highest rank, or a template change replaces it): SIGTERM,
+  the engine stops admitting and finishes its in-flight requests for up to
+  `engine_drain_timeout_s`, inside a grace period a little longer than that.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from moeflow.controller.build_security import internal_token_env
 from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
 from moeflow.domain.plan import JobPlan, engine_argv
@@ -22,8 +34,13 @@ from moeflow.domain.roles import Role
 from moeflow.domain.spec import JobSpec, ModelSpec, TaskSpec, TaskTemplate, TransportKind
 
 Obj = dict[str, Any]
-_HEALTH_PATH = "/health"
-_PROBE_PERIOD_S = 5
+LIVE_PATH = "/health/live"
+READY_PATH = "/health/ready"
+_STARTUP_PERIOD_S = 5
+DRAIN_TIMEOUT_ENV = "MOEFLOW_ENGINE_DRAIN_TIMEOUT_S"
+# After the drain the process still closes its transport and frees its memory; the kubelet's
+# SIGKILL must come after that, never during the drain.
+GRACE_AFTER_DRAIN_S = 15
 
 
 def task_template(spec: ModelSpec, model_path: str, settings: OperatorSettings) -> TaskTemplate:
@@ -113,7 +130,8 @@ def _resources(template: TaskTemplate, settings: OperatorSettings) -> Obj:
     return {"requests": amounts, "limits": dict(amounts)} if amounts else {}
 
 
-def _env(template: TaskTemplate, task_name: str) -> list[Obj]:
+def _env(template: TaskTemplate, task: TaskSpec, task_name: str,
+         settings: OperatorSettings) -> list[Obj]:
     kind = template.transport.kind or TransportKind.SHM
     env: list[Obj] = [
         {"name": "MOEFLOW_TRANSPORT", "value": kind.value},
@@ -121,15 +139,48 @@ def _env(template: TaskTemplate, task_name: str) -> list[Obj]:
         {"name": "MOEFLOW_NAMESPACE",
          "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
         {"name": "MOEFLOW_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        drain_timeout_env(settings),
+        internal_token_env(task.model),
     ]
     if kind is TransportKind.REDIS and template.transport.redis_url:
         env.append({"name": "MOEFLOW_REDIS_URL", "value": template.transport.redis_url})
     return env
 
 
-def http_probe(port_name: str, *, period_s: int, failure_threshold: int) -> Obj:
-    return {"httpGet": {"path": _HEALTH_PATH, "port": port_name}, "periodSeconds": period_s,
-            "timeoutSeconds": 3, "failureThreshold": failure_threshold}
+def drain_timeout_env(settings: OperatorSettings) -> Obj:
+    return {"name": DRAIN_TIMEOUT_ENV, "value": str(settings.engine_drain_timeout_s)}
+
+
+def termination_grace_s(settings: OperatorSettings) -> int:
+    """Longer than the engine's drain, so SIGTERM drains and the kubelet never cuts it."""
+    return settings.engine_drain_timeout_s + GRACE_AFTER_DRAIN_S
+
+
+def http_probe(port_name: str, path: str, *, period_s: int, failure_threshold: int,
+               timeout_s: int = 3) -> Obj:
+    return {"httpGet": {"path": path, "port": port_name}, "periodSeconds": period_s,
+            "timeoutSeconds": timeout_s, "failureThreshold": failure_threshold}
+
+
+def engine_probes(port_name: str, settings: OperatorSettings) -> Obj:
+    """Startup, readiness and liveness of an engine container (see the module docstring).
+
+    - startup on /health/live, every 5 s for `startup_timeout_s`: weight loading may take
+      minutes and liveness must not kill it; /health/live (not ready) so that a transport
+      that is down at start leaves the Pod running NotReady instead of restarting it, which
+      would not bring the transport back;
+    - readiness on /health/ready every 5 s, 2 failures: out of rotation within ~10 s;
+    - liveness on /health/live every 10 s, 3 failures of 5 s: a hung process is restarted
+      within about 40 s; a busy engine answers it from its HTTP loop, not its engine loop.
+    """
+    return {
+        "startupProbe": http_probe(port_name, LIVE_PATH, period_s=_STARTUP_PERIOD_S,
+                                   failure_threshold=max(
+                                       1, settings.startup_timeout_s // _STARTUP_PERIOD_S)),
+        "readinessProbe": http_probe(port_name, READY_PATH, period_s=5, failure_threshold=2),
+        "livenessProbe": http_probe(port_name, LIVE_PATH, period_s=10, failure_threshold=3,
+                                    timeout_s=5),
+    }
 
 
 def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: OperatorSettings) -> Obj:
@@ -148,13 +199,9 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
                                     model_store=(settings.dram_store_mount_path
                                                  if template.dram_preload else None))),
         "ports": [{"name": "http", "containerPort": template.port, "protocol": "TCP"}],
-        "env": _env(template, task_name),
+        "env": _env(template, task, task_name, settings),
         "resources": _resources(template, settings),
-        # Weight loading can take minutes: the startup probe holds liveness off until then.
-        "startupProbe": http_probe("http", period_s=_PROBE_PERIOD_S, failure_threshold=max(
-            1, settings.startup_timeout_s // _PROBE_PERIOD_S)),
-        "readinessProbe": http_probe("http", period_s=_PROBE_PERIOD_S, failure_threshold=3),
-        "livenessProbe": http_probe("http", period_s=10, failure_threshold=3),
+        **engine_probes("http", settings),
         "volumeMounts": [mount, {"name": "dshm", "mountPath": "/dev/shm"}, *dram_mounts],
     }
     pod_spec: Obj = {
@@ -163,7 +210,7 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
         "subdomain": naming.instances_service_name(task.model),
         "restartPolicy": "Always",
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": termination_grace_s(settings),
         "containers": [container],
         "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *dram_volumes],
     }

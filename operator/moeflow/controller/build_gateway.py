@@ -7,6 +7,12 @@ engine instances itself by listing the Model's Tasks (`--discovery kubernetes`),
 gets its own ServiceAccount and a namespaced Role limited to reading Tasks and Models, and to
 patching its own Model (scale from zero sets `spec.roles.<role>.replicas`,
 `moeflow.gateway.kube_scale`).
+
+The gateway holds the Model's internal token (MOEFLOW_INTERNAL_TOKEN from
+`<model>-internal-token`) and sends it to the engines, which accept work only with it. Its
+probes: readiness on /health/ready (503 while no served model can be served: the Pod leaves
+the Service, nothing restarts), liveness on /health/live (the process answering; it does not
+depend on engines, so a gateway waiting for its engines is never restarted).
 """
 
 from __future__ import annotations
@@ -15,12 +21,18 @@ from typing import Any
 
 from moeflow.controller.build_balancer import build_balancer_deployment, build_balancer_rbac
 from moeflow.controller.build_engine import (
+    LIVE_PATH,
+    READY_PATH,
     build_instances_service,
     build_job,
     http_probe,
     task_template,
 )
 from moeflow.controller.build_rbac import build_service_account_rbac
+from moeflow.controller.build_security import (
+    build_engines_network_policy,
+    internal_token_env,
+)
 from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
 from moeflow.domain.plan import GatewayPlan, ModelPlan
@@ -37,15 +49,17 @@ def build_gateway_deployment(model: str, namespace: str, gateway: GatewayPlan,
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(gateway.argv),
         "ports": [{"name": "http", "containerPort": gateway.port, "protocol": "TCP"}],
+        "env": [internal_token_env(model)],
         "resources": {
             "requests": {"cpu": settings.gateway_cpu, "memory": settings.gateway_memory},
             "limits": {"memory": settings.gateway_memory},
         },
-        "readinessProbe": http_probe("http", period_s=5, failure_threshold=3),
-        # /health is 503 while no engine is ready (that only takes the Pod out of the
-        # Service); liveness must not restart a gateway that waits for its engines
-        "livenessProbe": {"tcpSocket": {"port": "http"}, "periodSeconds": 10,
-                          "timeoutSeconds": 3, "failureThreshold": 3},
+        # /health/ready is 503 while no engine can serve: that only takes the Pod out of the
+        # Service; liveness (/health/live) must not restart a gateway that waits for engines
+        # imports and start-up take seconds on a slow node: up to 2 minutes before liveness
+        "startupProbe": http_probe("http", LIVE_PATH, period_s=2, failure_threshold=60),
+        "readinessProbe": http_probe("http", READY_PATH, period_s=5, failure_threshold=3),
+        "livenessProbe": http_probe("http", LIVE_PATH, period_s=10, failure_threshold=3),
     }
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
@@ -90,8 +104,9 @@ def build_gateway_rbac(model: str, namespace: str) -> list[Obj]:
 
 def build_model_children(plan: ModelPlan, namespace: str, settings: OperatorSettings) -> list[Obj]:
     """Everything a Model owns directly, in apply order: RBAC before the Deployment that uses
-    it, Services before the Pods that register in them, the expert balancer (attention/expert
-    mode), then one Job per role."""
+    it, Services before the Pods that register in them, the engines' NetworkPolicy before any
+    engine exists, the expert balancer (attention/expert mode), then one Job per role. Not the
+    internal token Secret: that one is created once, never applied (`reconcile_model`)."""
     template = task_template(plan.spec, plan.model_path, settings)
     balancer: list[Obj] = []
     if plan.balancer is not None:
@@ -101,6 +116,7 @@ def build_model_children(plan: ModelPlan, namespace: str, settings: OperatorSett
         *build_gateway_rbac(plan.model, namespace),
         build_gateway_service(plan.model, namespace, plan.gateway.port),
         build_instances_service(plan.model, namespace, settings.engine_port),
+        build_engines_network_policy(plan.model, namespace, settings),
         build_gateway_deployment(plan.model, namespace, plan.gateway, settings),
         *balancer,
         *(build_job(plan.model, namespace, job, template) for job in plan.jobs),

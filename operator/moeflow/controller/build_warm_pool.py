@@ -8,14 +8,18 @@ It mounts the node model store read-only and gets the accelerator devices, so a 
 has to load the weights.
 
 Probes (a Pod's spec cannot change once claimed, so they serve both lives):
-- readiness: `GET /health` over HTTP, exactly as on an engine Pod. The worker answers 503
-  until a claim's engine serves, so the Pod turns Ready only as a loaded engine (the Task
-  mirrors it) and an idle warm Pod is never Ready (no Service or gateway routes to it).
+- readiness: `GET /health/ready` over HTTP, exactly as on an engine Pod. The worker answers
+  it with an error until a claim's engine serves, so the Pod turns Ready only as a loaded
+  engine (the Task mirrors it) and an idle warm Pod is never Ready (no Service or gateway
+  routes to it).
 - startup: a TCP connect on the port: passes once the worker listens, i.e. imports done and
   ready to be claimed. A Pod whose container has `started: true` and that is still idle is
   what the pool counts as ready (`is_claimable`), and what a Task may claim.
-- liveness: a TCP connect too (an idle or loading worker answers 503 on /health, so an HTTP
+- liveness: a TCP connect too (an idle or loading worker has no /health/live, so an HTTP
   liveness probe would kill it); the socket stays open from the worker through the engine.
+  A claimed engine whose loop dies still exits non-zero, and the kubelet restarts it.
+Termination: the same drain timeout and grace period as an engine Pod, for the engine a
+claim makes of it.
 
 Names are `<pool>-<n>` with n the lowest numbers that no Pod labelled with the pool uses, claimed
 ones included: a function of the observed Pods, so a replayed event makes the same names (409 =
@@ -35,7 +39,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from moeflow.controller.build_engine import http_probe, spec_hash
+from moeflow.controller.build_engine import (
+    READY_PATH,
+    drain_timeout_env,
+    http_probe,
+    spec_hash,
+    termination_grace_s,
+)
 from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
 from moeflow.domain.roles import Role
@@ -75,10 +85,11 @@ def build_warm_pod(pool: str, namespace: str, number: int, spec: WarmPoolSpec,
             {"name": "MOEFLOW_NAMESPACE",
              "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
             {"name": "MOEFLOW_POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+            drain_timeout_env(settings),
         ],
         "startupProbe": _tcp_probe(period_s=2, failure_threshold=max(
             1, settings.startup_timeout_s // 2)),
-        "readinessProbe": http_probe("http", period_s=5, failure_threshold=3),
+        "readinessProbe": http_probe("http", READY_PATH, period_s=5, failure_threshold=2),
         "livenessProbe": _tcp_probe(period_s=10, failure_threshold=3),
         "volumeMounts": [
             {"name": "run", "mountPath": settings.warm_pool_socket_dir},
@@ -91,7 +102,7 @@ def build_warm_pod(pool: str, namespace: str, number: int, spec: WarmPoolSpec,
     pod_spec: Obj = {
         "restartPolicy": "Always",
         "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": 30,
+        "terminationGracePeriodSeconds": termination_grace_s(settings),
         "containers": [container],
         "volumes": [
             {"name": "run", "emptyDir": {}},

@@ -1,7 +1,9 @@
 """Model reconciliation (blocking; run on the handler thread pool by `main`).
 
-`apply_model` makes the cluster match the plan: it applies every child (create-or-patch with
-deterministic names, owner reference to the Model via kopf.adopt) and deletes Jobs of roles
+`apply_model` makes the cluster match the plan: it makes sure the Model's internal token
+Secret exists (created once, never patched: `ensure_internal_token`), applies every child
+(create-or-patch with deterministic names, owner reference to the Model via kopf.adopt) and
+deletes Jobs of roles
 the mode no longer has, and the expert balancer's objects once the mode is no longer
 attention/expert. `refresh_model_status` recomputes the status from the children.
 Both are idempotent: run twice, the second run changes nothing and says so.
@@ -13,6 +15,7 @@ reference to the Model, so deleting a Model is the cluster garbage collector's j
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,13 +23,17 @@ import kopf
 
 from moeflow.controller import status
 from moeflow.controller.build_gateway import build_model_children
+from moeflow.controller.build_security import (
+    build_internal_token_secret,
+    existing_secret_problem,
+)
 from moeflow.controller.events import Decision, applied, as_body
 from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
 from moeflow.domain.plan import ModelPlan, model_path_for, plan_model
 from moeflow.domain.spec import ModelSpec, SpecError, check_model_name, parse_model_spec
 from moeflow.kube import api as kube
-from moeflow.kube.api import KubeApi
+from moeflow.kube.api import KubeApi, OwnershipConflict
 
 
 def parse_model(body: Mapping[str, Any]) -> ModelSpec:
@@ -57,7 +64,7 @@ def apply_model(api: KubeApi, settings: OperatorSettings, body: Mapping[str, Any
     meta = body["metadata"]
     children = build_model_children(plan, meta["namespace"], settings)
     kopf.adopt(children, owner=as_body(body))
-    decisions: list[Decision] = []
+    decisions = ensure_internal_token(api, body)
     for child in children:
         outcome = api.apply(child)
         if outcome != "unchanged":
@@ -77,6 +84,27 @@ def apply_model(api: KubeApi, settings: OperatorSettings, body: Mapping[str, Any
         "endpoint": endpoint_of(body, settings), "reconcileError": None,
     })
     return decisions
+
+
+def ensure_internal_token(api: KubeApi, body: Mapping[str, Any]) -> list[Decision]:
+    """Create `<model>-internal-token` with a fresh random token if it is absent; an existing
+    one is kept as it is (a token running Pods hold is never rotated by a reconcile). Raises
+    OwnershipConflict when the existing Secret cannot serve the Model."""
+    meta = body["metadata"]
+    # 32 random bytes, URL-safe: fits a header value as it is.
+    secret = build_internal_token_secret(meta["name"], meta["namespace"],
+                                         secrets.token_urlsafe(32))
+    kopf.adopt(secret, owner=as_body(body))
+    name = secret["metadata"]["name"]
+    if api.create(secret) is not None:
+        return [applied("Secret", name, "created")]
+    existing = api.get(kube.SECRET, meta["namespace"], name)
+    if existing is None:  # deleted between our 409 and our read
+        return [applied("Secret", name, "created")] if api.create(secret) is not None else []
+    problem = existing_secret_problem(existing, meta["uid"])
+    if problem is not None:
+        raise OwnershipConflict(problem)
+    return []
 
 
 # Deployment first: it is the only one that runs anything; then what it ran as.

@@ -49,6 +49,16 @@ class OperatorSettings(BaseSettings):
     """How long an engine may take to answer /health after start (weight loading) before the
     kubelet restarts it: startupProbe failureThreshold x period."""
 
+    engine_drain_timeout_s: int = Field(30, ge=1)
+    """How long an engine finishes its in-flight requests after SIGTERM (scale-down, Pod
+    replacement) before it exits; passed to engines as MOEFLOW_ENGINE_DRAIN_TIMEOUT_S. Engine
+    Pods get a termination grace period a little longer, so the kubelet never cuts a drain."""
+
+    namespace: str | None = None
+    """The namespace the operator runs in (the chart sets it from the downward API). Engines'
+    NetworkPolicies admit the operator's Pods from there only; unset (out of cluster): from
+    any namespace."""
+
     request_timeout_s: float = Field(120.0, gt=0)
     """Per HTTP call of a batch Request against the gateway."""
 

@@ -8,6 +8,8 @@ event finds what already exists (409 = already there) instead of making a twin:
     gateway   <model>-gateway            Deployment, Service, ServiceAccount, Role, RoleBinding
     balancer  <model>-balancer           Deployment, ServiceAccount, Role, RoleBinding (AE only)
     headless  <model>-instances          Service; Pod DNS <task>.<model>-instances.<ns>.svc
+    token     <model>-internal-token     Secret: the token gateway/balancer send to engines
+    policy    <model>-engines            NetworkPolicy: who may reach the Model's engines
     results   <request>-results          ConfigMap written by a Request
     warm Pod  <pool>-<n>                 n: the lowest numbers no Pod of the pool uses
 
@@ -40,6 +42,15 @@ COMPONENT_ENGINE = "engine"
 COMPONENT_GATEWAY = "gateway"
 COMPONENT_BALANCER = "balancer"
 COMPONENT_WARM_POOL = "warm-pool"
+COMPONENT_INTERNAL_TOKEN = "internal-token"
+COMPONENT_OPERATOR = "operator"
+"""The operator's own Pods carry this component and part-of=moeflow (chart and deploy/base)."""
+
+# The internal token: engines accept work only with it (header x-moeflow-internal-token);
+# every process that calls engines reads it from this variable, filled from the Model's Secret.
+INTERNAL_TOKEN_ENV = "MOEFLOW_INTERNAL_TOKEN"
+INTERNAL_TOKEN_KEY = "token"
+"""Key of the token in `<model>-internal-token`."""
 
 # Annotation on Pods: hash of everything the Pod was built from; a change means "recreate".
 ANNOTATION_TEMPLATE_HASH = "moeflow.dev/template-hash"
@@ -63,6 +74,14 @@ def balancer_name(model: str) -> str:
 
 def instances_service_name(model: str) -> str:
     return f"{model}-instances"
+
+
+def internal_token_secret_name(model: str) -> str:
+    return f"{model}-internal-token"
+
+
+def engines_network_policy_name(model: str) -> str:
+    return f"{model}-engines"
 
 
 def results_configmap_name(request: str) -> str:
@@ -108,6 +127,11 @@ def balancer_selector(model: str) -> dict[str, str]:
 
 def engine_selector(model: str) -> dict[str, str]:
     return {LABEL_MODEL: model, LABEL_COMPONENT: COMPONENT_ENGINE}
+
+
+def operator_selector() -> dict[str, str]:
+    """Labels of the operator's Pods (the chart's and deploy/base's Deployment)."""
+    return {LABEL_PART_OF: "moeflow", LABEL_COMPONENT: COMPONENT_OPERATOR}
 
 
 def job_labels(model: str, role: Role) -> dict[str, str]:

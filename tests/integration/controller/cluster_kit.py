@@ -31,7 +31,8 @@ NAMESPACE = "default"
 EXAMPLES = pathlib.Path(__file__).resolve().parents[3] / "deploy" / "examples"
 BUILTIN_RESOURCES = ("v1/pods", "v1/services", "apps/v1/deployments", "v1/serviceaccounts",
                      "rbac.authorization.k8s.io/v1/roles",
-                     "rbac.authorization.k8s.io/v1/rolebindings", "v1/configmaps")
+                     "rbac.authorization.k8s.io/v1/rolebindings", "v1/configmaps",
+                     "v1/secrets", "networking.k8s.io/v1/networkpolicies")
 CUSTOM_RESOURCES = {"Model": "moeflow.dev/v1alpha1/models", "Job": "moeflow.dev/v1alpha1/jobs",
                     "Task": "moeflow.dev/v1alpha1/tasks",
                     "Request": "moeflow.dev/v1alpha1/requests",

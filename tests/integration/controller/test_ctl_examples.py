@@ -20,6 +20,13 @@ EXPECTED_ROLES = {
 }
 
 
+def token_ref(container: dict[str, Any]) -> dict[str, Any] | None:
+    """Where the container's MOEFLOW_INTERNAL_TOKEN comes from (a secretKeyRef)."""
+    env = {e["name"]: e for e in container.get("env") or []}
+    entry = env.get(naming.INTERNAL_TOKEN_ENV)
+    return entry and entry["valueFrom"]["secretKeyRef"]
+
+
 def controller_of(obj: dict[str, Any]) -> tuple[str, str]:
     (ref,) = [r for r in obj["metadata"]["ownerReferences"] if r.get("controller")]
     assert ref["blockOwnerDeletion"] is True
@@ -72,8 +79,10 @@ async def test_example_model_yields_children_and_becomes_ready(
             "--role", task["spec"]["role"], "--rank", str(task["spec"]["rank"]),
             "--host", "0.0.0.0", "--port", "8001", *fleet]
         assert container["image"] == "ghcr.io/moeflow/moeflow:0.1.0"
-        assert container["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
-        assert container["livenessProbe"]["httpGet"]["path"] == "/health"
+        assert container["readinessProbe"]["httpGet"] == {"path": "/health/ready",
+                                                          "port": "http"}
+        assert container["livenessProbe"]["httpGet"]["path"] == "/health/live"
+        assert token_ref(container) == {"name": f"{name}-internal-token", "key": "token"}
         env = {e["name"]: e.get("value") for e in container["env"]}
         assert env["MOEFLOW_TRANSPORT"] == transport
         assert ("MOEFLOW_REDIS_URL" in env) == (transport == "redis")
@@ -87,6 +96,12 @@ async def test_example_model_yields_children_and_becomes_ready(
     assert deployment["spec"]["template"]["spec"]["containers"][0]["command"] == [
         "moeflow", "gateway", "--host", "0.0.0.0", "--port", "8000", "--discovery",
         "kubernetes", "--namespace", "default", "--served-model-name", name]
+    assert token_ref(deployment["spec"]["template"]["spec"]["containers"][0]) == {
+        "name": f"{name}-internal-token", "key": "token"}
+    secret = cluster.get("v1/secrets", f"{name}-internal-token")
+    assert secret is not None and controller_of(secret) == ("Model", name)
+    policy = cluster.get("networking.k8s.io/v1/networkpolicies", f"{name}-engines")
+    assert policy is not None and controller_of(policy) == ("Model", name)
     services = {s["metadata"]["name"]: s for s in cluster.objects("v1/services")}
     assert services[f"{name}-gateway"]["spec"]["type"] == "ClusterIP"
     assert services[f"{name}-instances"]["spec"]["clusterIP"] == "None"
@@ -98,6 +113,7 @@ async def test_example_model_yields_children_and_becomes_ready(
         assert container["command"] == [
             "moeflow", "balancer", "--discovery", "kubernetes", "--namespace", "default",
             "--served-model-name", name, "--num-expert-instances", str(roles["expert"])]
+        assert token_ref(container) == {"name": f"{name}-internal-token", "key": "token"}
         assert container["image"] == "ghcr.io/moeflow/moeflow:0.1.0"
         assert f"{name}-balancer" not in services
     else:
@@ -130,4 +146,5 @@ async def test_example_model_yields_children_and_becomes_ready(
         (r, rank, True) for r, n in roles.items() for rank in range(n))
     assert all(i.url.endswith(".default.svc.cluster.local:8001") for i in instances)
 
-    assert cluster.validate_everything() >= 2 * num_instances + 7 + (4 if balancer else 0)
+    # + the Secret and the NetworkPolicy
+    assert cluster.validate_everything() >= 2 * num_instances + 9 + (4 if balancer else 0)

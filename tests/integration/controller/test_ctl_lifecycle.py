@@ -163,9 +163,11 @@ async def test_deleting_a_model_needs_no_finalizer_and_gc_removes_the_rest(
     # What remains is the garbage collector's job: every object hangs off the Model through
     # controller owner references. Emulate the GC and check the operator does not fight it.
     num_collected = await cluster.emulator.collect_garbage()
-    assert num_collected == 2 + 3 + 3 + 6 + 4  # jobs, tasks, pods, gateway, balancer objects
+    # jobs, tasks, pods, gateway objects, balancer objects, token Secret, NetworkPolicy
+    assert num_collected == 2 + 3 + 3 + 6 + 4 + 1 + 1
     await asyncio.sleep(0.5)  # time to (wrongly) react to the DELETED events
-    for resource in ("v1/pods", "v1/services", "apps/v1/deployments", JOBS, TASKS):
+    for resource in ("v1/pods", "v1/services", "apps/v1/deployments", JOBS, TASKS,
+                     "v1/secrets", "networking.k8s.io/v1/networkpolicies"):
         assert cluster.objects(resource) == [], resource
 
 

@@ -43,13 +43,13 @@ def test_all_built_in_children_are_valid_kubernetes(mode: str) -> None:
                       resources={"cpu": "2", "memory": "4Gi"})
     children = build_model_children(plan_model("m", spec, namespace="ns"), "ns", SETTINGS)
     kinds = [c["kind"] for c in children]
-    assert kinds[:6] == ["ServiceAccount", "Role", "RoleBinding", "Service", "Service",
-                         "Deployment"]
+    assert kinds[:7] == ["ServiceAccount", "Role", "RoleBinding", "Service", "Service",
+                         "NetworkPolicy", "Deployment"]
     # attention/expert: the expert balancer's RBAC, then its Deployment
     balancer = ["ServiceAccount", "Role", "RoleBinding", "Deployment"] if (
         mode == "attention-expert-disaggregated") else []
-    assert kinds[6:] == balancer + ["Job"] * len(spec.role_names)
-    for child in children[:6 + len(balancer)]:
+    assert kinds[7:] == balancer + ["Job"] * len(spec.role_names)
+    for child in children[:7 + len(balancer)]:
         validate(child)
 
 
@@ -60,8 +60,9 @@ def test_engine_pod_runs_the_engine_cli_with_probes_and_env() -> None:
     assert container["command"] == [
         "moeflow", "engine", "--model", "/models/smol", "--served-model-name", "m",
         "--role", "colocated", "--rank", "0", "--host", "0.0.0.0", "--port", "8001"]
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["httpGet"] == {"path": "/health", "port": "http"}
+    for probe, path in (("startupProbe", "/health/live"), ("readinessProbe", "/health/ready"),
+                        ("livenessProbe", "/health/live")):
+        assert container[probe]["httpGet"] == {"path": path, "port": "http"}
     assert container["startupProbe"]["failureThreshold"] * 5 == SETTINGS.startup_timeout_s
     env = {e["name"]: e.get("value") for e in container["env"]}
     assert env["MOEFLOW_TRANSPORT"] == "shm" and "MOEFLOW_REDIS_URL" not in env

@@ -41,7 +41,7 @@ def test_kind_paths() -> None:
     assert kube.MODEL.path(None) == "/apis/moeflow.dev/v1alpha1/models"
     assert kube.kind_of({"apiVersion": "moeflow.dev/v1alpha1", "kind": "Task"}) is kube.TASK
     with pytest.raises(ValueError, match="unknown kind"):
-        kube.kind_of({"apiVersion": "v1", "kind": "Secret"})
+        kube.kind_of({"apiVersion": "v1", "kind": "Node"})
 
 
 def test_is_subset_tolerates_server_defaults_but_not_changes() -> None:

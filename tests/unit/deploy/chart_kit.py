@@ -25,12 +25,15 @@ NAMESPACE = "moeflow"
 
 Obj = dict[str, Any]
 
-ENGINE_URL = "http://tiny-colocated-0.tiny-instances.default.svc.cluster.local:8001"
+ENGINE_URL = "http://tiny-colocated-0.tiny-instances.moeflow.svc.cluster.local:8001"
+# The Secret the operator makes for Model `tiny` (naming.internal_token_secret_name).
+TOKEN_SECRET = {"name": "tiny-internal-token"}
 
 # Every optional piece on, with the values each needs.
 EVERYTHING_ON: Obj = {
     "gateway": {"enabled": True, "replicas": 3, "engineUrls": [ENGINE_URL],
-                "apiKeysSecret": {"name": "moeflow-api-keys"}},
+                "apiKeysSecret": {"name": "moeflow-api-keys"},
+                "internalTokenSecret": TOKEN_SECRET},
     "redis": {"enabled": True},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "devicePlugin": {"enabled": True,
@@ -49,7 +52,9 @@ MODES: dict[str, Obj] = {
                                    "serviceAccount": {"create": False, "name": "mf-operator"}}},
     "external-redis": {"redis": {"externalUrl": "redis://redis.infra.svc:6379/0"}},
     "one-shared-gateway": {"gateway": {"enabled": True, "replicas": 1,
-                                       "engineUrls": [ENGINE_URL]}},
+                                       "engineUrls": [ENGINE_URL],
+                                       "internalTokenSecret": TOKEN_SECRET,
+                                       "networkPolicy": {"enabled": False}}},
     "custom-image": {"image": {"repository": "registry.example.com/moeflow", "tag": "dev",
                                "pullPolicy": "Always"},
                      "fullnameOverride": "mf", "imagePullSecrets": [{"name": "regcred"}]},

@@ -14,11 +14,17 @@ import yaml
 from moeflow.cli import build_parser
 from moeflow.coldstart.store_cli import build_parser as store_build_parser
 from moeflow.controller.build_balancer import build_balancer_rbac
-from moeflow.controller.build_gateway import build_gateway_rbac, build_gateway_service
+from moeflow.controller.build_engine import build_pod
+from moeflow.controller.build_gateway import (
+    build_gateway_deployment,
+    build_gateway_rbac,
+    build_gateway_service,
+)
 from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
-from moeflow.domain.plan import model_path_for
-from moeflow.domain.spec import parse_model_spec
+from moeflow.domain.plan import model_path_for, plan_model
+from moeflow.domain.roles import Role
+from moeflow.domain.spec import TaskSpec, parse_model_spec, parse_spec
 from moeflow.kube import api as kube
 from tests.unit.deploy.chart_kit import (
     CHART,
@@ -74,6 +80,7 @@ def test_everything_on_adds_each_optional_piece() -> None:
     assert added == {
         ("Deployment", "moeflow-gateway"), ("Service", "moeflow-gateway"),
         ("ServiceAccount", "moeflow-gateway"), ("PodDisruptionBudget", "moeflow-gateway"),
+        ("NetworkPolicy", "moeflow-gateway-to-engines"),
         ("DaemonSet", "moeflow-device-plugin"), ("DaemonSet", "moeflow-model-preload"),
         ("PersistentVolumeClaim", "moeflow-models"),
         ("DaemonSet", "moeflow-model-store-agent"), ("ServiceAccount", "moeflow-model-store-agent"),
@@ -106,9 +113,19 @@ def operator_container(values: dict[str, Any] | None = None) -> Obj:
     return dict(container)
 
 
+def literal_env(container: Obj) -> dict[str, str]:
+    """The container's env entries that have a value (not those from the downward API)."""
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
+
+
 def test_operator_env_is_exactly_operator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     container = operator_container()
-    env = {e["name"]: e["value"] for e in container["env"]}
+    # The operator's own namespace comes from the downward API; the rest are literals.
+    (namespace,) = [e for e in container["env"] if "valueFrom" in e]
+    assert namespace == {"name": "MOEFLOW_OPERATOR_NAMESPACE",
+                         "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
+    env = literal_env(container)
+    env["MOEFLOW_OPERATOR_NAMESPACE"] = NAMESPACE
     fields = {f"MOEFLOW_OPERATOR_{name.upper()}" for name in OperatorSettings.model_fields}
     # kubeconfig is for running outside a cluster; in a Pod the service account is used.
     assert set(env) == fields - {"MOEFLOW_OPERATOR_KUBECONFIG"}
@@ -117,6 +134,8 @@ def test_operator_env_is_exactly_operator_settings(monkeypatch: pytest.MonkeyPat
     settings = OperatorSettings()  # the chart's strings parse as the operator's types
     assert settings.image == container["image"] == "ghcr.io/moeflow/moeflow:0.1.0"
     assert settings.model_store_host_path == "/var/lib/moeflow/models"
+    assert settings.namespace == NAMESPACE
+    assert settings.engine_drain_timeout_s == OperatorSettings().engine_drain_timeout_s
     assert settings == OperatorSettings.model_validate(
         {k.removeprefix("MOEFLOW_OPERATOR_").lower(): v for k, v in env.items()})
 
@@ -124,7 +143,7 @@ def test_operator_env_is_exactly_operator_settings(monkeypatch: pytest.MonkeyPat
 def test_operator_image_follows_the_image_values() -> None:
     container = operator_container({"image": {"repository": "reg.example/mf", "tag": "dev",
                                               "pullPolicy": "Always"}})
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = literal_env(container)
     assert container["image"] == env["MOEFLOW_OPERATOR_IMAGE"] == "reg.example/mf:dev"
     assert container["imagePullPolicy"] == env["MOEFLOW_OPERATOR_IMAGE_PULL_POLICY"] == "Always"
 
@@ -149,11 +168,31 @@ def test_shared_gateway_command_is_a_valid_moeflow_cli_call() -> None:
     args = build_parser().parse_args(container["args"])
     assert args.command == "gateway" and args.discovery == "static"
     assert args.engine == EVERYTHING_ON["gateway"]["engineUrls"] and args.host == "0.0.0.0"
-    (env,) = container["env"]
-    assert env["name"] == "MOEFLOW_API_KEYS"  # what `moeflow gateway` reads
-    assert env["valueFrom"]["secretKeyRef"] == {"name": "moeflow-api-keys", "key": "api-keys"}
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert env["MOEFLOW_API_KEYS"] == {"name": "moeflow-api-keys", "key": "api-keys"}
     assert pod["automountServiceAccountToken"] is False
-    assert container["readinessProbe"]["httpGet"]["path"] == "/health"
+
+
+def test_shared_gateway_sends_the_token_and_probes_live_and_ready() -> None:
+    docs = render_objects(EVERYTHING_ON)
+    pod = find(docs, "Deployment", "moeflow-gateway")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    # what `moeflow gateway` reads: its API keys, and the token it sends to engines
+    assert env == {"MOEFLOW_API_KEYS": {"name": "moeflow-api-keys", "key": "api-keys"},
+                   naming.INTERNAL_TOKEN_ENV: {"name": "tiny-internal-token",
+                                               "key": naming.INTERNAL_TOKEN_KEY}}
+    probes = {p: container[p]["httpGet"] for p in ("startupProbe", "readinessProbe",
+                                                   "livenessProbe")}
+    assert probes == {"startupProbe": {"path": "/health/live", "port": "http"},
+                      "readinessProbe": {"path": "/health/ready", "port": "http"},
+                      "livenessProbe": {"path": "/health/live", "port": "http"}}
+    # The same paths as the per-Model gateway the operator makes.
+    per_model = build_gateway_deployment(
+        "tiny", NAMESPACE, plan_model("tiny", parse_model_spec(
+            {"source": {"uri": "store://tiny"}})).gateway, OperatorSettings())
+    (ours,) = per_model["spec"]["template"]["spec"]["containers"]
+    assert {p: ours[p]["httpGet"] for p in probes} == probes
 
 
 def test_device_plugin_runs_the_shim_from_the_moeflow_image_by_default() -> None:
@@ -185,7 +224,12 @@ def test_operator_rbac_is_least_privilege_and_covers_what_the_operator_touches()
     cluster = rules_of(find(docs, "ClusterRole", "moeflow-operator-cluster"))
     everything = rules | cluster
     assert not any("*" in triple for triple in everything)
-    assert not any(r in ("secrets", "nodes") for _, r, _ in everything)
+    assert not any(r == "nodes" for _, r, _ in everything)
+    # Secrets: create a Model's token once, read it back; no list/watch (every Secret of the
+    # cluster), no patch (rotation), no delete (the garbage collector's job).
+    assert {v for _, r, v in everything if r == "secrets"} == {"get", "create"}
+    assert {v for _, r, v in everything if r == "networkpolicies"} == {
+        "get", "create", "patch"}
     assert not any(v in ("escalate", "bind", "impersonate", "deletecollection")
                    for _, _, v in everything)
     assert {r for _, r, v in everything if v == "update"} == {
@@ -280,7 +324,8 @@ def test_pod_user_is_the_image_user() -> None:
 def test_shared_gateway_gets_a_pdb_only_when_it_can_keep_one_up(replicas: int,
                                                                  has_pdb: bool) -> None:
     docs = render_objects({"gateway": {"enabled": True, "replicas": replicas,
-                                       "engineUrls": ["http://e:8001"]}})
+                                       "engineUrls": ["http://e:8001"],
+                                       "internalTokenSecret": {"name": "e-internal-token"}}})
     assert (("PodDisruptionBudget", "moeflow-gateway") in kinds(docs)) == has_pdb
     if has_pdb:
         pdb = find(docs, "PodDisruptionBudget", "moeflow-gateway")
@@ -315,8 +360,20 @@ def test_redis_is_where_the_pd_example_looks_and_admits_engine_pods() -> None:
         statefulset["spec"]["template"]["metadata"]["labels"].items())
     policy = find(docs, "NetworkPolicy", "moeflow-redis")
     (rule,) = policy["spec"]["ingress"]
-    allowed = rule["from"][0]["podSelector"]["matchLabels"]
-    assert allowed.items() <= naming.model_labels("m", naming.COMPONENT_ENGINE).items()
+    # Engines and gateways (per-Model, shared), in any namespace; nothing else.
+    admitted = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert all(peer["namespaceSelector"] == {} for peer in rule["from"])
+    shared = find(render_objects(EVERYTHING_ON), "Deployment", "moeflow-gateway")
+
+    def is_admitted(labels: dict[str, str]) -> bool:
+        return any(a.items() <= labels.items() for a in admitted)
+
+    assert is_admitted(naming.model_labels("m", naming.COMPONENT_ENGINE))
+    assert is_admitted(naming.model_labels("m", naming.COMPONENT_GATEWAY))
+    assert is_admitted(shared["spec"]["template"]["metadata"]["labels"])
+    assert not is_admitted(naming.model_labels("m", naming.COMPONENT_BALANCER))
+    assert not is_admitted(find(docs, *OPERATOR_DEPLOYMENT)["spec"]["template"]["metadata"][
+        "labels"])
     args = statefulset["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--save") + 1] == "" and "noeviction" in args
 
@@ -331,8 +388,7 @@ def test_model_store_preload_lands_where_engines_mount_it() -> None:
     # `moeflow models pull x` writes $MOEFLOW_HOME/models/x; the store volume is mounted there.
     assert mount["mountPath"] == f"{env['MOEFLOW_HOME']}/models"
     (volume,) = [v for v in preload["volumes"] if v["name"] == "store"]
-    operator_env = {e["name"]: e["value"] for e in
-                    operator_container(EVERYTHING_ON)["env"]}
+    operator_env = literal_env(operator_container(EVERYTHING_ON))
     assert volume["hostPath"]["path"] == operator_env["MOEFLOW_OPERATOR_MODEL_STORE_HOST_PATH"]
     source = parse_model_spec({"source": {"uri": "store://smollm2-135m-instruct"}}).source
     assert model_path_for("smollm2-135m-instruct", source,
@@ -359,7 +415,7 @@ def test_model_store_agent_reads_models_only_and_fills_the_store_engines_map() -
     assert args.dtype == "float32" and args.interval_s == 30.0
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
-    operator_env = {e["name"]: e["value"] for e in operator_container(EVERYTHING_ON)["env"]}
+    operator_env = literal_env(operator_container(EVERYTHING_ON))
     # It writes where engines of dramPreload Models map from...
     assert mounts["dram-store"] == str(args.dir)
     assert volumes["dram-store"] == operator_env["MOEFLOW_OPERATOR_DRAM_STORE_HOST_PATH"]
@@ -400,3 +456,43 @@ def test_notes_mention_each_enabled_piece() -> None:
     assert "docs/dashboards/moeflow-gateway.json" in text
     assert "kubectl apply -n team-a" in notes(MODES["one-namespace"])
     assert "redis://redis.infra.svc:6379/0" in notes(MODES["external-redis"])
+
+
+def engine_pod(model: str) -> Obj:
+    task = parse_spec(TaskSpec, {
+        "model": model, "job": f"{model}-colocated", "role": Role.COLOCATED.value, "rank": 0,
+        "template": {"image": "i", "source": {"uri": f"store://{model}"},
+                     "modelPath": f"/models/{model}", "port": 8001}})
+    return build_pod(f"{model}-colocated-0", NAMESPACE, task, OperatorSettings())
+
+
+def test_shared_gateway_may_reach_the_engines_of_its_namespace_on_their_port() -> None:
+    docs = render_objects(EVERYTHING_ON)
+    policy = find(docs, "NetworkPolicy", "moeflow-gateway-to-engines")
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    spec = policy["spec"]
+    assert spec["policyTypes"] == ["Ingress"]
+    pod = engine_pod("tiny")
+    assert spec["podSelector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    (rule,) = spec["ingress"]
+    (peer,) = rule["from"]
+    assert set(peer) == {"podSelector"}  # the release namespace only
+    gateway = find(docs, "Deployment", "moeflow-gateway")["spec"]["template"]["metadata"]
+    assert peer["podSelector"]["matchLabels"].items() <= gateway["labels"].items()
+    # Not per-Model gateways (their own Model's policy admits them), not the operator.
+    operator = find(docs, *OPERATOR_DEPLOYMENT)["spec"]["template"]["metadata"]["labels"]
+    for labels in (naming.model_labels("tiny", naming.COMPONENT_GATEWAY), operator):
+        assert not peer["podSelector"]["matchLabels"].items() <= labels.items()
+    ports = [p["port"] for p in rule["ports"]]
+    assert ports == [p["name"] for p in pod["spec"]["containers"][0]["ports"]] == ["http"]
+    assert ("NetworkPolicy", "moeflow-gateway-to-engines") not in kinds(
+        render_objects(MODES["one-shared-gateway"]))  # networkPolicy.enabled=false
+
+
+def test_operator_pods_carry_the_labels_engines_policies_admit() -> None:
+    for docs in (render_objects(), render_objects(MODES["custom-image"])):
+        operator = find(docs, "Deployment", next(
+            d["metadata"]["name"] for d in docs if d["kind"] == "Deployment"
+            and d["metadata"]["name"].endswith("-operator")))
+        labels = operator["spec"]["template"]["metadata"]["labels"]
+        assert naming.operator_selector().items() <= labels.items()

@@ -53,6 +53,8 @@ def test_schema_refuses_bad_values_naming_the_key(values: dict[str, Any], messag
      "redis.enabled and redis.externalUrl are both set"),
     ({"operator": {"serviceAccount": {"create": False}}},
      "operator.serviceAccount.name is required when operator.serviceAccount.create is false"),
+    ({"gateway": {"enabled": True, "engineUrls": ["http://e:8001"]}},
+     "gateway.internalTokenSecret.name is required when gateway.enabled is true"),
 ])
 def test_cross_field_mistakes_fail_the_render_with_the_fix(values: dict[str, Any],
                                                            message: str) -> None:

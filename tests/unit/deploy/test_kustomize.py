@@ -11,6 +11,7 @@ from typing import Any
 
 import yaml
 
+from moeflow.domain import naming
 from tests.unit.deploy.chart_kit import (
     ROOT,
     crd_files,
@@ -71,13 +72,16 @@ def test_the_operator_matches_the_charts_default_install() -> None:
     chart_pod = find(chart, "Deployment", "moeflow-operator")["spec"]
     assert ours_pod["strategy"] == chart_pod["strategy"] and ours_pod["replicas"] == 1
     assert ours_pod["template"]["spec"] == chart_pod["template"]["spec"]
+    # Engines' NetworkPolicies admit the operator by these labels, whichever way it came.
+    assert naming.operator_selector().items() <= ours_pod["template"]["metadata"][
+        "labels"].items()
     assert find(ours, "Deployment", "moeflow-operator")["metadata"]["namespace"] == "moeflow"
 
 
 def operator_image_and_env(docs: list[dict[str, Any]]) -> tuple[str, str]:
     deployment = find(docs, "Deployment", "moeflow-operator")
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
     assert env["MOEFLOW_OPERATOR_IMAGE_PULL_POLICY"] == "IfNotPresent"
     return container["image"], env["MOEFLOW_OPERATOR_IMAGE"]
 
