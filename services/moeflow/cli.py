@@ -1,7 +1,10 @@
 """The `moeflow` console script: one entry point, one subcommand per process kind.
 
-Settings objects are built here, from flags and the environment, and passed down; nothing below
-this module reads ``os.environ``.
+Each process builds one typed settings object here, once, and passes it down: `moeflow engine`
+an ``EngineSettings``, `moeflow gateway` a ``GatewaySettings``, `moeflow up` a
+``LocalPlatformSettings``. Every flag defaults to "not given" and is passed to the settings
+only when given, so the precedence is flag > environment > the defaults of the settings
+classes (the one place defaults live; ``--help`` shows them with their variables).
 """
 
 from __future__ import annotations
@@ -13,93 +16,126 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import AliasChoices, ValidationError
+from pydantic_settings import BaseSettings
 
 from moeflow.checkpoints import cli as models_cli
 from moeflow.checkpoints.store import resolve_home
 from moeflow.controller import cli as operator_cli
 from moeflow.domain.roles import Role
+from moeflow.engine.config import EngineOptions, EngineSettings
+from moeflow.gateway.settings import GatewaySettings
+from moeflow.runtime.settings import (
+    AutoscalingSettings,
+    LocalPlatformSettings,
+    SupervisionSettings,
+)
+
+SECTIONS: dict[str, type[BaseSettings]] = {
+    "engine": EngineSettings,
+    "gateway": GatewaySettings,
+    "up": LocalPlatformSettings,
+    "autoscaling": AutoscalingSettings,
+    "supervision": SupervisionSettings,
+}
+"""Flag destinations are ``section.field``: the field of this settings class they set."""
+
+_MIB = 1024 * 1024
+_S = TypeVar("_S", bound=BaseSettings)
+
+
+class InvalidSettings(Exception):
+    """Flags or environment that do not make valid settings (exit code 2)."""
 
 
 def _home() -> Path:
     return resolve_home(os.environ)
 
 
+def env_names(section: str, field: str) -> list[str]:
+    """The environment variables that set ``field`` of a section's settings."""
+    cls = SECTIONS[section]
+    alias = cls.model_fields[field].validation_alias
+    if isinstance(alias, AliasChoices):
+        return [a for a in alias.choices if isinstance(a, str) and a.startswith("MOEFLOW_")]
+    return [f"{cls.model_config.get('env_prefix', '')}{field}".upper()]
+
+
+def _flag(parser: Any, *names: str, to: str, help: str = "", shown_default: str | None = None,
+          **kwargs: Any) -> None:
+    """A flag that sets ``to`` ("section.field") when given; else the environment or the
+    settings' default applies (both named in the help)."""
+    section, field = to.split(".")
+    default = SECTIONS[section].model_fields[field].default
+    shown = shown_default if shown_default is not None else (
+        "unset" if default is None else repr(default) if isinstance(default, str) else default)
+    where = f"[default {shown}; env {' or '.join(env_names(section, field))}]"
+    if "choices" not in kwargs and kwargs.get("action") != "store_const":
+        kwargs.setdefault("metavar", field.upper())
+    parser.add_argument(*names, dest=to, default=None,
+                        help=f"{help} {where}" if help else where, **kwargs)
+
+
+def given(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """The flags of ``section`` that were given on the command line, by field."""
+    prefix = f"{section}."
+    return {k.removeprefix(prefix): v for k, v in vars(args).items()
+            if k.startswith(prefix) and v is not None}
+
+
+def _build(cls: type[_S], **values: Any) -> _S:
+    try:
+        return cls(**values)
+    except ValidationError as exc:
+        raise InvalidSettings(str(exc)) from exc
+
+
+def _mib(text: str) -> int:
+    return int(text) * _MIB
+
+
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    p.add_argument("--num-threads", type=int, default=0, help="torch threads (0: all cores)")
-    p.add_argument("--kv-cache-mb", type=int, default=512, help="KV-cache memory in MiB")
-    p.add_argument("--max-model-len", type=int, default=0, help="context length (0: model's)")
-    p.add_argument("--max-num-seqs", type=int, default=64)
-    p.add_argument("--max-num-batched-tokens", type=int, default=512)
-    p.add_argument("--max-num-waiting", type=int, default=256)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    # pods get these from the operator as MOEFLOW_TRANSPORT / MOEFLOW_REDIS_URL
-    p.add_argument("--transport", choices=["shm", "redis"],
-                   default=os.environ.get("MOEFLOW_TRANSPORT", "shm"),
-                   help="XCCL backend for prefill->decode KV transfer")
-    p.add_argument("--redis-url", default=os.environ.get("MOEFLOW_REDIS_URL") or None,
-                   help="Redis for --transport redis (moeflow up starts one if not given)")
-    p.add_argument("--num-micro-batches", type=int, default=2,
-                   help="attention role: micro-batches per step (overlap with the experts)")
-    p.add_argument("--micro-batch-min-tokens", type=int, default=64,
-                   help="attention role: split a step only if each micro-batch gets this many "
-                   "tokens")
-    p.add_argument("--expert-timeout-s", type=float, default=30.0,
-                   help="attention role: wait this long for an expert instance's answer")
+    """``EngineOptions``: what every instance of a deployment shares."""
+    _flag(p, "--dtype", to="engine.dtype", choices=["float32", "bfloat16"])
+    _flag(p, "--num-threads", to="engine.num_threads", type=int,
+          help="torch threads (0: all cores)")
+    _flag(p, "--kv-cache-mb", to="engine.kv_cache_bytes", type=_mib, metavar="MIB",
+          help="KV-cache memory in MiB", shown_default="512")
+    _flag(p, "--max-model-len", to="engine.max_model_len", type=int,
+          help="context length (0: model's)")
+    _flag(p, "--max-num-seqs", to="engine.max_num_seqs", type=int)
+    _flag(p, "--max-num-batched-tokens", to="engine.max_num_batched_tokens", type=int)
+    _flag(p, "--max-num-waiting", to="engine.max_num_waiting", type=int)
+    _flag(p, "--no-prefix-caching", to="engine.enable_prefix_caching", action="store_const",
+          const=False, help="turn the prefix cache off", shown_default="on")
+    _flag(p, "--transport", to="engine.transport", choices=["shm", "redis"],
+          help="XCCL backend between instances (KV transfer, expert dispatch)")
+    _flag(p, "--redis-url", to="engine.redis_url",
+          help="Redis for --transport redis (moeflow up starts one if not given)")
+    _flag(p, "--num-micro-batches", to="engine.num_micro_batches", type=int,
+          help="attention role: micro-batches per step (overlap with the experts)")
+    _flag(p, "--micro-batch-min-tokens", to="engine.micro_batch_min_tokens", type=int,
+          help="attention role: split a step only if each micro-batch gets this many tokens")
+    _flag(p, "--expert-timeout-s", to="engine.expert_timeout_s", type=float,
+          help="attention role: wait this long for an expert instance's answer")
+    _flag(p, "--model-store", to="engine.model_store", type=Path,
+          help="node model store (DRAM pre-load), e.g. /dev/shm/moeflow-store")
 
 
-def _engine_argv(args: argparse.Namespace) -> list[str]:
-    argv = [
-        "--dtype", args.dtype,
-        "--num-threads", str(args.num_threads),
-        "--kv-cache-mb", str(args.kv_cache_mb),
-        "--max-model-len", str(args.max_model_len),
-        "--max-num-seqs", str(args.max_num_seqs),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
-        "--max-num-waiting", str(args.max_num_waiting),
-    ]
-    if args.no_prefix_caching:
-        argv.append("--no-prefix-caching")
-    argv += ["--transport", args.transport]
-    argv += ["--num-micro-batches", str(args.num_micro_batches),
-             "--micro-batch-min-tokens", str(args.micro_batch_min_tokens),
-             "--expert-timeout-s", str(args.expert_timeout_s)]
-    return argv
+def engine_settings(args: argparse.Namespace, home: Path) -> EngineSettings:
+    """``moeflow engine``'s settings: the given flags, then MOEFLOW_ENGINE_*, then defaults."""
+    from moeflow.checkpoints.store import resolve_model
+
+    return _build(EngineSettings, model_path=resolve_model(args.model, home),
+                  **given(args, "engine"))
 
 
 def _run_engine(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from moeflow.checkpoints.store import resolve_model
-    from moeflow.engine.config import EngineSettings
-
-    model_path = resolve_model(args.model, _home())
-    settings = EngineSettings(
-        model_path=model_path,
-        served_model_name=args.served_model_name or args.model.rstrip("/").split("/")[-1],
-        role=args.role,
-        rank=args.rank,
-        instance_id=args.instance_id,
-        host=args.host,
-        port=args.port,
-        dtype=args.dtype,
-        num_threads=args.num_threads,
-        kv_cache_bytes=args.kv_cache_mb * 1024 * 1024,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_waiting=args.max_num_waiting,
-        enable_prefix_caching=not args.no_prefix_caching,
-        transport=args.transport,
-        group=args.group,
-        redis_url=args.redis_url,
-        num_expert_instances=args.num_expert_instances,
-        num_attention_instances=args.num_attention_instances,
-        num_micro_batches=args.num_micro_batches,
-        micro_batch_min_tokens=args.micro_batch_min_tokens,
-        expert_timeout_s=args.expert_timeout_s,
-        model_store=args.model_store,
-    )
+    settings = engine_settings(args, _home())
     if settings.role is Role.EXPERT:
         from moeflow.engine.ae.expert_app import build_expert_app
 
@@ -113,67 +149,72 @@ def _run_engine(args: argparse.Namespace) -> int:
     return 0
 
 
-def _gateway_settings(args: argparse.Namespace, engine_urls: Sequence[str]) -> object:
-    from pydantic import SecretStr
+def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
+    """``moeflow gateway``'s settings: the given flags, then MOEFLOW_GATEWAY_* (and
+    MOEFLOW_API_KEYS, MOEFLOW_INTERNAL_TOKEN), then defaults."""
+    return _build(GatewaySettings, **given(args, "gateway"))
 
-    from moeflow.gateway.settings import GatewaySettings
 
-    keys = list(args.api_key or [])
-    keys += [k for k in os.environ.get("MOEFLOW_API_KEYS", "").split(",") if k.strip()]
-    return GatewaySettings(
-        host=args.host,
-        port=args.port,
-        engine_urls=tuple(engine_urls),
-        api_keys=tuple(SecretStr(k.strip()) for k in keys),
-        max_in_flight_requests=args.max_in_flight,
-        max_body_bytes=args.max_body_bytes,
-        pd_min_prompt_tokens=getattr(args, "pd_min_prompt_tokens", 256),
-        discovery=getattr(args, "discovery", "static"),
-        namespace=getattr(args, "namespace", "default"),
-        served_model_name=getattr(args, "served_model_name", ""),
-        max_waiting_for_scale_up=getattr(args, "max_waiting_for_scale_up", 64),
-        scale_up_timeout_s=getattr(args, "scale_up_timeout_s", 300.0),
+def platform_settings(args: argparse.Namespace) -> LocalPlatformSettings:
+    """``moeflow up``'s settings: each part from its flags, then its variables, then defaults."""
+    return _build(
+        LocalPlatformSettings,
+        gateway=_build(GatewaySettings, **given(args, "gateway")),
+        engine=_build(EngineOptions, **given(args, "engine")),
+        autoscaling=_build(AutoscalingSettings, **given(args, "autoscaling")),
+        supervision=_build(SupervisionSettings, **given(args, "supervision")),
+        log_level=args.log_level,
+        **given(args, "up"),
     )
 
 
 def _add_autoscaling_flags(p: argparse.ArgumentParser) -> None:
     """`moeflow up` autoscaling (moeflow.runtime.scaler); off unless one of the first three is
-    given, so today's fixed --instances stays the default."""
+    given, so a fixed --instances stays the default."""
     g = p.add_argument_group("autoscaling (off unless --min/--max-replicas or --idle-window-s)")
-    g.add_argument("--min-replicas", type=int, default=None,
-                   help="fewest engine instances; 0 allows scale to zero (default when on: 1)")
-    g.add_argument("--max-replicas", type=int, default=None,
-                   help="most engine instances (default when on: --instances)")
-    g.add_argument("--idle-window-s", type=float, default=None,
-                   help="no request for this long: scale to --min-replicas (default when on: 300)")
-    g.add_argument("--max-waiting-for-scale-up", type=int, default=64,
-                   help="requests held while the model scales up from zero; past it, 429")
-    g.add_argument("--slo-ttft-ms", type=float, default=None,
-                   help="scale up when the recent p90 time to first token is above this")
-    g.add_argument("--slo-tpot-ms", type=float, default=None,
-                   help="scale up when the recent p90 time per output token is above this")
-    g.add_argument("--scale-up-timeout-s", type=float, default=300.0,
-                   help="longest a request waits for a scale-up from zero; then 503")
+    _flag(g, "--min-replicas", to="autoscaling.min_replicas", type=int,
+          help="fewest engine instances; 0 allows scale to zero (when on: 1)")
+    _flag(g, "--max-replicas", to="autoscaling.max_replicas", type=int,
+          help="most engine instances (when on: --instances)")
+    _flag(g, "--idle-window-s", to="autoscaling.idle_window_s", type=float,
+          help="no request for this long: scale to --min-replicas (when on: 300)")
+    _flag(g, "--max-waiting-for-scale-up", to="gateway.max_waiting_for_scale_up", type=int,
+          help="requests held while the model scales up from zero; past it, 429")
+    _flag(g, "--slo-ttft-ms", to="autoscaling.slo_ttft_ms", type=float,
+          help="scale up when the recent p90 time to first token is above this")
+    _flag(g, "--slo-tpot-ms", to="autoscaling.slo_tpot_ms", type=float,
+          help="scale up when the recent p90 time per output token is above this")
+    _flag(g, "--scale-up-timeout-s", to="gateway.scale_up_timeout_s", type=float,
+          help="longest a request waits for a scale-up from zero; then 503")
+
+
+def _add_supervision_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("supervision (dead processes are restarted on their port)")
+    _flag(g, "--max-start-failures", to="supervision.max_start_failures", type=int,
+          help="consecutive failed starts of one process before moeflow up gives up")
+    _flag(g, "--engine-start-timeout-s", to="supervision.engine_start_timeout_s", type=float,
+          help="longest an engine may take to answer /health")
 
 
 def _add_gateway_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--api-key", action="append", help="accepted API key (repeatable); "
-                   "also read from MOEFLOW_API_KEYS (comma-separated)")
-    p.add_argument("--max-in-flight", type=int, default=256)
-    p.add_argument("--max-body-bytes", type=int, default=1024 * 1024)
+    _flag(p, "--host", to="gateway.host")
+    _flag(p, "--port", to="gateway.port", type=int)
+    _flag(p, "--api-key", to="gateway.api_keys", action="append", metavar="KEY",
+          help="accepted API key (repeatable; replaces the variable's comma-separated list)",
+          shown_default="none")
+    _flag(p, "--max-in-flight", to="gateway.max_in_flight_requests", type=int)
+    _flag(p, "--max-body-bytes", to="gateway.max_body_bytes", type=int)
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
     import uvicorn
 
     from moeflow.gateway.app import build_app
-    from moeflow.gateway.settings import GatewaySettings
 
-    if args.discovery == "kubernetes" and not args.served_model_name:
+    settings = gateway_settings(args)
+    if settings.discovery == "kubernetes" and not settings.served_model_name:
         sys.stderr.write("error: --discovery kubernetes needs --served-model-name\n")
         return 2
-    settings = _gateway_settings(args, args.engine)
-    assert isinstance(settings, GatewaySettings)
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 
@@ -206,6 +247,7 @@ def _run_balancer(args: argparse.Namespace) -> int:
 
     from moeflow.engine.ae.balancer import ExpertBalancer, fleet_urls
     from moeflow.kube.discovery import KubeTaskDiscovery
+    from moeflow.web.internal_auth import internal_headers, token_from_env
 
     discovery = KubeTaskDiscovery(args.namespace) if args.discovery == "kubernetes" else None
 
@@ -219,7 +261,8 @@ def _run_balancer(args: argparse.Namespace) -> int:
     while not attention:  # wait for the first attention instance to learn the expert count
         time.sleep(args.interval_s)
         attention, experts = refresh()
-    stats = httpx.get(f"{attention[0]}/v1/experts/stats", timeout=10).json()
+    stats = httpx.get(f"{attention[0]}/v1/experts/stats", timeout=10,
+                      headers=internal_headers(token_from_env())).json()
     balancer = ExpertBalancer(attention, experts, len(stats["routed_tokens_per_expert"]),
                               budget=None if args.budget < 0 else args.budget)
     try:
@@ -234,7 +277,7 @@ def _run_balancer(args: argparse.Namespace) -> int:
 def _run_up(args: argparse.Namespace) -> int:
     from moeflow.runtime.local import LocalRuntime
 
-    return LocalRuntime(args, home=_home(), engine_argv=_engine_argv(args)).run()
+    return LocalRuntime(platform_settings(args), home=_home()).run()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,31 +291,29 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine = sub.add_parser("engine", help="run one engine instance (HTTP)")
     engine.add_argument("--model", required=True, help="cached model name or checkpoint folder")
-    engine.add_argument("--served-model-name", default="")
-    engine.add_argument("--role", default="colocated",
-                        choices=[r.value for r in Role])
-    engine.add_argument("--rank", type=int, default=0)
-    engine.add_argument("--instance-id", default="")
-    engine.add_argument("--group", default="", help="XCCL group (default: served model name)")
-    engine.add_argument("--host", default="127.0.0.1")
-    engine.add_argument("--port", type=int, default=8001)
-    engine.add_argument("--num-expert-instances", type=int, default=0,
-                        help="attention/expert roles: size of the expert fleet")
-    engine.add_argument("--num-attention-instances", type=int, default=0,
-                        help="expert role: attention instances it serves")
+    _flag(engine, "--served-model-name", to="engine.served_model_name",
+          shown_default="the folder name")
+    _flag(engine, "--role", to="engine.role", choices=[r.value for r in Role])
+    _flag(engine, "--rank", to="engine.rank", type=int)
+    _flag(engine, "--instance-id", to="engine.instance_id")
+    _flag(engine, "--group", to="engine.group", help="XCCL group",
+          shown_default="the served model name")
+    _flag(engine, "--host", to="engine.host")
+    _flag(engine, "--port", to="engine.port", type=int)
+    _flag(engine, "--num-expert-instances", to="engine.num_expert_instances", type=int,
+          help="attention/expert roles: size of the expert fleet")
+    _flag(engine, "--num-attention-instances", to="engine.num_attention_instances", type=int,
+          help="expert role: attention instances it serves")
     _add_engine_flags(engine)
-    engine.add_argument("--model-store", type=Path,
-                        default=os.environ.get("MOEFLOW_ENGINE_MODEL_STORE") or None,
-                        help="node model store (DRAM pre-load), e.g. /dev/shm/moeflow-store")
     engine.set_defaults(func=_run_engine)
 
     gateway = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
-    gateway.add_argument("--engine", action="append", default=[], help="engine URL (repeatable)")
-    gateway.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
-    gateway.add_argument("--namespace", default="default")
-    gateway.add_argument("--served-model-name", default="")
-    gateway.add_argument("--host", default="127.0.0.1")
-    gateway.add_argument("--port", type=int, default=8000)
+    _flag(gateway, "--engine", to="gateway.engine_urls", action="append", metavar="URL",
+          help="engine URL (repeatable)", shown_default="none")
+    _flag(gateway, "--discovery", to="gateway.discovery", choices=["static", "kubernetes"])
+    _flag(gateway, "--namespace", to="gateway.namespace")
+    _flag(gateway, "--served-model-name", to="gateway.served_model_name",
+          help="kubernetes discovery: the Model to serve")
     _add_gateway_flags(gateway)
     gateway.set_defaults(func=_run_gateway)
 
@@ -293,28 +334,30 @@ def build_parser() -> argparse.ArgumentParser:
     balancer.set_defaults(func=_run_balancer)
 
     up = sub.add_parser("up", help="run the whole platform locally (gateway + engine processes)")
-    up.add_argument("--model", default="smollm2-135m-instruct")
-    up.add_argument("--served-model-name", default="")
-    up.add_argument("--host", default="127.0.0.1")
-    up.add_argument("--port", type=int, default=8000)
-    up.add_argument("--engine-port", type=int, default=0, help="first engine port (0: any free)")
-    up.add_argument("--mode", choices=["colocated", "pd", "ae"], default="colocated",
-                    help="pd: prefill/decode disaggregation; ae: attention/expert "
-                    "disaggregation (MoE models); both over XCCL")
-    up.add_argument("--instances", type=int, default=1, help="colocated instances")
-    up.add_argument("--prefill", type=int, default=1, help="prefill instances (--mode pd)")
-    up.add_argument("--decode", type=int, default=1, help="decode instances (--mode pd)")
-    up.add_argument("--attention", type=int, default=1, help="attention instances (--mode ae)")
-    up.add_argument("--experts", type=int, default=2, help="expert instances (--mode ae)")
-    up.add_argument("--expert-budget", type=int, default=-1,
-                    help="--mode ae: extra expert replicas in total (-1: one per expert instance)")
-    up.add_argument("--rebalance-interval-s", type=float, default=30.0,
-                    help="--mode ae: expert load balancing period (0: off)")
-    up.add_argument("--pd-min-prompt-tokens", type=int, default=256,
-                    help="with both colocated and split instances, split prompts this long")
+    _flag(up, "--model", to="up.model", help="cached model name or checkpoint folder")
+    _flag(up, "--served-model-name", to="up.served_model_name",
+          shown_default="the last part of --model")
+    _flag(up, "--engine-port", to="up.engine_port", type=int,
+          help="first engine port (0: any free)")
+    _flag(up, "--mode", to="up.mode", choices=["colocated", "pd", "ae"],
+          help="pd: prefill/decode disaggregation; ae: attention/expert disaggregation (MoE "
+          "models); both over XCCL")
+    _flag(up, "--instances", to="up.instances", type=int, help="colocated instances")
+    _flag(up, "--prefill", to="up.prefill", type=int, help="prefill instances (--mode pd)")
+    _flag(up, "--decode", to="up.decode", type=int, help="decode instances (--mode pd)")
+    _flag(up, "--attention", to="up.attention", type=int,
+          help="attention instances (--mode ae)")
+    _flag(up, "--experts", to="up.experts", type=int, help="expert instances (--mode ae)")
+    _flag(up, "--expert-budget", to="up.expert_budget", type=int,
+          help="--mode ae: extra expert replicas in total (-1: one per expert instance)")
+    _flag(up, "--rebalance-interval-s", to="up.rebalance_interval_s", type=float,
+          help="--mode ae: expert load balancing period (0: off)")
+    _flag(up, "--pd-min-prompt-tokens", to="gateway.pd_min_prompt_tokens", type=int,
+          help="with both colocated and split instances, split prompts this long")
     _add_engine_flags(up)
     _add_gateway_flags(up)
     _add_autoscaling_flags(up)
+    _add_supervision_flags(up)
     up.set_defaults(func=_run_up)
     return parser
 
@@ -332,6 +375,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per stats poll is noise
     try:
         code: int = args.func(args)
+    except InvalidSettings as exc:
+        sys.stderr.write(f"moeflow {args.command}: invalid settings: {exc}\n")
+        return 2
     except KeyboardInterrupt:
         return 130
     return code

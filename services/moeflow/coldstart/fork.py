@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 from moeflow.coldstart.warm_pool import listen, send_json, wait_for_path
 from moeflow.domain.coldstart import ColdStartRecord
 from moeflow.domain.roles import Role
+from moeflow.processes import stop_process
 
 if TYPE_CHECKING:
     from moeflow.engine.config import EngineSettings
@@ -138,13 +139,8 @@ class ForkServer:
 
     def close(self, timeout_s: float = 10.0) -> None:
         """Stop the server; it stops its children first."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            stop_process(self.process, timeout_s)
 
 
 def _read_line(sock: socket.socket) -> bytes:

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 from moeflow.domain.coldstart import ColdStartRecord
 from moeflow.domain.roles import Role
+from moeflow.processes import stop_process, stop_processes
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -103,13 +104,7 @@ class ClaimedInstance:
     url: str
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)
 
 
 @dataclass
@@ -161,12 +156,7 @@ class WarmPool:
         return instance
 
     def close(self) -> None:
-        for worker in self._idle:
-            worker.process.terminate()
-        for instance in self._claimed:
-            instance.stop()
-        for worker in self._idle:
-            worker.process.wait()
+        stop_processes([w.process for w in self._idle] + [i.process for i in self._claimed])
         self._idle.clear()
         self._claimed.clear()
 

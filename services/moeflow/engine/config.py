@@ -1,11 +1,18 @@
-"""Settings of one engine instance: built once at the entry point and passed down."""
+"""Settings of one engine instance: built once at the entry point and passed down.
+
+``EngineOptions`` are what a deployment sets alike for all its instances (dtype, memory, batch
+limits, transport); ``EngineSettings`` adds what names one instance (model, role, rank, port).
+Values come from, in this order: the constructor (the CLI passes only the flags given), the
+environment (``MOEFLOW_ENGINE_<FIELD>``, plus the aliases named below), then the defaults here,
+which are the only defaults (docs/configuration.md).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moeflow.domain.roles import Role
@@ -13,20 +20,11 @@ from moeflow.domain.roles import Role
 DType = Literal["float32", "bfloat16"]
 
 
-class EngineSettings(BaseSettings):
-    """Every limit of an engine instance is explicit here. Env prefix: ``MOEFLOW_ENGINE_``."""
+class EngineOptions(BaseSettings):
+    """The limits every instance of a deployment shares. Env prefix: ``MOEFLOW_ENGINE_``."""
 
-    model_config = SettingsConfigDict(env_prefix="MOEFLOW_ENGINE_", frozen=True)
-
-    model_path: Path
-    """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)."""
-    served_model_name: str = ""
-    """Name clients use in ``model``; defaults to the folder name."""
-    role: Role = Role.COLOCATED
-    rank: int = Field(0, ge=0)
-    instance_id: str = ""
-    host: str = "127.0.0.1"
-    port: int = Field(8001, ge=0, le=65535)
+    model_config = SettingsConfigDict(env_prefix="MOEFLOW_ENGINE_", frozen=True,
+                                      validate_by_name=True)
 
     dtype: DType = "float32"
     """float32 reproduces Hugging Face outputs exactly; bfloat16 halves the bytes per token."""
@@ -54,19 +52,16 @@ class EngineSettings(BaseSettings):
     warmup: bool = True
     """Run one tiny request through the model before reporting ready."""
 
-    transport: Literal["shm", "redis", "memory"] = "shm"
+    transport: Literal["shm", "redis", "memory"] = Field("shm", validation_alias=AliasChoices(
+        "MOEFLOW_ENGINE_TRANSPORT", "MOEFLOW_TRANSPORT"))
     """XCCL backend for KV transfer (prefill/decode) and expert dispatch/combine
     (attention/expert); "memory" joins endpoints inside one process (tests only)."""
-    group: str = ""
-    """XCCL group: instances of one deployment meet in it; defaults to the served name."""
-    redis_url: str | None = None
+    redis_url: str | None = Field(None, validation_alias=AliasChoices(
+        "MOEFLOW_ENGINE_REDIS_URL", "MOEFLOW_REDIS_URL"))
+    """Redis of ``transport`` redis (Pods get ``MOEFLOW_REDIS_URL`` from the operator)."""
     kv_transfer_timeout_s: float = Field(60.0, gt=0)
     """Longest a decode instance waits for a prompt's KV (includes the prefill itself)."""
 
-    num_expert_instances: int = Field(0, ge=0)
-    """Attention and expert roles: how many expert instances (XCCL ranks expert-0..N-1)."""
-    num_attention_instances: int = Field(0, ge=0)
-    """Expert role: how many attention instances it serves (ranks attention-0..N-1)."""
     num_micro_batches: int = Field(2, ge=1, le=8)
     """Attention role: micro-batches per step, so attention overlaps the experts' work."""
     micro_batch_min_tokens: int = Field(64, ge=1)
@@ -76,6 +71,42 @@ class EngineSettings(BaseSettings):
     expert_timeout_s: float = Field(30.0, gt=0)
     """Attention role: longest wait for an expert instance's answer before it counts as
     dead (its pairs then go to another replica, or the step's requests fail)."""
+
+    def as_env(self) -> dict[str, str | None]:
+        """These options as environment variables for a child process (None: unset it), so
+        the child's ``EngineSettings`` equal them unless its flags say otherwise. Aliases get
+        the same value: an inherited ``MOEFLOW_TRANSPORT`` must not disagree with them."""
+        values = self.model_dump(mode="json", include=set(EngineOptions.model_fields))
+        env: dict[str, str | None] = {}
+        for name, field in EngineOptions.model_fields.items():
+            value = values[name]
+            text = (None if value is None else ("true" if value else "false")
+                    if isinstance(value, bool) else str(value))
+            names = [f"MOEFLOW_ENGINE_{name.upper()}"]
+            if isinstance(field.validation_alias, AliasChoices):
+                names += [a for a in field.validation_alias.choices if isinstance(a, str)]
+            env.update(dict.fromkeys(names, text))
+        return env
+
+
+class EngineSettings(EngineOptions):
+    """Every limit of one engine instance: the shared options plus its identity."""
+
+    model_path: Path
+    """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)."""
+    served_model_name: str = ""
+    """Name clients use in ``model``; defaults to the folder name."""
+    role: Role = Role.COLOCATED
+    rank: int = Field(0, ge=0)
+    instance_id: str = ""
+    host: str = "127.0.0.1"
+    port: int = Field(8001, ge=0, le=65535)
+    group: str = ""
+    """XCCL group: instances of one deployment meet in it; defaults to the served name."""
+    num_expert_instances: int = Field(0, ge=0)
+    """Attention and expert roles: how many expert instances (XCCL ranks expert-0..N-1)."""
+    num_attention_instances: int = Field(0, ge=0)
+    """Expert role: how many attention instances it serves (ranks attention-0..N-1)."""
 
     @model_validator(mode="after")
     def _check(self) -> EngineSettings:

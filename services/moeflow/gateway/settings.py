@@ -1,22 +1,36 @@
-"""Settings of the gateway process: built once at the entry point and passed down."""
+"""Settings of the gateway process: built once at the entry point and passed down.
+
+Values come from, in this order: the constructor (the CLI passes only the flags given), the
+environment (``MOEFLOW_GATEWAY_<FIELD>``, plus the aliases named below), then the defaults
+here, which are the only defaults (docs/configuration.md).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def split_commas(value: object) -> object:
+    """Environment lists are comma-separated (``k1,k2``); blanks are dropped."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return value
 
 
 class GatewaySettings(BaseSettings):
     """Every limit is explicit. Env prefix: ``MOEFLOW_GATEWAY_``."""
 
-    model_config = SettingsConfigDict(env_prefix="MOEFLOW_GATEWAY_", frozen=True)
+    model_config = SettingsConfigDict(env_prefix="MOEFLOW_GATEWAY_", frozen=True,
+                                      validate_by_name=True)
 
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    engine_urls: tuple[str, ...] = ()
-    """Engine instances to serve (static discovery: the local runtime passes these)."""
+    engine_urls: Annotated[tuple[str, ...], NoDecode] = ()
+    """Engine instances to serve (static discovery: the local runtime passes these); env:
+    comma-separated."""
     discovery: Literal["static", "kubernetes"] = "static"
     """kubernetes: follow the Task objects of ``served_model_name`` in ``namespace``."""
     namespace: str = "default"
@@ -25,8 +39,15 @@ class GatewaySettings(BaseSettings):
     ``spec.roles.<role>.replicas`` to wake it (``moeflow.gateway.kube_scale``) and waits."""
     served_model_name: str = ""
     discovery_interval_s: float = Field(2.0, gt=0)
-    api_keys: tuple[SecretStr, ...] = ()
-    """When set, every /v1 request needs ``Authorization: Bearer <key>``; never logged."""
+    api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), validation_alias=AliasChoices("MOEFLOW_GATEWAY_API_KEYS", "MOEFLOW_API_KEYS"))
+    """When set, every /v1 request needs ``Authorization: Bearer <key>``; never logged. Env:
+    comma-separated, ``MOEFLOW_API_KEYS`` (what the Helm chart sets) or the prefixed name."""
+    internal_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("MOEFLOW_GATEWAY_INTERNAL_TOKEN",
+                                            "MOEFLOW_INTERNAL_TOKEN"))
+    """Shared secret of one platform's internal calls (gateway -> engine); ``moeflow up``
+    generates one per platform and gives the engines the same value (MOEFLOW_INTERNAL_TOKEN)."""
 
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     """Largest accepted request body; bigger bodies get 413."""
@@ -49,3 +70,8 @@ class GatewaySettings(BaseSettings):
     """Longest a request waits for a model to scale up from zero; then 503."""
     keep_alive_interval_s: float = Field(5.0, gt=0)
     """SSE comment interval for streaming requests that wait for a scale-up."""
+
+    @field_validator("engine_urls", "api_keys", mode="before")
+    @classmethod
+    def _split_env_lists(cls, value: object) -> object:
+        return split_commas(value)

@@ -1,36 +1,50 @@
 """`moeflow up`: the platform on one machine, no cluster.
 
-Engine instances run as child processes (``python -m moeflow.cli engine ...``); the gateway runs
-in this process under uvicorn. Ctrl-C (SIGINT) or SIGTERM stops the gateway, then the children
-(SIGTERM, then SIGKILL after a grace period). If an engine child dies, the gateway keeps serving
-from the other instances of its role (requests on the dead one fail with a clear error); once a
-role has no instance left, the whole platform stops, so nothing is left half-running.
+``LocalRuntime(settings, home=...)`` takes one typed ``LocalPlatformSettings`` (built by the
+CLI) and runs:
+
+- the engine instances the operator's own planner (``plan_model``) asks for, as child
+  processes started through an ``EngineLauncher`` (``launcher.py``), each on its own port;
+- for ``--mode pd|ae --transport redis`` without a Redis URL, a private redis-server;
+- the gateway, in this process under uvicorn (``--mode ae`` adds the expert balancer on a
+  thread; autoscaling hands the engines to the local scaler, ``scaler.py``).
+
+Supervision (``supervisor.py``): an engine or the private redis-server that dies is restarted
+on the same port with exponential backoff and counted in ``moeflow_engine_restarts_total{role}``
+(``moeflow_local_redis_restarts_total``) on the gateway's /metrics; after
+``max_start_failures`` consecutive failed starts of one process the platform stops and exits 1
+with a one-line reason. Every engine child gets the platform's internal token
+(``MOEFLOW_INTERNAL_TOKEN``), and the gateway the same one.
+
+Ctrl-C (SIGINT) or SIGTERM stops the gateway gracefully, then the children (SIGTERM, then
+SIGKILL after ``stop_grace_s``), then the private redis-server.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
+import secrets
 import signal
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
-import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
-from moeflow.domain.plan import ModelPlan, TaskPlan, plan_model
+from prometheus_client import Counter
+from pydantic import SecretStr
+
+from moeflow.domain.plan import ModelPlan, plan_model
 from moeflow.domain.roles import Role
 from moeflow.domain.spec import ModelSpec
+from moeflow.runtime.launcher import EngineLauncher, ProcessLauncher
+from moeflow.runtime.settings import LocalPlatformSettings
+from moeflow.runtime.supervisor import EngineUnit, RedisUnit, Supervisor
 
 logger = logging.getLogger(__name__)
-
-_STOP_GRACE_S = 10.0
-_ENGINE_START_TIMEOUT_S = 300.0
 
 
 def free_port(host: str) -> int:
@@ -49,135 +63,300 @@ def free_ports(host: str, count: int) -> list[int]:
         return ports
 
 
-@dataclass
-class EngineProcess:
-    name: str
-    url: str
-    process: subprocess.Popen[bytes]
-    role: Role = Role.COLOCATED
+def engine_restart_counter() -> Counter:
+    """``moeflow_engine_restarts_total{role}``, registered on the gateway's registry once the
+    gateway runs (a collector may live in several registries)."""
+    return Counter("moeflow_engine_restarts", "Engine processes moeflow up started again "
+                   "after they died or failed to start", ["role"], registry=None)
+
+
+def redis_restart_counter() -> Counter:
+    return Counter("moeflow_local_redis_restarts", "Times moeflow up started its private "
+                   "redis-server again", registry=None)
+
+
+class GatewayServer:
+    """uvicorn for the gateway, with two hooks: ``on_started`` once it serves (its metrics
+    registry exists then) and ``on_exit_signal`` when Ctrl-C/SIGTERM arrives (stop restarting
+    children before anything else)."""
+
+    def __init__(self, app: Any, host: str, port: int, *, on_started: Callable[[], None],
+                 on_exit_signal: Callable[[], None]) -> None:
+        import uvicorn
+
+        class _Server(uvicorn.Server):
+            async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+                await super().startup(sockets)
+                if self.started:
+                    on_started()
+
+            def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+                on_exit_signal()
+                super().handle_exit(sig, frame)
+
+        self._server = _Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+
+    def run(self) -> None:
+        try:
+            self._server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the signal after its graceful shutdown
+            logger.info("stopped on Ctrl-C/SIGTERM")
+
+    def request_exit(self) -> None:
+        """Make ``run`` return (graceful shutdown); callable from any thread."""
+        self._server.should_exit = True
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt  # SIGTERM before the gateway runs: clean up as Ctrl-C does
 
 
 class LocalRuntime:
-    def __init__(self, args: argparse.Namespace, *, home: Path, engine_argv: list[str]) -> None:
-        self.args = args
-        self.home = home
-        self.engine_argv = engine_argv
-        self.engines: list[EngineProcess] = []
-        self._server: object | None = None
-        self._redis_url: str | None = args.redis_url
+    """See the module docstring. ``launcher`` replaces the process launcher (tests)."""
 
-    def _model_path(self) -> Path:
+    def __init__(self, settings: LocalPlatformSettings, *, home: Path,
+                 launcher: EngineLauncher | None = None) -> None:
+        self.settings = settings
+        self.home = home
+        self._launcher = launcher
+        self._server: GatewayServer | None = None
+        self._failure: str | None = None
+        self._lock = threading.Lock()
+        self.engine_restarts = engine_restart_counter()
+        self.redis_restarts = redis_restart_counter()
+        self._has_private_redis = False
+        self._exit_hooks: list[Callable[[], None]] = []
+        """Called first on Ctrl-C/SIGTERM: supervisors stop restarting what stops next."""
+
+    # -- what to run (pure but for the model lookup) -------------------------------------------
+    def model_path(self) -> Path:
         from moeflow.checkpoints.registry import PULLABLE
         from moeflow.checkpoints.store import ModelNotCachedError, resolve_model
 
+        model = self.settings.model
         try:
-            return resolve_model(self.args.model, self.home)
+            return resolve_model(model, self.home)
         except ModelNotCachedError:
-            if self.args.model not in PULLABLE:
+            if model not in PULLABLE:
                 raise
         from moeflow.checkpoints.pull import pull
 
-        logger.info("model %s is not cached yet: pulling it", self.args.model)
-        return pull(self.args.model, self.home, None)
+        logger.info("model %s is not cached yet: pulling it", model)
+        return pull(model, self.home, None)
 
-    def model_spec(self, model_path: Path) -> ModelSpec:
-        """The flags as a Model spec: the operator's own type, validated the same way
-        (with the one difference that every role shares this host, so shm is allowed)."""
-        if self.args.mode == "pd":
+    def model_spec(self, model_path: Path, *, instances: int | None = None,
+                   redis_url: str | None = None) -> ModelSpec:
+        """The settings as a Model spec: the operator's own type, validated the same way
+        (with the one difference that every role shares this host, so shm is allowed).
+        ``instances`` replaces the colocated count (the scaler plans every replica)."""
+        s = self.settings
+        if s.mode == "pd":
             mode = "pd-disaggregated"
-            roles = {"prefill": {"replicas": self.args.prefill},
-                     "decode": {"replicas": self.args.decode}}
-        elif self.args.mode == "ae":
+            roles = {"prefill": {"replicas": s.prefill}, "decode": {"replicas": s.decode}}
+        elif s.mode == "ae":
             mode = "attention-expert-disaggregated"
-            roles = {"attention": {"replicas": self.args.attention},
-                     "expert": {"replicas": self.args.experts}}
+            roles = {"attention": {"replicas": s.attention}, "expert": {"replicas": s.experts}}
         else:
-            mode, roles = "colocated", {"colocated": {"replicas": self.args.instances}}
-        transport: dict[str, str] = {"kind": self.args.transport}
-        if self._redis_url:
-            transport["redisUrl"] = self._redis_url
+            count = s.instances if instances is None else instances
+            mode, roles = "colocated", {"colocated": {"replicas": count}}
+        transport: dict[str, str] = {"kind": s.engine.transport}
+        redis_url = redis_url or s.engine.redis_url
+        if redis_url:
+            transport["redisUrl"] = redis_url
         raw = {"source": {"uri": f"file://{model_path}"}, "mode": mode, "roles": roles,
                "transport": transport}
         return ModelSpec.model_validate(raw, context={"single_host": True})
 
-    def plan(self, model_path: Path, served_name: str) -> ModelPlan:
+    def plan(self, model_path: Path, *, instances: int | None = None,
+             redis_url: str | None = None) -> ModelPlan:
         """What to run: the same pure planner the operator turns into Pods."""
-        spec = self.model_spec(model_path)
-        # --engine-port: consecutive ports from it; else ephemeral ones, chosen one by one
+        spec = self.model_spec(model_path, instances=instances, redis_url=redis_url)
+        host, engine_port = self.settings.gateway.host, self.settings.engine_port
+        # engine_port: consecutive ports from it; else ephemeral ones, chosen one by one
         # (consecutive ports from one free base collide with other local platforms)
         ports = None
-        if not self.args.engine_port:
+        if not engine_port:
             count = sum(spec.role(role).replicas for role in spec.role_names)
-            ports = free_ports(self.args.host, count)
+            ports = free_ports(host, count)
         return plan_model(
-            served_name, spec, model_path=str(model_path), host=self.args.host,
-            engine_port=self.args.engine_port or 0, gateway_port=self.args.port,
+            self.settings.name, spec, model_path=str(model_path), host=host,
+            engine_port=engine_port, gateway_port=self.settings.gateway.port,
             unique_ports=True, engine_ports=ports, discovery="static",
         )
 
-    def _start_engine(self, task: TaskPlan) -> EngineProcess:
-        # the task's argv is what a pod would run; add this machine's flags
-        argv = [
-            sys.executable, "-m", "moeflow.cli", "--log-level", self.args.log_level,
-            *task.argv[1:], *self.engine_argv,
-        ]
-        if self._redis_url:
-            argv += ["--redis-url", self._redis_url]
-        process = subprocess.Popen(argv)
-        engine = EngineProcess(task.name, f"http://{task.host}:{task.port}", process,
-                               task.role)
-        logger.info("started engine %s (pid %d) at %s", engine.name, process.pid, engine.url)
-        return engine
+    # -- running it ------------------------------------------------------------------------
+    def run(self) -> int:
+        """Serve until Ctrl-C or SIGTERM: 0 after a clean stop; 1 when a process could not be
+        started (the last log line says which and why)."""
+        previous = None
+        if threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            code = self._serve()
+        except RuntimeError as exc:
+            self._failure = self._failure or str(exc)
+            code = 1
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if self._failure is not None:
+            logger.error("moeflow up stopped: %s", self._failure)
+            return 1
+        return code
 
-    def _wait_ready(self, engine: EngineProcess, timeout_s: float) -> None:
-        """Block until the engine answers /health; fail fast if its process exits."""
-        import httpx
+    def _give_up(self, reason: str) -> None:
+        with self._lock:
+            self._failure = self._failure or reason
+            server = self._server
+        if server is not None:
+            server.request_exit()
 
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            code = engine.process.poll()
-            if code is not None:
-                raise RuntimeError(f"engine {engine.name} exited with code {code} while starting")
-            try:
-                if httpx.get(f"{engine.url}/health", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"engine {engine.name} was not ready within {timeout_s:.0f} s")
+    def _internal_token(self) -> str:
+        """The platform's internal token: the configured one, else a fresh random one."""
+        token = self.settings.gateway.internal_token
+        return token.get_secret_value() if token else secrets.token_urlsafe(32)
 
-    def _watch(self, engine: EngineProcess) -> None:
-        """An engine that dies is logged; the platform stops once a role has no engine left
-        (the gateway keeps serving from the survivors until then)."""
-        code = engine.process.wait()
-        server = self._server
-        if server is None or getattr(server, "should_exit", True):
-            return
-        role = engine.role
-        alive = [e for e in self.engines if e.role == role and e.process.poll() is None]
-        if alive:
-            logger.error("engine %s exited with code %s; %d %s engine(s) still serve",
-                         engine.name, code, len(alive), role)
-            return
-        logger.error("engine %s exited with code %s, the last %s engine: stopping",
-                     engine.name, code, role)
-        server.should_exit = True  # type: ignore[attr-defined]
+    def _serve(self) -> int:
+        model_path = self.model_path()
+        token = self._internal_token()
+        sup = self.settings.supervision
+        with contextlib.ExitStack() as stack:
+            redis_url = self.settings.engine.redis_url
+            if (self.settings.is_split and self.settings.engine.transport == "redis"
+                    and not redis_url):
+                redis_url = self._start_private_redis(stack)
+                if redis_url is None:
+                    return 1
+            launcher = self._launcher
+            if launcher is None:
+                options = self.settings.engine.model_copy(update={"redis_url": redis_url})
+                process_launcher = ProcessLauncher(options, self.settings.log_level, token)
+                stack.callback(process_launcher.close)
+                launcher = process_launcher
+            if self.settings.autoscaling.is_enabled:
+                return self._serve_autoscaled(launcher, model_path, token, stack)
+            plan = self.plan(model_path, redis_url=redis_url)
+            units = [EngineUnit(launcher, task, sup.engine_start_timeout_s)
+                     for job in plan.jobs for task in job.tasks]
+            for unit in units:  # every role shows up in /metrics, at 0
+                self.engine_restarts.labels(unit.role)
+            engines = Supervisor(
+                units, sup, on_give_up=self._give_up,
+                on_restart=lambda role: self.engine_restarts.labels(role).inc())
+            stack.callback(engines.stop)
+            self._exit_hooks.append(engines.stop_restarting)
+            engines.start()
+            if not engines.wait_ready():
+                return 1
+            # expert instances answer attention instances over XCCL, never the gateway
+            serving = [u.url for u in units if u.task.role.takes_requests]
+            settings = self.settings.gateway.model_copy(update={
+                "engine_urls": tuple(serving), "internal_token": SecretStr(token)})
+            from moeflow.gateway.app import build_app
+
+            app = build_app(settings)
+            if self.settings.mode == "ae":
+                stack.enter_context(self._expert_balancer(model_path, units, token))
+            self._serve_gateway(app)
+        return 0
+
+    def _start_private_redis(self, stack: contextlib.ExitStack) -> str | None:
+        """A supervised redis-server on a free port (same port on every restart)."""
+        scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="moeflow-")))
+        unit = RedisUnit(free_port(self.settings.gateway.host), scratch)
+        supervisor = Supervisor([unit], self.settings.supervision, on_give_up=self._give_up,
+                                on_restart=lambda _role: self.redis_restarts.inc())
+        stack.callback(supervisor.stop)
+        self._exit_hooks.append(supervisor.stop_restarting)
+        supervisor.start()
+        if not supervisor.wait_ready():
+            return None
+        logger.info("started a private redis-server at %s", unit.url)
+        self._has_private_redis = True
+        return unit.url
+
+    def _serve_gateway(self, app: Any) -> None:
+        """Run the gateway until Ctrl-C, SIGTERM or a give-up."""
+
+        def started() -> None:
+            registry = app.state.service.metrics.registry
+            registry.register(self.engine_restarts)
+            if self._has_private_redis:
+                registry.register(self.redis_restarts)
+
+        def exiting() -> None:
+            for hook in self._exit_hooks:
+                hook()
+
+        gateway = self.settings.gateway
+        server = GatewayServer(app, gateway.host, gateway.port, on_started=started,
+                               on_exit_signal=exiting)
+        with self._lock:
+            self._server = server
+            if self._failure is not None:  # gave up while the gateway was being built
+                return
+        logger.info("serving %s at http://%s:%d/v1", self.settings.name, gateway.host,
+                    gateway.port)
+        try:
+            server.run()
+        finally:
+            exiting()
+
+    def _serve_autoscaled(self, launcher: EngineLauncher, model_path: Path, token: str,
+                          stack: contextlib.ExitStack) -> int:
+        """Autoscaling: the scaler owns the engines, the gateway follows it."""
+        from moeflow.gateway.app import build_app
+        from moeflow.runtime.scaler import LocalScaler
+
+        s = self.settings
+        policy = s.autoscaling.policy(s.instances)
+        # plan every replica the scaler may start: fixed ports, so fixed URLs
+        plan = self.plan(model_path, instances=policy.max_replicas)
+        tasks = [task for job in plan.jobs for task in job.tasks]
+        for task in tasks:
+            self.engine_restarts.labels(task.role.value)
+        gateway = s.gateway.model_copy(update={"internal_token": SecretStr(token)})
+        scaler = LocalScaler(launcher, tasks, policy, s.supervision,
+                             drain_s=gateway.discovery_interval_s + 1.0,
+                             on_restart=lambda role: self.engine_restarts.labels(role).inc())
+        stack.callback(scaler.join)
+        stack.callback(scaler.stop_engines)
+        stack.callback(scaler.stop)
+        # the first start teaches the gateway the model (tokenizer, context), even with min 0
+        if not scaler.start_initial(min(max(s.instances, policy.min_replicas, 1),
+                                        policy.max_replicas)):
+            self._failure = "the initial engine(s) failed to start"
+            return 1
+        gateway = gateway.model_copy(update={"engine_urls": tuple(scaler.ready_engine_urls)})
+        app = build_app(gateway, discovery=scaler, scale_up=scaler)
+        scaler.app = app  # the SLO check reads the gateway's recent TTFT/TPOT
+        self._exit_hooks.append(scaler.stop_restarting)
+        scaler.start()
+        logger.info("autoscaling %s between %d and %d replicas (idle window %s s)", s.name,
+                    policy.min_replicas, policy.max_replicas, policy.idle_window_s)
+        self._serve_gateway(app)
+        return 0
 
     @contextlib.contextmanager
-    def _expert_balancer(self, model_path: Path) -> Iterator[None]:
-        """--mode ae: the expert load balancer on a thread, every --rebalance-interval-s."""
+    def _expert_balancer(self, model_path: Path, units: list[EngineUnit],
+                         token: str) -> Iterator[None]:
+        """--mode ae: the expert load balancer on a thread, every rebalance_interval_s."""
         from moeflow.engine.ae.balancer import ExpertBalancer
         from moeflow.engine.models.arch import load_arch
 
-        interval_s = self.args.rebalance_interval_s
+        interval_s = self.settings.rebalance_interval_s
         if interval_s <= 0:
             yield
             return
-        budget = None if self.args.expert_budget < 0 else self.args.expert_budget
+        budget = None if self.settings.expert_budget < 0 else self.settings.expert_budget
         balancer = ExpertBalancer(
-            [e.url for e in self.engines if e.role is Role.ATTENTION],
-            [e.url for e in self.engines if e.role is Role.EXPERT],
-            load_arch(model_path).num_experts, budget=budget,
+            [u.url for u in units if u.task.role is Role.ATTENTION],
+            [u.url for u in units if u.task.role is Role.EXPERT],
+            load_arch(model_path).num_experts, budget=budget, internal_token=token,
         )
         stop = threading.Event()
         thread = threading.Thread(target=balancer.run, args=(interval_s, stop),
@@ -189,79 +368,3 @@ class LocalRuntime:
             stop.set()
             thread.join(timeout=5.0)
             balancer.close()
-
-    def stop_engines(self) -> None:
-        for engine in self.engines:
-            if engine.process.poll() is None:
-                engine.process.send_signal(signal.SIGTERM)
-        for engine in self.engines:
-            try:
-                engine.process.wait(timeout=_STOP_GRACE_S)
-            except subprocess.TimeoutExpired:
-                engine.process.kill()
-                engine.process.wait()
-
-    def run(self) -> int:
-        """Serve until Ctrl-C; 0 after a clean stop, 1 if something failed to start."""
-        try:
-            return self._serve()
-        except RuntimeError as exc:
-            logger.error("%s", exc)
-            return 1
-
-    def _serve(self) -> int:
-        import uvicorn
-
-        from moeflow.cli import _gateway_settings
-        from moeflow.gateway.app import build_app
-        from moeflow.gateway.settings import GatewaySettings
-
-        model_path = self._model_path()
-        served_name = self.args.served_model_name or self.args.model.rstrip("/").split("/")[-1]
-        stack = contextlib.ExitStack()
-        try:
-            split = self.args.mode in ("pd", "ae")
-            if split and self.args.transport == "redis" and not self._redis_url:
-                from moeflow.xccl.redis_server import start_local_redis
-
-                scratch = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                redis = start_local_redis(scratch, port=free_port(self.args.host))
-                self._redis_url = stack.enter_context(redis).url
-                logger.info("started a private redis-server at %s", self._redis_url)
-            # --- autoscaling hook (moeflow.runtime.scaler): the scaler owns the engines ---
-            from moeflow.runtime.scaler import autoscaling_requested, serve_autoscaled
-
-            if autoscaling_requested(self.args):
-                return serve_autoscaled(self, model_path, served_name)
-            # --- end of the autoscaling hook ---
-            plan = self.plan(model_path, served_name)
-            self.engines = [
-                self._start_engine(task) for job in plan.jobs for task in job.tasks
-            ]
-            for engine in self.engines:
-                self._wait_ready(engine, _ENGINE_START_TIMEOUT_S)
-            # expert instances answer attention instances over XCCL, never the gateway
-            serving = [e.url for e in self.engines if e.role.takes_requests]
-            settings = _gateway_settings(self.args, serving)
-            assert isinstance(settings, GatewaySettings)
-            config = uvicorn.Config(
-                build_app(settings), host=settings.host, port=settings.port, log_level="info"
-            )
-            server = uvicorn.Server(config)
-            self._server = server
-            for engine in self.engines:
-                threading.Thread(target=self._watch, args=(engine,), daemon=True).start()
-            if self.args.mode == "ae":
-                stack.enter_context(self._expert_balancer(model_path))
-            logger.info(
-                "serving %s at http://%s:%d/v1", served_name, settings.host, settings.port
-            )
-            try:
-                server.run()
-            except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
-                logger.info("stopping on Ctrl-C")
-        finally:
-            self.stop_engines()
-            stack.close()
-        failed = [e for e in self.engines if e.process.returncode not in (0, -signal.SIGTERM)]
-        return 1 if failed and not getattr(self._server, "started", False) else 0

@@ -2,7 +2,7 @@
 
 ``LocalScaler`` runs the autoscaler policy (``moeflow.domain.autoscale``) once a second, in a
 thread, against the ``/v1/stats`` of the engine processes of the colocated role, and starts or
-stops processes (through the runtime's own ``_start_engine``/``_wait_ready``) to match. It is
+stops processes (through an ``EngineLauncher``, the same the runtime uses) to match. It is
 also the gateway's ``Discovery`` (the URLs of ready engines) and its ``ScaleUpRequester`` (a
 request held at zero replicas wakes the loop at once).
 
@@ -10,68 +10,53 @@ request held at zero replicas wakes the loop at once).
   same URL; only the running ones are listed to the gateway.
 - Last request: an engine's counters moving, or any request running, waiting, or held at the
   gateway, counts as activity; the idle window runs from the last activity.
-- Scale-down drains: the engine leaves the discovery list first, and is stopped only if it is
-  still idle after the gateway has had time to notice (``drain_s``) and nothing waits.
+- Scale-down drains: the engine leaves the discovery list first; once the gateway has had time
+  to notice (``drain_s``) and no request waits at the gateway, the engine is asked to drain
+  (``POST /v1/drain``: no new requests) and is stopped when its requests in flight are done
+  (at most ``SupervisionSettings.drain_timeout_s``).
 - Cold start: measured at each start (process start to ``/health``), fed to the policy.
-- An engine that exits on its own is dropped; the policy restarts one if the minimum or the
-  load asks for it (a failing start backs off ``_START_BACKOFF_S``).
+- An engine that exits on its own is restarted on its port after the supervision backoff
+  (``restart_delay_s``) and counted (``on_restart``); a restart that fails drops the slot, and
+  the policy starts one again if the minimum or the load asks for it (a failing start backs off
+  ``_START_BACKOFF_S``). The autoscaled platform never gives up: a model that cannot start
+  answers 503 (scale from zero) instead.
 """
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
 import logging
 import math
-import signal
-import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-import httpx
+from typing import Any
 
 from moeflow.domain.autoscale import RoleObservation, ScalePolicy, decide, queue_growth_per_s
 from moeflow.domain.messages import EngineStats
 from moeflow.domain.plan import TaskPlan
-
-if TYPE_CHECKING:
-    from moeflow.runtime.local import EngineProcess, LocalRuntime
+from moeflow.runtime.launcher import EngineHandle, EngineLauncher, EngineStartError
+from moeflow.runtime.settings import SupervisionSettings
+from moeflow.runtime.supervisor import RESTART_BACKOFF_RESET_S, restart_delay_s
 
 logger = logging.getLogger(__name__)
 
 _START_BACKOFF_S = 5.0
-_STOP_GRACE_S = 10.0
 _HELD_FRESH_S = 3.0  # the gateway re-asks every second while requests wait
 SLO_WINDOW_S = 30.0
 """The TTFT/TPOT SLO is judged on the gateway's observations of the last this many seconds."""
 
 
-def autoscaling_requested(args: argparse.Namespace) -> bool:
-    return any(getattr(args, name, None) is not None
-               for name in ("min_replicas", "max_replicas", "idle_window_s"))
-
-
-def policy_from_args(args: argparse.Namespace) -> ScalePolicy:
-    """Unset flags: at least one replica, at most ``--instances``, idle after 300 s."""
-    low = 1 if args.min_replicas is None else args.min_replicas
-    high = max(args.instances, low, 1) if args.max_replicas is None else args.max_replicas
-    idle = 300.0 if args.idle_window_s is None else args.idle_window_s
-    return ScalePolicy(min_replicas=low, max_replicas=high, idle_window_s=idle,
-                       scale_up_cooldown_s=5.0, scale_down_cooldown_s=max(30.0, idle),
-                       slo_ttft_ms=getattr(args, "slo_ttft_ms", None),
-                       slo_tpot_ms=getattr(args, "slo_tpot_ms", None))
-
-
 @dataclass
 class _Slot:
     task: TaskPlan
-    engine: EngineProcess | None = None
+    engine: EngineHandle | None = None
     is_ready: bool = False
     last_prompt_tokens: int = -1
+    restart_at: float | None = None
+    """When an engine that exited on its own is due to start again."""
+    restarts_in_a_row: int = 0
+    ready_at: float = 0.0
 
     @property
     def url(self) -> str:
@@ -81,26 +66,30 @@ class _Slot:
 class LocalScaler:
     def __init__(
         self,
-        runtime: LocalRuntime,
+        launcher: EngineLauncher,
         tasks: list[TaskPlan],
         policy: ScalePolicy,
+        supervision: SupervisionSettings,
         *,
         interval_s: float = 1.0,
         drain_s: float = 3.0,
-        start_timeout_s: float = 300.0,
+        on_restart: Callable[[str], None] = lambda _role: None,
     ) -> None:
-        self._runtime = runtime
+        """``tasks``: one per replica the policy may run (``max_replicas``), ports fixed."""
+        self._launcher = launcher
         self._slots = [_Slot(task) for task in tasks]
         self.policy = policy
+        self._supervision = supervision
         self._interval_s = interval_s
         self._drain_s = drain_s
-        self._start_timeout_s = start_timeout_s
+        self._start_timeout_s = supervision.engine_start_timeout_s
+        self._on_restart = on_restart
         self._lock = threading.Lock()
         self._kick = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
-        self._http = httpx.Client(timeout=2.0)
-        self.app: object | None = None
+        self.app: Any = None
+        """The gateway app, once built: the SLO check reads its recent TTFT/TPOT."""
         now = time.monotonic()
         self._last_request = now
         self._last_scale = now
@@ -118,6 +107,11 @@ class LocalScaler:
     def close(self) -> None:
         return None
 
+    @property
+    def ready_engine_urls(self) -> list[str]:
+        with self._lock:
+            return [s.url for s in self._slots if s.is_ready]
+
     def request_scale_up(self, model: str, num_waiting: int) -> None:
         logger.debug("%d request(s) for %s wait for a replica", num_waiting, model)
         with self._lock:
@@ -125,10 +119,10 @@ class LocalScaler:
         self._kick.set()
 
     # -- life cycle ------------------------------------------------------------------------
-    def start_initial(self, count: int) -> None:
-        """Start ``count`` engines and wait for them (before the gateway starts)."""
-        if not self._scale_up(count):
-            raise RuntimeError("the initial engine(s) failed to start")
+    def start_initial(self, count: int) -> bool:
+        """Start ``count`` engines and wait for them (before the gateway starts); False if
+        one failed."""
+        return self._scale_up(count)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="moeflow-scaler", daemon=True)
@@ -140,10 +134,26 @@ class LocalScaler:
             self._stopping.set()
         self._kick.set()
 
+    def stop_restarting(self) -> None:
+        """Start nothing from now on (safe in a signal handler: takes no lock the event loop
+        may hold)."""
+        self._stopping.set()
+
     def join(self, timeout_s: float = 5.0) -> None:
         if self._thread is not None:
             self._thread.join(timeout_s)
-        self._http.close()
+
+    def stop_engines(self) -> None:
+        """Stop every engine (after ``stop``): SIGTERM, SIGKILL after the grace period."""
+        with self._lock:
+            handles = [s.engine for s in self._slots if s.engine is not None]
+        grace_s = self._supervision.stop_grace_s
+        threads = [threading.Thread(target=self._launcher.stop, args=(h, grace_s))
+                   for h in handles]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -158,15 +168,11 @@ class LocalScaler:
 
     # -- one decision ----------------------------------------------------------------------
     def _stats(self, slot: _Slot) -> EngineStats | None:
-        try:
-            response = self._http.get(f"{slot.url}/v1/stats")
-            response.raise_for_status()
-            return EngineStats.model_validate_json(response.content)
-        except (httpx.HTTPError, ValueError):
-            return None
+        return None if slot.engine is None else self._launcher.stats(slot.engine)
 
     def tick(self) -> None:
         self._reap()
+        self._restart_due()
         now = time.monotonic()
         held, held_at = self._held
         held = held if now - held_at < _HELD_FRESH_S else 0
@@ -185,7 +191,7 @@ class LocalScaler:
         waiting = sum(s.num_waiting for s in stats) + held
         growth = queue_growth_per_s(self._last_waiting, waiting, now - self._last_tick)
         self._last_waiting, self._last_tick = waiting, now
-        current = sum(1 for s in self._slots if s.engine is not None)
+        current = sum(1 for s in self._slots if s.engine is not None or s.restart_at is not None)
         ttft_ms, tpot_ms = self._recent_latencies()
         decision = decide(RoleObservation(
             current_replicas=current, stats=stats, num_held_at_gateway=held,
@@ -212,46 +218,70 @@ class LocalScaler:
         return ttft_ms, tpot_ms
 
     def _reap(self) -> None:
+        """Engines that exited on their own: due for a restart on their port (backoff)."""
+        now = time.monotonic()
         for slot in self._slots:
-            if slot.engine is not None and slot.engine.process.poll() is not None:
-                logger.error("engine %s exited with code %s", slot.engine.name,
-                             slot.engine.process.returncode)
-                with self._lock:
-                    slot.is_ready = False
+            if slot.engine is None or self._launcher.is_alive(slot.engine):
+                continue
+            if now - slot.ready_at >= RESTART_BACKOFF_RESET_S:
+                slot.restarts_in_a_row = 0
+            slot.restarts_in_a_row += 1
+            delay = restart_delay_s(slot.restarts_in_a_row, self._supervision)
+            logger.error("engine %s exited with code %s; restarting it in %.1f s",
+                         slot.task.name, self._launcher.exit_code(slot.engine), delay)
+            with self._lock:
+                slot.is_ready = False
                 self._forget(slot)
+                slot.restart_at = now + delay
+
+    def _restart_due(self) -> None:
+        due = [s for s in self._slots if s.restart_at is not None
+               and s.restart_at <= time.monotonic()]
+        for slot in due:
+            slot.restart_at = None
+            self._on_restart(slot.task.role.value)
+            logger.warning("engine %s: restarting (restart %d in a row)", slot.task.name,
+                           slot.restarts_in_a_row)
+        if due:
+            self._start_slots(due)
 
     def _forget(self, slot: _Slot) -> None:
-        # runtime.engines keeps exited engines (append-only: the runtime's stop needs no lock)
         slot.engine = None
         slot.last_prompt_tokens = -1
 
     def _scale_up(self, count: int) -> bool:
         """Start ``count`` engines (lowest ranks first) and wait until they answer."""
-        started: list[tuple[_Slot, float]] = []
-        for slot in [s for s in self._slots if s.engine is None][:count]:
+        free = [s for s in self._slots if s.engine is None and s.restart_at is None]
+        return self._start_slots(free[:count])
+
+    def _start_slots(self, slots: list[_Slot]) -> bool:
+        started: list[_Slot] = []
+        for slot in slots:
             with self._lock:
                 if self._stopping.is_set():
                     break
-                slot.engine = self._runtime._start_engine(slot.task)
-                self._runtime.engines.append(slot.engine)
-            started.append((slot, time.monotonic()))
+                slot.engine = self._launcher.start(slot.task)
+            started.append(slot)
         is_ok = bool(started)
-        for slot, began in started:
+        for slot in started:
             assert slot.engine is not None
             try:
-                self._runtime._wait_ready(slot.engine, self._start_timeout_s)
-            except RuntimeError as exc:
+                self._launcher.wait_ready(slot.engine, self._start_timeout_s)
+            except EngineStartError as exc:
                 if not self._stopping.is_set():
                     logger.error("autoscaler: %s", exc)
-                self._stop_process(slot)
+                self._stop_process(slot, grace_s=0.0)
+                slot.restarts_in_a_row = 0
                 self._failed_at = time.monotonic()
                 is_ok = False
                 continue
-            self.cold_start_s = time.monotonic() - began
+            now = time.monotonic()
+            self.cold_start_s = now - slot.engine.started_at
             logger.info("engine %s ready after a %.1f s cold start", slot.task.name,
                         self.cold_start_s)
             with self._lock:
                 slot.is_ready = True
+                slot.ready_at = now
         self._last_scale = self._last_request = time.monotonic()
         return is_ok
 
@@ -264,73 +294,27 @@ class LocalScaler:
         if self._stopping.wait(self._drain_s):
             return
         for slot in victims:
-            stats = self._stats(slot)  # None: not answering, so nothing to lose
-            is_busy = stats is not None and stats.num_running + stats.num_waiting > 0
-            if is_busy or time.monotonic() - self._held[1] < _HELD_FRESH_S:
-                logger.info("autoscaler: %s got work while draining; keeping it", slot.task.name)
+            if time.monotonic() - self._held[1] < _HELD_FRESH_S:
+                # requests wait at the gateway for a replica: keep this one for them
+                logger.info("autoscaler: requests wait; keeping %s", slot.task.name)
                 with self._lock:
                     slot.is_ready = True
                 self._last_request = time.monotonic()
                 continue
+            if slot.engine is not None:  # no new requests; those in flight finish first
+                self._launcher.drain(slot.engine, self._supervision.drain_timeout_s)
             self._stop_process(slot)
             logger.info("autoscaler: stopped engine %s", slot.task.name)
         self._last_scale = time.monotonic()
 
-    def _stop_process(self, slot: _Slot) -> None:
+    def _stop_process(self, slot: _Slot, grace_s: float | None = None) -> None:
+        """Stop the slot's engine. The default grace covers an engine that drains on
+        SIGTERM (one without ``/v1/drain``)."""
         if slot.engine is None:
             return
-        process = slot.engine.process
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=_STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        self._forget(slot)
-
-
-def serve_autoscaled(runtime: LocalRuntime, model_path: Path, served_name: str) -> int:
-    """`moeflow up` with autoscaling: the scaler owns the engines, the gateway follows it."""
-    import uvicorn
-
-    from moeflow.cli import _gateway_settings
-    from moeflow.gateway.app import build_app
-    from moeflow.gateway.settings import GatewaySettings
-
-    args = runtime.args
-    if args.mode != "colocated":
-        raise RuntimeError("autoscaling (--min/--max-replicas, --idle-window-s) supports "
-                           "--mode colocated only for now")
-    policy = policy_from_args(args)
-    wide = copy.copy(runtime)  # plan every replica the scaler may start: fixed ports, fixed URLs
-    wide.args = argparse.Namespace(**{**vars(args), "instances": policy.max_replicas})
-    plan = wide.plan(model_path, served_name)
-    tasks = [task for job in plan.jobs for task in job.tasks]
-    settings = _gateway_settings(args, [])
-    assert isinstance(settings, GatewaySettings)
-    scaler = LocalScaler(runtime, tasks, policy, drain_s=settings.discovery_interval_s + 1.0)
-    # the first start teaches the gateway the model (tokenizer, context), even with min 0
-    scaler.start_initial(min(max(args.instances, policy.min_replicas, 1), policy.max_replicas))
-    settings = settings.model_copy(update={"engine_urls": tuple(
-        e.url for e in runtime.engines)})
-    app = build_app(settings, discovery=scaler, scale_up=scaler)
-    scaler.app = app  # the SLO check reads the gateway's recent TTFT/TPOT
-    server = uvicorn.Server(uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level="info",
-    ))
-    runtime._server = server
-    scaler.start()
-    logger.info("serving %s at http://%s:%d/v1 with %d..%d replicas (idle window %s s)",
-                served_name, settings.host, settings.port, policy.min_replicas,
-                policy.max_replicas, policy.idle_window_s)
-    try:
-        server.run()
-    except KeyboardInterrupt:
-        logger.info("stopping on Ctrl-C")
-    finally:
-        scaler.stop()
-        with contextlib.suppress(Exception):
-            runtime.stop_engines()
-        scaler.join()
-    return 0
+        if grace_s is None:
+            grace_s = max(self._supervision.stop_grace_s,
+                          self._supervision.drain_timeout_s + 1.0)
+        self._launcher.stop(slot.engine, grace_s)
+        with self._lock:
+            self._forget(slot)

@@ -12,6 +12,15 @@ receiver is alive. `recv` blocks on the one list of its (peer, tag) with BLPOP i
 `poll_interval_s`, checking the peer's heartbeat between slices, then fetches and deletes all
 chunks in one pipelined GETDEL (Redis >= 6.2). Every key carries a TTL, so a receiver that dies
 leaks nothing for longer than `message_ttl_s`. Redis failures surface as `BackendUnavailable`.
+
+Reconnecting: redis-py retries a failed command on a new connection (about 5 s of backoff), so
+an endpoint survives a Redis restart. The only state an endpoint keeps in Redis is its
+alive-key; a restarted server (no persistence) has lost it, so every new connection re-creates
+it unless another endpoint holds the rank (`_on_connect`, SET NX). When it had to be
+re-created, the server lost everyone's keys: the endpoint forgets which peers it saw alive, so
+a peer whose key is missing for a moment counts as "not registered yet" (waited for, within
+the call's timeout) rather than "gone". Messages queued in the old server are lost with it
+(their calls time out or fail); new ones flow as before.
 """
 
 from __future__ import annotations
@@ -95,6 +104,8 @@ class RedisTransport(EndpointBase):
         self._ttl_ms = int(config.message_ttl_s * 1000)
         self._bulk: BulkConnection | None = None
         self._bulk_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._is_registered = False
         with _redis_errors("connect"):
             # 1 MiB reads: the default 64 KiB makes the pure-Python parser copy big values often.
             self._client = redis.Redis.from_url(
@@ -102,9 +113,10 @@ class RedisTransport(EndpointBase):
                 socket_timeout=config.socket_timeout_s,
                 socket_read_size=1 << 20,
                 socket_connect_timeout=config.socket_timeout_s,
+                redis_connect_func=self._on_connect,
             )
             self._register()
-        self._stop = threading.Event()
+        self._is_registered = True
         self._heartbeat = threading.Thread(
             target=self._beat, name=f"xccl-redis-{rank}", daemon=True
         )
@@ -127,6 +139,20 @@ class RedisTransport(EndpointBase):
                     f"rank {self.rank!r} of group {self.group!r} is held by a live "
                     "endpoint (its heartbeat keeps renewing)"
                 )
+
+    def _on_connect(self, connection: redis.connection.AbstractConnection) -> None:
+        """Each new connection: redis-py's handshake, then our alive-key again if the server
+        no longer has it (a restarted Redis starts empty; see the module docstring)."""
+        connection.on_connect()  # type: ignore[no-untyped-call]  # redis-py is untyped here
+        if not self._is_registered or self._stop.is_set():
+            return
+        ttl_ms = int(self._config.liveness_ttl_s * 1000)
+        connection.send_command(  # type: ignore[no-untyped-call]
+            "SET", self._alive_key(self.rank), self._instance, "NX", "PX", ttl_ms)
+        if connection.read_response() is not None:  # it was gone: the server lost its state
+            self._seen_alive.clear()
+            logger.warning("xccl %s: redis lost this endpoint's registration (restarted?); "
+                           "registered again", self.rank)
 
     def _beat(self) -> None:
         ttl_ms = int(self._config.liveness_ttl_s * 1000)
@@ -272,16 +298,7 @@ class RedisTransport(EndpointBase):
         slots = [dst.data[i * chunk : (i + 1) * chunk] for i in range(len(keys))]
         if BulkConnection.supports(self._config.url):
             with self._bulk_lock:
-                try:
-                    self._bulk = self._bulk or BulkConnection.open(
-                        self._config.url, self._config.socket_timeout_s
-                    )
-                    lengths = self._bulk.getdel_into(keys, slots)
-                except (OSError, BackendUnavailable) as exc:
-                    if self._bulk is not None:
-                        self._bulk.close()  # mid-reply: the stream cannot be trusted any more
-                    self._bulk = None
-                    raise BackendUnavailable(f"redis bulk read failed: {exc}") from exc
+                lengths = self._bulk_getdel(keys, slots)
         else:
             pipe = self._client.pipeline(transaction=False)
             for key in keys:
@@ -296,6 +313,26 @@ class RedisTransport(EndpointBase):
                 raise MessageLost(
                     f"chunk {i} of {header.tag!r} from {header.sender!r} expired or was altered"
                 )
+
+    def _bulk_getdel(self, keys: list[str], slots: list[memoryview]) -> list[int]:
+        """GETDEL into ``slots`` on the bulk connection (hold ``_bulk_lock``). A connection kept
+        from before that fails is replaced once: Redis may have restarted since it was opened.
+        Asking again is safe: the new server never saw the first try, and had the old one died
+        mid-reply its keys died with it (the retry then finds them missing: MessageLost)."""
+        for attempt in range(2):
+            is_reused = self._bulk is not None
+            try:
+                self._bulk = self._bulk or BulkConnection.open(
+                    self._config.url, self._config.socket_timeout_s
+                )
+                return self._bulk.getdel_into(keys, slots)
+            except (OSError, BackendUnavailable) as exc:
+                if self._bulk is not None:
+                    self._bulk.close()  # mid-reply: the stream cannot be trusted any more
+                self._bulk = None
+                if attempt or not is_reused:
+                    raise BackendUnavailable(f"redis bulk read failed: {exc}") from exc
+        raise AssertionError("unreachable")
 
     # --- close ---------------------------------------------------------------------------------
 

@@ -4,7 +4,9 @@
 (`--save '' --appendonly no`), listening on a Unix socket in `dir` (port None) or on loopback TCP,
 waits until it answers PING, and returns a `LocalRedis` whose `url` feeds `make_transport`.
 Readiness is checked with a raw RESP PING so this module does not import redis (only
-redis_backend.py does). Stopping sends SIGTERM, then SIGKILL after a grace period.
+redis_backend.py does). Stopping sends SIGTERM, then SIGKILL after a grace period
+(`moeflow.processes.stop_process`). Started again on the same port and folder (the local
+runtime does that when it dies), it is a new, empty server: the XCCL backend re-registers.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from moeflow.processes import stop_process
 from moeflow.xccl.errors import LocalRedisError
 
 _INSTALL_HINT = "install it with `apt-get install redis-server` (Debian/Ubuntu)"
@@ -41,13 +44,7 @@ class LocalRedis:
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Terminate the server (idempotent)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=grace_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, grace_s)
 
     def __enter__(self) -> Self:
         return self
@@ -115,8 +112,9 @@ def start_local_redis(
     else:
         args += ["--port", str(port), "--bind", "127.0.0.1", "--protected-mode", "yes"]
         address, url = ("127.0.0.1", port), f"redis://127.0.0.1:{port}/0"
-    process = subprocess.Popen(
-        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    process = subprocess.Popen(  # own process group: a terminal's Ctrl-C is for the parent
+        args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        process_group=0,
     )
     server = LocalRedis(process, url, address, log_path)
     deadline = time.monotonic() + ready_timeout_s

@@ -11,7 +11,7 @@ import helm_python as helm
 import pytest
 import yaml
 
-from moeflow.cli import build_parser
+from moeflow.cli import build_parser, gateway_settings
 from moeflow.coldstart.store_cli import build_parser as store_build_parser
 from moeflow.controller.build_balancer import build_balancer_rbac
 from moeflow.controller.build_engine import build_pod
@@ -166,8 +166,10 @@ def test_shared_gateway_command_is_a_valid_moeflow_cli_call() -> None:
     pod = find(docs, "Deployment", "moeflow-gateway")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     args = build_parser().parse_args(container["args"])
-    assert args.command == "gateway" and args.discovery == "static"
-    assert args.engine == EVERYTHING_ON["gateway"]["engineUrls"] and args.host == "0.0.0.0"
+    settings = gateway_settings(args)  # what the process runs with, flags over environment
+    assert args.command == "gateway" and settings.discovery == "static"
+    assert list(settings.engine_urls) == EVERYTHING_ON["gateway"]["engineUrls"]
+    assert settings.host == "0.0.0.0"
     env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
     assert env["MOEFLOW_API_KEYS"] == {"name": "moeflow-api-keys", "key": "api-keys"}
     assert pod["automountServiceAccountToken"] is False
