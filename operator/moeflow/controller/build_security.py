@@ -64,6 +64,17 @@ def existing_secret_problem(secret: Mapping[str, Any], model_uid: str) -> str | 
     return None
 
 
+def token_of(secret: Mapping[str, Any] | None) -> str | None:
+    """The token a `<model>-internal-token` Secret holds (None: no Secret, or no token)."""
+    encoded = ((secret or {}).get("data") or {}).get(naming.INTERNAL_TOKEN_KEY)
+    if not encoded:
+        return None
+    try:
+        return base64.b64decode(encoded, validate=True).decode() or None
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def internal_token_env(model: str) -> Obj:
     """The container env entry that reads the Model's token from its Secret. Not optional:
     a Pod waits (CreateContainerConfigError) rather than start without it."""

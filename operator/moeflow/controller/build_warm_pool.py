@@ -21,6 +21,14 @@ Probes (a Pod's spec cannot change once claimed, so they serve both lives):
 Termination: the same drain timeout and grace period as an engine Pod, for the engine a
 claim makes of it.
 
+Internal token: a warm Pod is made before any Model claims it, and env from a Secret is fixed
+at container start, so it cannot hold the claiming Model's token (`<model>-internal-token`),
+and the worker takes its token from its own environment only, never from a claim. A claimed
+warm Pod therefore serves without one: it accepts work without the header (the Model's
+NetworkPolicy still admits only the Model's gateway, engines, balancer and the operator) and
+calls no peer with it. That is why a decode Task never claims one: decode instances pull KV
+from prefill instances, which refuse calls without the Model's token.
+
 Names are `<pool>-<n>` with n the lowest numbers that no Pod labelled with the pool uses, claimed
 ones included: a function of the observed Pods, so a replayed event makes the same names (409 =
 already there), and a claimed Pod, which keeps its name, never blocks a refill.
@@ -132,6 +140,9 @@ def claim_refusal(task: TaskSpec) -> str | None:
     """Why no warm Pod can serve this Task (None: one may)."""
     if task.role is Role.EXPERT:
         return "expert instances run their own app, not a warm worker"
+    if task.role is Role.DECODE:
+        return ("decode instances call prefill instances with the Model's internal token,"
+                " which a warm Pod (made before any Model claims it) does not hold")
     if task.template.source.scheme != "store":
         return (f"source {task.template.source.uri}: warm Pods mount only the node model store"
                 " (store://)")

@@ -9,6 +9,8 @@ now" (nothing is reported), never an error.
   engine of an autoscaled role, through the ``EngineStatsClient`` protocol so tests can put a
   double in its place (tests/unit/controller/test_ctl_engine_stats.py is the contract both
   pass).
+Both paths need the Model's internal token (``token``, from its Secret
+``<model>-internal-token``): engines answer only health and metrics without it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Protocol
 import httpx
 
 from moeflow.domain.messages import EngineStats
+from moeflow.web.internal_auth import internal_headers
 
 logger = logging.getLogger(__name__)
 
@@ -31,10 +34,12 @@ def needs_report(cold_start: Mapping[str, Any] | None) -> bool:
     return not cold_start or "weightLoadSeconds" not in cold_start
 
 
-def fetch_cold_start(pod_ip: str, port: int, timeout_s: float = 1.0) -> dict[str, float]:
+def fetch_cold_start(pod_ip: str, port: int, timeout_s: float = 1.0,
+                     token: str | None = None) -> dict[str, float]:
     """The engine-reported coldStart fields, or {} when the engine cannot tell now."""
     try:
-        response = httpx.get(f"http://{pod_ip}:{port}/v1/coldstart", timeout=timeout_s)
+        response = httpx.get(f"http://{pod_ip}:{port}/v1/coldstart", timeout=timeout_s,
+                             headers=internal_headers(token))
         reported = response.json().get("task_status") or {}
     except (httpx.HTTPError, ValueError, AttributeError) as exc:
         logger.info("cold-start report of %s:%s unavailable: %s", pod_ip, port, exc)
@@ -44,8 +49,9 @@ def fetch_cold_start(pod_ip: str, port: int, timeout_s: float = 1.0) -> dict[str
 
 
 class EngineStatsClient(Protocol):
-    def stats(self, host: str, port: int) -> EngineStats | None:
-        """The engine's ``/v1/stats`` now; None when it does not answer well in time."""
+    def stats(self, host: str, port: int, token: str | None = None) -> EngineStats | None:
+        """The engine's ``/v1/stats`` now, asked with the internal ``token``; None when it
+        does not answer well in time."""
 
 
 class HttpEngineStats:
@@ -54,9 +60,10 @@ class HttpEngineStats:
     def __init__(self, timeout_s: float = 1.0) -> None:
         self._http = httpx.Client(timeout=timeout_s)
 
-    def stats(self, host: str, port: int) -> EngineStats | None:
+    def stats(self, host: str, port: int, token: str | None = None) -> EngineStats | None:
         try:
-            response = self._http.get(f"http://{host}:{port}/v1/stats")
+            response = self._http.get(f"http://{host}:{port}/v1/stats",
+                                      headers=internal_headers(token))
             response.raise_for_status()
             return EngineStats.model_validate_json(response.content)
         except (httpx.HTTPError, ValueError) as exc:

@@ -1,7 +1,8 @@
 """One round of the cluster autoscaler for one Model (blocking; run on the handler thread pool
 by `main.autoscaler`, a kopf daemon per autoscaled Model, every `autoscale_interval_s`).
 
-Read the Model, then for each autoscaled role: its Tasks, the `/v1/stats` of its ready engines
+Read the Model (and its internal token, which engines require on `/v1/stats`), then for each
+autoscaled role: its Tasks, the `/v1/stats` of its ready engines
 (concurrently, each bounded by the stats client's timeout), `autoscale.observe`, the shared
 policy. Changed counts go into `spec.roles.<role>.replicas` in one merge patch locked on the
 Model's resourceVersion; the operator's update handler then scales the Jobs and Tasks as for a
@@ -17,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from moeflow.controller import autoscale, status
+from moeflow.controller.build_security import token_of
 from moeflow.controller.engine_report import EngineStatsClient
 from moeflow.controller.events import Decision
 from moeflow.domain import naming
@@ -34,12 +36,12 @@ Memory = dict[Role, autoscale.RoleMemory]
 _MAX_PARALLEL_STATS = 8
 
 
-def _stats(client: EngineStatsClient, engines: tuple[autoscale.Engine, ...]
-           ) -> list[EngineStats]:
+def _stats(client: EngineStatsClient, engines: tuple[autoscale.Engine, ...],
+           token: str | None) -> list[EngineStats]:
     if not engines:
         return []
     with ThreadPoolExecutor(min(_MAX_PARALLEL_STATS, len(engines))) as pool:
-        answers = list(pool.map(lambda e: client.stats(e.host, e.port), engines))
+        answers = list(pool.map(lambda e: client.stats(e.host, e.port, token), engines))
     return [a for a in answers if a is not None]
 
 
@@ -57,6 +59,7 @@ def autoscale_model(api: KubeApi, stats_client: EngineStatsClient, namespace: st
         return memory, [], None  # the update handler reports it
     next_memory: Memory = {}
     decisions: dict[Role, ScaleDecision] = {}
+    token = token_of(api.get(kube.SECRET, namespace, naming.internal_token_secret_name(name)))
     for role in autoscale.autoscaled_roles(spec):
         replicas = spec.role(role).replicas
         tasks = autoscale.read_tasks(api.list(kube.TASK, namespace, {
@@ -64,7 +67,7 @@ def autoscale_model(api: KubeApi, stats_client: EngineStatsClient, namespace: st
         previous = memory.get(role) or autoscale.first_memory(replicas, now_s)
         observation, next_memory[role] = autoscale.observe(
             previous, replicas=replicas, tasks=tasks,
-            stats=_stats(stats_client, tasks.ready), now_s=now_s)
+            stats=_stats(stats_client, tasks.ready, token), now_s=now_s)
         decisions[role] = decide(observation, ScalePolicy.for_role(spec, role))
     changes = {role: d.desired_replicas for role, d in decisions.items()
                if d.desired_replicas != spec.role(role).replicas}

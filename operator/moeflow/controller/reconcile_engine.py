@@ -21,6 +21,7 @@ import kopf
 
 from moeflow.controller import engine_report, status
 from moeflow.controller.build_engine import build_pod, build_task
+from moeflow.controller.build_security import token_of
 from moeflow.controller.build_warm_pool import ANNOTATION_CLAIMED_AT, claimed_pool
 from moeflow.controller.events import Decision, applied, as_body
 from moeflow.controller.reconcile_warm_pool import claim_warm_pod
@@ -133,8 +134,11 @@ def sync_task_with_pod(api: KubeApi, settings: OperatorSettings, event_type: str
                              now=now, warm_pool=warm_pool, claimed_at=claimed_at)
     if (new["phase"] == status.PHASE_READY and previous.get("phase") != status.PHASE_READY
             and pod_ip and engine_report.needs_report(previous.get("coldStart"))):
-        # once, as the Pod turns Ready: the engine's own cold-start steps (docs/coldstart.md)
-        reported = engine_report.fetch_cold_start(pod_ip, task.template.port)
+        # once, as the Pod turns Ready: the engine's own cold-start steps (docs/coldstart.md),
+        # asked with the Model's internal token (engines require it there)
+        token = token_of(api.get(kube.SECRET, namespace,
+                                 naming.internal_token_secret_name(task.model)))
+        reported = engine_report.fetch_cold_start(pod_ip, task.template.port, token=token)
         new = status.task_status(pod, endpoint=endpoint, previous=previous, now=now,
                                  engine_cold_start=reported,
                                  warm_pool=warm_pool, claimed_at=claimed_at)

@@ -5,6 +5,7 @@ requester wakes it again. Engines are a real HTTP server answering /v1/stats on 
 
 from __future__ import annotations
 
+import base64
 import os
 import threading
 import time
@@ -29,9 +30,24 @@ IDLE = EngineStats(instance_id=f"{NAME}-colocated-0", role="colocated", num_wait
 
 
 class _Engine(BaseHTTPRequestHandler):
+    """An idle engine with MOEFLOW_INTERNAL_TOKEN set to `token` (filled in by the test once
+    the operator made the Model's Secret): /v1/stats only with it."""
+
+    token: str | None = None
+    stats_tokens: list[str | None] = []  # the header of every GET /v1/stats
+
     def do_GET(self) -> None:  # noqa: N802
-        body = IDLE.model_dump_json().encode() if self.path == "/v1/stats" else b"{}"
-        self.send_response(200 if self.path == "/v1/stats" else 404)
+        if self.path == "/v1/stats":
+            _Engine.stats_tokens.append(self.headers.get("x-moeflow-internal-token"))
+        authorized = (_Engine.token is not None
+                      and self.headers.get("x-moeflow-internal-token") == _Engine.token)
+        if not authorized:
+            body, status = b'{"error": {"code": "invalid_internal_token"}}', 401
+        elif self.path == "/v1/stats":
+            body, status = IDLE.model_dump_json().encode(), 200
+        else:
+            body, status = b"{}", 404
+        self.send_response(status)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -42,6 +58,7 @@ class _Engine(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def engine_port() -> Iterator[int]:
+    _Engine.token, _Engine.stats_tokens = None, []
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Engine)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield server.server_address[1]
@@ -96,6 +113,10 @@ async def test_idle_model_scales_to_zero_and_the_gateway_requester_wakes_it(
         "autoscaling", {}).get("colocated", {}).get("action") == "hold", what="first decision")
     assert replicas(cluster) == 1
     assert not (cluster.get(MODELS, NAME) or {})["metadata"].get("finalizers")
+    # The engine takes the Model's token only: the operator reads it from the Secret.
+    secret = cluster.get("v1/secrets", naming.internal_token_secret_name(NAME))
+    assert secret is not None
+    _Engine.token = base64.b64decode(secret["data"][naming.INTERNAL_TOKEN_KEY]).decode()
     await mark_engines_ready(cluster)
     await wait_for(lambda: (cluster.get(TASKS, f"{NAME}-colocated-0") or {}).get(
         "status", {}).get("ready"), what="task ready")
@@ -105,6 +126,9 @@ async def test_idle_model_scales_to_zero_and_the_gateway_requester_wakes_it(
     (event,) = await wait_for(lambda: cluster.events("AutoscaleIdle", involved=NAME),
                               what="AutoscaleIdle event")
     assert "colocated: 1 -> 0 replicas" in event["message"] and "idle" in event["message"]
+    # It asked the engine for its load with the Model's token (an engine without stats
+    # would look idle too, so the decision alone does not show it).
+    assert _Engine.stats_tokens and set(_Engine.stats_tokens) == {_Engine.token}
     status = await wait_for(lambda: (s := (cluster.get(MODELS, NAME) or {}).get("status"))
                             and s.get("lastScaleTime") and s, what="lastScaleTime")
     assert status["autoscaling"]["colocated"]["desired"] == 0

@@ -240,3 +240,29 @@ def test_the_gateway_serves_the_paths_its_probes_ask_for() -> None:
 
     paths = {getattr(route, "path", None) for route in health.router.routes}
     assert {"/health/live", "/health/ready"} <= paths
+
+
+async def test_the_engine_paths_probes_ask_for_say_what_the_probes_expect() -> None:
+    """A draining engine stays live (liveness must not kill a drain) and leaves readiness;
+    a dead loop fails both (liveness restarts it)."""
+    import httpx
+    from fastapi import FastAPI
+
+    from moeflow.engine.health import add_health_routes
+
+    async def transport() -> Any:
+        return "none"
+
+    async def answers(*, alive: bool, draining: bool) -> tuple[int, int]:
+        app = FastAPI()
+        add_health_routes(app, is_loop_alive=lambda: alive, is_draining=lambda: draining,
+                          transport_state=transport)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://engine") as client:
+            live = (await client.get("/health/live")).status_code
+            ready = (await client.get("/health/ready")).status_code
+        return live, ready
+
+    assert await answers(alive=True, draining=False) == (200, 200)
+    assert await answers(alive=True, draining=True) == (200, 503)
+    assert await answers(alive=False, draining=False) == (503, 503)

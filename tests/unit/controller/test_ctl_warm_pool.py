@@ -155,6 +155,7 @@ def test_a_task_fits_a_warm_pod_of_the_same_image_devices_port_and_store() -> No
     ({"source": {"uri": "pvc://weights"}}, "colocated", "store"),
     ({"resources": {"cpu": "2"}}, "colocated", "cpu/memory"),
     ({"expertInstances": 1, "attentionInstances": 1}, "expert", "expert"),
+    ({}, "decode", "internal token"),  # it would call prefill without the Model's token
 ])
 def test_tasks_a_warm_pod_cannot_serve_are_refused_with_the_reason(
         template: dict[str, Any], role: str, why: str) -> None:
