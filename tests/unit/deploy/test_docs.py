@@ -10,7 +10,9 @@ import helm_python as helm
 import pytest
 import yaml
 
+from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
+from moeflow.domain.roles import Role
 from tests.unit.deploy.chart_kit import CHART, ROOT, find, render_objects
 
 DOCS = {name: (ROOT / "docs" / name).read_text()
@@ -70,3 +72,20 @@ def test_gateway_and_redis_names_in_the_guides_are_the_real_ones() -> None:
     redis = find(render_objects({"redis": {"enabled": True}}), "Service", "moeflow-redis")
     assert new == (f"redis://{redis['metadata']['name']}.{redis['metadata']['namespace']}"
                    ".svc.cluster.local:6379/0")
+
+
+def test_token_secret_policy_and_instance_names_in_the_guides_are_the_real_ones() -> None:
+    colocated = yaml.safe_load((ROOT / "deploy/examples/model-colocated.yaml").read_text())
+    model = colocated["metadata"]["name"]
+    kind = DOCS["install-kind.md"]
+    assert f"kubectl get secret {naming.internal_token_secret_name(model)} " in kind
+    assert f"kubectl get networkpolicy {naming.engines_network_policy_name(model)} " in kind
+    url = naming.instance_url(model, Role.COLOCATED, 0, "default",
+                              OperatorSettings().engine_port)
+    assert f"{url}/health/live" in kind
+    operations = DOCS["operations.md"]
+    for name in ("<model>-internal-token", "<model>-engines", "<release>-gateway-to-engines",
+                 "MOEFLOW_INTERNAL_TOKEN", "MOEFLOW_ENGINE_DRAIN_TIMEOUT_S",
+                 "MOEFLOW_OPERATOR_NAMESPACE"):
+        assert name in operations, name
+    assert "## On a cluster" in operations
