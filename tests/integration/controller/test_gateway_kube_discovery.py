@@ -42,12 +42,17 @@ async def test_gateway_follows_ready_tasks(
     cluster: Cluster, tiny_dirs: dict[str, pathlib.Path], tmp_path: pathlib.Path
 ) -> None:
     engine_port, gateway_port = free_port(), free_port()
+    # As on a cluster: engine and gateway read the same MOEFLOW_INTERNAL_TOKEN (the Model's
+    # Secret there); the engine takes work only with it.
+    token = "the-models-internal-token"
     engine = subprocess.Popen(
         [sys.executable, "-m", "moeflow.cli", "engine", "--model", str(tiny_dirs["llama"]),
          "--served-model-name", "m", "--port", str(engine_port), "--num-threads", "1",
          "--kv-cache-mb", "16"],
+        env=dict(os.environ, MOEFLOW_INTERNAL_TOKEN=token),
     )
-    env = dict(os.environ, KUBECONFIG=os.environ["MOEFLOW_OPERATOR_KUBECONFIG"])
+    env = dict(os.environ, KUBECONFIG=os.environ["MOEFLOW_OPERATOR_KUBECONFIG"],
+               MOEFLOW_INTERNAL_TOKEN=token)
     gateway = subprocess.Popen(
         [sys.executable, "-m", "moeflow.cli", "gateway", "--discovery", "kubernetes",
          "--namespace", NAMESPACE, "--served-model-name", "m", "--port", str(gateway_port)],
@@ -56,6 +61,12 @@ async def test_gateway_follows_ready_tasks(
     gateway_url = f"http://127.0.0.1:{gateway_port}"
     try:
         await _wait_healthy(f"http://127.0.0.1:{engine_port}")
+        async with httpx.AsyncClient() as http:  # probes are open, work is not
+            engine_url = f"http://127.0.0.1:{engine_port}"
+            assert (await http.get(f"{engine_url}/health/live")).status_code == 200
+            refused = await http.get(f"{engine_url}/v1/model_info")
+            assert refused.status_code == 401
+            assert refused.json()["error"]["code"] == "invalid_internal_token"
         spec = parse_model_spec({"source": {"uri": "store://m"}})
         plan = plan_model("m", spec, namespace=NAMESPACE)
         job_obj = build_model_children(plan, NAMESPACE, OperatorSettings())[-1]
@@ -78,8 +89,8 @@ async def test_gateway_follows_ready_tasks(
                 await asyncio.sleep(0.3)
             health = await http.get(f"{gateway_url}/health")
             assert health.status_code == 200
-            assert health.json() == {"status": "ok", "healthy_instances": 0,
-                                     "scale_from_zero": True}
+            assert health.json() == {"status": "ok", "models": {"m": "scaled_to_zero"},
+                                     "healthy_instances": 0, "scale_from_zero": True}
         await client.close()
     finally:
         for process in (gateway, engine):
