@@ -22,13 +22,18 @@ from moeflow.gateway.engine_client import EngineClient
 from moeflow.gateway.generation import GenerationService
 from moeflow.gateway.kube_scale import KubeScaleUp
 from moeflow.gateway.metrics import GatewayMetrics
-from moeflow.gateway.middleware import ApiKeyMiddleware, BodySizeLimitMiddleware
+from moeflow.gateway.middleware import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    RequestCountMiddleware,
+)
 from moeflow.gateway.registry import ModelRegistry
-from moeflow.gateway.routes import chat, completions, models
+from moeflow.gateway.routes import chat, completions, health, models
 from moeflow.gateway.scale_from_zero import ScaleUpRequester, WakeQueue
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.gateway.status_page import router as status_router
 from moeflow.web.errors import install_error_handlers
+from moeflow.web.internal_auth import internal_headers
 
 
 def build_app(
@@ -44,9 +49,11 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        token = settings.internal_token
         client = EngineClient(
             connect_timeout_s=settings.engine_connect_timeout_s,
             request_timeout_s=settings.request_timeout_s,
+            headers=internal_headers(token.get_secret_value() if token else None),
         )
         registry = ModelRegistry(client)
         metrics = GatewayMetrics(registry)
@@ -96,6 +103,7 @@ def build_app(
     app = FastAPI(title="MoEFlow gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
     app.include_router(models.router)
+    app.include_router(health.router)
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(status_router)
@@ -107,9 +115,16 @@ def build_app(
             generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST
         )
 
-    # Outermost first: size limit, then auth, so unauthenticated giants are refused cheaply.
+    def count_request(model: str, endpoint: str, status: str) -> None:
+        service: GenerationService | None = getattr(app.state, "service", None)
+        if service is not None:
+            service.metrics.requests.labels(model, endpoint, status).inc()
+
+    # Added last is outermost: counting sees every answer, then the size limit, then auth, so
+    # unauthenticated giants are refused cheaply.
     app.add_middleware(
         ApiKeyMiddleware, api_keys=[k.get_secret_value() for k in settings.api_keys]
     )
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestCountMiddleware, count=count_request)
     return app
