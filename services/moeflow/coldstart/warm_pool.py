@@ -22,6 +22,11 @@ process can take the port): ``GET /health`` answers 503 until the engine serves,
 readiness probe passes only once the claimed model is loaded, as for an engine Pod. A claim is
 also written to ``claim_file`` (a Pod-local emptyDir): a restarted container (same command)
 claims itself with it at once instead of waiting for a claim that will not come again.
+
+Health as on an engine: ``GET /health/live`` 200 while the worker runs, ``GET /health/ready``
+(= ``/health``) 503 until the claimed engine serves. With ``MOEFLOW_INTERNAL_TOKEN`` set, the
+HTTP claim (and ``GET /v1/warm``) needs it in ``x-moeflow-internal-token`` (401 otherwise),
+and the claimed engine uses this worker's token whatever the claim's settings say.
 """
 
 from __future__ import annotations
@@ -43,6 +48,13 @@ from typing import TYPE_CHECKING, Any
 from moeflow.domain.coldstart import ColdStartRecord
 from moeflow.domain.roles import Role
 from moeflow.processes import stop_process, stop_processes
+from moeflow.web.errors import error_body
+from moeflow.web.internal_auth import (
+    INTERNAL_TOKEN_HEADER,
+    OPEN_PATHS,
+    is_valid_token,
+    token_from_env,
+)
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
@@ -259,7 +271,10 @@ def _serve_unix_claims(listener: socket.socket, box: _ClaimBox) -> None:
             conn.sendall(json.dumps(answer).encode() + b"\n")
 
 
-def _claim_handler(box: _ClaimBox) -> type[BaseHTTPRequestHandler]:
+def _claim_handler(box: _ClaimBox, token: str | None = None) -> type[BaseHTTPRequestHandler]:
+    """``token``: the internal token every path but health needs (None: open)."""
+    expected = token.encode() if token else None
+
     class Handler(BaseHTTPRequestHandler):
         def _answer(self, status: int, body: Mapping[str, Any]) -> None:
             data = json.dumps(body).encode()
@@ -269,9 +284,25 @@ def _claim_handler(box: _ClaimBox) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def _is_authorized(self) -> bool:
+            if expected is None or self.path in OPEN_PATHS:
+                return True
+            presented = self.headers.get(INTERNAL_TOKEN_HEADER)
+            if is_valid_token(presented.encode() if presented is not None else None, expected):
+                return True
+            what = "missing" if presented is None else "invalid"
+            self._answer(401, error_body(
+                f"{what} internal token: this worker takes claims from the platform only",
+                "authentication_error", "invalid_internal_token"))
+            return False
+
         def do_GET(self) -> None:  # noqa: N802
+            if not self._is_authorized():
+                return
             state = "claimed" if box.taken.is_set() else "idle"
-            if self.path == "/health":  # not ready: no engine serves here yet
+            if self.path == "/health/live":  # the worker runs; it waits or loads
+                self._answer(200, {"status": "ok"})
+            elif self.path in ("/health", "/health/ready"):  # not ready: no engine serves yet
                 self._answer(503, {"status": "loading" if state == "claimed" else "warm"})
             elif self.path == "/v1/warm":
                 self._answer(200, {"state": state, "pid": os.getpid()})
@@ -279,6 +310,8 @@ def _claim_handler(box: _ClaimBox) -> type[BaseHTTPRequestHandler]:
                 self._answer(404, {"error": f"{self.path}: not found on a warm worker"})
 
         def do_POST(self) -> None:  # noqa: N802
+            if not self._is_authorized():
+                return
             if self.path != CLAIM_PATH:
                 self._answer(404, {"error": f"{self.path}: not found on a warm worker"})
                 return
@@ -298,9 +331,10 @@ def _claim_handler(box: _ClaimBox) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-def _claim_server(sock: socket.socket, box: _ClaimBox) -> ThreadingHTTPServer:
+def _claim_server(sock: socket.socket, box: _ClaimBox,
+                  token: str | None = None) -> ThreadingHTTPServer:
     """The pre-claim HTTP server, on an already listening socket (kept open when it stops)."""
-    server = ThreadingHTTPServer(sock.getsockname()[:2], _claim_handler(box),
+    server = ThreadingHTTPServer(sock.getsockname()[:2], _claim_handler(box, token),
                                  bind_and_activate=False)
     server.socket.close()
     server.socket = sock
@@ -333,8 +367,9 @@ def worker_main(socket_path: Path | None, *, port: int | None = None, host: str 
     torch.empty(1).sum()
     prewarm_http()  # the app's route/schema set-up and uvicorn's imports, before the claim
     box = _ClaimBox(port)
+    token = token_from_env()
     http_sock = socket.create_server((host, port), backlog=128) if port is not None else None
-    server = _claim_server(http_sock, box) if http_sock is not None else None
+    server = _claim_server(http_sock, box, token) if http_sock is not None else None
     listener = listen(socket_path) if socket_path is not None else None
     if listener is not None:
         threading.Thread(target=_serve_unix_claims, args=(listener, box), name="warm-unix",
@@ -353,6 +388,10 @@ def worker_main(socket_path: Path | None, *, port: int | None = None, host: str 
     record = ColdStartRecord(started_s=claim.claimed_monotonic, path="warm_pool")
     record.mark_load_started()
     settings = claim.settings
+    if token is not None:  # the platform's token, never one a claim (or a dump of it) names
+        from pydantic import SecretStr
+
+        settings = settings.model_copy(update={"internal_token": SecretStr(token)})
     preloaded = _receive_weights(claim.weights, settings) if claim.weights else None
     if server is None:
         return serve_engine(settings, record, preloaded)

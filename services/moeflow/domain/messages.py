@@ -138,6 +138,12 @@ class EngineStats(_Message):
     num_preemptions_total: int
     num_memory_waits_total: int = 0
     """Requests that had to wait in the queue for free KV blocks (back-pressure)."""
+    is_loop_alive: bool = True
+    """False once the engine loop died (the process is about to exit)."""
+    is_transport_ok: bool = True
+    """False while the instance's XCCL transport (e.g. its Redis) is unreachable."""
+    is_draining: bool = False
+    """True after POST /v1/drain or SIGTERM: in-flight requests finish, new ones go elsewhere."""
 
     @property
     def kv_usage_ratio(self) -> float:

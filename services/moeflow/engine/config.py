@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moeflow.domain.roles import Role
@@ -107,6 +107,29 @@ class EngineSettings(EngineOptions):
     """Attention and expert roles: how many expert instances (XCCL ranks expert-0..N-1)."""
     num_attention_instances: int = Field(0, ge=0)
     """Expert role: how many attention instances it serves (ranks attention-0..N-1)."""
+
+    # -- robustness (docs/operations.md, "Engine instances") --
+    drain_timeout_s: float = Field(30.0, ge=0)
+    """On SIGTERM the instance drains (takes no new requests, finishes those in flight) and
+    exits when they are done or after this many seconds, whichever comes first."""
+    internal_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("MOEFLOW_INTERNAL_TOKEN", "internal_token")
+    )
+    """Shared secret of the platform (env ``MOEFLOW_INTERNAL_TOKEN``): when set, every route
+    but health and metrics needs it in ``x-moeflow-internal-token``, and calls to other
+    instances send it (``moeflow.web.internal_auth``). Empty means unset."""
+
+    @field_validator("internal_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        if value == "" or (isinstance(value, SecretStr) and not value.get_secret_value()):
+            return None
+        return value
+
+    @property
+    def internal_token_value(self) -> str | None:
+        """The internal token in clear (for headers and the middleware), or None."""
+        return self.internal_token.get_secret_value() if self.internal_token else None
 
     @model_validator(mode="after")
     def _check(self) -> EngineSettings:

@@ -21,6 +21,7 @@ import torch
 
 from moeflow.domain.errors import BackendUnavailableError, MoeflowError, error_from_code
 from moeflow.domain.messages import GenerateRequest, PrefillRequest, PrefillResponse
+from moeflow.web.internal_auth import internal_headers
 from moeflow.xccl import Transport, XcclError
 
 
@@ -45,11 +46,14 @@ class PulledKV:
 class KVPuller:
     """Decode side: ask the prefill instance for a request's KV and receive it."""
 
-    def __init__(self, transport: Transport, self_rank: str, timeout_s: float) -> None:
+    def __init__(self, transport: Transport, self_rank: str, timeout_s: float, *,
+                 internal_token: str | None = None) -> None:
+        """``internal_token``: sent to the prefill instance (``moeflow.web.internal_auth``)."""
         self.transport = transport
         self.self_rank = self_rank
         self.timeout_s = timeout_s
-        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0))
+        self._http = httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=5.0),
+                                       headers=internal_headers(internal_token))
 
     async def aclose(self) -> None:
         await self._http.aclose()

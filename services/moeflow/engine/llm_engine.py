@@ -29,7 +29,8 @@ from moeflow.engine.block_manager import BlockManager, num_blocks_for
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import load_arch
-from moeflow.engine.scheduler import Scheduler
+from moeflow.engine.sampler import INVALID_TOKEN
+from moeflow.engine.scheduler import Scheduler, StepPlan
 from moeflow.engine.sequence import Sequence
 from moeflow.text.tokenizer import IncrementalDetokenizer, TextTokenizer
 
@@ -39,14 +40,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class StepFailed(Exception):
-    """A step could not run (no live expert for a routed token): its requests are aborted
-    here and must be failed with ``error``; the engine itself keeps serving."""
+STEP_FAILED_MESSAGE = (
+    "the engine failed while computing this request; it was stopped (other requests go on)"
+)
+INVALID_LOGITS_MESSAGE = "the model produced invalid scores for this request; it was stopped"
 
-    def __init__(self, request_ids: list[str], error: MoeflowError) -> None:
+
+class StepFailed(Exception):
+    """A step could not run: its requests are already aborted here (KV blocks freed, nothing
+    indexed in the prefix cache) and must be failed with ``error``; the engine itself keeps
+    serving.
+
+    Two kinds: no live expert for a routed token (``ExpertsUnavailableError``: the fleet's
+    fault, transient; ``is_internal`` False), and anything else that raised while the step
+    ran: the model forward, sampling, the postprocess (``is_internal`` True, error code
+    ``internal_error``, a client-safe message; the cause is logged). A driver that sees
+    internal failures step after step should consider the engine broken."""
+
+    def __init__(self, request_ids: list[str], error: MoeflowError, *,
+                 is_internal: bool = False) -> None:
         super().__init__(error.message)
         self.request_ids = request_ids
         self.error = error
+        self.is_internal = is_internal
 
 
 @dataclass
@@ -124,6 +140,9 @@ class LLMEngine:
         """Prefill role: request_id -> prompt KV, filled before the request's last chunk."""
         self.pending_kv_pulls: list[str] = []
         """Decode role: requests whose blocks are reserved and whose KV should be fetched."""
+        self.failed_requests: list[tuple[str, MoeflowError]] = []
+        """Requests a step failed on their own (e.g. non-finite logits), already aborted; the
+        driver delivers the errors and clears the list."""
         self.last_step_was_idle = False
         self.num_prefix_hit_tokens = 0
         self.num_prompt_tokens_total = 0
@@ -203,26 +222,49 @@ class LLMEngine:
             return []
         try:
             sampled = self.runner.execute(plan)
-        except ExpertsUnavailableError as exc:
-            # a failed step indexes nothing in the prefix cache (that happens in postprocess)
+            sampled = self._drop_invalid(plan, sampled)
+            for item in plan.scheduled:
+                seq = item.seq
+                if seq.exports_kv and item.completes_sequence and not seq.output_token_ids:
+                    # copy out before postprocess frees the blocks of this one-token request
+                    self.exported_kv[seq.request_id] = self.runner.read_kv(
+                        seq.block_table, seq.num_prompt_tokens
+                    )
+            self.scheduler.postprocess(plan, sampled)
+        except Exception as exc:
+            # Only this step's requests fail; a failed step indexes nothing in the prefix cache
+            # (that happens in postprocess), and aborting frees their blocks.
             failed = [item.seq.request_id for item in plan.scheduled]
             for request_id in failed:
                 self.abort(request_id)
-            raise StepFailed(failed, exc) from exc
-        for item in plan.scheduled:
-            seq = item.seq
-            if seq.exports_kv and item.completes_sequence and not seq.output_token_ids:
-                # copy out before postprocess frees the blocks of this one-token request
-                self.exported_kv[seq.request_id] = self.runner.read_kv(
-                    seq.block_table, seq.num_prompt_tokens
-                )
-        self.scheduler.postprocess(plan, sampled)
+            if isinstance(exc, ExpertsUnavailableError):
+                raise StepFailed(failed, exc) from exc
+            logger.exception("step failed for %d requests", len(failed))
+            raise StepFailed(failed, MoeflowError(STEP_FAILED_MESSAGE), is_internal=True) from exc
         chunks: list[TokenChunk] = []
         for request_id, token_id in sampled.items():
             req = self._requests.get(request_id)
-            if req is not None:
+            if req is None:
+                continue
+            try:
                 chunks.append(self._emit(req, token_id))
+            except Exception:  # detokenizing one request must not fail the others
+                logger.exception("output of request %s failed", request_id)
+                self.abort(request_id)
+                self.failed_requests.append((request_id, MoeflowError(STEP_FAILED_MESSAGE)))
         return chunks
+
+    def _drop_invalid(self, plan: StepPlan, sampled: dict[str, int]) -> dict[str, int]:
+        """Fail (alone) the requests whose row had non-finite logits; the rest go on."""
+        invalid = {rid for rid, token_id in sampled.items() if token_id == INVALID_TOKEN}
+        if not invalid:
+            return sampled
+        logger.error("non-finite logits for %d requests; failing them", len(invalid))
+        plan.scheduled = [s for s in plan.scheduled if s.seq.request_id not in invalid]
+        for request_id in invalid:
+            self.abort(request_id)
+            self.failed_requests.append((request_id, MoeflowError(INVALID_LOGITS_MESSAGE)))
+        return {rid: t for rid, t in sampled.items() if rid not in invalid}
 
     def attach_kv(
         self, request_id: str, kv: torch.Tensor, first_token_id: int, *,

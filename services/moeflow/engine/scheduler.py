@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from moeflow.engine.block_manager import BlockManager, num_blocks_for
+from moeflow.engine.block_manager import BlockManager
 from moeflow.engine.sequence import Sequence, SequenceStatus
 
 
@@ -202,6 +202,3 @@ class Scheduler:
             seq.finish_reason = reason  # type: ignore[assignment]
         self.block_manager.free(seq)
 
-
-def max_blocks_per_seq(max_model_len: int, block_size: int) -> int:
-    return num_blocks_for(max_model_len, block_size)

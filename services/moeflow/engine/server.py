@@ -1,23 +1,32 @@
-"""HTTP face of one engine instance: generate (NDJSON stream), model info, stats, health.
+"""HTTP face of one engine instance: generate (NDJSON stream), model info, stats, health, drain.
 
 Errors become responses through ``moeflow.web.errors``, as in the gateway. The body of
 ``POST /v1/generate`` is a ``GenerateRequest``; the response streams one JSON ``TokenChunk``
 per line, or an ``ErrorChunk`` if the request fails after the stream began. Closing the
 connection aborts the request and frees its KV blocks.
+
+Health (``moeflow.engine.health``): ``/health/live`` follows the engine loop thread,
+``/health/ready`` (and ``/health``) also the XCCL transport and draining; ``/v1/stats`` carries
+the same three facts. ``POST /v1/drain`` stops admission (new requests get 503
+``backend_unavailable``) while requests in flight finish. With an internal token
+(``EngineSettings.internal_token``) every route but health and metrics needs it
+(``moeflow.web.internal_auth``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import cast
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 
 from moeflow.domain.errors import BackendUnavailableError, InvalidRequestError, MoeflowError
 from moeflow.domain.messages import (
@@ -32,11 +41,13 @@ from moeflow.domain.messages import (
 from moeflow.domain.roles import Role
 from moeflow.engine.ae.attention_routes import add_attention_routes
 from moeflow.engine.ae.attention_runner import AttentionRunner
-from moeflow.engine.async_engine import AsyncEngine, KVPullReady
+from moeflow.engine.async_engine import AsyncEngine, KVExport, KVPullReady
 from moeflow.engine.coldstart_routes import add_coldstart_routes
 from moeflow.engine.disagg import KVPuller, prefill_only, send_kv
-from moeflow.engine.llm_engine import LLMEngine
+from moeflow.engine.health import TransportState, add_health_routes, probe_transport
+from moeflow.engine.llm_engine import STEP_FAILED_MESSAGE, LLMEngine
 from moeflow.web.errors import install_error_handlers
+from moeflow.web.internal_auth import InternalTokenMiddleware
 from moeflow.xccl import Transport, make_transport
 
 logger = logging.getLogger(__name__)
@@ -57,6 +68,45 @@ def _metrics(engine: LLMEngine) -> CollectorRegistry:
     return registry
 
 
+class _HealthCollector(Collector):
+    """Loop liveness, draining, the last transport check, and failure counters."""
+
+    def __init__(self, async_engine: AsyncEngine, state: dict[str, object],
+                 labels: dict[str, str]) -> None:
+        self._engine = async_engine
+        self._state = state
+        self._labels = labels
+
+    def collect(self) -> Iterator[Metric]:
+        names = list(self._labels)
+        values = list(self._labels.values())
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            family = GaugeMetricFamily(name, doc, labels=names)
+            family.add_metric(values, value)
+            return family
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            family = CounterMetricFamily(name, doc, labels=names)
+            family.add_metric(values, value)
+            return family
+
+        e = self._engine
+        yield gauge("moeflow_engine_loop_alive", "1 while the engine loop runs",
+                    float(e.is_loop_alive))
+        yield gauge("moeflow_engine_draining", "1 while the instance drains", float(e.is_draining))
+        yield gauge("moeflow_engine_transport_ok",
+                    "1 when the last XCCL transport check passed (or there is no transport)",
+                    float(self._state.get("transport_state", "none") != "unreachable"))
+        yield gauge("moeflow_engine_in_flight_requests", "Open generate/prefill calls",
+                    float(e.num_in_flight))
+        yield counter("moeflow_engine_step_failures", "Steps that raised (their requests failed)",
+                      float(e.num_step_failures_total))
+        yield counter("moeflow_engine_failed_requests",
+                      "Requests ended by an engine failure (not by a client error)",
+                      float(e.num_failed_requests_total))
+
+
 def _open_transport(engine: LLMEngine) -> Transport | None:
     s = engine.settings
     if s.role not in (Role.PREFILL, Role.DECODE):
@@ -69,6 +119,9 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
     registry = _metrics(engine)
     settings = engine.settings
     state: dict[str, object] = {}
+    registry.register(_HealthCollector(
+        async_engine, state, {"instance": settings.instance_name, "role": settings.role}))
+    token = settings.internal_token_value
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -77,7 +130,8 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
         if transport is not None:
             state["transport"] = transport
             if settings.role is Role.DECODE:
-                puller = KVPuller(transport, settings.instance_name, settings.kv_transfer_timeout_s)
+                puller = KVPuller(transport, settings.instance_name, settings.kv_transfer_timeout_s,
+                                  internal_token=token)
                 state["puller"] = puller
         async_engine.start()
         try:
@@ -104,8 +158,20 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
             kv_bytes=pulled.response.kv_bytes, kv_transfer_ms=pulled.transfer_ms,
         )
 
+    def current_transport() -> Transport | None:
+        transport = cast(Transport | None, state.get("transport"))
+        if transport is None and isinstance(engine.runner, AttentionRunner):
+            transport = engine.runner.client.transport
+        return transport
+
+    async def transport_state() -> TransportState:
+        checked = await probe_transport(current_transport())
+        state["transport_state"] = checked
+        return checked
+
     app = FastAPI(title="moeflow engine", lifespan=lifespan)
     app.state.async_engine = async_engine
+    app.add_middleware(InternalTokenMiddleware, token=token)
     add_coldstart_routes(app, engine.cold_start, registry)  # GET /v1/coldstart, histograms
     if isinstance(engine.runner, AttentionRunner):
         add_attention_routes(app, engine.runner.client, registry, settings.instance_name)
@@ -114,7 +180,9 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
 
     @app.post("/v1/generate")
     async def generate(request: GenerateRequest) -> StreamingResponse:
-        engine.check_admission(request)  # the client's errors surface here, before the 200
+        # the instance's and the client's errors surface here, before the 200
+        async_engine.check_accepting()
+        engine.check_admission(request)
         chunks = async_engine.generate(request)
 
         async def body() -> AsyncIterator[bytes]:
@@ -123,9 +191,16 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
                     if isinstance(chunk, KVPullReady):
                         await pull_and_attach(request)
                         continue
-                    yield chunk.model_dump_json().encode() + b"\n"
+                    if isinstance(chunk, TokenChunk):
+                        yield chunk.model_dump_json().encode() + b"\n"
             except MoeflowError as exc:
                 err = ErrorChunk(request_id=request.request_id, code=exc.code, message=exc.message)
+                yield err.model_dump_json().encode() + b"\n"
+            except Exception:  # e.g. a broken answer from a prefill instance: this stream only
+                logger.exception("request %s failed", request.request_id)
+                unexpected = MoeflowError(STEP_FAILED_MESSAGE)
+                err = ErrorChunk(request_id=request.request_id, code=unexpected.code,
+                                 message=unexpected.message)
                 yield err.model_dump_json().encode() + b"\n"
             finally:
                 await chunks.aclose()
@@ -140,10 +215,12 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
             raise InvalidRequestError(f"this instance's role is {settings.role!r}, not prefill")
         request = prefill_only(body.request)
         last: TokenChunk | None = None
+        kv = None
         async for item in async_engine.generate(request, exports_kv=True):
             if isinstance(item, TokenChunk):
                 last = item
-        kv = engine.exported_kv.pop(request.request_id, None)
+            elif isinstance(item, KVExport):  # handed over by the engine thread
+                kv = item.kv
         if last is None or kv is None:
             raise BackendUnavailableError("the prefill produced no KV")
         kv_bytes = kv.numel() * kv.element_size()
@@ -161,16 +238,26 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
 
     @app.get("/v1/stats")
     async def stats() -> EngineStats:
-        return engine.stats()
+        return engine.stats().model_copy(update={
+            "is_loop_alive": async_engine.is_loop_alive,
+            "is_transport_ok": await transport_state() != "unreachable",
+            "is_draining": async_engine.is_draining,
+        })
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not async_engine.is_healthy:
-            return JSONResponse({"status": "unhealthy"}, status_code=503)
-        return JSONResponse({"status": "ok", "role": engine.settings.role})
+    @app.post("/v1/drain")
+    async def drain() -> JSONResponse:
+        """Stop admitting requests; those in flight finish. Readiness answers 503 "draining"."""
+        async_engine.drain()
+        logger.warning("draining: %d requests in flight", async_engine.num_in_flight)
+        return JSONResponse({"status": "draining", "num_in_flight": async_engine.num_in_flight})
+
+    add_health_routes(app, is_loop_alive=lambda: async_engine.is_loop_alive,
+                      is_draining=lambda: async_engine.is_draining,
+                      transport_state=transport_state, extra={"role": settings.role})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:
+        await transport_state()  # the transport gauge shows the state at scrape time
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     return app

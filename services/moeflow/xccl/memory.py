@@ -42,11 +42,6 @@ class MemoryHub:
 _PROCESS_HUB = MemoryHub()
 
 
-def process_hub() -> MemoryHub:
-    """The hub `make_transport("memory", ...)` uses when none is given."""
-    return _PROCESS_HUB
-
-
 class MemoryTransport(EndpointBase):
     """Endpoint of the in-process backend. See the module docstring."""
 

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from moeflow.domain.messages import SamplingParams
-from moeflow.engine.block_manager import BlockManager
-from moeflow.engine.scheduler import Scheduler, max_blocks_per_seq
+from moeflow.engine.block_manager import BlockManager, num_blocks_for
+from moeflow.engine.scheduler import Scheduler
 from moeflow.engine.sequence import Sequence, SequenceStatus
 from tests.unit.engine.scheduler_kit import (
     BS,
@@ -132,7 +132,7 @@ def test_tiny_memory_preempts_but_every_request_gets_the_same_tokens_as_ample_me
     )
     tiny = run_to_completion(
         workload(),
-        num_blocks=max_blocks_per_seq(2 * BS + 14 + 16, BS) + 1,
+        num_blocks=num_blocks_for(2 * BS + 14 + 16, BS) + 1,
         max_num_seqs=6,
         max_num_batched_tokens=16,
         prefix_caching=prefix_caching,

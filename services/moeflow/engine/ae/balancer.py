@@ -32,6 +32,7 @@ from moeflow.domain.messages import (
 )
 from moeflow.domain.roles import Role
 from moeflow.engine import eplb
+from moeflow.web.internal_auth import internal_headers, token_from_env
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +58,13 @@ class ExpertBalancer:
         budget: int | None = None,
         min_gain: float = 0.05,
         timeout_s: float = 60.0,
+        internal_token: str | None = None,
     ) -> None:
         """`expert_urls[i]` is the instance with XCCL rank expert-i. `budget`: extra replicas
         in total (default: one per expert instance); `min_gain`: the smallest relative drop of
-        the predicted imbalance worth a reconfiguration."""
+        the predicted imbalance worth a reconfiguration. `internal_token`: sent with every
+        call to the instances (default: ``MOEFLOW_INTERNAL_TOKEN`` from the environment, as
+        the platform passes it)."""
         if not attention_urls or not expert_urls:
             raise ValueError("the balancer needs attention and expert instances")
         self._attention = list(attention_urls)
@@ -68,7 +72,8 @@ class ExpertBalancer:
         self.num_experts = num_experts
         self.budget = len(expert_urls) if budget is None else budget
         self.min_gain = min_gain
-        self._http = httpx.Client(timeout=timeout_s)
+        token = internal_token if internal_token is not None else token_from_env()
+        self._http = httpx.Client(timeout=timeout_s, headers=internal_headers(token))
         self._last_counts = [0] * num_experts
         self.version = 0
         self._lock = threading.Lock()

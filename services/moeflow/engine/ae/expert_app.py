@@ -3,6 +3,11 @@
 The data path is XCCL (``ExpertWorker``); HTTP is control only. ``GET /v1/model_info`` reports
 role "expert" so that a gateway that discovers every Task of a Model knows not to send it
 requests. Errors map to the OpenAI envelope through ``moeflow.web.errors``.
+
+Health as on engine instances (``moeflow.engine.health``): ``/health/live`` follows the
+worker's serving threads (one per attention peer), ``/health/ready`` and ``/health`` also its
+XCCL transport. With an internal token (``EngineSettings.internal_token``) every other route
+needs it (the balancer sends it).
 """
 
 from __future__ import annotations
@@ -28,10 +33,12 @@ from moeflow.engine.ae.expert_client import expert_rank
 from moeflow.engine.ae.expert_map import round_robin_hosted
 from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader
 from moeflow.engine.config import EngineSettings
+from moeflow.engine.health import TransportState, add_health_routes, probe_transport
 from moeflow.engine.model_runner import DTYPES
 from moeflow.engine.models.arch import load_arch
 from moeflow.web.errors import install_error_handlers
-from moeflow.xccl import make_transport
+from moeflow.web.internal_auth import InternalTokenMiddleware
+from moeflow.xccl import Transport, make_transport
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +59,9 @@ class _Metrics(Collector):
         yield from (tokens, hosted)
 
 
-def build_expert_worker(settings: EngineSettings) -> ExpertWorker:
+def build_expert_worker(settings: EngineSettings,
+                        transport: Transport | None = None) -> ExpertWorker:
+    """The worker of this instance; ``transport``: its XCCL endpoint (default: opened here)."""
     arch = load_arch(settings.model_path)
     if not arch.is_moe:
         raise ValueError(f"role expert needs a MoE model; {arch.model_type} is dense")
@@ -60,8 +69,9 @@ def build_expert_worker(settings: EngineSettings) -> ExpertWorker:
         raise ValueError(f"{settings.num_expert_instances} expert instances for "
                          f"{arch.num_experts} experts: some would host nothing")
     rank = expert_rank(settings.rank)
-    transport = make_transport(settings.transport, settings.xccl_group, rank,
-                               redis_url=settings.redis_url)
+    if transport is None:
+        transport = make_transport(settings.transport, settings.xccl_group, rank,
+                                   redis_url=settings.redis_url)
     initial = round_robin_hosted(arch.num_experts, settings.num_expert_instances)[settings.rank]
     peers = [f"attention-{i}" for i in range(settings.num_attention_instances)]
     loader = checkpoint_loader(settings.model_path, arch, DTYPES[settings.dtype])
@@ -72,7 +82,9 @@ def build_expert_worker(settings: EngineSettings) -> ExpertWorker:
 def build_expert_app(settings: EngineSettings) -> FastAPI:
     torch.set_num_threads(settings.num_threads or 1)
     started = time.perf_counter()
-    worker = build_expert_worker(settings)
+    transport = make_transport(settings.transport, settings.xccl_group,
+                               expert_rank(settings.rank), redis_url=settings.redis_url)
+    worker = build_expert_worker(settings, transport)
     logger.info("%s ready: experts %s loaded in %.2f s", worker.rank, sorted(worker.hosted),
                 time.perf_counter() - started)
     registry = CollectorRegistry()
@@ -88,6 +100,7 @@ def build_expert_app(settings: EngineSettings) -> FastAPI:
             worker.stop()
 
     app = FastAPI(title="moeflow expert instance", lifespan=lifespan)
+    app.add_middleware(InternalTokenMiddleware, token=settings.internal_token_value)
 
     install_error_handlers(app)
 
@@ -118,11 +131,11 @@ def build_expert_app(settings: EngineSettings) -> FastAPI:
         return JSONResponse({"served_model_name": settings.name, "role": "expert",
                              "xccl_rank": worker.rank, "created_unix": created_unix})
 
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not worker.is_healthy:
-            return JSONResponse({"status": "unhealthy"}, status_code=503)
-        return JSONResponse({"status": "ok", "role": Role.EXPERT})
+    async def transport_state() -> TransportState:
+        return await probe_transport(transport)
+
+    add_health_routes(app, is_loop_alive=lambda: worker.is_healthy, is_draining=lambda: False,
+                      transport_state=transport_state, extra={"role": Role.EXPERT})
 
     @app.get("/metrics")
     async def metrics() -> PlainTextResponse:

@@ -96,6 +96,11 @@ class ExpertClient:
         self._latency = {layer: _LayerLatency() for layer in self.moe_layer_ids}
         self.num_redispatches_total = 0
 
+    @property
+    def transport(self) -> Transport:
+        """The XCCL endpoint (read-only: health checks probe it)."""
+        return self._transport
+
     # -- control (any thread) ------------------------------------------------------------
     def set_placement(self, placement: ExpertPlacement) -> None:
         if len(placement.hosted) != self.map.num_instances:
