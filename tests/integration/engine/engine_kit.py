@@ -37,6 +37,13 @@ class Served:
 def serve(engine: LLMEngine, timeout_s: float = 30.0) -> Iterator[Served]:
     """The engine's app under uvicorn on a free port, until the block ends."""
     app = build_engine_app(engine)
+    with serve_app(app, timeout_s) as url:
+        yield Served(engine, app, url)
+
+
+@contextmanager
+def serve_app(app: FastAPI, timeout_s: float = 30.0) -> Iterator[str]:
+    """Any app under uvicorn on a free port (its lifespan runs); yields its base URL."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                            timeout_graceful_shutdown=5))
@@ -48,7 +55,7 @@ def serve(engine: LLMEngine, timeout_s: float = 30.0) -> Iterator[Served]:
             raise RuntimeError("the engine app did not start")
         time.sleep(0.01)
     try:
-        yield Served(engine, app, f"http://127.0.0.1:{port}")
+        yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=30)

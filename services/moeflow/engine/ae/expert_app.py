@@ -100,6 +100,8 @@ def build_expert_app(settings: EngineSettings) -> FastAPI:
             worker.stop()
 
     app = FastAPI(title="moeflow expert instance", lifespan=lifespan)
+    app.state.expert_worker = worker
+    app.state.transport = transport
     app.add_middleware(InternalTokenMiddleware, token=settings.internal_token_value)
 
     install_error_handlers(app)
