@@ -75,6 +75,9 @@ class EngineClient:
         except httpx.ConnectError as exc:
             raise InstanceFailedError(url, "unreachable", repr(exc),
                                       is_before_accept=True) from exc
+        except httpx.TransportError as exc:  # the connection broke: the instance is gone
+            raise InstanceFailedError(url, "cut", f"{type(exc).__name__}: {exc}",
+                                      is_before_accept=False) from exc
         except httpx.HTTPError as exc:
             raise InstanceFailedError(url, "error", f"{type(exc).__name__}: {exc}",
                                       is_before_accept=False) from exc

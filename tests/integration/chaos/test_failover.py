@@ -13,6 +13,7 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+import httpx
 import openai
 
 from tests.platform_process import Platform, start_platform
@@ -22,8 +23,9 @@ NUM_STREAMS = 24
 NUM_TOKENS = 48
 
 
-def children(platform: Platform, role: str) -> list[int]:
-    out = subprocess.run(["pgrep", "-P", str(platform.process.pid), "-f", f"role {role}"],
+def children(platform: Platform, role: str, pattern: str | None = None) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(platform.process.pid), "-f",
+                          pattern or f"role {role}"],
                          capture_output=True, text=True, check=False).stdout
     return [int(pid) for pid in out.split()]
 
@@ -59,7 +61,19 @@ async def stream_all(client: openai.AsyncOpenAI, texts: Sequence[str],
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(texts))))
 
 
-async def killed_mid_stream(platform: Platform, role: str) -> list[tuple[str, int]]:
+async def healed(platform: Platform, timeout_s: float = 120) -> None:
+    """Wait until every instance is healthy again (the platform restarted what died)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while asyncio.get_running_loop().time() < deadline:
+        body = httpx.get(f"{platform.root_url}/health/ready", timeout=5).json()
+        if body["models"].get(MODEL) == "ready":
+            return
+        await asyncio.sleep(0.5)
+    raise AssertionError(f"not healed: {body}\n{platform.log()[-3000:]}")
+
+
+async def killed_mid_stream(platform: Platform, role: str,
+                            pattern: str | None = None) -> list[tuple[str, int]]:
     client = openai.AsyncOpenAI(base_url=platform.base_url, api_key="x", max_retries=0,
                                 timeout=120)
     try:
@@ -68,7 +82,7 @@ async def killed_mid_stream(platform: Platform, role: str) -> list[tuple[str, in
         progressed = asyncio.Event()
         run = asyncio.create_task(stream_all(client, prompts(), progressed))
         await asyncio.wait_for(progressed.wait(), 60)
-        victims = children(platform, role)
+        victims = children(platform, role, pattern)
         assert victims, f"no {role} engine process found"
         os.kill(victims[0], signal.SIGKILL)
         disturbed = await asyncio.wait_for(run, 180)
@@ -88,6 +102,9 @@ async def test_kill_one_of_two_colocated_engines_loses_nothing(
         await killed_mid_stream(platform, "colocated")
         failovers = platform.metric("moeflow_failovers_total")
         assert failovers is not None and failovers >= 1, platform.log()[-3000:]
+        await healed(platform)  # the lost engine was restarted and serves again
+        assert platform.metric("moeflow_engine_restarts_total", role="colocated") == 1
+        await killed_mid_stream(platform, "colocated")  # and again, the other way round
         assert platform.process.poll() is None, "the platform must keep running"
     finally:
         platform.stop()
@@ -103,9 +120,27 @@ async def test_kill_decode_or_prefill_of_a_split_model_loses_nothing(
         "--max-model-len", "512", "--max-num-seqs", "4"])
     try:
         await killed_mid_stream(platform, "decode")
+        await healed(platform)
         await killed_mid_stream(platform, "prefill")
+        await healed(platform)
         failovers = platform.metric("moeflow_failovers_total")
         assert failovers is not None and failovers >= 2, platform.log()[-3000:]
+        assert platform.process.poll() is None, "the platform must keep running"
+    finally:
+        platform.stop()
+
+
+async def test_kill_the_private_redis_of_a_split_model_loses_nothing(
+    tiny_dirs: dict[str, Path],
+) -> None:
+    """KV moves over Redis: kill -9 redis-server with streams in flight; `moeflow up` restarts
+    it on the same port, the engines reconnect, and every request finishes with its text."""
+    platform = start_platform(tiny_dirs["llama"], [
+        "--served-model-name", MODEL, "--mode", "pd", "--prefill", "1", "--decode", "1",
+        "--transport", "redis", "--max-model-len", "512", "--max-num-seqs", "4"])
+    try:
+        await killed_mid_stream(platform, "redis-server", pattern="redis-server")
+        await healed(platform)
         assert platform.process.poll() is None, "the platform must keep running"
     finally:
         platform.stop()
