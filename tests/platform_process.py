@@ -50,6 +50,21 @@ class Platform:
                 total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
         return total
 
+    def engine_headers(self) -> dict[str, str]:
+        """Headers for calling this platform's engines directly: `moeflow up` gives every
+        engine child its internal token (MOEFLOW_INTERNAL_TOKEN), read here from one of them."""
+        out = subprocess.run(["pgrep", "-P", str(self.process.pid), "-f", "moeflow.cli"],
+                             capture_output=True, text=True, check=False).stdout.split()
+        for pid in out:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            for entry in environ:
+                if entry.startswith(b"MOEFLOW_INTERNAL_TOKEN="):
+                    return {"x-moeflow-internal-token": entry.split(b"=", 1)[1].decode()}
+        raise RuntimeError("no engine child of this platform carries an internal token")
+
     def stop(self, timeout_s: float = 20.0) -> int:
         """Ctrl-C, as a user would; returns the exit code."""
         if self.process.poll() is None:

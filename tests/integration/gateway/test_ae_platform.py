@@ -83,7 +83,9 @@ async def test_split_equals_transformers_before_and_after_a_live_rebalance(
     assert await _complete(platform, prompts, 12) == expected
     [(_, attention_url)] = _role_processes(platform, "attention")
     experts = _role_processes(platform, "expert")
-    balancer = ExpertBalancer([attention_url], [url for _, url in experts], 8, budget=4)
+    headers = platform.engine_headers()  # moeflow up's engines take its internal token only
+    balancer = ExpertBalancer([attention_url], [url for _, url in experts], 8, budget=4,
+                              internal_token=headers["x-moeflow-internal-token"])
     try:
         # rebalance while requests are in flight: no pause, no change in outputs
         during = asyncio.create_task(_complete(platform, prompts, 12))
@@ -95,12 +97,13 @@ async def test_split_equals_transformers_before_and_after_a_live_rebalance(
     assert sum(len(h) for h in report.hosted) == 12  # 8 experts + a budget of 4 replicas
     assert await _complete(platform, prompts, 12) == expected
     stats = AttentionExpertStats.model_validate_json(
-        httpx.get(f"{attention_url}/v1/experts/stats").content)
+        httpx.get(f"{attention_url}/v1/experts/stats", headers=headers).content)
     assert stats.placement.version == report.version
     assert stats.placement.hosted == report.hosted
     assert all(p > 0 for p in stats.pairs_per_instance)
     hosted = [ExpertInstanceStats.model_validate_json(
-        httpx.get(f"{url}/v1/experts/stats").content).hosted for _, url in experts]
+        httpx.get(f"{url}/v1/experts/stats", headers=headers).content).hosted
+        for _, url in experts]
     assert tuple(hosted) == report.hosted  # break after make: unplaced replicas dropped
     metrics = httpx.get(f"{attention_url}/metrics").text
     assert "moeflow_expert_imbalance_ratio" in metrics

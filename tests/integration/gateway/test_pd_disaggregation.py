@@ -110,9 +110,11 @@ async def test_full_decode_memory_makes_prefill_wait_and_loses_nothing(
         for prompt, result in zip(prompts, results, strict=True):
             assert result.usage is not None and result.usage.completion_tokens == 24
             assert result.choices[0].text == tokenizer.decode(hf_greedy(model_dir, prompt, 24))
-        decode_stats = httpx.get(f"{_engine_url(platform, 'decode')}/v1/stats").json()
+        decode_stats = httpx.get(f"{_engine_url(platform, 'decode')}/v1/stats",
+                                 headers=platform.engine_headers()).json()
         assert decode_stats["num_memory_waits_total"] > 0, "prefill should have waited"
-        prefill_stats = httpx.get(f"{_engine_url(platform, 'prefill')}/v1/stats").json()
+        prefill_stats = httpx.get(f"{_engine_url(platform, 'prefill')}/v1/stats",
+                                  headers=platform.engine_headers()).json()
         assert prefill_stats["num_free_blocks"] == prefill_stats["num_total_blocks"]
     finally:
         assert platform.stop() == 0
