@@ -228,6 +228,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
                       "kubelet device plugin advertising moeflow.dev/npu"),
     "warm-pool": ("moeflow.coldstart.warm_pool_cli",
                   "a pre-warmed engine worker (imports done, no model) on a socket"),
+    "finetune": ("moeflow.training.cli", "LoRA fine-tuning of a local model on JSONL chat data"),
 }
 
 

@@ -13,6 +13,7 @@ Flow (each arrow is a watch event that triggers the next level, level-based and 
     Model with maxReplicas --one loop, every autoscale_interval_s-->  spec.roles.<role>.replicas
     WarmPool --create/update/resume-->  worker Pods   Pod --event-->  WarmPool (refill, status)
     Task needing a Pod  --claims-->  an idle warm Pod that fits (relabel, re-own, POST claim)
+    FineTune --create/resume/event-->  trainer RBAC + Pod   Pod --event-->  FineTune status
 Status refreshes of one object are coalesced (`Coalescer`): bursts of child events cost one
 read-compute-write of the parent at a time.
 """
@@ -26,6 +27,7 @@ from typing import Any
 
 import kopf
 
+from moeflow.controller import reconcile_finetune
 from moeflow.controller.autoscale import has_bounds
 from moeflow.controller.context import MEMO_KEY, WARM_CLAIMS_KEY, OperatorContext, context_of
 from moeflow.controller.events import Decision, post
@@ -40,7 +42,7 @@ from moeflow.controller.reconcile_model import apply_model, record_error, refres
 from moeflow.controller.reconcile_request import is_unfinished, run_request
 from moeflow.controller.reconcile_warm_pool import apply_warm_pool
 from moeflow.controller.settings import OperatorSettings
-from moeflow.domain import naming
+from moeflow.domain import finetune_spec, naming
 from moeflow.domain.spec import SpecError
 from moeflow.kube.api import KubeApi, OwnershipConflict
 
@@ -49,6 +51,7 @@ JOBS = (naming.GROUP, naming.VERSION, "jobs")
 TASKS = (naming.GROUP, naming.VERSION, "tasks")
 REQUESTS = (naming.GROUP, naming.VERSION, "requests")
 WARM_POOLS = (naming.GROUP, naming.VERSION, "warmpools")
+FINETUNES = (naming.GROUP, naming.VERSION, finetune_spec.PLURAL)
 logger = logging.getLogger(__name__)
 ENGINE_PODS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
                naming.LABEL_COMPONENT: naming.COMPONENT_ENGINE}
@@ -57,6 +60,8 @@ GATEWAYS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
 # Claimed warm Pods included (they keep the pool label): a claim's relabel event refills the pool.
 WARM_PODS: dict[str, Any] = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
                              naming.LABEL_WARM_POOL: kopf.PRESENT}
+TRAINER_PODS = {naming.LABEL_MANAGED_BY: naming.MANAGED_BY,
+                naming.LABEL_COMPONENT: finetune_spec.COMPONENT}
 
 
 @kopf.on.startup()
@@ -255,3 +260,25 @@ async def warm_pod_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | No
     pool = (body["metadata"].get("labels") or {}).get(naming.LABEL_WARM_POOL)
     if pool:
         await _reconcile_warm_pool(context_of(memo), _namespaced(namespace), pool)
+
+
+@kopf.on.resume(*FINETUNES)
+@kopf.on.create(*FINETUNES)
+async def start_finetune(memo: kopf.Memo, namespace: str | None, name: str, **_: Any) -> None:
+    await reconcile_finetune.start(context_of(memo), _namespaced(namespace), name)
+
+
+@kopf.on.event(*FINETUNES)
+async def finetune_changed(event: kopf.RawEvent, memo: kopf.Memo, namespace: str | None,
+                           name: str, **_: Any) -> None:
+    """The trainer's progress reports arrive as status patches: milestones become Events."""
+    if event.get("type") != "DELETED":
+        await reconcile_finetune.refresh(context_of(memo), _namespaced(namespace), name)
+
+
+@kopf.on.event("", "v1", "pods", labels=TRAINER_PODS)
+async def trainer_pod_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
+                              **_: Any) -> None:
+    finetune = (body["metadata"].get("labels") or {}).get(finetune_spec.LABEL_FINETUNE)
+    if finetune:
+        await reconcile_finetune.refresh(context_of(memo), _namespaced(namespace), finetune)
