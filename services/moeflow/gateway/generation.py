@@ -277,6 +277,13 @@ class GenerationService:
                 except MoeflowError as exc:
                     if not _is_instance_failure(exc):
                         raise
+                    if exc.code == "internal_error":
+                        # a step failed with this request in it: once may be bad luck (it
+                        # shared the step with the culprit), twice says the culprit is this
+                        # request, which must not take more instances' steps down with it
+                        job.num_step_failures += 1
+                        if job.num_step_failures > 1:
+                            raise
                     await attempt.close()
                     self._give_up_or_count(job, _as_backend_error(exc), attempt.prefill_url)
                     await asyncio.sleep(_backoff_s(job.num_failures))
@@ -319,6 +326,7 @@ class _Job:
     output_token_ids: list[int] = field(default_factory=list)
     num_emitted_chars: int = 0
     num_failures: int = 0
+    num_step_failures: int = 0
 
 
 _WAIT_POLL_S = 0.25
@@ -369,10 +377,14 @@ def _is_instance_failure(exc: MoeflowError) -> bool:
     return isinstance(exc, BackendUnavailableError) or exc.code == "internal_error"
 
 
+class _StepFailedError(BackendUnavailableError):
+    code = "internal_error"
+
+
 def _as_backend_error(exc: MoeflowError) -> BackendUnavailableError:
     if isinstance(exc, BackendUnavailableError):
         return exc
-    return BackendUnavailableError(f"an engine instance failed the request: {exc.message}")
+    return _StepFailedError(f"an engine instance failed the request: {exc.message}")
 
 
 def _as_continuation(chunk: TokenChunk, job: _Job, num_resumed: int) -> TokenChunk:
