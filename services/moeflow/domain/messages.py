@@ -54,12 +54,37 @@ class KVSource(BaseModel):
     prefill_rank: str
 
 
+class ResumeState(BaseModel):
+    """Failover: what an earlier instance already generated for this request and the client
+    already received. The new instance computes the prompt plus ``output_token_ids`` as its
+    context and continues after them; its detokenizer starts from those tokens, so stop strings
+    and multi-byte characters that span the hand-over come out exactly as without one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    output_token_ids: tuple[int, ...] = Field(min_length=1)
+    num_emitted_chars: int = Field(0, ge=0)
+    """Characters of text the client has received (the rest is held back, e.g. a possible
+    stop-string prefix, and comes out with the next chunk)."""
+
+
 class GenerateRequest(_Message):
     request_id: str = Field(min_length=1, max_length=128)
     prompt_token_ids: tuple[int, ...] = Field(min_length=1)
+    """The original prompt. With ``resume`` the instance computes ``prompt_token_ids +
+    resume.output_token_ids`` and ``sampling.max_tokens`` counts only new tokens."""
     sampling: SamplingParams
     kv_source: KVSource | None = None
     """Set by the gateway for a split request: the decode instance pulls the prompt's KV."""
+    resume: ResumeState | None = None
+    """Set by the gateway when it moves a request whose instance failed mid-stream."""
+
+    @property
+    def context_token_ids(self) -> tuple[int, ...]:
+        """What the instance computes before its first new token."""
+        if self.resume is None:
+            return self.prompt_token_ids
+        return self.prompt_token_ids + self.resume.output_token_ids
 
     def __repr__(self) -> str:  # never log prompt contents
         return (

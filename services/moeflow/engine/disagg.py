@@ -19,7 +19,12 @@ from dataclasses import dataclass
 import httpx
 import torch
 
-from moeflow.domain.errors import BackendUnavailableError, MoeflowError, error_from_code
+from moeflow.domain.errors import (
+    BackendUnavailableError,
+    MoeflowError,
+    PrefillUnavailableError,
+    error_from_code,
+)
 from moeflow.domain.messages import GenerateRequest, PrefillRequest, PrefillResponse
 from moeflow.web.internal_auth import internal_headers
 from moeflow.xccl import Transport, XcclError
@@ -71,11 +76,14 @@ class KVPuller:
                 headers={"content-type": "application/json"},
             )
         except httpx.HTTPError as exc:
-            raise BackendUnavailableError(
-                f"prefill instance {source.prefill_url} failed: {type(exc).__name__}"
+            raise PrefillUnavailableError(
+                f"the prefill instance failed: {type(exc).__name__}"
             ) from exc
         if response.status_code != 200:
-            raise _remote_error(response)
+            error = _remote_error(response)
+            if isinstance(error, BackendUnavailableError):  # the instance, not the request
+                raise PrefillUnavailableError(f"the prefill instance failed: {error.message}")
+            raise error
         answer = PrefillResponse.model_validate_json(response.content)
         recv_started = time.perf_counter()
         remaining_s = max(0.0, self.timeout_s - (recv_started - started))
@@ -84,7 +92,8 @@ class KVPuller:
                 self.transport.recv, source.prefill_rank, tag, remaining_s
             )
         except XcclError as exc:
-            raise BackendUnavailableError(f"KV transfer failed: {exc}") from exc
+            raise PrefillUnavailableError(f"the KV transfer from the prefill instance failed: "
+                                          f"{type(exc).__name__}") from exc
         # shm hands out views of the sender's buffers: keep a private copy, release them now
         kv = tensors[0].clone()
         del tensors

@@ -155,7 +155,7 @@ class LLMEngine:
     # -- admission -------------------------------------------------------------------------
     def check_admission(self, request: GenerateRequest) -> None:
         """Raise the client's error now, before any work: bad ids, too long, queue full."""
-        num_prompt = len(request.prompt_token_ids)
+        num_prompt = len(request.context_token_ids)
         if num_prompt + request.sampling.max_tokens > self.max_model_len:
             if num_prompt >= self.max_model_len:
                 msg = (
@@ -170,7 +170,7 @@ class LLMEngine:
                 )
             raise ContextLengthExceededError(msg, param="messages")
         vocab = self.arch.vocab_size
-        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+        if any(t < 0 or t >= vocab for t in request.context_token_ids):
             raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
         if len(self.scheduler.waiting) >= self.settings.max_num_waiting:
             raise OverloadedError(
@@ -188,7 +188,7 @@ class LLMEngine:
         self.check_admission(request)
         seq = Sequence(
             request_id=request.request_id,
-            prompt_token_ids=list(request.prompt_token_ids),
+            prompt_token_ids=list(request.context_token_ids),
             sampling=request.sampling,
             eos_token_ids=self.eos_token_ids,
             arrival_s=time.monotonic(),
@@ -196,6 +196,8 @@ class LLMEngine:
             exports_kv=exports_kv,
         )
         detok = IncrementalDetokenizer(self.tokenizer, stop=request.sampling.stop)
+        if request.resume is not None:  # failover: continue another instance's output
+            detok.resume(request.resume.output_token_ids, request.resume.num_emitted_chars)
         self._requests[request.request_id] = _Request(seq, detok)
         self.scheduler.add(seq)
 

@@ -56,6 +56,12 @@ class GatewaySettings(BaseSettings):
     retry_after_s: int = Field(1, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     """Longest a single request may take end to end."""
+    max_failovers: int = Field(3, ge=0)
+    """Times a request may move to another instance after its instance failed (before or
+    mid-stream); past it, or past ``request_timeout_s``, the client gets one clear 503."""
+    failover_wait_s: float = Field(30.0, ge=0)
+    """When a model has instances but none is healthy (restarting, Redis down), a request
+    waits this long for one to come back before it gets 503."""
     engine_connect_timeout_s: float = Field(5.0, gt=0)
     engine_startup_timeout_s: float = Field(300.0, gt=0)
     """How long to wait at start-up for engine instances to report their model."""
