@@ -150,3 +150,20 @@ def test_a_model_that_never_starts_makes_up_give_up(tiny_dirs: dict[str, Path],
     leftover = subprocess.run(["pgrep", "-f", str(broken)], capture_output=True, text=True,
                               check=False).stdout
     assert not leftover.strip(), f"processes left behind: {leftover}"
+
+
+def test_the_local_scaler_restarts_an_engine_that_dies(tiny_dirs: dict[str, Path]) -> None:
+    p = start_platform(tiny_dirs["llama"], ["--served-model-name", MODEL, "--max-model-len",
+                                            "256", "--min-replicas", "1", "--max-replicas", "1"])
+    try:
+        [(pid, url)] = engine_children(p.process.pid).values()
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: p.metric("moeflow_engine_restarts_total", role="colocated") == 1.0,
+                   20, "the scaler did not restart the engine", p)
+        wait_until(lambda: httpx.get(f"{p.root_url}/health", timeout=5).json()[
+            "healthy_instances"] == 1, 60, "the restarted engine was not served", p)
+        [(new_pid, new_url)] = engine_children(p.process.pid).values()
+        assert new_pid != pid and new_url == url
+        assert len(asyncio.run(_complete_all(p, 2))) == 2
+    finally:
+        assert p.stop() == 0, p.log()[-3000:]
