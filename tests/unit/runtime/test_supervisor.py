@@ -147,3 +147,23 @@ def test_stop_process_kills_what_ignores_sigterm() -> None:
     assert stop_process(stubborn, grace_s=0.3) == -signal.SIGKILL
     assert 0.3 <= time.monotonic() - started < 5
     assert stop_process(stubborn, grace_s=0.3) == -signal.SIGKILL  # idempotent
+
+
+def test_a_process_that_dies_and_cannot_come_back_gives_up_while_serving(
+    cleanup: list[Supervisor], tmp_path: Path,
+) -> None:
+    # the first start runs; every later one fails, as when the model folder went away
+    count = tmp_path / "starts"
+    script = f"n=$(cat {count} 2>/dev/null || echo 0); echo $((n+1)) > {count}; " \
+             f"[ $n -eq 0 ] && exec sleep 60; exit 2"
+    unit = CommandUnit(["sh", "-c", script], name="engine m-decode-0", role="decode")
+    restarts: list[str] = []
+    reasons: list[str] = []
+    supervisor = Supervisor([unit], FAST, on_restart=restarts.append, on_give_up=reasons.append)
+    cleanup.append(supervisor)
+    supervisor.start()
+    assert supervisor.wait_ready()
+    os.kill(unit.processes[0].pid, signal.SIGKILL)
+    _wait(lambda: bool(reasons))
+    assert reasons == [give_up_reason("engine m-decode-0", 3, "exited with code 2 while starting")]
+    assert restarts == ["decode"] * 3 and unit.starts == 4
