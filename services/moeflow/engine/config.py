@@ -113,7 +113,7 @@ class EngineSettings(EngineOptions):
     """On SIGTERM the instance drains (takes no new requests, finishes those in flight) and
     exits when they are done or after this many seconds, whichever comes first."""
     internal_token: SecretStr | None = Field(
-        None, validation_alias=AliasChoices("MOEFLOW_INTERNAL_TOKEN", "internal_token")
+        None, validation_alias=AliasChoices("MOEFLOW_INTERNAL_TOKEN")  # no bare INTERNAL_TOKEN
     )
     """Shared secret of the platform (env ``MOEFLOW_INTERNAL_TOKEN``): when set, every route
     but health and metrics needs it in ``x-moeflow-internal-token``, and calls to other
