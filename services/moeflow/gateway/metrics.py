@@ -47,7 +47,10 @@ class GatewayMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(
-            "moeflow_requests", "Finished requests", ["model", "endpoint", "status"], registry=r
+            "moeflow_requests",
+            "Answers to /v1 requests by final status, each counted once by RequestCountMiddleware "
+            "(model is empty until the request named a served model; 499: the client left)",
+            ["model", "endpoint", "status"], registry=r,
         )
         self.ttft = Histogram(
             "moeflow_time_to_first_token_seconds", "Time to first token", ["model"],
@@ -91,6 +94,12 @@ class GatewayMetrics:
             "moeflow_kv_transfer_ttft_share", "Share of TTFT spent getting the prompt's KV",
             ["model"], buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
+        )
+        self.failovers = Counter(
+            "moeflow_failovers_total",
+            "Requests moved to another instance after theirs failed (reason: unreachable, cut, "
+            "error, or the engine's error code)",
+            ["model", "reason"], registry=self.registry,
         )
         self.in_flight = Gauge(
             "moeflow_gateway_requests_in_flight", "Requests the gateway holds now", registry=r

@@ -1,25 +1,154 @@
 """OpenAI-compatible request and response bodies (chat completions, completions, models).
 
-Requests accept and ignore unknown fields, as OpenAI's own server does for forward
+Requests: unknown fields are accepted and ignored, as OpenAI's own server does for forward
 compatibility, but every field we know is validated, and parameters we do not implement are
-refused with a clear 400 rather than silently ignored.
+refused with a clear 400 rather than silently ignored. Two checks run once over the whole parsed
+body before any field is validated (``_RequestBody``):
+
+- every string, wherever it sits (message content and parts, prompts, ``stop``, ``user``, names,
+  tool definitions, unknown fields, object keys), must be valid Unicode: JSON can spell a lone
+  UTF-16 surrogate (``"\\ud800"``), which no tokenizer and no UTF-8 encoder accepts, so such a
+  body is a 400 naming the parameter instead of a failure deep inside;
+- ``null`` for an optional field means its default, as OpenAI's schema allows (``n``,
+  ``stream``, ``echo``, ``stream_options.include_usage``, ...).
+
+Responses are typed too (``ChatCompletion``, ``ChatCompletionChunk``, ``Completion``,
+``CompletionChunk``, ``ModelList``, ``Model``, ``Usage``, ``ErrorEnvelope``): the routes build
+them, and ``/openapi.json`` documents them. Fields OpenAI sends as ``null`` (``logprobs``, a
+running chunk's ``finish_reason``) are sent as ``null``; fields OpenAI leaves out when unset (a
+delta's ``role`` or ``content``) are left out.
 """
 
 from __future__ import annotations
 
+import functools
+import re
 import time
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from moeflow.domain.messages import FinishReason
+from moeflow.web.errors import PARAM_CONTEXT_KEY, ErrorEnvelope
+
+__all__ = [
+    "ERROR_RESPONSES",
+    "AssistantMessage",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletion",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatDelta",
+    "ChatMessage",
+    "Completion",
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionRequest",
+    "ErrorEnvelope",
+    "Model",
+    "ModelList",
+    "PromptTokensDetails",
+    "StreamOptions",
+    "TextPart",
+    "Usage",
+    "find_lone_surrogate",
+    "make_usage",
+    "now_unix",
+    "sse_responses",
+]
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
-class StreamOptions(BaseModel):
+# -- the edge checks ------------------------------------------------------------------------------
+
+
+def find_lone_surrogate(body: Any) -> tuple[str | None, str] | None:
+    """The first string in ``body`` (a parsed JSON document, walked in document order) that is
+    not valid Unicode, as ``(param, what)``: ``param`` is its dotted path (``messages.0.content``;
+    for an object key, the path of the object; None at the top level), ``what`` says which code
+    unit and where. None when every string is valid.
+
+    Iterative, so a deeply nested document cannot exhaust the interpreter's stack.
+    """
+    stack: list[tuple[tuple[str | int, ...], Any]] = [((), body)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found is not None:
+                return _dotted(path), f"U+{ord(found.group()):04X} at character {found.start()}"
+        elif isinstance(item, dict):
+            children: list[tuple[tuple[str | int, ...], Any]] = []
+            for key, value in item.items():
+                if isinstance(key, str) and (found := _SURROGATE.search(key)) is not None:
+                    return _dotted(path), f"U+{ord(found.group()):04X} in an object key"
+                if isinstance(value, str | dict | list):
+                    children.append(((*path, key), value))
+            stack.extend(reversed(children))
+        elif isinstance(item, list):
+            stack.extend(
+                ((*path, i), value) for i, value in reversed(list(enumerate(item)))
+                if isinstance(value, str | dict | list)
+            )
+    return None
+
+
+def _dotted(path: tuple[str | int, ...]) -> str | None:
+    return ".".join(str(p) for p in path) or None
+
+
+@functools.cache
+def _null_means_default(model: type[BaseModel]) -> frozenset[str]:
+    """Optional fields with a non-None default: ``null`` for them means "use the default"."""
+    return frozenset(
+        name for name, info in model.model_fields.items()
+        if not info.is_required() and info.default is not None
+    )
+
+
+class _Lenient(BaseModel):
+    """``null`` for an optional field means its default (OpenAI marks them ``nullable``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            defaults = _null_means_default(cls)
+            if any(data.get(name, 0) is None for name in defaults):
+                return {k: v for k, v in data.items() if not (v is None and k in defaults)}
+        return data
+
+
+class _RequestBody(_Lenient):
+    """A whole request body: checked for invalid Unicode once, before any field."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        found = find_lone_surrogate(data)
+        if found is not None:
+            param, what = found
+            raise PydanticCustomError(
+                "lone_surrogate",
+                "text must be valid Unicode; this string holds a lone UTF-16 surrogate ({what})",
+                {"what": what, PARAM_CONTEXT_KEY: param},
+            )
+        return data
+
+
+# -- requests -------------------------------------------------------------------------------------
+
+
+class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class _SamplingFields(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class _SamplingFields(_RequestBody):
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
@@ -35,7 +164,15 @@ class _SamplingFields(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     logprobs: bool | int | None = None
+    logit_bias: dict[str, float] | None = None
     user: str | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """``(param, message)`` of the first parameter set to something we do not implement
+        (beyond ``n``, ``logprobs`` and the penalties, which sampling refuses)."""
+        if self.logit_bias:
+            return "logit_bias", "logit_bias is not supported yet"
+        return None
 
 
 class TextPart(BaseModel):
@@ -43,12 +180,24 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
+class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: Any) -> Any:
+        if isinstance(content, list):
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if isinstance(kind, str) and kind != "text":
+                    raise PydanticCustomError(
+                        "unsupported_content_part",
+                        "only text content parts are supported, not '{kind}'",
+                        {"kind": kind[:40]},
+                    )
+        return content
 
     def text(self) -> str:
         if self.content is None:
@@ -62,20 +211,54 @@ class ChatCompletionRequest(_SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: list[dict[str, Any]] | None = None
+    functions: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.tools:
+            return "tools", "tools are not supported yet"
+        if self.functions:
+            return "functions", "functions are not supported yet"
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            return "response_format", "only response_format type 'text' is supported"
+        return super().unsupported()
 
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=0)
+
+    def unsupported(self) -> tuple[str, str] | None:
+        if self.echo:
+            return "echo", "echo is not supported"
+        if self.suffix:
+            return "suffix", "suffix is not supported"
+        if self.best_of is not None and self.best_of > 1:
+            return "best_of", "only best_of=1 is supported"
+        return super().unsupported()
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+_OMITTED_WHEN_NONE: Any = Field(None, exclude_if=_is_none)
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    prompt_tokens_details: dict[str, int] | None = None
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 def make_usage(num_prompt: int, num_output: int, num_cached: int) -> Usage:
@@ -83,7 +266,7 @@ def make_usage(num_prompt: int, num_output: int, num_cached: int) -> Usage:
         prompt_tokens=num_prompt,
         completion_tokens=num_output,
         total_tokens=num_prompt + num_output,
-        prompt_tokens_details={"cached_tokens": num_cached},
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=num_cached),
     )
 
 
@@ -91,7 +274,82 @@ def now_unix() -> int:
     return int(time.time())
 
 
-class ModelCard(BaseModel):
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    """What a chunk adds to the message; empty (``{}``) on the chunk that only finishes it."""
+
+    role: Annotated[Literal["assistant"] | None, _OMITTED_WHEN_NONE] = None
+    content: Annotated[str | None, _OMITTED_WHEN_NONE] = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One SSE event of a streamed chat completion. ``usage`` is sent only when the client asked
+    for it (``stream_options.include_usage``): ``null`` on every chunk but the last, which has no
+    choices and the request's usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: FinishReason | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(BaseModel):
+    """One SSE event of a streamed completion; ``usage`` as in ``ChatCompletionChunk``."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class Model(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -101,4 +359,47 @@ class ModelCard(BaseModel):
 
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
-    data: list[ModelCard]
+    data: list[Model]
+
+
+# -- OpenAPI documentation of what the routes answer ----------------------------------------------
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    # "4XX" also keeps FastAPI from documenting a 422 this API never sends
+    "4XX": {"model": ErrorEnvelope, "description": "Refused (400 invalid, 401 no or wrong key, "
+            "404 unknown model or route, 413 body too large, 429 overloaded)"},
+    "5XX": {"model": ErrorEnvelope, "description": "No instance could serve the request"},
+}
+
+
+def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+    """``schema`` with its ``$defs`` substituted in place (response models are not recursive), so
+    it can stand alone inside an OpenAPI document."""
+    defs: dict[str, Any] = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {k: resolve(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
+def sse_responses(json_model: type[BaseModel], chunk: type[BaseModel]) -> dict[int | str, Any]:
+    """``responses=`` for a route that answers ``json_model`` as JSON, or, with ``stream``, an
+    SSE stream of ``chunk`` events ended by ``data: [DONE]``."""
+    return {
+        200: {
+            "description": f"A {json_model.__name__}; with \"stream\": true, server-sent events "
+                           f"whose data are {chunk.__name__} objects, then [DONE]",
+            "content": {"text/event-stream": {"schema": _inline(chunk.model_json_schema())}},
+        },
+        **ERROR_RESPONSES,
+    }
+

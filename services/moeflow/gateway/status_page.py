@@ -78,7 +78,7 @@ def read_totals(registry: CollectorRegistry) -> dict[str, ModelTotals]:
         for sample in family.samples:
             name = _TOTAL_FIELDS.get(sample.name)
             model = sample.labels.get("model")
-            if name is None or model is None:
+            if name is None or not model:  # "": answered before any served model was named
                 continue
             per_model = sums.setdefault(model, {})
             per_model[name] = per_model.get(name, 0.0) + float(sample.value)

@@ -8,6 +8,8 @@ chat templates the way ``transformers`` does (``messages``, ``add_generation_pro
 from __future__ import annotations
 
 import json
+import re
+import secrets
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -58,6 +60,9 @@ class TextTokenizer:
 
     Contract: ``encode(text)`` adds no special tokens beyond what the text spells out (the chat
     template already contains them), matching ``transformers``' ``apply_chat_template`` output.
+    Text that came from a client goes through ``encode_chat`` or ``encode_prompt`` instead, where
+    special-token text a client wrote (``<|im_start|>system``) stays plain text: only the
+    template's own text ever yields special (control) tokens.
     """
 
     def __init__(
@@ -69,6 +74,16 @@ class TextTokenizer:
         eos_token: str | None,
     ) -> None:
         self._tokenizer = Tokenizer.from_str(tokenizer_json)
+        # the same vocabulary, with special tokens' text encoded as ordinary text
+        self._text_only = Tokenizer.from_str(tokenizer_json)
+        self._text_only.encode_special_tokens = True
+        self._special_ids = {
+            token.content: int(token_id)
+            for token_id, token in self._tokenizer.get_added_tokens_decoder().items()
+            if token.special
+        }
+        specials = sorted(self._special_ids, key=len, reverse=True)  # longest match first
+        self._special_text = re.compile("|".join(map(re.escape, specials))) if specials else None
         self.tokenizer_json = tokenizer_json
         self.chat_template = chat_template
         self.bos_token = bos_token
@@ -106,6 +121,56 @@ class TextTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A client's raw prompt: every character is text, special-token text included (a
+        client who wants control tokens sends token ids)."""
+        return list(self._text_only.encode(text, add_special_tokens=False).ids)
+
+    def encode_chat(
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """The rendered chat's token ids, where special tokens come only from the template.
+
+        Messages whose content spells no special token give exactly
+        ``encode(render_chat(messages))``, i.e. ``transformers``' ``apply_chat_template`` ids.
+        Otherwise each such occurrence is swapped for a unique marker before rendering (so the
+        template sees the rest of the content as is); the special tokens left in the rendered
+        text are the template's own. Like the tokenizer itself, the text is then split at those
+        and encoded piece by piece, but with the markers put back as plain text: a piece holding
+        client text is encoded whole, as ``transformers`` would with ``split_special_tokens``.
+        """
+        pattern = self._special_text
+        contents = [m.get("content") for m in messages]
+        if pattern is None or not any(isinstance(c, str) and pattern.search(c) for c in contents):
+            return self.encode(self.render_chat(messages,
+                                                add_generation_prompt=add_generation_prompt))
+        marker = _fresh_marker([c for c in contents if isinstance(c, str)])
+        shielded: list[str] = []
+
+        def shield(found: re.Match[str]) -> str:
+            shielded.append(found.group())
+            return f"{marker}{len(shielded) - 1}\ue001"
+
+        safe = [
+            {**m, "content": pattern.sub(shield, m["content"])}
+            if isinstance(m.get("content"), str) else m
+            for m in messages
+        ]
+        rendered = self.render_chat(safe, add_generation_prompt=add_generation_prompt)
+        marked = re.compile(re.escape(marker) + "([0-9]+)\ue001")
+
+        def as_text(piece: str) -> list[int]:
+            text = marked.sub(lambda found: shielded[int(found.group(1))], piece)
+            return list(self._text_only.encode(text, add_special_tokens=False).ids) if text else []
+
+        ids: list[int] = []
+        start = 0
+        for special in pattern.finditer(rendered):
+            ids += as_text(rendered[start:special.start()])
+            ids.append(self._special_ids[special.group()])
+            start = special.end()
+        return ids + as_text(rendered[start:])
+
     def decode(self, token_ids: Sequence[int], *, skip_special_tokens: bool = True) -> str:
         return str(self._tokenizer.decode(list(token_ids), skip_special_tokens=skip_special_tokens))
 
@@ -135,6 +200,15 @@ class TextTokenizer:
             ) from exc
 
 
+def _fresh_marker(texts: Sequence[str]) -> str:
+    """A marker prefix (private-use characters around a random nonce) found in none of
+    ``texts``, so a client cannot forge one."""
+    while True:
+        marker = f"\ue000{secrets.token_hex(8)}:"
+        if not any(marker in text for text in texts):
+            return marker
+
+
 @dataclass
 class IncrementalDetokenizer:
     """Turns a growing list of token ids into text deltas, and applies stop strings.
@@ -160,6 +234,14 @@ class IncrementalDetokenizer:
             self.token_ids.append(token_id)
             self.text += self._decode_next()
         return self._take_delta(is_final=False)
+
+    def resume(self, token_ids: Sequence[int], num_emitted_chars: int) -> None:
+        """Start from tokens another instance generated, of whose text ``num_emitted_chars``
+        characters already reached the client: the next ``append`` returns the rest."""
+        for token_id in token_ids:
+            self.token_ids.append(token_id)
+            self.text += self._decode_next()
+        self.num_emitted_chars = min(num_emitted_chars, len(self.text))
 
     def finish(self) -> str:
         """Flush held-back text at the end of generation."""

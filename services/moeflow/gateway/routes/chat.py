@@ -4,38 +4,49 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.sse import EventSourceResponse
 
-from moeflow.domain.errors import InvalidRequestError
+from moeflow.domain.errors import InvalidRequestError, MoeflowError
 from moeflow.domain.messages import TokenChunk
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.generation import until_disconnected
-from moeflow.gateway.protocol import ChatCompletionRequest, Usage, make_usage, now_unix
-from moeflow.gateway.streaming import collect, sse_stream
+from moeflow.gateway.middleware import request_record
+from moeflow.gateway.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Usage,
+    make_usage,
+    now_unix,
+    sse_responses,
+)
+from moeflow.gateway.streaming import collect, event_stream, sse_stream
 
 router = APIRouter()
 
 
-def _check_unsupported(body: ChatCompletionRequest) -> None:
-    if body.tools:
-        raise InvalidRequestError("tools are not supported yet", param="tools")
-    if body.response_format and body.response_format.get("type", "text") != "text":
-        raise InvalidRequestError(
-            "only response_format type 'text' is supported", param="response_format"
-        )
-
-
-@router.post("/v1/chat/completions", response_model=None)
+@router.post(
+    "/v1/chat/completions",
+    response_model=ChatCompletion,
+    responses=sse_responses(ChatCompletion, ChatCompletionChunk),
+)
 async def create_chat_completion(
     body: ChatCompletionRequest, request: Request, service: ServiceDep
-) -> JSONResponse | StreamingResponse:
+) -> ChatCompletion | EventSourceResponse:
     model = service.registry.get(body.model)
-    _check_unsupported(body)
+    record = request_record(request.scope)
+    record.model = model.name
+    refused = body.unsupported()
+    if refused is not None:
+        raise InvalidRequestError(refused[1], param=refused[0])
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = model.tokenizer.encode(model.tokenizer.render_chat(messages))
+    prompt_ids = model.tokenizer.encode_chat(messages)
     sampling = service.sampling_params(
         body,
         num_prompt_tokens=len(prompt_ids),
@@ -46,76 +57,61 @@ async def create_chat_completion(
     created = now_unix()
 
     async def start() -> AsyncIterator[TokenChunk]:
-        return await service.open(model, "chat", request_id, prompt_ids, sampling,
-                                  request.is_disconnected)
+        try:
+            return await service.open(model, "chat", request_id, prompt_ids, sampling,
+                                      request.is_disconnected)
+        except MoeflowError as exc:
+            record.failed(exc)  # a stream woken from zero reports it only as an SSE event
+            raise
 
     # a stream at zero instances starts now and sends keep-alives while the model wakes
     ticket = service.wake.hold(model.name) if body.stream and service.wake else None
     chunks = await start() if ticket is None else None
-    base: dict[str, Any] = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model.name,
-    }
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
 
-        def event(chunk: TokenChunk) -> dict[str, Any] | None:
+        def chunk_of(choices: list[ChatChunkChoice], usage: Usage | None = None) -> (
+                ChatCompletionChunk):
+            return ChatCompletionChunk(id=request_id, created=created, model=model.name,
+                                       choices=choices, usage=usage)
+
+        def event(chunk: TokenChunk) -> ChatCompletionChunk | None:
             if not chunk.text and chunk.finish_reason is None:
                 return None
-            choice = {
-                "index": 0,
-                "delta": {"content": chunk.text} if chunk.text else {},
-                "logprobs": None,
-                "finish_reason": chunk.finish_reason,
-            }
-            return {**base, "choices": [choice], **({"usage": None} if include_usage else {})}
+            delta = ChatDelta(content=chunk.text) if chunk.text else ChatDelta()
+            return chunk_of([ChatChunkChoice(delta=delta, finish_reason=chunk.finish_reason)])
 
-        def usage_event(usage: Usage) -> dict[str, Any]:
-            return {**base, "choices": [], "usage": usage.model_dump()}
+        def usage_event(usage: Usage) -> ChatCompletionChunk:
+            return chunk_of([], usage)
 
-        first = {
-            **base,
-            "choices": [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                 "finish_reason": None}
-            ],
-        }
+        first = chunk_of([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+
         def render(chunks: AsyncIterator[TokenChunk]) -> AsyncIterator[str]:
             return sse_stream(
                 chunks,
                 make_event=event,
                 make_usage_event=usage_event if include_usage else None,
                 first_events=[first],
+                # without include_usage OpenAI leaves "usage" out; with it, null until the end
+                exclude=None if include_usage else {"usage"},
+                on_error=record.failed,
             )
 
         if ticket is not None and service.wake is not None:
-            events = service.wake.sse_after_wake(
+            return event_stream(service.wake.sse_after_wake(
                 ticket, service.settings.keep_alive_interval_s, start, render
-            )
-            return StreamingResponse(events, media_type="text/event-stream")
+            ))
         assert chunks is not None
-        return StreamingResponse(render(chunks), media_type="text/event-stream")
+        return event_stream(render(chunks))
 
     assert chunks is not None
     text, last = await until_disconnected(request.is_disconnected, collect(chunks))
-    usage = make_usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
-    return JSONResponse(
-        {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": model.name,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": last.finish_reason,
-                }
-            ],
-            "usage": usage.model_dump(),
-        }
+    return ChatCompletion(
+        id=request_id,
+        created=created,
+        model=model.name,
+        choices=[ChatChoice(index=0, message=AssistantMessage(content=text),
+                            finish_reason=last.finish_reason)],
+        usage=make_usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens),
     )

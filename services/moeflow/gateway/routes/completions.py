@@ -1,22 +1,35 @@
-"""POST /v1/completions: one engine task per prompt; several prompts give several choices."""
+"""POST /v1/completions: one engine task per prompt; several prompts give several choices.
+
+A prompt given as text is raw text: special-token text in it (``<|im_start|>``) is encoded as
+ordinary characters, never as control tokens; a client that wants control tokens sends token
+ids (a list of ints, or a list of such lists).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
-from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.sse import EventSourceResponse
 
 from moeflow.domain.errors import InvalidRequestError, MoeflowError
 from moeflow.domain.messages import TokenChunk
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.generation import until_disconnected
-from moeflow.gateway.protocol import CompletionRequest, make_usage, now_unix
+from moeflow.gateway.middleware import request_record
+from moeflow.gateway.protocol import (
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    make_usage,
+    now_unix,
+    sse_responses,
+)
 from moeflow.gateway.registry import ServedModel
-from moeflow.gateway.streaming import SSE_DONE, collect, sse
+from moeflow.gateway.streaming import SSE_DONE, collect, event_stream, sse_event
 from moeflow.web.errors import sse_error
 
 router = APIRouter()
@@ -25,11 +38,11 @@ router = APIRouter()
 def _prompts(body: CompletionRequest, model: ServedModel, max_prompts: int) -> list[list[int]]:
     p = body.prompt
     if isinstance(p, str):
-        prompts = [model.tokenizer.encode(p)]
+        prompts = [model.tokenizer.encode_prompt(p)]
     elif p and all(isinstance(x, int) for x in p):
         prompts = [list(p)]  # type: ignore[arg-type]
     elif p and all(isinstance(x, str) for x in p):
-        prompts = [model.tokenizer.encode(x) for x in p]  # type: ignore[arg-type]
+        prompts = [model.tokenizer.encode_prompt(x) for x in p]  # type: ignore[arg-type]
     elif p and all(isinstance(x, list) for x in p):
         prompts = [list(x) for x in p]  # type: ignore[arg-type]
     else:
@@ -71,13 +84,20 @@ async def _merge(
             task.cancel()
 
 
-@router.post("/v1/completions", response_model=None)
+@router.post(
+    "/v1/completions",
+    response_model=Completion,
+    responses=sse_responses(Completion, CompletionChunk),
+)
 async def create_completion(
     body: CompletionRequest, request: Request, service: ServiceDep
-) -> JSONResponse | StreamingResponse:
+) -> Completion | EventSourceResponse:
     model = service.registry.get(body.model)
-    if body.echo or body.suffix:
-        raise InvalidRequestError("echo and suffix are not supported", param="echo")
+    record = request_record(request.scope)
+    record.model = model.name
+    refused = body.unsupported()
+    if refused is not None:
+        raise InvalidRequestError(refused[1], param=refused[0])
     prompts = _prompts(body, model, service.settings.max_prompts_per_request)
     samplings = [
         service.sampling_params(
@@ -95,7 +115,9 @@ async def create_completion(
                 rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
                 streams.append(await service.open(model, "completions", rid, ids, sampling,
                                                   request.is_disconnected))
-        except BaseException:
+        except BaseException as exc:
+            if isinstance(exc, MoeflowError):
+                record.failed(exc)  # a stream woken from zero reports it only as an SSE event
             for stream in streams:
                 await stream.aclose()
             raise
@@ -104,12 +126,15 @@ async def create_completion(
     # a stream at zero instances starts now and sends keep-alives while the model wakes
     ticket = service.wake.hold(model.name) if body.stream and service.wake else None
     opened = await start() if ticket is None else None
-    base: dict[str, Any] = {
-        "id": request_id, "object": "text_completion", "created": created, "model": model.name
-    }
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        # without include_usage OpenAI leaves "usage" out; with it, null until the end
+        exclude = None if include_usage else {"usage"}
+
+        def chunk_of(choices: list[CompletionChoice]) -> CompletionChunk:
+            return CompletionChunk(id=request_id, created=created, model=model.name,
+                                   choices=choices)
 
         async def events(streams: list[AsyncGenerator[TokenChunk, None]]) -> AsyncIterator[str]:
             finals: dict[int, TokenChunk] = {}
@@ -119,11 +144,11 @@ async def create_completion(
                         finals[index] = chunk
                     if not chunk.text and chunk.finish_reason is None:
                         continue
-                    choice = {"index": index, "text": chunk.text, "logprobs": None,
-                              "finish_reason": chunk.finish_reason}
-                    yield sse({**base, "choices": [choice],
-                               **({"usage": None} if include_usage else {})})
+                    choice = CompletionChoice(index=index, text=chunk.text,
+                                              finish_reason=chunk.finish_reason)
+                    yield sse_event(chunk_of([choice]), exclude=exclude)
             except MoeflowError as exc:
+                record.failed(exc)
                 yield sse_error(exc)
                 yield SSE_DONE
                 return
@@ -133,29 +158,34 @@ async def create_completion(
                     sum(c.num_output_tokens for c in finals.values()),
                     sum(c.num_cached_tokens for c in finals.values()),
                 )
-                yield sse({**base, "choices": [], "usage": usage.model_dump()})
+                last = CompletionChunk(id=request_id, created=created, model=model.name,
+                                       choices=[], usage=usage)
+                yield sse_event(last)
             yield SSE_DONE
 
         if ticket is not None and service.wake is not None:
-            waking = service.wake.sse_after_wake(
+            return event_stream(service.wake.sse_after_wake(
                 ticket, service.settings.keep_alive_interval_s, start, events
-            )
-            return StreamingResponse(waking, media_type="text/event-stream")
+            ))
         assert opened is not None
-        return StreamingResponse(events(opened), media_type="text/event-stream")
+        return event_stream(events(opened))
 
     async def gather_all() -> list[tuple[str, TokenChunk]]:
         assert opened is not None
         return list(await asyncio.gather(*(collect(s) for s in opened)))
 
     results = await until_disconnected(request.is_disconnected, gather_all())
-    usage = make_usage(
-        sum(last.num_prompt_tokens for _, last in results),
-        sum(last.num_output_tokens for _, last in results),
-        sum(last.num_cached_tokens for _, last in results),
+    return Completion(
+        id=request_id,
+        created=created,
+        model=model.name,
+        choices=[
+            CompletionChoice(index=i, text=text, finish_reason=last.finish_reason)
+            for i, (text, last) in enumerate(results)
+        ],
+        usage=make_usage(
+            sum(last.num_prompt_tokens for _, last in results),
+            sum(last.num_output_tokens for _, last in results),
+            sum(last.num_cached_tokens for _, last in results),
+        ),
     )
-    choices = [
-        {"index": i, "text": text, "logprobs": None, "finish_reason": last.finish_reason}
-        for i, (text, last) in enumerate(results)
-    ]
-    return JSONResponse({**base, "choices": choices, "usage": usage.model_dump()})
