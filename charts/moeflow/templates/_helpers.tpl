@@ -131,6 +131,19 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
 - apiGroups: [networking.k8s.io]
   resources: [networkpolicies]
   verbs: [get, create, patch]
+# Users create FineTunes; the operator watches them, patches kopf's annotations and their
+# status, and owns their trainer Pods, ServiceAccounts, Roles and RoleBindings (finalizers:
+# blockOwnerDeletion, as above). A trainer's Role grants get/patch on its own FineTune's
+# status, which the operator holds.
+- apiGroups: [moeflow.dev]
+  resources: [finetunes]
+  verbs: [get, list, watch, patch]
+- apiGroups: [moeflow.dev]
+  resources: [finetunes/status]
+  verbs: [get, patch]
+- apiGroups: [moeflow.dev]
+  resources: [finetunes/finalizers]
+  verbs: [update]
 {{- end }}
 
 {{/* Cluster-scoped reads kopf needs in every mode: CRD scanning, and the namespace list. */}}

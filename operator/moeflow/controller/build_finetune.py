@@ -296,6 +296,8 @@ def observe(name: str, spec: FineTuneSpec, previous: Mapping[str, Any],
         return Observation(patch, [], start_attempt=attempt)
     if pod is not None and (pod.get("status") or {}).get("phase") in ("Pending", None):
         waiting = _waiting_reason(pod)
+        if waiting is None and previous.get("reason") == "Retrying":
+            waiting = "Retrying", str(previous.get("message"))  # why it retries, until it runs
         reason, message = waiting or ("PodPending", f"waiting for the trainer Pod {expected}"
                                       " to be scheduled and started")
         return Observation(_status(PENDING, reason, message, previous=previous, now=now,

@@ -15,6 +15,7 @@ from moeflow.cli import build_parser, gateway_settings
 from moeflow.coldstart.store_cli import build_parser as store_build_parser
 from moeflow.controller.build_balancer import build_balancer_rbac
 from moeflow.controller.build_engine import build_pod
+from moeflow.controller.build_finetune import build_trainer_rbac
 from moeflow.controller.build_gateway import (
     build_gateway_deployment,
     build_gateway_rbac,
@@ -236,7 +237,7 @@ def test_operator_rbac_is_least_privilege_and_covers_what_the_operator_touches()
                    for _, _, v in everything)
     assert {r for _, r, v in everything if v == "update"} == {
         "models/finalizers", "jobs/finalizers", "tasks/finalizers", "requests/finalizers",
-        "warmpools/finalizers"}
+        "warmpools/finalizers", "finetunes/finalizers"}
     assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                        ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
     # Every kind kube.py works with has rules; users' kinds are never created or deleted.
@@ -254,6 +255,8 @@ def test_operator_rbac_is_least_privilege_and_covers_what_the_operator_touches()
     (_, role, _) = build_gateway_rbac("m", "ns")
     assert rules_of(role) <= rules
     (_, role, _) = build_balancer_rbac("m", "ns")
+    assert rules_of(role) <= rules
+    (_, role, _) = build_trainer_rbac("m", "ns")  # a FineTune's trainer
     assert rules_of(role) <= rules
 
 
