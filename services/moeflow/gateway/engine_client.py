@@ -30,10 +30,6 @@ class InstanceFailedError(BackendUnavailableError):
         self.is_before_accept = is_before_accept
 
 
-# Backwards-compatible name: connecting failed, nothing was sent.
-EngineUnreachableError = InstanceFailedError
-
-
 def _error_from_response(url: str, status_code: int, body: bytes) -> MoeflowError:
     try:
         error = json.loads(body)["error"]

@@ -135,9 +135,8 @@ class GenerationService:
         self.metrics.in_flight.inc()
         try:
             attempt = await self._start(job)
-        except BaseException as exc:
+        except BaseException:
             self._release_job()
-            self.metrics.requests.labels(model.name, endpoint, _status(exc)).inc()
             raise
         return self._serve(job, attempt)
 
@@ -182,9 +181,10 @@ class GenerationService:
         job.num_failures += 1
         self.metrics.failovers.labels(job.model.name, _reason(exc)).inc()
         if job.num_failures > self.settings.max_failovers:
-            raise BackendUnavailableError(
-                f"the request failed on {job.num_failures} engine instances of "
-                f"{job.model.name!r}; giving up") from None
+            # the last error's class and message (client-safe by contract) say why
+            cls = BackendUnavailableError if isinstance(exc, InstanceFailedError) else type(exc)
+            raise cls(f"{exc.message} (the request was tried {job.num_failures} times on "
+                      f"instances of {job.model.name!r})") from None
         if time.monotonic() >= job.deadline_s:
             raise BackendUnavailableError(
                 f"the request could not finish within {self.settings.request_timeout_s:.0f} s "
@@ -248,7 +248,6 @@ class GenerationService:
         first_s: float | None = None
         last_s = started_s
         last: TokenChunk | None = None
-        status = "499"
         try:
             while True:
                 num_resumed = len(job.output_token_ids)
@@ -270,7 +269,6 @@ class GenerationService:
                         last = chunk
                         yield chunk
                         if chunk.finish_reason is not None:
-                            status = "200"
                             return
                     raise InstanceFailedError(attempt.stream.url, "cut", "stream ended",
                                               is_before_accept=False)
@@ -288,13 +286,9 @@ class GenerationService:
                     self._give_up_or_count(job, _as_backend_error(exc), attempt.prefill_url)
                     await asyncio.sleep(_backoff_s(job.num_failures))
                     attempt = await self._start(job)
-        except BaseException as exc:
-            status = _status(exc)
-            raise
         finally:
             await attempt.close()
             self._release_job()
-            m.requests.labels(name, job.endpoint, status).inc()
             m.requests_by_mode.labels(name, attempt.mode).inc()
             if last is not None:
                 m.e2e.labels(name).observe(last_s - started_s)
@@ -411,15 +405,6 @@ def _observe_kv(m: GatewayMetrics, name: str, chunk: TokenChunk, ttft_ms: float)
 
 def _reason(exc: BackendUnavailableError) -> str:
     return exc.reason if isinstance(exc, InstanceFailedError) else exc.code
-
-
-def _status(exc: BaseException) -> str:
-    code = getattr(exc, "status_code", None)
-    if isinstance(code, int):
-        return str(code)
-    if isinstance(exc, asyncio.CancelledError | GeneratorExit):
-        return "499"
-    return "500"
 
 
 async def until_disconnected(

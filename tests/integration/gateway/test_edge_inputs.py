@@ -166,12 +166,6 @@ async def test_401_and_the_gateways_own_429_are_counted_exactly_once(
     assert delta["401"] == 1 and delta["429"] == statuses["429"], (delta, statuses)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="generation.py still counts engine jobs into moeflow_requests_total (its open() "
-    "and _serve() increment metrics.requests); the edge middleware counts every answer, so "
-    "served requests count twice until those two increments go",
-)
 def test_a_served_request_is_counted_exactly_once(platform: Platform) -> None:
     before = counts(platform)
     assert post_raw(platform, "completions", PROMPT).status_code == 200
