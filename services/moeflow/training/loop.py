@@ -225,7 +225,11 @@ def _write_adapter(model: Any, output: Path) -> None:
     tmp = output / f".tmp-adapter-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
     for path in tmp.iterdir():
+        # safetensors writes 0600; an adapter is read by other processes (engines) as well.
+        path.chmod(0o666 & ~umask)
         os.replace(path, output / path.name)
     tmp.rmdir()
 
