@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 
@@ -28,6 +29,8 @@ from moeflow.domain.errors import (
 from moeflow.domain.messages import GenerateRequest, PrefillRequest, PrefillResponse
 from moeflow.web.internal_auth import internal_headers
 from moeflow.xccl import Transport, XcclError
+
+logger = logging.getLogger(__name__)
 
 
 def kv_tag(request_id: str) -> str:
@@ -117,5 +120,7 @@ def send_kv(transport: Transport, decode_rank: str, tag: str, kv: torch.Tensor,
     try:
         transport.send(decode_rank, tag, [kv], timeout_s)
     except XcclError as exc:
-        raise BackendUnavailableError(f"sending KV to {decode_rank} failed: {exc}") from exc
+        logger.warning("sending KV to %s failed: %s", decode_rank, exc)
+        raise BackendUnavailableError(
+            f"sending KV to the decode instance failed ({type(exc).__name__})") from exc
     return 1000 * (time.perf_counter() - started)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -53,13 +54,34 @@ def error_body(
     return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
+# Internal addresses that a server-side message may carry: URLs, IPv4 with or without a port,
+# host:port. Client-facing 5xx messages pass through ``scrub_internal`` as a last line of
+# defence (the messages are meant to be safe already; a peer's exception text may not be).
+_INTERNAL_ADDRESS = re.compile(
+    r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+"
+    r"|\b\d{1,3}(?:\.\d{1,3}){3}(?::\d+)?\b"
+    r"|\b[a-zA-Z0-9][a-zA-Z0-9.-]*:\d{2,5}\b"
+    r"|/dev/shm/\S+"
+)
+
+
+def scrub_internal(message: str) -> str:
+    """``message`` with internal addresses (URLs, IPs, host:port, shared-memory paths)
+    replaced by ``<internal>``."""
+    return _INTERNAL_ADDRESS.sub("<internal>", message)
+
+
+def _client_message(exc: MoeflowError) -> str:
+    return scrub_internal(exc.message) if exc.status_code >= 500 else exc.message
+
+
 def error_response(exc: MoeflowError) -> JSONResponse:
     headers = {}
     retry_after_s = getattr(exc, "retry_after_s", None)
     if isinstance(exc, OverloadedError) or retry_after_s is not None:
         headers["Retry-After"] = str(retry_after_s or 1)
     return JSONResponse(
-        error_body(exc.message, exc.error_type, exc.code, exc.param),
+        error_body(_client_message(exc), exc.error_type, exc.code, exc.param),
         status_code=exc.status_code,
         headers=headers,
     )
@@ -67,7 +89,8 @@ def error_response(exc: MoeflowError) -> JSONResponse:
 
 def sse_error(exc: MoeflowError) -> str:
     """The same envelope as an SSE event, for failures after a stream has started."""
-    return f"data: {json.dumps(error_body(exc.message, exc.error_type, exc.code, exc.param))}\n\n"
+    body = error_body(_client_message(exc), exc.error_type, exc.code, exc.param)
+    return f"data: {json.dumps(body)}\n\n"
 
 
 def _param_of(loc: Sequence[Any]) -> str | None:
