@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -105,9 +106,10 @@ class BarSink:
 
         if self._bar is None:
             self._bar = tqdm(total=progress.total_steps, initial=progress.step, unit="step",
-                             desc="finetune", dynamic_ncols=True)
-            if progress.resumed_from_step:
-                self._bar.write(f"resumed from the checkpoint at step {progress.step}")
+                             desc="finetune", dynamic_ncols=True, file=sys.stderr)
+            if progress.resumed_from_step:  # stderr: stdout carries only the adapter's path
+                self._bar.write(f"resumed from the checkpoint at step {progress.step}",
+                                file=sys.stderr)
         if event == "step":
             self._bar.update(progress.step - self._bar.n)
             postfix = {"loss": f"{progress.loss:.4f}" if progress.loss is not None else "-"}
@@ -115,7 +117,7 @@ class BarSink:
                 postfix["tok/s"] = f"{progress.tokens_per_second:.0f}"
             self._bar.set_postfix(postfix, refresh=False)
         elif event == "checkpoint":
-            self._bar.write(f"checkpoint at step {progress.step}")
+            self._bar.write(f"checkpoint at step {progress.step}", file=sys.stderr)
 
     def close(self) -> None:
         if self._bar is not None:
