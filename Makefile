@@ -1,5 +1,5 @@
 # The only interface for humans and CI. `make run` serves the real model locally;
-# `make test` is exactly what CI runs (ruff, mypy, then pytest).
+# `make test` is exactly what CI runs (ruff, import contracts, mypy, then pytest).
 SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
@@ -38,6 +38,7 @@ run: install
 
 lint: install
 	$(BIN)/ruff check services operator tests benchmarks
+	$(BIN)/lint-imports
 
 typecheck: install
 	$(BIN)/mypy

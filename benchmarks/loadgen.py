@@ -4,7 +4,7 @@ Reusable by any benchmark: build a list of ``RequestSpec`` (what to send and whe
 loop with ``run_open_loop`` (each request leaves at its own arrival time, so queueing delay shows
 up in the latencies instead of being hidden by a closed loop), then ``summarize`` the
 ``RequestResult`` list. Metric definitions follow vLLM's ``bench serve`` (see
-/work/shared/BENCHMARKING.md §1.1):
+docs/benchmarks.md, "Method"):
 
 - TTFT: request sent -> first streamed chunk that has a ``choices`` entry, even with empty text;
 - E2E: request sent -> last chunk that has a ``choices`` entry;

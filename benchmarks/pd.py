@@ -10,7 +10,7 @@ isolation* (decode steps no longer wait behind long prefill chunks) and what the
 Configurations run interleaved (colocated, split-shm, split-redis, colocated, ...) for
 ``--rounds`` rounds; every round of every configuration gets the identical request list.
 
-Workload (open loop, W4(c) of /work/shared/BENCHMARKING.md): Poisson arrivals at ``--rate``
+Workload (open loop; docs/benchmarks.md, "Method"): Poisson arrivals at ``--rate``
 requests/s (fixed seed, bounded by ``--duration`` seconds and ``--max-requests``); every
 ``--prompt-heavy-every``-th arrival is *prompt-heavy* (1000-1500 random prompt tokens, 8 output
 tokens), the rest are *decode-heavy* (16-64 prompt tokens, 64-128 output tokens). Prompts are
@@ -27,7 +27,7 @@ numbers of three runs) measured: decode-heavy (40 in / 96 out) TTFT 0.19-0.30 s 
 40-53 ms; prompt-heavy (1250 in) TTFT 4.6-6.4 s (with other jobs loading the box harder:
 0.27-0.5 s, 48-76 ms and 6.3-11.8 s). Hence:
 - decode-heavy: TTFT <= 2 s (the common "human" bound; ~10x idle, so room for about one
-  512-token prefill chunk ahead of it) and TPOT <= 150 ms (3x idle, as in BENCHMARKING §5.3;
+  512-token prefill chunk ahead of it) and TPOT <= 150 ms (3x idle;
   >= 6.7 tokens/s per user);
 - prompt-heavy: TTFT <= 15 s (2.3-3.3x idle; no TPOT bound for 8 tokens).
 The bounds are flags (``--slo-*``) and the unloaded numbers of this run are in the output, so the
@@ -38,7 +38,7 @@ KV metrics of the split runs are scraped from the gateway's /metrics before and 
 ``moeflow_kv_transfer_seconds`` (XCCL time: the prefill's send + the decode's receive and copy)
 and ``moeflow_kv_transfer_ttft_share``. From their sums: bytes and milliseconds per request, GB/s,
 and KV-transfer efficiency = that GB/s / one-core memcpy GB/s at the same size, measured here
-(BENCHMARKING §5.6 targets: >= 0.5 for shm, >= 0.1 for Redis). Per-request quantiles come from
+(targets: >= 0.5 for shm, >= 0.1 for Redis). Per-request quantiles come from
 the histogram buckets and are coarse below 5 ms.
 
 Noise: the box is shared. Before each cell the script waits (at most ``--quiet-wait-s``) for other

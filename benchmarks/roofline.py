@@ -1,6 +1,6 @@
 """Roofline probes for this machine, measured in the same run as the serving benchmark.
 
-What it measures (shared/BENCHMARKING.md section 3.1):
+What it measures (docs/benchmarks.md, "Method"):
 - BW_eff: a torch read (`t.sum()`) of the model's own decode-step weight tensors with the engine's
   thread count, i.e. the bandwidth at exactly the model's cache residency (best of N passes);
 - numpy read (`a.sum()`) and copy (`np.copyto`) at a few sizes (L2, L3, DRAM) for context;

@@ -5,7 +5,7 @@ GGUF it was converted from), same prompts (fixed seed), same client, runs interl
 (A B C A B C ...), medians and [min, max] over repetitions, ratios per repetition.
 
 The client is an async OpenAI load generator (aiohttp, streaming /v1/completions) with vLLM
-`bench serve`'s metric definitions (shared/BENCHMARKING.md section 1.1):
+`bench serve`'s metric definitions (docs/benchmarks.md, "Method"):
 - TTFT: send -> first streamed chunk with a `choices` entry (counted even if its text is empty);
 - TPOT: (E2E - TTFT) / (n_out - 1) per request with n_out > 1;
 - ITL: gaps between consecutive chunks, pooled over requests (a chunk may hold several tokens);

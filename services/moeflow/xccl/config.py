@@ -75,7 +75,7 @@ class RedisConfig:
     chunk_num_bytes: int = 4 * _MIB
     """Payloads are split into values of this size and pipelined. Reads bypass redis-py's parser
     (redis_bulk.py), so bigger chunks cost nothing there; on the redis-py fallback (TLS) values
-    of many MiB degrade sharply (BENCHMARKING.md section 3.3): use 1 MiB with rediss://."""
+    of many MiB degrade sharply (measured in docs/benchmarks.md, XCCL): use 1 MiB with rediss://."""
     inline_max_bytes: int = 64 << 10
     """Payloads up to this size ride inside the notification itself (saves a round trip);
     larger ones go through the chunk keys, whose read path is several times faster."""

@@ -1,7 +1,7 @@
 """The bulk read path of the Redis backend: RESP2 over a raw socket, replies straight into place.
 
 redis-py's pure-Python parser builds one bytes object per reply through a growing buffer, which
-caps GET at about 0.6-1 GB/s here (BENCHMARKING.md section 3.3). `BulkConnection.getdel_into`
+caps GET at about 0.6-1 GB/s on a 2-core machine (docs/benchmarks.md, XCCL). `BulkConnection.getdel_into`
 instead pipelines GETDEL for all chunks of a message and `recv_into`s every reply directly into
 the destination buffer: one kernel-to-user copy per byte. It handles only what that path needs
 (AUTH, SELECT, GETDEL; plain TCP or Unix sockets); TLS URLs use redis-py instead (see
