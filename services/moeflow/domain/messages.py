@@ -39,10 +39,36 @@ class SamplingParams(BaseModel):
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Subtracted once from the logit of every token already in the output (OpenAI)."""
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    """Subtracted from a token's logit once per time it occurs in the output (OpenAI)."""
+    repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
+    """Divides positive (multiplies negative) logits of tokens in the prompt or output (CTRL,
+    as transformers applies it); 1 disables."""
+    min_tokens: int = Field(0, ge=0)
+    """End-of-sequence and ``stop_token_ids`` cannot be sampled before this many tokens."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """``(token_id, bias)`` pairs added to the logits before sampling; bias in [-100, 100]."""
+    logprobs: int | None = Field(None, ge=0, le=20)
+    """Return each sampled token's log-probability and this many most likely alternatives
+    (log-softmax of the model's raw logits, before penalties and temperature); None: none."""
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)
+    """Return each prompt token's log-probability given the tokens before it (and this many
+    alternatives); the first prompt token has none. None: none."""
 
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_logit_processing(self) -> bool:
+        """True when anything beyond temperature/top-k/top-p changes this request's logits
+        (penalties, ``min_tokens``, ``logit_bias``): only such rows pay for processing."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+            or self.min_tokens or self.logit_bias
+        )
 
 
 class KVSource(BaseModel):
@@ -95,6 +121,26 @@ class GenerateRequest(_Message):
     __str__ = __repr__
 
 
+class TopLogprob(BaseModel):
+    """One candidate token and its log-probability."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(BaseModel):
+    """A token's log-probability and the most likely alternatives at its position (most likely
+    first). ``logprob`` is None for a prompt's first token, which has no context."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    token_id: int
+    logprob: float | None
+    top: tuple[TopLogprob, ...] = ()
+
+
 class TokenChunk(_Message):
     """One step's worth of output for one request. The last chunk has ``finish_reason``."""
 
@@ -109,6 +155,10 @@ class TokenChunk(_Message):
     """Split requests, first chunk: bytes of prompt KV moved from the prefill instance."""
     kv_transfer_ms: float = 0.0
     """Split requests, first chunk: XCCL time of the KV (prefill's send + decode's receive)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """With ``SamplingParams.logprobs``: one entry per id in ``token_ids``."""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    """With ``SamplingParams.prompt_logprobs``: one per prompt token, on the first chunk."""
 
 
 class PrefillRequest(_Message):

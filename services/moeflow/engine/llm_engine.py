@@ -23,13 +23,20 @@ from moeflow.domain.errors import (
     MoeflowError,
     OverloadedError,
 )
-from moeflow.domain.messages import EngineStats, GenerateRequest, ModelInfo, TokenChunk
+from moeflow.domain.messages import (
+    EngineStats,
+    GenerateRequest,
+    ModelInfo,
+    TokenChunk,
+    TokenLogprob,
+)
 from moeflow.domain.roles import Role
 from moeflow.engine.block_manager import BlockManager, num_blocks_for
 from moeflow.engine.config import EngineSettings
+from moeflow.engine.logprobs import prompt_logprobs
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import load_arch
-from moeflow.engine.sampler import INVALID_TOKEN
+from moeflow.engine.sampler import INVALID_TOKEN, RequestSampling, needs_state
 from moeflow.engine.scheduler import Scheduler, StepPlan
 from moeflow.engine.sequence import Sequence
 from moeflow.text.tokenizer import IncrementalDetokenizer, TextTokenizer
@@ -186,10 +193,19 @@ class LLMEngine:
 
     def add_request(self, request: GenerateRequest, *, exports_kv: bool = False) -> None:
         self.check_admission(request)
+        sampling = request.sampling
+        if needs_state(sampling):
+            # penalties and logprobs keep per-request state in the sampler; plain requests
+            # keep plain params and cost the sampler nothing
+            bound = RequestSampling.bind(sampling, request.context_token_ids,
+                                         self.eos_token_ids)
+            for token_id in request.resume.output_token_ids if request.resume else ():
+                bound.state.accept(token_id)
+            sampling = bound
         seq = Sequence(
             request_id=request.request_id,
             prompt_token_ids=list(request.context_token_ids),
-            sampling=request.sampling,
+            sampling=sampling,
             eos_token_ids=self.eos_token_ids,
             arrival_s=time.monotonic(),
             is_remote_prefill=request.kv_source is not None,
@@ -295,6 +311,20 @@ class LLMEngine:
         if len(seq.output_token_ids) == 1:
             self.num_prefix_hit_tokens += seq.num_cached_tokens
             self.num_prompt_tokens_total += seq.num_prompt_tokens
+        logprobs: tuple[TokenLogprob, ...] = ()
+        if isinstance(seq.sampling, RequestSampling):
+            state = seq.sampling.state
+            logprob = state.take_logprob(token_id)
+            state.accept(token_id)
+            if seq.sampling.logprobs is not None:
+                # a first token sampled on a prefill instance has its logprob there: it is
+                # reported without one (logprob None) rather than recomputed
+                logprobs = (logprob or TokenLogprob(token_id=token_id, logprob=None),)
+        prompt_lps: tuple[TokenLogprob, ...] = ()
+        k = seq.sampling.prompt_logprobs
+        if k is not None and len(seq.output_token_ids) == 1:
+            prompt_lps = prompt_logprobs(self.runner.model, self.runner.kv_cache.dtype,
+                                         seq.prompt_token_ids, k)
         text = req.detokenizer.append([token_id])
         if req.detokenizer.is_stopped and not seq.is_finished:
             self.scheduler.finish_early(seq)
@@ -310,6 +340,8 @@ class LLMEngine:
             num_prompt_tokens=seq.num_prompt_tokens,
             num_cached_tokens=seq.num_cached_tokens,
             num_output_tokens=len(seq.output_token_ids),
+            logprobs=logprobs,
+            prompt_logprobs=prompt_lps,
         )
 
     # -- introspection ---------------------------------------------------------------------

@@ -18,15 +18,23 @@ Numerical safety (every value ``SamplingParams`` accepts must give a token, neve
   ``k >= vocab`` keeps everything.
 - A row whose logits are not finite (NaN or +inf: the model broke, which should not happen)
   gets ``INVALID_TOKEN`` instead of a token; the engine fails only that request.
+
+Per-request extras (``RequestSampling``: penalties, ``min_tokens``, ``logit_bias``, logprobs)
+cost only the rows that ask for them: a batch without such rows runs exactly the code above,
+and a plain row in a batch with such rows is neither copied nor changed. Logprobs are the
+log-softmax of the model's raw float32 logits (before penalties and temperature), as OpenAI
+and vLLM report them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import torch
+from pydantic import PrivateAttr
 
-from moeflow.domain.messages import SamplingParams
+from moeflow.domain.messages import SamplingParams, TokenLogprob, TopLogprob
 
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are treated as 0 (greedy)."""
@@ -50,6 +58,91 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     generator = torch.Generator()
     generator.manual_seed(params.seed)
     return generator
+
+
+@dataclass
+class RowState:
+    """What one request's row needs across steps: the tokens it has seen (penalties), how many
+    it produced (``min_tokens``), and the logprob of the token sampled last (read by the engine
+    when it emits that token)."""
+
+    prompt_token_ids: frozenset[int]
+    blocked_until_min: tuple[int, ...]
+    """Token ids that cannot be sampled before ``min_tokens`` (EOS and stop ids)."""
+    output_counts: dict[int, int] = field(default_factory=dict)
+    num_output: int = 0
+    pending: TokenLogprob | None = None
+
+    def accept(self, token_id: int) -> None:
+        """Record a token the request emitted (sampled here, on a prefill instance, or
+        generated before a failover)."""
+        self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
+        self.num_output += 1
+
+    def take_logprob(self, token_id: int) -> TokenLogprob | None:
+        """The logprob computed for ``token_id`` in the last step, if any (consumed)."""
+        pending, self.pending = self.pending, None
+        return pending if pending is not None and pending.token_id == token_id else None
+
+
+class RequestSampling(SamplingParams):
+    """The engine's per-request ``SamplingParams``: the same fields, plus the request's
+    ``RowState``. The engine builds one only for requests that need state (penalties,
+    ``min_tokens``, ``logit_bias``, logprobs); every other request keeps its plain params."""
+
+    _state: RowState | None = PrivateAttr(None)
+
+    @property
+    def state(self) -> RowState:
+        assert self._state is not None, "RequestSampling.bind() was not called"
+        return self._state
+
+    @classmethod
+    def bind(cls, params: SamplingParams, prompt_token_ids: Iterable[int],
+             eos_token_ids: Iterable[int]) -> RequestSampling:
+        made = cls.model_validate(params.model_dump())
+        blocked = set(params.stop_token_ids)
+        blocked.update(eos_token_ids)
+        made._state = RowState(
+            prompt_token_ids=(frozenset(prompt_token_ids)
+                              if params.repetition_penalty != 1.0 else frozenset()),
+            blocked_until_min=tuple(sorted(blocked)) if params.min_tokens else (),
+        )
+        return made
+
+
+def needs_state(params: SamplingParams) -> bool:
+    """True when the request needs a ``RequestSampling`` (see its doc)."""
+    return params.has_logit_processing or params.logprobs is not None
+
+
+def _process(row: torch.Tensor, params: SamplingParams, state: RowState) -> None:
+    """Penalties, ``logit_bias`` and ``min_tokens`` on one row of logits, in place."""
+    if params.repetition_penalty != 1.0:
+        seen = state.prompt_token_ids.union(state.output_counts)
+        if seen:
+            ids = torch.tensor(sorted(seen), dtype=torch.long)
+            values = row[ids]
+            rp = params.repetition_penalty
+            row[ids] = torch.where(values > 0, values / rp, values * rp)
+    if (params.frequency_penalty or params.presence_penalty) and state.output_counts:
+        ids = torch.tensor(list(state.output_counts), dtype=torch.long)
+        counts = torch.tensor(list(state.output_counts.values()), dtype=row.dtype)
+        row[ids] -= counts * params.frequency_penalty + params.presence_penalty
+    if params.logit_bias:
+        ids = torch.tensor([t for t, _ in params.logit_bias], dtype=torch.long)
+        row.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], dtype=row.dtype))
+    if state.num_output < params.min_tokens and state.blocked_until_min:
+        row[torch.tensor(state.blocked_until_min, dtype=torch.long)] = float("-inf")
+
+
+def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[TopLogprob, ...]:
+    """The ``k`` most likely tokens of one row of log-probabilities, most likely first."""
+    if k <= 0:
+        return ()
+    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
+    return tuple(TopLogprob(token_id=int(i), logprob=float(v))
+                 for i, v in zip(ids.tolist(), values.tolist(), strict=True))
 
 
 def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -82,8 +175,28 @@ def sample(
     params: Sequence[SamplingParams],
     generators: Sequence[torch.Generator | None],
 ) -> list[int]:
-    """One token id per row, or ``INVALID_TOKEN`` for a row whose logits are not finite."""
+    """One token id per row, or ``INVALID_TOKEN`` for a row whose logits are not finite.
+
+    Rows whose params are ``RequestSampling`` get their processing first, and, when they ask
+    for logprobs, ``state.pending`` set for the token they sampled.
+    """
     vocab_size = logits.shape[-1]
+    stateful = [row for row, p in enumerate(params) if isinstance(p, RequestSampling)]
+    raw_logprobs: dict[int, torch.Tensor] = {}
+    if stateful:
+        wants = [row for row in stateful if params[row].logprobs is not None]
+        if wants:
+            rows = torch.tensor(wants, dtype=torch.long)
+            for row, lp in zip(wants, torch.log_softmax(logits[rows].float(), dim=-1),
+                               strict=True):
+                raw_logprobs[row] = lp
+        processed = [row for row in stateful if params[row].has_logit_processing]
+        if processed:
+            logits = logits.clone()  # the caller's tensor stays the model's output
+            for row in processed:
+                p = params[row]
+                assert isinstance(p, RequestSampling)
+                _process(logits[row], p, p.state)
     greedy = logits.argmax(dim=-1).tolist()
     finite = torch.isfinite(logits).logical_or(logits == float("-inf")).all(dim=-1)
     # a row of nothing but -inf has no token to pick either
@@ -98,4 +211,11 @@ def sample(
         else:
             probs = _filter(logits[row], p).softmax(-1)
             token_ids.append(int(torch.multinomial(probs, 1, generator=generator).item()))
+    for row, lp in raw_logprobs.items():
+        p = params[row]
+        assert isinstance(p, RequestSampling)
+        token_id = token_ids[row]
+        if token_id != INVALID_TOKEN:
+            p.state.pending = TokenLogprob(token_id=token_id, logprob=float(lp[token_id]),
+                                           top=top_logprobs(lp, p.logprobs or 0))
     return token_ids
