@@ -80,22 +80,23 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
 - apiGroups: [moeflow.dev]
   resources: [models, requests, warmpools]
   verbs: [get, list, watch, patch]
-# Jobs and Tasks are the operator's children: created, patched, removed on scale-down.
+# RoleGroups and EngineInstances are the operator's children: created, patched, removed on
+# scale-down.
 - apiGroups: [moeflow.dev]
-  resources: [jobs, tasks]
+  resources: [rolegroups, engineinstances]
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [moeflow.dev]
-  resources: [models/status, jobs/status, tasks/status, requests/status, warmpools/status]
+  resources: [models/status, rolegroups/status, engineinstances/status, requests/status, warmpools/status]
   verbs: [get, patch]
 # Children carry ownerReferences with blockOwnerDeletion, which clusters running the
 # OwnerReferencesPermissionEnforcement admission plugin only allow with update on the owner's
 # finalizers.
 - apiGroups: [moeflow.dev]
-  resources: [models/finalizers, jobs/finalizers, tasks/finalizers, requests/finalizers,
+  resources: [models/finalizers, rolegroups/finalizers, engineinstances/finalizers, requests/finalizers,
               warmpools/finalizers]
   verbs: [update]
-# One engine Pod per Task: created, read, replaced (delete + create) when its template changes;
-# warm-pool worker Pods likewise; a Task claiming a warm Pod patches its labels and owner.
+# One engine Pod per EngineInstance: created, read, replaced (delete + create) when its template changes;
+# warm-pool worker Pods likewise; an EngineInstance claiming a warm Pod patches its labels and owner.
 - apiGroups: [""]
   resources: [pods]
   verbs: [get, list, watch, create, patch, delete]
@@ -115,8 +116,8 @@ namespaces) or the Role (operator.watchNamespace); deploy/base carries the same 
 - apiGroups: [apps]
   resources: [deployments]
   verbs: [get, list, watch, create, patch, delete]
-# The per-Model gateway's Role (get/list/watch tasks and models, patch its own Model for
-# scale from zero) and the expert balancer's Role (get/list/watch tasks): all of which the
+# The per-Model gateway's Role (get/list/watch engineinstances and models, patch its own Model for
+# scale from zero) and the expert balancer's Role (get/list/watch engineinstances): all of which the
 # operator holds. The balancer's go with attention/expert mode.
 - apiGroups: [rbac.authorization.k8s.io]
   resources: [roles, rolebindings]

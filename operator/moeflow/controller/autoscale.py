@@ -1,7 +1,8 @@
 """The cluster autoscaler's bookkeeping around the shared policy. Pure; no I/O, no kopf.
 
 The policy itself (``moeflow.domain.autoscale.decide``) is shared with the local scaler; this
-module turns what the operator sees of one role (its Tasks, their engines' ``/v1/stats``) into
+module turns what the operator sees of one role (its EngineInstances, their engines' ``/v1/stats``)
+into
 a ``RoleObservation``, remembers what the policy needs across rounds (``RoleMemory``), and
 says how a decision is written down.
 
@@ -9,7 +10,8 @@ says how a decision is written down.
   defaults to 0, so without a maximum there are no bounds to scale within.
 - **Where the decision goes.** ``spec.roles.<role>.replicas`` of the Model, by a merge patch
   that carries the Model's ``resourceVersion`` (a lost race is retried the next round). The
-  operator already turns that field into Jobs, Tasks and Pods, ``kubectl get`` shows it, the
+  operator already turns that field into RoleGroups, EngineInstances and Pods, ``kubectl get``
+  shows it, the
   generation moves (so ``Progressing`` reports the scale in flight), and the gateway's scale
   from zero writes the same field. The policy clamps to ``[minReplicas, maxReplicas]``, so the
   CRD's CEL rules always hold. As with an HPA and ``Deployment.spec.replicas``, GitOps tools
@@ -51,7 +53,7 @@ def has_bounds(raw_spec: Mapping[str, Any]) -> bool:
 
 @dataclass(frozen=True)
 class Engine:
-    """A ready engine of the role: the Task's name and where its Pod answers."""
+    """A ready engine of the role: the EngineInstance's name and where its Pod answers."""
 
     task: str
     host: str
@@ -60,7 +62,7 @@ class Engine:
 
 @dataclass(frozen=True)
 class RoleTasks:
-    """What the Task objects of a role say, for ranks below ``replicas``."""
+    """What the EngineInstance objects of a role say, for ranks below ``replicas``."""
 
     ready: tuple[Engine, ...]
     num_starting: int

@@ -2,12 +2,12 @@
 
 One Deployment of one replica with the `Recreate` strategy: two balancers of one Model would
 both move experts around, so a rollout stops the old one before the new one starts. Each cycle
-it lists the Model's Tasks (`--discovery kubernetes`) and calls the instances'
+it lists the Model's EngineInstances (`--discovery kubernetes`) and calls the instances'
 /v1/experts/* endpoints, with the Model's internal token (MOEFLOW_INTERNAL_TOKEN from
 `<model>-internal-token`), which engines require. It serves nothing (no port, no Service, so
 nothing to probe): a cycle's HTTP errors are logged and the next cycle retries, anything else
 ends the process and the kubelet restarts it. Its own ServiceAccount and Role allow exactly
-that LIST: get/list/watch on Tasks. The expert fleet's size is in the argv, so scaling the
+that LIST: get/list/watch on EngineInstances. The expert fleet's size is in the argv, so scaling the
 expert role rolls the balancer.
 """
 
@@ -23,7 +23,7 @@ from moeflow.domain.plan import BalancerPlan
 
 Obj = dict[str, Any]
 
-# One LIST of Tasks and a few small HTTP calls per cycle; no weights, no torch.
+# One LIST of EngineInstances and a few small HTTP calls per cycle; no weights, no torch.
 BALANCER_CPU = "100m"
 BALANCER_MEMORY = "256Mi"
 
@@ -59,9 +59,9 @@ def build_balancer_deployment(model: str, namespace: str, balancer: BalancerPlan
 
 
 def build_balancer_rbac(model: str, namespace: str) -> list[Obj]:
-    """ServiceAccount, Role (read Tasks) and RoleBinding."""
+    """ServiceAccount, Role (read EngineInstances) and RoleBinding."""
     return build_service_account_rbac(
         naming.balancer_name(model), namespace,
         naming.model_labels(model, naming.COMPONENT_BALANCER),
-        [{"apiGroups": [naming.GROUP], "resources": ["tasks"],
+        [{"apiGroups": [naming.GROUP], "resources": [naming.PLURAL_ENGINE_INSTANCES],
           "verbs": ["get", "list", "watch"]}])

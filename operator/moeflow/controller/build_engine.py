@@ -1,9 +1,12 @@
-"""Pure builders of the engine side: Job and Task custom resources, engine Pods and the
+"""Pure builders of the engine side: RoleGroup and EngineInstance custom resources, engine Pods and
+the
 headless discovery Service. Dicts in, dicts out; no I/O, no kopf (handlers adopt the results).
 
-Pods are bare (one per Task, restartPolicy Always): the Task is the controller that recreates
+Pods are bare (one per EngineInstance, restartPolicy Always): the EngineInstance is the controller
+that recreates
 a lost Pod, as a StatefulSet would, but with the rank and role that the request-job-task model
-needs. Pod specs are immutable, so each Pod carries a hash of what it was built from; a Task
+needs. Pod specs are immutable, so each Pod carries a hash of what it was built from; an
+EngineInstance
 whose desired hash differs gets its Pod replaced.
 
 What restarts what (every role, the expert app included, serves the same health paths):
@@ -11,7 +14,7 @@ What restarts what (every role, the expert app included, serves the same health 
   kubelet restarts the container (restartPolicy Always), the liveness probe being the backstop
   for a process that hangs instead of exiting;
 - not ready (loop dead, transport unreachable, draining): `/health/ready` answers 503, the
-  Pod turns NotReady, its Task mirrors it and gateways stop routing to it; no restart;
+  Pod turns NotReady, its EngineInstance mirrors it and gateways stop routing to it; no restart;
 - loading weights: only the startup probe runs, for up to `startup_timeout_s`;
 - deleted (scale-down removes the highest rank, or a template change replaces it): SIGTERM,
   the engine stops admitting and finishes its in-flight requests for up to
@@ -44,9 +47,10 @@ GRACE_AFTER_DRAIN_S = 15
 
 
 def task_template(spec: ModelSpec, model_path: str, settings: OperatorSettings) -> TaskTemplate:
-    """What each instance of the Model runs; the Job carries it down to its Tasks."""
+    """What each instance of the Model runs; the RoleGroup carries it down to its
+    EngineInstances."""
     return TaskTemplate(
-        image=settings.image, source=spec.source, model_path=model_path,
+        image=spec.image or settings.image, source=spec.source, model_path=model_path,
         port=settings.engine_port, devices_per_instance=spec.devices_per_instance,
         resources=spec.resources,
         transport=spec.transport.model_copy(update={"kind": spec.transport_kind}),
@@ -54,6 +58,8 @@ def task_template(spec: ModelSpec, model_path: str, settings: OperatorSettings) 
         attention_instances=(spec.role(Role.ATTENTION).replicas
                              if Role.ATTENTION in spec.role_names else 0),
         dram_preload=spec.dram_preload,
+        engine=spec.engine, env=spec.env, node_selector=spec.node_selector,
+        tolerations=spec.tolerations, affinity=spec.affinity, pod_template=spec.pod_template,
     )
 
 
@@ -65,18 +71,19 @@ def wire(model: BaseModel) -> Obj:
 def build_job(model: str, namespace: str, job: JobPlan, template: TaskTemplate) -> Obj:
     spec = JobSpec(model=model, role=job.role, replicas=job.replicas, template=template)
     return {
-        "apiVersion": naming.API_VERSION, "kind": "Job",
+        "apiVersion": naming.API_VERSION, "kind": naming.KIND_ROLE_GROUP,
         "metadata": {"name": job.name, "namespace": namespace,
-                     "labels": naming.job_labels(model, job.role)},
+                     "labels": naming.job_labels(model, job.role),
+                     "annotations": {naming.ANNOTATION_APPLIED_REPLICAS: str(job.replicas)}},
         "spec": wire(spec),
     }
 
 
 def build_task(job_name: str, namespace: str, job: JobSpec, rank: int) -> Obj:
-    spec = TaskSpec(model=job.model, job=job_name, role=job.role, rank=rank,
+    spec = TaskSpec(model=job.model, role_group=job_name, role=job.role, rank=rank,
                     template=job.template)
     return {
-        "apiVersion": naming.API_VERSION, "kind": "Task",
+        "apiVersion": naming.API_VERSION, "kind": naming.KIND_ENGINE_INSTANCE,
         "metadata": {"name": naming.task_name(job.model, job.role, rank),
                      "namespace": namespace,
                      "labels": naming.task_labels(job.model, job.role, rank)},
@@ -144,6 +151,8 @@ def _env(template: TaskTemplate, task: TaskSpec, task_name: str,
     ]
     if kind is TransportKind.REDIS and template.transport.redis_url:
         env.append({"name": "MOEFLOW_REDIS_URL", "value": template.transport.redis_url})
+    env += [{"name": k, "value": v} for k, v in template.engine.engine_env().items()]
+    env += [wire(var) for var in template.env]
     return env
 
 
@@ -214,13 +223,48 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
         "containers": [container],
         "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *dram_volumes],
     }
+    if template.node_selector:
+        pod_spec["nodeSelector"] = dict(template.node_selector)
+    if template.tolerations:
+        pod_spec["tolerations"] = [wire(t) for t in template.tolerations]
+    if template.affinity:
+        pod_spec["affinity"] = dict(template.affinity)
+    pod_spec = merge_overlay(pod_spec, template.pod_template.spec)
+    overlay_meta = template.pod_template.metadata
     return {
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": task_name, "namespace": namespace,
-                     "labels": naming.task_labels(task.model, task.role, task.rank),
-                     "annotations": {naming.ANNOTATION_TEMPLATE_HASH: spec_hash(pod_spec)}},
+                     # the operator's labels win: selectors and discovery rely on them
+                     "labels": {**overlay_meta.labels,
+                                **naming.task_labels(task.model, task.role, task.rank)},
+                     "annotations": {**overlay_meta.annotations,
+                                     naming.ANNOTATION_TEMPLATE_HASH: spec_hash(pod_spec)}},
         "spec": pod_spec,
     }
+
+
+def merge_overlay(base: Any, overlay: Any, key: str = "") -> Any:
+    """`overlay` merged over `base` (a Model's `podTemplate.spec` over the built Pod spec):
+    objects merge key by key, `containers`/`initContainers` merge by name, other lists are
+    appended, anything else is replaced. Pure: neither argument is changed."""
+    if isinstance(base, dict) and isinstance(overlay, dict):
+        merged = dict(base)
+        for k, v in overlay.items():
+            merged[k] = merge_overlay(base[k], v, k) if k in base else v
+        return merged
+    if isinstance(base, list) and isinstance(overlay, list):
+        if key in ("containers", "initContainers"):
+            by_name = {c.get("name"): i for i, c in enumerate(base)}
+            merged_list = list(base)
+            for item in overlay:
+                i = by_name.get(item.get("name"))
+                if i is None:
+                    merged_list.append(item)
+                else:
+                    merged_list[i] = merge_overlay(base[i], item)
+            return merged_list
+        return [*base, *overlay]
+    return overlay
 
 
 def spec_hash(pod_spec: Obj) -> str:
@@ -229,7 +273,7 @@ def spec_hash(pod_spec: Obj) -> str:
 
 def build_instances_service(model: str, namespace: str, port: int) -> Obj:
     """Headless Service over all engine Pods of a Model: per-Pod DNS for discovery. Not-ready
-    addresses are published because readiness is reported through Task status instead."""
+    addresses are published because readiness is reported through EngineInstance status instead."""
     return {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": naming.instances_service_name(model), "namespace": namespace,

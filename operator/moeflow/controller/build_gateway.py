@@ -1,10 +1,13 @@
 """Pure builders of a Model's gateway and of the list of everything a Model owns (gateway,
-instances Service, expert balancer in attention/expert mode, Jobs).
+instances Service, expert balancer in attention/expert mode, RoleGroups).
 
-The gateway is a Deployment, not a Job of Tasks: it is stateless, holds no rank and no
+The gateway is a Deployment, not a RoleGroup of EngineInstances: it is stateless, holds no rank and
+no
 weights, and is scaled and rolled like any web front end (HPA, rolling updates). It finds the
-engine instances itself by listing the Model's Tasks (`--discovery kubernetes`), for which it
-gets its own ServiceAccount and a namespaced Role limited to reading Tasks and Models, and to
+engine instances itself by listing the Model's EngineInstances (`--discovery kubernetes`), for
+which it
+gets its own ServiceAccount and a namespaced Role limited to reading EngineInstances and Models,
+and to
 patching its own Model (scale from zero sets `spec.roles.<role>.replicas`,
 `moeflow.gateway.kube_scale`).
 
@@ -92,11 +95,11 @@ def build_gateway_service(model: str, namespace: str, port: int) -> Obj:
 
 
 def build_gateway_rbac(model: str, namespace: str) -> list[Obj]:
-    """ServiceAccount, Role (read Tasks and Models, patch this Model) and RoleBinding."""
+    """ServiceAccount, Role (read EngineInstances and Models, patch this Model) and RoleBinding."""
     return build_service_account_rbac(
         naming.gateway_name(model), namespace,
         naming.model_labels(model, naming.COMPONENT_GATEWAY),
-        [{"apiGroups": [naming.GROUP], "resources": ["tasks", "models"],
+        [{"apiGroups": [naming.GROUP], "resources": [naming.PLURAL_ENGINE_INSTANCES, "models"],
           "verbs": ["get", "list", "watch"]},
          {"apiGroups": [naming.GROUP], "resources": ["models"],
           "resourceNames": [model], "verbs": ["patch"]}])
@@ -105,7 +108,7 @@ def build_gateway_rbac(model: str, namespace: str) -> list[Obj]:
 def build_model_children(plan: ModelPlan, namespace: str, settings: OperatorSettings) -> list[Obj]:
     """Everything a Model owns directly, in apply order: RBAC before the Deployment that uses
     it, Services before the Pods that register in them, the engines' NetworkPolicy before any
-    engine exists, the expert balancer (attention/expert mode), then one Job per role. Not the
+    engine exists, the expert balancer (attention/expert mode), then one RoleGroup per role. Not the
     internal token Secret: that one is created once, never applied (`reconcile_model`)."""
     template = task_template(plan.spec, plan.model_path, settings)
     balancer: list[Obj] = []

@@ -1,5 +1,5 @@
 """Pure builders and decisions of a WarmPool: its worker Pods, which to add or remove, and
-how a Task claims one. Dicts in, dicts out; no I/O, no kopf.
+how an EngineInstance claims one. Dicts in, dicts out; no I/O, no kopf.
 
 A warm Pod runs one warm-pool worker (`moeflow warm-pool --port <engine port>`): the engine's
 imports and torch set-up done, no model, waiting for one claim, which it takes over HTTP
@@ -10,11 +10,11 @@ has to load the weights.
 Probes (a Pod's spec cannot change once claimed, so they serve both lives):
 - readiness: `GET /health/ready` over HTTP, exactly as on an engine Pod. The worker answers
   it with an error until a claim's engine serves, so the Pod turns Ready only as a loaded
-  engine (the Task mirrors it) and an idle warm Pod is never Ready (no Service or gateway
+  engine (the EngineInstance mirrors it) and an idle warm Pod is never Ready (no Service or gateway
   routes to it).
 - startup: a TCP connect on the port: passes once the worker listens, i.e. imports done and
   ready to be claimed. A Pod whose container has `started: true` and that is still idle is
-  what the pool counts as ready (`is_claimable`), and what a Task may claim.
+  what the pool counts as ready (`is_claimable`), and what an EngineInstance may claim.
 - liveness: a TCP connect too (an idle or loading worker has no /health/live, so an HTTP
   liveness probe would kill it); the socket stays open from the worker through the engine.
   A claimed engine whose loop dies still exits non-zero, and the kubelet restarts it.
@@ -26,19 +26,22 @@ at container start, so it cannot hold the claiming Model's token (`<model>-inter
 and the worker takes its token from its own environment only, never from a claim. A claimed
 warm Pod therefore serves without one: it accepts work without the header (the Model's
 NetworkPolicy still admits only the Model's gateway, engines, balancer and the operator) and
-calls no peer with it. That is why a decode Task never claims one: decode instances pull KV
+calls no peer with it. That is why a decode EngineInstance never claims one: decode instances pull
+KV
 from prefill instances, which refuse calls without the Model's token.
 
 Names are `<pool>-<n>` with n the lowest numbers that no Pod labelled with the pool uses, claimed
 ones included: a function of the observed Pods, so a replayed event makes the same names (409 =
 already there), and a claimed Pod, which keeps its name, never blocks a refill.
 
-Claims (`reconcile_warm_pool.claim_warm_pod` does the I/O): a Task may take a warm Pod when
+Claims (`reconcile_warm_pool.claim_warm_pod` does the I/O): an EngineInstance may take a warm Pod
+when
 `claim_refusal(task)` is None and `pod_fits` the Pod (idle, claimable, controlled by a
 WarmPool, same image, same devices, same port, model store mounted over the model path).
-`claim_patch` relabels the Pod as the Task's engine Pod, moves its controller reference from
-the WarmPool to the Task (the pool only counts Pods it controls, so it refills) and stamps
-the Task's Pod-template hash, in one merge patch guarded by the Pod's resourceVersion.
+`claim_patch` relabels the Pod as the EngineInstance's engine Pod, moves its controller reference
+from
+the WarmPool to the EngineInstance (the pool only counts Pods it controls, so it refills) and stamps
+the EngineInstance's Pod-template hash, in one merge patch guarded by the Pod's resourceVersion.
 """
 
 from __future__ import annotations
@@ -64,7 +67,8 @@ SOCKET_NAME = "warm.sock"
 CONTAINER = "worker"
 WARM_POOL_KIND = "WarmPool"
 ANNOTATION_CLAIMED_AT = "moeflow.dev/claimed-at"
-"""When a Task claimed the Pod: Task `coldStart.podReadySeconds` counts from here."""
+"""When an EngineInstance claimed the Pod: EngineInstance `coldStart.podReadySeconds` counts from
+here."""
 
 
 def socket_path(settings: OperatorSettings) -> str:
@@ -137,7 +141,7 @@ def is_claimable(pod: Mapping[str, Any]) -> bool:
 
 
 def claim_refusal(task: TaskSpec) -> str | None:
-    """Why no warm Pod can serve this Task (None: one may)."""
+    """Why no warm Pod can serve this EngineInstance (None: one may)."""
     if task.role is Role.EXPERT:
         return "expert instances run their own app, not a warm worker"
     if task.role is Role.DECODE:
@@ -147,7 +151,10 @@ def claim_refusal(task: TaskSpec) -> str | None:
         return (f"source {task.template.source.uri}: warm Pods mount only the node model store"
                 " (store://)")
     if task.template.resources.cpu or task.template.resources.memory:
-        return "the Task requests cpu/memory; warm Pods request only devices"
+        return "the EngineInstance requests cpu/memory; warm Pods request only devices"
+    if task.template.customizes_pod:
+        return ("the Model sets engine args, env, scheduling or a Pod overlay; a warm Pod was"
+                " started without them")
     return None
 
 
@@ -157,8 +164,9 @@ def _container(pod: Mapping[str, Any]) -> Mapping[str, Any]:
 
 
 def pod_fits(task: TaskSpec, pod: Mapping[str, Any], settings: OperatorSettings) -> bool:
-    """An idle, claimable warm Pod (of a WarmPool) that runs what the Task's Pod would: same
-    image, same number of devices, the engine port, the model store over the model path."""
+    """An idle, claimable warm Pod (of a WarmPool) that runs what the EngineInstance's Pod
+    would: same image, same number of devices, the engine port, the model store over the model
+    path."""
     meta = pod["metadata"]
     labels = meta.get("labels") or {}
     controller: Mapping[str, Any] = next(
@@ -194,9 +202,10 @@ def owner_reference(owner: Mapping[str, Any]) -> Obj:
 
 def claim_patch(pod: Mapping[str, Any], task_body: Mapping[str, Any], task: TaskSpec,
                 template_hash: str, now: str) -> Obj:
-    """The merge patch that makes a warm Pod the Task's Pod. It keeps the pool label (its
-    number stays taken while the Pod lives), sets warm-state=claimed, adds the Task's labels
-    (component engine: the headless Service, discovery and the Task's Pod handler see it),
+    """The merge patch that makes a warm Pod the EngineInstance's Pod. It keeps the pool label (its
+    number stays taken while the Pod lives), sets warm-state=claimed, adds the
+    EngineInstance's labels (component engine: the headless Service, discovery and the
+    EngineInstance's Pod handler see it),
     and replaces the owner references (the list is replaced whole by a merge patch). The
     resourceVersion makes it fail (409) if the Pod changed since it was read: two claimers
     never both win."""
@@ -227,7 +236,8 @@ def claim_message(task: TaskSpec) -> Obj:
 
 
 def claimed_pool(pod: Mapping[str, Any]) -> str | None:
-    """The WarmPool a Task's Pod was claimed from (None: a Pod made for the Task)."""
+    """The WarmPool an EngineInstance's Pod was claimed from (None: a Pod made for the
+    EngineInstance)."""
     labels = pod["metadata"].get("labels") or {}
     if labels.get(naming.LABEL_WARM_STATE) != naming.WARM_CLAIMED:
         return None

@@ -1,6 +1,7 @@
 """Single-flight, coalescing execution of status refreshes, keyed by object.
 
-Many events can ask for the same refresh at once (64 Tasks of one Job turning Ready). Running
+Many events can ask for the same refresh at once (64 EngineInstances of one RoleGroup turning
+Ready). Running
 them concurrently would race (an older read could be written last) and waste API calls. A
 `Coalescer` runs at most one refresh per key at a time and folds every request that arrives
 meanwhile into exactly one more run.

@@ -36,7 +36,7 @@ class OperatorContext:
     engine_stats: EngineStatsClient | None = None
     """How the autoscaler reads engines' /v1/stats; default: HTTP on the Pod IP."""
     warm_claims: WarmClaimClient | None = None
-    """How a Task hands a claimed warm Pod its instance; default: HTTP on the Pod IP."""
+    """How an EngineInstance hands a claimed warm Pod its instance; default: HTTP on the Pod IP."""
     autoscaled: set[tuple[str, str]] = field(default_factory=set)
     """(namespace, name) of the Models with autoscaling bounds, kept by a Model event handler."""
     background: list[asyncio.Task[None]] = field(default_factory=list)

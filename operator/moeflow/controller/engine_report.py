@@ -1,8 +1,9 @@
 """What the operator asks engines directly, over HTTP on the Pod IP. Any failure means "not
 now" (nothing is reported), never an error.
 
-- Cold start (``GET /v1/coldstart``), for Task status: asked once, when a Task's Pod turns
-  Ready and the Task's ``coldStart`` lacks the engine-reported steps; the answer's
+- Cold start (``GET /v1/coldstart``), for EngineInstance status: asked once, when an
+EngineInstance's Pod turns
+  Ready and the EngineInstance's ``coldStart`` lacks the engine-reported steps; the answer's
   ``task_status`` already uses the CRD's field names. ``firstRoutedRequestSeconds`` is present
   only if a request was served before that read.
 - Load (``GET /v1/stats``), for the autoscaler: asked every autoscale interval of each ready

@@ -3,16 +3,17 @@
 Run with `moeflow operator` (see `cli.py`) or `kopf run -m moeflow.controller.main`.
 
 Flow (each arrow is a watch event that triggers the next level, level-based and idempotent):
-    Model  --create/update/resume-->  Jobs, gateway Deployment/Services/RBAC
+    Model  --create/update/resume-->  RoleGroups, gateway Deployment/Services/RBAC
                                       (attention/expert: balancer Deployment/RBAC)
-    Job    --create/update/resume-->  Tasks (ranks 0..replicas-1)
-    Task   --create/update/resume-->  Pod
-    Pod    --event-->  Task status   --event-->  Job status   --event-->  Model status
+    RoleGroup       --create/update/resume-->  EngineInstances (ranks 0..replicas-1)
+    RoleGroup scale (`kubectl scale`, HPA, KEDA: spec.replicas) --> Model spec.roles.<role>
+    EngineInstance  --create/update/resume-->  Pod
+    Pod --event--> EngineInstance status --event--> RoleGroup status --event--> Model status
     Deployment (gateway) --event-->  Model status
     Request --daemon while unfinished-->  batch fan-out, results ConfigMap
     Model with maxReplicas --one loop, every autoscale_interval_s-->  spec.roles.<role>.replicas
     WarmPool --create/update/resume-->  worker Pods   Pod --event-->  WarmPool (refill, status)
-    Task needing a Pod  --claims-->  an idle warm Pod that fits (relabel, re-own, POST claim)
+    EngineInstance needing a Pod --claims--> an idle warm Pod that fits (relabel, re-own, claim)
     FineTune --create/resume/event-->  trainer RBAC + Pod   Pod --event-->  FineTune status
 Status refreshes of one object are coalesced (`Coalescer`): bursts of child events cost one
 read-compute-write of the parent at a time.
@@ -47,8 +48,8 @@ from moeflow.domain.spec import SpecError
 from moeflow.kube.api import KubeApi, OwnershipConflict
 
 MODELS = (naming.GROUP, naming.VERSION, "models")
-JOBS = (naming.GROUP, naming.VERSION, "jobs")
-TASKS = (naming.GROUP, naming.VERSION, "tasks")
+ROLE_GROUPS = (naming.GROUP, naming.VERSION, "rolegroups")
+ENGINE_INSTANCES = (naming.GROUP, naming.VERSION, "engineinstances")
 REQUESTS = (naming.GROUP, naming.VERSION, "requests")
 WARM_POOLS = (naming.GROUP, naming.VERSION, "warmpools")
 FINETUNES = (naming.GROUP, naming.VERSION, finetune_spec.PLURAL)
@@ -123,7 +124,7 @@ async def reconcile_model(body: kopf.Body, memo: kopf.Memo, namespace: str | Non
     await _refresh_model(ctx, namespace, name)
 
 
-@kopf.on.event(*JOBS)
+@kopf.on.event(*ROLE_GROUPS)
 async def job_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
                       **_: Any) -> None:
     model = body.get("spec", {}).get("model")
@@ -139,9 +140,9 @@ async def gateway_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | Non
         await _refresh_model(context_of(memo), _namespaced(namespace), model)
 
 
-@kopf.on.resume(*JOBS)
-@kopf.on.create(*JOBS)
-@kopf.on.update(*JOBS)
+@kopf.on.resume(*ROLE_GROUPS)
+@kopf.on.create(*ROLE_GROUPS)
+@kopf.on.update(*ROLE_GROUPS)
 async def reconcile_job(body: kopf.Body, memo: kopf.Memo, namespace: str | None, name: str,
                         **_: Any) -> None:
     ctx, namespace = context_of(memo), _namespaced(namespace)
@@ -154,17 +155,17 @@ async def reconcile_job(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
     await _refresh_job(ctx, namespace, name)
 
 
-@kopf.on.event(*TASKS)
+@kopf.on.event(*ENGINE_INSTANCES)
 async def task_changed(body: kopf.Body, memo: kopf.Memo, namespace: str | None,
                        **_: Any) -> None:
-    job = body.get("spec", {}).get("job")
+    job = body.get("spec", {}).get("roleGroup")
     if job:
         await _refresh_job(context_of(memo), _namespaced(namespace), job)
 
 
-@kopf.on.resume(*TASKS)
-@kopf.on.create(*TASKS)
-@kopf.on.update(*TASKS)
+@kopf.on.resume(*ENGINE_INSTANCES)
+@kopf.on.create(*ENGINE_INSTANCES)
+@kopf.on.update(*ENGINE_INSTANCES)
 async def reconcile_task(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     ctx = context_of(memo)
     try:

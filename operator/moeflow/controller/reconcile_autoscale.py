@@ -2,10 +2,11 @@
 by `main.autoscaler`, a kopf daemon per autoscaled Model, every `autoscale_interval_s`).
 
 Read the Model (and its internal token, which engines require on `/v1/stats`), then for each
-autoscaled role: its Tasks, the `/v1/stats` of its ready engines
+autoscaled role: its EngineInstances, the `/v1/stats` of its ready engines
 (concurrently, each bounded by the stats client's timeout), `autoscale.observe`, the shared
 policy. Changed counts go into `spec.roles.<role>.replicas` in one merge patch locked on the
-Model's resourceVersion; the operator's update handler then scales the Jobs and Tasks as for a
+Model's resourceVersion; the operator's update handler then scales the RoleGroups and
+EngineInstances as for a
 human edit. Each change is an Event; the decisions are in `status.autoscaling`, and
 `status.lastScaleTime` moves when replicas change. See `autoscale` for the choices.
 """
@@ -62,7 +63,7 @@ def autoscale_model(api: KubeApi, stats_client: EngineStatsClient, namespace: st
     token = token_of(api.get(kube.SECRET, namespace, naming.internal_token_secret_name(name)))
     for role in autoscale.autoscaled_roles(spec):
         replicas = spec.role(role).replicas
-        tasks = autoscale.read_tasks(api.list(kube.TASK, namespace, {
+        tasks = autoscale.read_tasks(api.list(kube.ENGINE_INSTANCE, namespace, {
             naming.LABEL_MODEL: name, naming.LABEL_ROLE: role.value}), replicas)
         previous = memory.get(role) or autoscale.first_memory(replicas, now_s)
         observation, next_memory[role] = autoscale.observe(

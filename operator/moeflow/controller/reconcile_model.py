@@ -3,14 +3,14 @@
 `apply_model` makes the cluster match the plan: it makes sure the Model's internal token
 Secret exists (created once, never patched: `ensure_internal_token`), applies every child
 (create-or-patch with deterministic names, owner reference to the Model via kopf.adopt) and
-deletes Jobs of roles
+deletes RoleGroups of roles
 the mode no longer has, and the expert balancer's objects once the mode is no longer
 attention/expert. `refresh_model_status` recomputes the status from the children.
 Both are idempotent: run twice, the second run changes nothing and says so.
 
 No finalizer: nothing outside the cluster is created, and everything inside carries an owner
 reference to the Model, so deleting a Model is the cluster garbage collector's job
-(Model -> Jobs, gateway and balancer objects -> Tasks -> Pods).
+(Model -> RoleGroups, gateway and balancer objects -> EngineInstances -> Pods).
 """
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ def apply_model(api: KubeApi, settings: OperatorSettings, body: Mapping[str, Any
         if outcome != "unchanged":
             decisions.append(applied(child["kind"], child["metadata"]["name"], outcome))
     wanted_jobs = {job.name for job in plan.jobs}
-    for job in api.list(kube.JOB, meta["namespace"], {naming.LABEL_MODEL: meta["name"]}):
+    for job in api.list(kube.ROLE_GROUP, meta["namespace"], {naming.LABEL_MODEL: meta["name"]}):
         job_name = job["metadata"]["name"]
         if job_name not in wanted_jobs and kube.controller_uid(job) == meta["uid"]:
-            api.delete(kube.JOB, meta["namespace"], job_name)
+            api.delete(kube.ROLE_GROUP, meta["namespace"], job_name)
             decisions.append(Decision(
-                "Deleted", f"Job {job_name} deleted: mode {spec.mode.value} has no role"
+                "Deleted", f"RoleGroup {job_name} deleted: mode {spec.mode.value} has no role"
                 f" {job['spec'].get('role')!r}"))
     if plan.balancer is None:
         decisions += _delete_balancer(api, meta, spec)
@@ -161,7 +161,7 @@ def _status_from_children(api: KubeApi, settings: OperatorSettings, model: Mappi
     meta = model["metadata"]
     jobs = {
         job["spec"].get("role"): job
-        for job in api.list(kube.JOB, meta["namespace"], {naming.LABEL_MODEL: meta["name"]})
+        for job in api.list(kube.ROLE_GROUP, meta["namespace"], {naming.LABEL_MODEL: meta["name"]})
         if kube.controller_uid(job) == meta["uid"]
     }
     roles: dict[str, status.Counts] = {}

@@ -7,10 +7,11 @@ on every change of the pool and of its Pods (a deleted Pod is replaced on its DE
 No finalizer: nothing outside the cluster is made. Builders and the plan are in
 `build_warm_pool`.
 
-`claim_warm_pod` is the Task side: when a Task needs a Pod and an idle warm Pod fits it, the
-Pod is relabelled and re-owned for the Task in one guarded patch, then told its instance
+`claim_warm_pod` is the EngineInstance side: when an EngineInstance needs a Pod and an idle warm
+Pod fits it, the
+Pod is relabelled and re-owned for the EngineInstance in one guarded patch, then told its instance
 (`POST /v1/claim` on the Pod IP through a `WarmClaimClient`). If the worker refuses or does
-not answer, the half-claimed Pod is deleted and the Task gets a fresh Pod as usual.
+not answer, the half-claimed Pod is deleted and the EngineInstance gets a fresh Pod as usual.
 """
 
 from __future__ import annotations
@@ -86,7 +87,8 @@ def apply_warm_pool(api: KubeApi, settings: OperatorSettings, namespace: str, na
 def claim_warm_pod(api: KubeApi, claims: WarmClaimClient, settings: OperatorSettings,
                    task_body: Mapping[str, Any], task: TaskSpec, template_hash: str
                    ) -> tuple[bool, list[Decision]]:
-    """Give the Task an idle warm Pod that fits it. Returns (claimed, decisions): False with
+    """Give the EngineInstance an idle warm Pod that fits it. Returns (claimed, decisions): False
+    with
     no decisions when none fits (or another claimer won it), False with a Warning when the
     claim failed (the Pod is deleted); either way the caller creates a fresh Pod."""
     if claim_refusal(task) is not None:
@@ -104,12 +106,13 @@ def claim_warm_pod(api: KubeApi, claims: WarmClaimClient, settings: OperatorSett
         if api.patch(kube.POD, namespace, pod_name, patch) is None:
             return False, []  # gone meanwhile
     except Conflict:
-        return False, []  # changed meanwhile (another Task claimed it, the pool deleted it)
+        # changed meanwhile (another EngineInstance claimed it, the pool deleted it)
+        return False, []
     task_name = task_body["metadata"]["name"]
     error = claims.claim(pod["status"]["podIP"], task.template.port, claim_message(task))
     if error is None:
         return True, [Decision("WarmPodClaimed", f"warm Pod {pod_name} of WarmPool {pool}"
-                               f" claimed for Task {task_name}: loading {task.model}")]
+                               f" claimed for EngineInstance {task_name}: loading {task.model}")]
     api.delete(kube.POD, namespace, pod_name)
     return False, [Decision("WarmClaimFailed", f"claiming warm Pod {pod_name} of WarmPool"
                             f" {pool} failed ({error}); Pod deleted, a fresh Pod is created",

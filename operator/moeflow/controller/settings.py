@@ -89,4 +89,5 @@ class OperatorSettings(BaseSettings):
 
     warm_pool_claim_timeout_s: float = Field(5.0, gt=0)
     """Per `POST /v1/claim` to a warm Pod (the worker answers at once, before loading); no
-    answer in time = the claim failed: that Pod is deleted and the Task gets a fresh Pod."""
+    answer in time = the claim failed: that Pod is deleted and the EngineInstance gets a fresh
+    Pod."""

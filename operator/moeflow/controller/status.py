@@ -1,4 +1,5 @@
-"""Pure status computation: Pod -> Task status, Tasks -> Job status, Jobs -> Model status.
+"""Pure status computation: Pod -> EngineInstance status, EngineInstances -> RoleGroup status,
+RoleGroups -> Model status.
 
 Contract: each function is a function of what it is given (observed children, the previous
 status, the time), so the status is level-based; recomputing it from the same cluster state
@@ -55,7 +56,7 @@ def _pod_condition(pod: Mapping[str, Any], type_: str) -> Mapping[str, Any] | No
 
 
 def _phase_of_pod(pod: Mapping[str, Any] | None) -> tuple[str, str, str]:
-    """(phase, reason, message) of a Task given its Pod."""
+    """(phase, reason, message) of an EngineInstance given its Pod."""
     if pod is None:
         return PHASE_PENDING, "PodMissing", "the Pod does not exist (yet)"
     if pod.get("metadata", {}).get("deletionTimestamp"):
@@ -125,7 +126,8 @@ class Counts:
 
 
 def count_tasks(replicas: int, tasks: Iterable[Mapping[str, Any]]) -> Counts:
-    """Ready and failed Tasks among ranks 0..replicas-1 (higher ranks are on their way out)."""
+    """Ready and failed EngineInstances among ranks 0..replicas-1 (higher ranks are on their way
+    out)."""
     ready = failed = 0
     for task in tasks:
         if task.get("metadata", {}).get("deletionTimestamp"):
@@ -169,9 +171,12 @@ def _three_conditions(counts: Mapping[str, Counts], *, generation: int | None,
 
 
 def job_status(counts: Counts, *, role: str, generation: int | None,
-               previous: Mapping[str, Any], now: str) -> Obj:
+               previous: Mapping[str, Any], now: str, selector: str | None = None) -> Obj:
+    """RoleGroup status. `selector`: the label selector of the group's Pods, which the scale
+    subresource publishes (labelSelectorPath) for HPA and KEDA."""
     observed = previous.get("observedGeneration")
     return {
+        **({"selector": selector} if selector else {}),
         "replicas": counts.desired, "readyReplicas": counts.ready,
         "failedReplicas": counts.failed, "summary": counts.summary,
         "conditions": _three_conditions({role: counts}, generation=generation,

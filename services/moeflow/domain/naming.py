@@ -3,8 +3,8 @@
 Names are functions of (model, role, rank) only, so that a restarted operator or a replayed
 event finds what already exists (409 = already there) instead of making a twin:
 
-    Job       <model>-<role>             e.g. smollm2-135m-instruct-decode
-    Task/Pod  <model>-<role>-<rank>      e.g. smollm2-135m-instruct-decode-0
+    RoleGroup            <model>-<role>         e.g. smollm2-135m-instruct-decode
+    EngineInstance/Pod   <model>-<role>-<rank>  e.g. smollm2-135m-instruct-decode-0
     gateway   <model>-gateway            Deployment, Service, ServiceAccount, Role, RoleBinding
     balancer  <model>-balancer           Deployment, ServiceAccount, Role, RoleBinding (AE only)
     headless  <model>-instances          Service; Pod DNS <task>.<model>-instances.<ns>.svc
@@ -14,6 +14,12 @@ event finds what already exists (409 = already there) instead of making a twin:
     warm Pod  <pool>-<n>                 n: the lowest numbers no Pod of the pool uses
 
 Labels follow app.kubernetes.io/* plus moeflow.dev/* keys that selectors and discovery use.
+
+Kinds: the paper's request-job-task model names a role group a "job" and one instance a "task";
+in Python (plans, `job_name`, `task_name`) those words stay. On the API server the kinds are
+`RoleGroup` and `EngineInstance`: `Job` is batch/v1's and `Task` Tekton's, so `kubectl get jobs`
+or `kubectl get tasks` never showed ours (v1alpha1 `Job`/`Task` objects are not converted: see
+docs/operations.md, "Upgrading from the Job/Task kinds").
 """
 
 from __future__ import annotations
@@ -32,10 +38,16 @@ LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_MODEL = "moeflow.dev/model"
 LABEL_ROLE = "moeflow.dev/role"
 LABEL_RANK = "moeflow.dev/rank"
-LABEL_JOB = "moeflow.dev/job"
-LABEL_TASK = "moeflow.dev/task"
+LABEL_JOB = "moeflow.dev/role-group"
+LABEL_TASK = "moeflow.dev/engine-instance"
 LABEL_WARM_POOL = "moeflow.dev/warm-pool"
 LABEL_WARM_STATE = "moeflow.dev/warm-state"
+KIND_ROLE_GROUP = "RoleGroup"
+"""One role group of a Model (all replicas of one role); it has the scale subresource."""
+KIND_ENGINE_INSTANCE = "EngineInstance"
+"""One engine instance (one rank of one role): the controller of exactly one Pod."""
+PLURAL_ROLE_GROUPS = "rolegroups"
+PLURAL_ENGINE_INSTANCES = "engineinstances"
 WARM_IDLE, WARM_CLAIMED = "idle", "claimed"
 MANAGED_BY = "moeflow-operator"
 COMPONENT_ENGINE = "engine"
@@ -51,6 +63,10 @@ COMPONENT_OPERATOR = "operator"
 INTERNAL_TOKEN_ENV = "MOEFLOW_INTERNAL_TOKEN"
 INTERNAL_TOKEN_KEY = "token"
 """Key of the token in `<model>-internal-token`."""
+
+# Annotation on RoleGroups: the replicas the operator last wrote from the Model. A spec.replicas
+# that differs was set through the scale subresource (kubectl scale, HPA, KEDA).
+ANNOTATION_APPLIED_REPLICAS = "moeflow.dev/applied-replicas"
 
 # Annotation on Pods: hash of everything the Pod was built from; a change means "recreate".
 ANNOTATION_TEMPLATE_HASH = "moeflow.dev/template-hash"

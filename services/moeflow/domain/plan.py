@@ -1,8 +1,10 @@
-"""What to run for a Model: the desired Jobs, Tasks, gateway and (attention/expert mode) expert
+"""What to run for a Model: the desired RoleGroups, EngineInstances, gateway and (attention/expert
+mode) expert
 balancer, as plain data. Pure; no I/O.
 
 `plan_model(name, spec)` is the one decision both runtimes share. The operator turns a plan
-into Job/Task custom resources and Pods; the local runtime turns the same plan into processes
+into RoleGroup/EngineInstance custom resources and Pods; the local runtime turns the same plan into
+processes
 (`unique_ports=True` gives every instance its own port on one host, and `model_path` points at
 a local checkpoint). The argv of each instance is exactly the engine/gateway/balancer CLI:
 
@@ -44,7 +46,7 @@ class TaskPlan:
 
 @dataclass(frozen=True)
 class JobPlan:
-    """One role group: `replicas` Tasks with ranks 0..replicas-1."""
+    """One role group: `replicas` EngineInstances with ranks 0..replicas-1."""
 
     name: str
     role: Role
@@ -160,7 +162,8 @@ def plan_model(
     engine_ports: Sequence[int] | None = None,
     discovery: str = "kubernetes",
 ) -> ModelPlan:
-    """The desired Jobs (one per role of `spec.mode`, in the mode's role order), their Tasks
+    """The desired RoleGroups (one per role of `spec.mode`, in the mode's role order), their
+    EngineInstances
     and the gateway. With `unique_ports`, instance i (in plan order) listens on
     `engine_port + i`; otherwise every instance uses `engine_port` (one per Pod). Explicit
     `engine_ports` (one per instance, in plan order) override both. Attention/expert mode

@@ -138,6 +138,161 @@ class Resources(_Spec):
         return str(value) if is_number else value
 
 
+_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+_DECIMAL_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+_BYTES = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
+
+
+def quantity_bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity ("512Mi", "2G", "1073741824") as bytes; ValueError else."""
+    match = _BYTES.match(quantity)
+    if match is None:
+        raise ValueError(f"{quantity!r} is not a byte quantity; fix: write e.g. 512Mi or 2Gi")
+    number, suffix = int(match.group(1)), match.group(2) or ""
+    return number * (_BINARY_SUFFIXES.get(suffix) or _DECIMAL_SUFFIXES[suffix])
+
+
+class DType(StrEnum):
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+
+
+class EngineArgs(_Spec):
+    """Engine arguments shared by every instance of the Model (vLLM's names where one exists).
+    Unset fields keep the engine's defaults (docs/configuration.md). Each set field becomes one
+    `MOEFLOW_ENGINE_<NAME>` variable of the engine container (`engine_env`)."""
+
+    dtype: DType | None = None
+    kv_cache_memory: str | None = None
+    """Memory of the paged KV cache per instance, a byte quantity ("2Gi")."""
+    max_model_len: int | None = Field(None, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=16)
+    max_num_waiting: int | None = Field(None, ge=1)
+    block_size: int | None = Field(None, ge=1, le=1024)
+    enable_prefix_caching: bool | None = None
+    num_threads: int | None = Field(None, ge=1, le=1024)
+    """torch threads; unset: the container's CPU limit (cgroup), never the node's cores."""
+
+    @field_validator("kv_cache_memory")
+    @classmethod
+    def _check_kv(cls, value: str | None) -> str | None:
+        if value is not None and quantity_bytes(value) < 4096:
+            raise ValueError(f"{value!r} is below 4Ki; fix: give the KV cache at least 4Ki")
+        return value
+
+    @model_validator(mode="after")
+    def _check_budget(self) -> EngineArgs:
+        if (self.max_num_batched_tokens is not None and self.max_num_seqs is not None
+                and self.max_num_batched_tokens < self.max_num_seqs):
+            raise ValueError(
+                f"maxNumBatchedTokens ({self.max_num_batched_tokens}) must be >= maxNumSeqs"
+                f" ({self.max_num_seqs}): every running sequence needs a token per step; fix:"
+                " raise maxNumBatchedTokens or lower maxNumSeqs")
+        return self
+
+    def engine_env(self) -> dict[str, str]:
+        """`MOEFLOW_ENGINE_*` variable -> value for each set field (EngineOptions reads them)."""
+        env: dict[str, str] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if name == "kv_cache_memory":
+                env["MOEFLOW_ENGINE_KV_CACHE_BYTES"] = str(quantity_bytes(value))
+            elif isinstance(value, bool):
+                env[f"MOEFLOW_ENGINE_{name.upper()}"] = "true" if value else "false"
+            else:
+                env[f"MOEFLOW_ENGINE_{name.upper()}"] = str(value)
+        return env
+
+
+RESERVED_ENV = frozenset({
+    "MOEFLOW_TRANSPORT", "MOEFLOW_TASK", "MOEFLOW_NAMESPACE", "MOEFLOW_POD_IP",
+    "MOEFLOW_ENGINE_DRAIN_TIMEOUT_S", "MOEFLOW_INTERNAL_TOKEN", "MOEFLOW_REDIS_URL",
+})
+"""Variables the operator sets on every engine container; `spec.env` may not override them."""
+
+
+class EnvVar(_Spec):
+    """A container variable, as in a Pod: a literal `value` or a `valueFrom` source."""
+
+    name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+    value_from: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check_one_source(self) -> EnvVar:
+        if self.value is not None and self.value_from is not None:
+            raise ValueError(f"env {self.name}: value and valueFrom are exclusive; fix: keep one")
+        return self
+
+
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(_Spec):
+    """As in a Pod's `tolerations`."""
+
+    key: str | None = None
+    operator: TolerationOperator | None = None
+    value: str | None = None
+    effect: TaintEffect | None = None
+    toleration_seconds: int | None = None
+
+    @model_validator(mode="after")
+    def _check_exists(self) -> Toleration:
+        if self.operator is TolerationOperator.EXISTS and self.value:
+            raise ValueError("toleration: operator Exists takes no value; fix: drop value")
+        return self
+
+
+class PodTemplateMetadata(_Spec):
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+# What the operator owns in an engine Pod: names, DNS identity and how the engine starts.
+OWNED_POD_FIELDS = frozenset({"hostname", "subdomain", "restartPolicy"})
+OWNED_ENGINE_CONTAINER_FIELDS = frozenset({"command", "args", "image", "ports"})
+ENGINE_CONTAINER = "engine"
+
+
+class PodTemplateOverlay(_Spec):
+    """Merged over every engine Pod the operator builds (`build_engine.overlay_pod`): labels
+    and annotations are added (the operator's keys win), `spec` objects merge recursively,
+    lists are appended (`containers` merge by name: a container named `engine` adds to the
+    engine container, others run beside it), other values replace the operator's."""
+
+    metadata: PodTemplateMetadata = PodTemplateMetadata()
+    spec: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("spec")
+    @classmethod
+    def _check_owned(cls, spec: dict[str, Any]) -> dict[str, Any]:
+        owned = sorted(OWNED_POD_FIELDS & set(spec))
+        if owned:
+            raise ValueError(f"spec.{owned[0]} is set by the operator; fix: remove it")
+        for container in spec.get("containers") or []:
+            if not isinstance(container, dict) or not container.get("name"):
+                raise ValueError("spec.containers: every container needs a name; fix: name it")
+            if container["name"] == ENGINE_CONTAINER:
+                clash = sorted(OWNED_ENGINE_CONTAINER_FIELDS & set(container))
+                if clash:
+                    raise ValueError(
+                        f"spec.containers[engine].{clash[0]} is set by the operator; fix:"
+                        " remove it (the image is spec.image, engine flags spec.engine)")
+        return spec
+
+
 class GatewaySpec(_Spec):
     replicas: int = Field(1, ge=0)
 
@@ -163,6 +318,14 @@ class ModelSpec(_Spec):
     dram_preload: bool = False
     """Keep the weights in every node's DRAM model store (pinned by `moeflow store agent`)
     and have engines map them from there; see docs/coldstart.md."""
+    image: str | None = Field(None, min_length=1)
+    """Engine image; unset: the operator's image."""
+    engine: EngineArgs = EngineArgs()
+    env: list[EnvVar] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    pod_template: PodTemplateOverlay = PodTemplateOverlay()
 
     @model_validator(mode="after")
     def _check_cross_fields(self, info: ValidationInfo) -> ModelSpec:
@@ -176,6 +339,12 @@ class ModelSpec(_Spec):
                     f" (its roles: {', '.join(allowed)}); fix: remove spec.roles.{role}"
                     " or change spec.mode"
                 )
+        engine_env = self.engine.engine_env()
+        for var in self.env:
+            if var.name in RESERVED_ENV or var.name in engine_env:
+                raise ValueError(
+                    f"env: {var.name} is set by the operator (or by spec.engine); fix: remove it"
+                    " from spec.env (engine settings go in spec.engine)")
         if self.transport_kind is TransportKind.REDIS and not self.transport.redis_url:
             raise ValueError(
                 "transport.redisUrl: is required when the transport is redis (the default for"
@@ -209,7 +378,7 @@ class ModelSpec(_Spec):
 
 
 class TaskTemplate(_Spec):
-    """What every Task of a Job runs; copied from the Model by the operator."""
+    """What every EngineInstance of a RoleGroup runs; copied from the Model by the operator."""
 
     image: str = Field(min_length=1)
     source: Source
@@ -224,6 +393,20 @@ class TaskTemplate(_Spec):
     """Attention/expert split: the attention instances an expert instance serves."""
     dram_preload: bool = False
     """The Model's `dramPreload`: engines mount the node DRAM store and map from it."""
+    engine: EngineArgs = EngineArgs()
+    env: list[EnvVar] = Field(default_factory=list)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    pod_template: PodTemplateOverlay = PodTemplateOverlay()
+
+    @property
+    def customizes_pod(self) -> bool:
+        """True when the Model shapes its engine Pods beyond what a warm Pod can match."""
+        return bool(self.engine.engine_env() or self.env or self.node_selector
+                    or self.tolerations or self.affinity or self.pod_template.spec
+                    or self.pod_template.metadata.labels
+                    or self.pod_template.metadata.annotations)
 
 
 class JobSpec(_Spec):
@@ -239,7 +422,8 @@ class TaskSpec(_Spec):
     """`Task.spec`: one engine instance."""
 
     model: str = Field(min_length=1)
-    job: str = Field(min_length=1)
+    role_group: str = Field(min_length=1)
+    """The RoleGroup this instance belongs to."""
     role: Role
     rank: int = Field(ge=0)
     template: TaskTemplate

@@ -9,6 +9,8 @@ which are the only defaults (docs/configuration.md).
 
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -20,6 +22,34 @@ from moeflow.domain.roles import Role
 DType = Literal["float32", "bfloat16"]
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+
+
+def cpu_limit_threads(cgroup_root: Path = CGROUP_ROOT, *, available: int | None = None) -> int:
+    """How many threads the container's CPU limit pays for: ceil(quota / period) from cgroup v2
+    `cpu.max` ("<quota> <period>", quota "max" = no limit) or cgroup v1
+    `cpu/cpu.cfs_quota_us` and `cpu/cpu.cfs_period_us` (quota -1 = no limit), never more than
+    `available` (default: the CPUs this process may run on), at least 1. Without a limit, or
+    where the files are missing or unreadable, `available`. `cgroup_root` is injectable so
+    tests can give a made-up limit; reading it is the only I/O."""
+    cpus = available if available is not None else len(os.sched_getaffinity(0))
+    quota = period = None
+    try:
+        fields = (cgroup_root / "cpu.max").read_text().split()
+        if len(fields) == 2 and fields[0] != "max":
+            quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError):
+        try:
+            v1 = cgroup_root / "cpu"
+            quota = int((v1 / "cpu.cfs_quota_us").read_text())
+            period = int((v1 / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            quota = period = None
+    if quota is None or period is None or quota <= 0 or period <= 0:
+        return max(1, cpus)
+    return max(1, min(cpus, math.ceil(quota / period)))
+
+
 class EngineOptions(BaseSettings):
     """The limits every instance of a deployment shares. Env prefix: ``MOEFLOW_ENGINE_``."""
 
@@ -29,7 +59,10 @@ class EngineOptions(BaseSettings):
     dtype: DType = "float32"
     """float32 reproduces Hugging Face outputs exactly; bfloat16 halves the bytes per token."""
     num_threads: int = Field(0, ge=0)
-    """torch intra-op threads; 0 means one per available core."""
+    """torch intra-op threads; 0 means as many as the container's CPU limit pays for
+    (``cpu_limit_threads``), never every core of the node."""
+    cgroup_root: Path = CGROUP_ROOT
+    """Where the container's cgroup (its CPU limit) is read from; tests point it elsewhere."""
 
     block_size: int = Field(16, ge=1, le=1024)
     """Tokens per KV-cache block."""
@@ -71,6 +104,10 @@ class EngineOptions(BaseSettings):
     expert_timeout_s: float = Field(30.0, gt=0)
     """Attention role: longest wait for an expert instance's answer before it counts as
     dead (its pairs then go to another replica, or the step's requests fail)."""
+
+    def resolved_num_threads(self) -> int:
+        """`num_threads`, or when 0 the container's CPU limit (``cpu_limit_threads``)."""
+        return self.num_threads or cpu_limit_threads(self.cgroup_root)
 
     def as_env(self) -> dict[str, str | None]:
         """These options as environment variables for a child process (None: unset it), so

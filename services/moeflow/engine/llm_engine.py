@@ -8,7 +8,6 @@ thread (``AsyncEngine``); nothing here is thread-safe, except the read-only ``ch
 from __future__ import annotations
 
 import logging
-import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -85,7 +84,7 @@ class LLMEngine:
         # cold start (moeflow.coldstart): weights may come preloaded; the record times the steps
         self.cold_start = cold_start or ColdStartRecord.from_process()
         self.cold_start.mark_load_started()
-        num_threads = settings.num_threads or len(os.sched_getaffinity(0))
+        num_threads = settings.resolved_num_threads()  # the container's CPU limit
         torch.set_num_threads(num_threads)
         self.settings = settings
         self.created_unix = int(time.time())

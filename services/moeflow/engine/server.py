@@ -46,6 +46,7 @@ from moeflow.engine.coldstart_routes import add_coldstart_routes
 from moeflow.engine.disagg import KVPuller, prefill_only, send_kv
 from moeflow.engine.health import TransportState, add_health_routes, probe_transport
 from moeflow.engine.llm_engine import STEP_FAILED_MESSAGE, LLMEngine
+from moeflow.engine.metrics import add_model_server_metrics
 from moeflow.web.errors import install_error_handlers
 from moeflow.web.internal_auth import InternalTokenMiddleware
 from moeflow.xccl import Transport, make_transport
@@ -122,6 +123,9 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
     registry.register(_HealthCollector(
         async_engine, state, {"instance": settings.instance_name, "role": settings.role}))
     token = settings.internal_token_value
+    # vLLM's model-server metrics (the endpoint picker's), per-token counters, process_*
+    meter = add_model_server_metrics(registry, engine.stats, model_name=settings.name,
+                                     role=str(settings.role), block_size=settings.block_size)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -184,6 +188,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
         async_engine.check_accepting()
         engine.check_admission(request)
         chunks = async_engine.generate(request)
+        timer = meter.start()
 
         async def body() -> AsyncIterator[bytes]:
             try:
@@ -192,6 +197,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
                         await pull_and_attach(request)
                         continue
                     if isinstance(chunk, TokenChunk):
+                        timer.chunk(chunk)
                         yield chunk.model_dump_json().encode() + b"\n"
             except MoeflowError as exc:
                 err = ErrorChunk(request_id=request.request_id, code=exc.code, message=exc.message)

@@ -59,13 +59,14 @@ ROLE_BINDING = Kind("rbac.authorization.k8s.io/v1", "rolebindings", "RoleBinding
 SECRET = Kind("v1", "secrets", "Secret")
 NETWORK_POLICY = Kind("networking.k8s.io/v1", "networkpolicies", "NetworkPolicy")
 MODEL = Kind("moeflow.dev/v1alpha1", "models", "Model")
-JOB = Kind("moeflow.dev/v1alpha1", "jobs", "Job")
-TASK = Kind("moeflow.dev/v1alpha1", "tasks", "Task")
+ROLE_GROUP = Kind("moeflow.dev/v1alpha1", "rolegroups", "RoleGroup")
+ENGINE_INSTANCE = Kind("moeflow.dev/v1alpha1", "engineinstances", "EngineInstance")
 REQUEST = Kind("moeflow.dev/v1alpha1", "requests", "Request")
 WARM_POOL = Kind("moeflow.dev/v1alpha1", "warmpools", "WarmPool")
 
 _KINDS = {(k.api_version, k.kind): k for k in (
-    POD, SERVICE, CONFIG_MAP, SERVICE_ACCOUNT, DEPLOYMENT, ROLE, ROLE_BINDING, MODEL, JOB, TASK,
+    POD, SERVICE, CONFIG_MAP, SERVICE_ACCOUNT, DEPLOYMENT, ROLE, ROLE_BINDING, MODEL, ROLE_GROUP,
+    ENGINE_INSTANCE,
     REQUEST, WARM_POOL, SECRET, NETWORK_POLICY)}
 
 

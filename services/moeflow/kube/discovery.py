@@ -1,9 +1,11 @@
-"""Engine instance discovery from Task objects, for the gateway (`--discovery kubernetes`).
+"""Engine instance discovery from EngineInstance objects, for the gateway (`--discovery
+kubernetes`).
 
-- `instances_from_tasks` is pure: Task dicts in, `Instance`s out, sorted by (role, rank).
-  A Task being deleted is left out; readiness is the Task's `status.ready`, which the
+- `instances_from_tasks` is pure: EngineInstance dicts in, `Instance`s out, sorted by (role, rank).
+  An EngineInstance being deleted is left out; readiness is the EngineInstance's `status.ready`,
+  which the
   operator mirrors from the Pod's readiness probe on GET /health.
-- `KubeTaskDiscovery` reads Tasks with the Kubernetes client. `list_instances` is one LIST
+- `KubeTaskDiscovery` reads EngineInstances with the Kubernetes client. `list_instances` is one LIST
   (label selector `moeflow.dev/model=<name>`); `watch` polls and yields only on change.
   Polling rather than a watch stream keeps it restart-free and cheap enough for a gateway
   (one LIST per interval per model), at the cost of `interval_s` of staleness.
@@ -60,7 +62,7 @@ class KubeTaskDiscovery:
         self._api = api if api is not None else KubeApi.from_config(kubeconfig)
 
     async def list_instances(self, model_name: str) -> list[Instance]:
-        tasks = await asyncio.to_thread(self._api.list, kube.TASK, self.namespace,
+        tasks = await asyncio.to_thread(self._api.list, kube.ENGINE_INSTANCE, self.namespace,
                                         {naming.LABEL_MODEL: model_name})
         return [i for i in instances_from_tasks(tasks) if i.model == model_name]
 
@@ -74,7 +76,7 @@ class KubeTaskDiscovery:
             try:
                 current = await self.list_instances(model_name)
             except Exception as e:  # an API hiccup must not kill the gateway's discovery loop
-                logger.warning("listing Tasks of %s failed, keeping the last list: %s",
+                logger.warning("listing EngineInstances of %s failed, keeping the last list: %s",
                                model_name, e)
                 current = last
             if current is not None and current != last:

@@ -33,8 +33,9 @@ BUILTIN_RESOURCES = ("v1/pods", "v1/services", "apps/v1/deployments", "v1/servic
                      "rbac.authorization.k8s.io/v1/roles",
                      "rbac.authorization.k8s.io/v1/rolebindings", "v1/configmaps",
                      "v1/secrets", "networking.k8s.io/v1/networkpolicies")
-CUSTOM_RESOURCES = {"Model": "moeflow.dev/v1alpha1/models", "Job": "moeflow.dev/v1alpha1/jobs",
-                    "Task": "moeflow.dev/v1alpha1/tasks",
+CUSTOM_RESOURCES = {"Model": "moeflow.dev/v1alpha1/models",
+                    "RoleGroup": "moeflow.dev/v1alpha1/rolegroups",
+                    "EngineInstance": "moeflow.dev/v1alpha1/engineinstances",
                     "Request": "moeflow.dev/v1alpha1/requests",
                     "WarmPool": "moeflow.dev/v1alpha1/warmpools"}
 

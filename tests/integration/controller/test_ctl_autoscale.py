@@ -21,8 +21,8 @@ from moeflow.domain.messages import EngineStats
 from moeflow.gateway.kube_scale import KubeScaleUp
 from moeflow.kube import api as kube
 
-MODELS, JOBS, TASKS = ("moeflow.dev/v1alpha1/models", "moeflow.dev/v1alpha1/jobs",
-                       "moeflow.dev/v1alpha1/tasks")
+MODELS, JOBS, TASKS = ("moeflow.dev/v1alpha1/models", "moeflow.dev/v1alpha1/rolegroups",
+                       "moeflow.dev/v1alpha1/engineinstances")
 NAME = "idle"
 IDLE = EngineStats(instance_id=f"{NAME}-colocated-0", role="colocated", num_waiting=0,
                    num_running=0, num_free_blocks=10, num_total_blocks=10,

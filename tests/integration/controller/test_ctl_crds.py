@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from cluster_kit import EXAMPLES
-from crd_schema import CrdValidator, load_crds, openapi_schema
+from crd_schema import CRD_DIR, CrdValidator, load_crds, openapi_schema
 
 from moeflow.domain.spec import ModelSpec, RequestSpec, SpecError, parse_model_spec, parse_spec
 
@@ -31,10 +31,96 @@ def test_every_crd_has_the_common_shape(kind: str) -> None:
     assert spec["names"]["categories"] == ["moeflow"]
     assert spec["names"]["shortNames"][0].startswith("mf")
     (version,) = spec["versions"]
-    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert version["name"] == "v1alpha1" and version["subresources"]["status"] == {}
+    assert set(version["subresources"]) <= {"status", "scale"}
     assert version["additionalPrinterColumns"][-1]["name"] == "Age"
     status = openapi_schema(crd)["properties"]["status"]["properties"]
     assert status["conditions"]["items"]["required"] == ["type", "status"]
+
+
+# Kinds a cluster commonly has already: `kubectl get <plural>` or a short name of ours must never
+# show theirs (the v1alpha1 `Job` was shadowed by batch/v1, `Task` by Tekton).
+COMMON_KINDS = {
+    # core, apps, batch
+    "Pod", "Service", "Job", "CronJob", "Deployment", "StatefulSet", "DaemonSet", "ReplicaSet",
+    "Event", "Endpoints", "Node", "Namespace", "ConfigMap", "Secret",
+    # Tekton (pipelines, triggers)
+    "Task", "TaskRun", "Pipeline", "PipelineRun", "ClusterTask", "StepAction", "CustomRun",
+    "Run", "EventListener", "TriggerTemplate", "TriggerBinding", "Trigger",
+    # Argo (Workflows, CD, Rollouts, Events)
+    "Workflow", "WorkflowTemplate", "ClusterWorkflowTemplate", "CronWorkflow",
+    "WorkflowTaskSet", "WorkflowTaskResult", "WorkflowEventBinding", "WorkflowArtifactGCTask",
+    "Application", "ApplicationSet", "AppProject", "Rollout", "AnalysisRun",
+    "AnalysisTemplate", "ClusterAnalysisTemplate", "Experiment", "EventSource", "Sensor",
+    "EventBus",
+    # the serving ecosystem that sits beside MoEFlow
+    "InferenceService", "ServingRuntime", "InferencePool", "InferenceModel", "LeaderWorkerSet",
+}
+COMMON_SHORT_NAMES = {"po", "svc", "job", "cj", "deploy", "sts", "ds", "rs", "ev", "ep", "no",
+                      "ns", "cm", "wf", "cwf", "wftmpl", "app", "ro", "tr", "pr", "isvc", "hpa"}
+
+
+def undescribed(schema: dict[str, Any], path: str) -> list[str]:
+    """Every field below `path` without a description (what `kubectl explain` would show)."""
+    missing = [] if schema.get("description") else [path]
+    for name, sub in (schema.get("properties") or {}).items():
+        missing += undescribed(sub, f"{path}.{name}")
+    if isinstance(schema.get("items"), dict):
+        for name, sub in (schema["items"].get("properties") or {}).items():
+            missing += undescribed(sub, f"{path}[].{name}")
+    if isinstance(schema.get("additionalProperties"), dict):
+        missing += undescribed(schema["additionalProperties"], f"{path}{{}}")
+    return missing
+
+
+@pytest.mark.parametrize("kind", sorted(CRDS))
+def test_every_field_is_described(kind: str) -> None:
+    schema = openapi_schema(CRDS[kind])
+    assert schema["description"]
+    missing = [path for part in ("spec", "status")
+               for path in undescribed(schema["properties"][part], part)]
+    assert missing == []
+
+
+def test_no_kind_collides_with_common_kinds() -> None:
+    names = [crd["spec"]["names"] for crd in CRDS.values()]
+    kinds = {n["kind"] for n in names}
+    assert kinds.isdisjoint(COMMON_KINDS), kinds & COMMON_KINDS
+    plurals = {n["plural"] for n in names} | {n["singular"] for n in names}
+    assert plurals.isdisjoint({k.lower() + s for k in COMMON_KINDS for s in ("", "s")})
+    short = {s for n in names for s in n.get("shortNames", [])}
+    assert short.isdisjoint(COMMON_SHORT_NAMES) and len(short) == sum(
+        len(n.get("shortNames", [])) for n in names)
+    assert {"RoleGroup", "EngineInstance"} <= kinds and not kinds & {"Job", "Task"}
+
+
+def test_no_crd_points_at_a_missing_design_doc() -> None:
+    for path in CRD_DIR.glob("*.yaml"):
+        assert "DESIGN.md" not in path.read_text(), path.name
+
+
+def test_role_group_has_the_scale_subresource_and_answers_is_it_serving() -> None:
+    (version,) = CRDS["RoleGroup"]["spec"]["versions"]
+    assert version["subresources"]["scale"] == {"specReplicasPath": ".spec.replicas",
+                                                "statusReplicasPath": ".status.replicas",
+                                                "labelSelectorPath": ".status.selector"}
+    status = openapi_schema(CRDS["RoleGroup"])["properties"]["status"]["properties"]
+    assert status["selector"]["type"] == "string" and status["replicas"]["type"] == "integer"
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns["Desired"] == ".spec.replicas" and columns["Ready"] == ".status.summary"
+    (instance,) = CRDS["EngineInstance"]["spec"]["versions"]
+    columns = {c["name"]: c["jsonPath"] for c in instance["additionalPrinterColumns"]}
+    assert columns["Phase"] == ".status.phase" and columns["Node"] == ".status.nodeName"
+
+
+def test_model_engine_fields_reach_every_template() -> None:
+    """What a Model says about its Pods is carried by RoleGroup and EngineInstance templates
+    (the operator writes them there; a closed schema would prune what it lacks)."""
+    model = openapi_schema(CRDS["Model"])["properties"]["spec"]["properties"]
+    for kind in ("RoleGroup", "EngineInstance"):
+        template = openapi_schema(CRDS[kind])["properties"]["spec"]["properties"]["template"]
+        for field in ("engine", "env", "nodeSelector", "tolerations", "affinity", "podTemplate"):
+            assert template["properties"][field] == model[field], (kind, field)
 
 
 def structural_problems(schema: dict[str, Any], path: str = "") -> list[str]:
@@ -137,12 +223,14 @@ CEL_CASES: dict[str, dict[str, Any] | None] = {
     "transport.kind shm only": {"mode": "pd-disaggregated", "transport": {"kind": "shm"}},
     "transport.redisUrl is required": {"mode": "pd-disaggregated"},
     "metadata.name must be at most 40": None,  # check_model_name, unit-tested
+    "maxNumBatchedTokens must be >= maxNumSeqs":
+        {"engine": {"maxNumSeqs": 64, "maxNumBatchedTokens": 32}},
 }
 
 
 def test_every_cel_rule_is_also_checked_by_the_operator(crd_validator: CrdValidator) -> None:
     messages = _cel_messages(openapi_schema(CRDS["Model"]))
-    assert len(messages) == 3 * 5 + 5 + 1  # per role (x5 roles), spec-level, root
+    assert len(messages) == 3 * 5 + 5 + 1 + 1  # per role (x5 roles), spec-level, root, engine
     for message in messages:
         (bad,) = [case for prefix, case in CEL_CASES.items() if message.startswith(prefix)]
         if bad is None:

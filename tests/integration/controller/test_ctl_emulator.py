@@ -127,5 +127,6 @@ def test_declare_crds_reads_every_yaml() -> None:
     emulator = ClusterEmulator()
     crd_dir = pathlib.Path(__file__).resolve().parents[3] / "deploy" / "crds"
     kinds = {crd["spec"]["names"]["kind"] for crd in emulator.declare_crds(crd_dir)}
-    assert kinds == {"Model", "Job", "Task", "Request", "WarmPool"}
-    assert emulator.resources[kmock.resource("moeflow.dev/v1alpha1/tasks")].kind == "Task"
+    assert kinds == {"Model", "RoleGroup", "EngineInstance", "Request", "WarmPool", "FineTune"}
+    assert emulator.resources[kmock.resource("moeflow.dev/v1alpha1/engineinstances")].kind == (
+        "EngineInstance")

@@ -46,25 +46,25 @@ async def test_example_model_yields_children_and_becomes_ready(
                           and cluster.objects("v1/pods"), what=f"{num_instances} pods")
 
     # One Job per role of the mode, one Task and one Pod per rank, names deterministic.
-    jobs = {j["spec"]["role"]: j for j in cluster.objects("moeflow.dev/v1alpha1/jobs")}
+    jobs = {j["spec"]["role"]: j for j in cluster.objects("moeflow.dev/v1alpha1/rolegroups")}
     assert {role: j["spec"]["replicas"] for role, j in jobs.items()} == roles
     expected_tasks = sorted(naming.task_name(name, naming.Role(role), rank)
                             for role, n in roles.items() for rank in range(n))
-    assert cluster.names("moeflow.dev/v1alpha1/tasks") == expected_tasks
+    assert cluster.names("moeflow.dev/v1alpha1/engineinstances") == expected_tasks
     assert [p["metadata"]["name"] for p in pods] == expected_tasks
     for role, job in jobs.items():
         assert job["metadata"]["name"] == f"{name}-{role}"
         assert controller_of(job) == ("Model", name)
-    for task in cluster.objects("moeflow.dev/v1alpha1/tasks"):
-        assert controller_of(task) == ("Job", f"{name}-{task['spec']['role']}")
+    for task in cluster.objects("moeflow.dev/v1alpha1/engineinstances"):
+        assert controller_of(task) == ("RoleGroup", f"{name}-{task['spec']['role']}")
 
     # The Pod runs exactly the engine CLI, with probes, transport env and devices.
     devices = model["spec"].get("devicesPerInstance", 0)
     transport = "shm" if model["spec"].get("mode", "colocated") == "colocated" else "redis"
     for pod in pods:
-        task = cluster.get("moeflow.dev/v1alpha1/tasks", pod["metadata"]["name"])
+        task = cluster.get("moeflow.dev/v1alpha1/engineinstances", pod["metadata"]["name"])
         assert task is not None
-        assert controller_of(pod) == ("Task", task["metadata"]["name"])
+        assert controller_of(pod) == ("EngineInstance", task["metadata"]["name"])
         (container,) = pod["spec"]["containers"]
         source = model["spec"]["source"]["uri"].removeprefix("store://")
         fleet: list[str] = []  # attention/expert instances learn the other side's size

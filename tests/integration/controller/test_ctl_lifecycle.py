@@ -10,8 +10,8 @@ from cluster_kit import Cluster, OperatorRunner, load_example, wait_for
 
 from moeflow.kube import api as kube
 
-MODELS, JOBS, TASKS = ("moeflow.dev/v1alpha1/models", "moeflow.dev/v1alpha1/jobs",
-                       "moeflow.dev/v1alpha1/tasks")
+MODELS, JOBS, TASKS = ("moeflow.dev/v1alpha1/models", "moeflow.dev/v1alpha1/rolegroups",
+                       "moeflow.dev/v1alpha1/engineinstances")
 PD = "smollm2-135m-instruct-pd"
 DEPLOYMENTS = "apps/v1/deployments"
 

@@ -21,7 +21,7 @@ from moeflow.kube import api as kube
 from tests.fake_warm_claims import FakeWarmClaims
 
 POOLS = "moeflow.dev/v1alpha1/warmpools"
-TASKS = "moeflow.dev/v1alpha1/tasks"
+TASKS = "moeflow.dev/v1alpha1/engineinstances"
 POOL = "cpu-pool"
 MODEL = "tiny-warm"
 TASK = f"{MODEL}-colocated-0"
@@ -132,7 +132,7 @@ async def test_a_task_claims_a_ready_warm_pod_and_the_pool_refills(
     assert labels[naming.LABEL_TASK] == TASK
     assert labels[naming.LABEL_COMPONENT] == naming.COMPONENT_ENGINE
     assert labels[naming.LABEL_WARM_STATE] == naming.WARM_CLAIMED
-    assert [r["kind"] for r in claimed["metadata"]["ownerReferences"]] == ["Task"]
+    assert [r["kind"] for r in claimed["metadata"]["ownerReferences"]] == ["EngineInstance"]
     await wait_for(lambda: claims.claimed[("127.0.0.9", PORT)], what="the claim sent")
     settings = claims.claimed[("127.0.0.9", PORT)]["settings"]  # type: ignore[index]
     assert (settings["model_path"], settings["served_model_name"]) == ("/models/tiny", MODEL)

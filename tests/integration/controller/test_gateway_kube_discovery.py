@@ -73,13 +73,13 @@ async def test_gateway_follows_ready_tasks(
         task = build_task("m-colocated", NAMESPACE, parse_spec(JobSpec, job_obj["spec"]), 0)
         await cluster.apply(task)
         name = task["metadata"]["name"]
-        await cluster.patch(kube.TASK, name, {"status": {
+        await cluster.patch(kube.ENGINE_INSTANCE, name, {"status": {
             "ready": True, "endpoint": f"http://127.0.0.1:{engine_port}"}}, subresource="status")
         await _wait_healthy(gateway_url)
         client = openai.AsyncOpenAI(base_url=f"{gateway_url}/v1", api_key="x", max_retries=0)
         r = await client.completions.create(model="m", prompt="The cat", max_tokens=4)
         assert r.usage is not None and r.usage.completion_tokens >= 1
-        await cluster.patch(kube.TASK, name, {"status": {"ready": False}},
+        await cluster.patch(kube.ENGINE_INSTANCE, name, {"status": {"ready": False}},
                             subresource="status")
         deadline = time.monotonic() + 15
         async with httpx.AsyncClient() as http:

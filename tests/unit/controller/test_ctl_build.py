@@ -48,7 +48,7 @@ def test_all_built_in_children_are_valid_kubernetes(mode: str) -> None:
     # attention/expert: the expert balancer's RBAC, then its Deployment
     balancer = ["ServiceAccount", "Role", "RoleBinding", "Deployment"] if (
         mode == "attention-expert-disaggregated") else []
-    assert kinds[7:] == balancer + ["Job"] * len(spec.role_names)
+    assert kinds[7:] == balancer + ["RoleGroup"] * len(spec.role_names)
     for child in children[:7 + len(balancer)]:
         validate(child)
 
@@ -79,7 +79,7 @@ def test_devices_are_requested_only_when_asked_for() -> None:
     assert resources["requests"] == {"cpu": "1", "moeflow.dev/npu": "2"}
     assert resources["limits"] == resources["requests"]
     custom = OperatorSettings(accelerator_resource="huawei.com/ascend-910")
-    spec = parse_spec(TaskSpec, {"model": "m", "job": "j", "role": "colocated", "rank": 0,
+    spec = parse_spec(TaskSpec, {"model": "m", "roleGroup": "j", "role": "colocated", "rank": 0,
                                  "template": {"image": "i", "source": {"uri": "store://s"},
                                               "modelPath": "/models/s", "devicesPerInstance": 1}})
     limits = build_pod("t", "ns", spec, custom)["spec"]["containers"][0]["resources"]["limits"]
@@ -170,7 +170,7 @@ def test_gateway_deployment_and_services() -> None:
     assert by_kind["Service", "m-instances"]["spec"]["clusterIP"] == "None"
     assert by_kind["Service", "m-gateway"]["spec"]["selector"] == naming.gateway_selector("m")
     role = by_kind["Role", "m-gateway"]
-    assert role["rules"][0]["resources"] == ["tasks", "models"]
+    assert role["rules"][0]["resources"] == ["engineinstances", "models"]
     assert set(role["rules"][0]["verbs"]) == {"get", "list", "watch"}
 
 
@@ -198,7 +198,7 @@ def test_balancer_deployment_runs_the_balancer_cli_with_a_task_reading_role() ->
     assert children[-1]["spec"]["template"]["image"] == container["image"]  # the engines'
     assert ("Service", "m-balancer") not in by_kind
     role = by_kind["Role", "m-balancer"]
-    assert role["rules"] == [{"apiGroups": ["moeflow.dev"], "resources": ["tasks"],
+    assert role["rules"] == [{"apiGroups": ["moeflow.dev"], "resources": ["engineinstances"],
                               "verbs": ["get", "list", "watch"]}]
     binding = by_kind["RoleBinding", "m-balancer"]
     assert binding["roleRef"]["name"] == "m-balancer"

@@ -39,7 +39,8 @@ def test_kind_paths() -> None:
     assert kube.POD.path("ns", "p", "status") == "/api/v1/namespaces/ns/pods/p/status"
     assert kube.DEPLOYMENT.path("ns") == "/apis/apps/v1/namespaces/ns/deployments"
     assert kube.MODEL.path(None) == "/apis/moeflow.dev/v1alpha1/models"
-    assert kube.kind_of({"apiVersion": "moeflow.dev/v1alpha1", "kind": "Task"}) is kube.TASK
+    instance = {"apiVersion": "moeflow.dev/v1alpha1", "kind": "EngineInstance"}
+    assert kube.kind_of(instance) is kube.ENGINE_INSTANCE
     with pytest.raises(ValueError, match="unknown kind"):
         kube.kind_of({"apiVersion": "v1", "kind": "Node"})
 
@@ -90,7 +91,7 @@ async def test_kube_discovery_lists_by_label_and_watch_yields_changes_only() -> 
     api = FakeApi([one, one, ConnectionError("api down"), two])
     discovery = KubeTaskDiscovery("serving", api=api)  # type: ignore[arg-type]
     assert [i.is_ready for i in await discovery.list_instances("m")] == [False]
-    assert api.selectors[0] == (kube.TASK, "serving", {"moeflow.dev/model": "m"})
+    assert api.selectors[0] == (kube.ENGINE_INSTANCE, "serving", {"moeflow.dev/model": "m"})
     seen = []
     async for instances in discovery.watch("m", interval_s=0.001):
         seen.append([i.is_ready for i in instances])

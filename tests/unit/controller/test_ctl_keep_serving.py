@@ -43,7 +43,7 @@ def children(mode: str, settings: OperatorSettings = SETTINGS) -> list[Obj]:
 def engine_pods(mode: str, settings: OperatorSettings = SETTINGS) -> list[Obj]:
     """One Pod per role of the mode, built as the Job -> Task -> Pod chain builds it."""
     pods = []
-    for job in (c for c in children(mode, settings) if c["kind"] == "Job"):
+    for job in (c for c in children(mode, settings) if c["kind"] == "RoleGroup"):
         job_spec = parse_spec(JobSpec, job["spec"])
         task = build_task(job["metadata"]["name"], "ns", job_spec, 0)
         pods.append(build_pod(task["metadata"]["name"], "ns",
@@ -73,7 +73,7 @@ def selects(selector: Obj, labels: dict[str, str]) -> bool:
 @pytest.mark.parametrize("mode", MODES)
 def test_every_engine_role_probes_live_and_ready_on_its_port(mode: str) -> None:
     pods = engine_pods(mode)
-    jobs = [c for c in children(mode) if c["kind"] == "Job"]
+    jobs = [c for c in children(mode) if c["kind"] == "RoleGroup"]
     assert {p["metadata"]["labels"][naming.LABEL_ROLE] for p in pods} == {
         j["spec"]["role"] for j in jobs}
     assert len(pods) == len(jobs) >= (1 if mode == "colocated" else 2)
@@ -207,10 +207,10 @@ def test_a_claimed_warm_pod_is_under_the_models_policy() -> None:
     assert not selects(policy["spec"]["podSelector"], warm["metadata"]["labels"])
     warm["metadata"]["resourceVersion"] = "7"
     task = parse_spec(TaskSpec, {
-        "model": "m", "job": "m-colocated", "role": Role.COLOCATED.value, "rank": 0,
+        "model": "m", "roleGroup": "m-colocated", "role": Role.COLOCATED.value, "rank": 0,
         "template": {"image": SETTINGS.image, "source": {"uri": "store://tiny"},
                      "modelPath": "/models/tiny", "port": SETTINGS.engine_port}})
-    patch = claim_patch(warm, {"apiVersion": naming.API_VERSION, "kind": "Task",
+    patch = claim_patch(warm, {"apiVersion": naming.API_VERSION, "kind": "EngineInstance",
                                "metadata": {"name": "m-colocated-0", "uid": "u"}},
                         task, "hash", "2026-01-01T00:00:00Z")
     claimed = {**warm["metadata"]["labels"], **patch["metadata"]["labels"]}

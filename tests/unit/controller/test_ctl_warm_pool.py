@@ -56,13 +56,13 @@ def warm_pod(number: int = 0, spec: dict[str, Any] | None = None, *,
 
 def task(**template: Any) -> TaskSpec:
     return parse_spec(TaskSpec, {
-        "model": "m", "job": "m-colocated", "role": "colocated", "rank": 1,
+        "model": "m", "roleGroup": "m-colocated", "role": "colocated", "rank": 1,
         "template": {"image": SETTINGS.image, "source": {"uri": "store://tiny"},
                      "modelPath": f"{SETTINGS.model_mount_path}/tiny",
                      "port": SETTINGS.engine_port, **template}})
 
 
-TASK_BODY = {"apiVersion": naming.API_VERSION, "kind": "Task",
+TASK_BODY = {"apiVersion": naming.API_VERSION, "kind": "EngineInstance",
              "metadata": {"name": "m-colocated-1", "namespace": "ns", "uid": "task-uid"}}
 
 
@@ -147,7 +147,7 @@ def test_a_task_fits_a_warm_pod_of_the_same_image_devices_port_and_store() -> No
     claimed["metadata"]["labels"][naming.LABEL_WARM_STATE] = naming.WARM_CLAIMED
     assert not pod_fits(task(), claimed, SETTINGS)
     foreign = warm_pod()
-    foreign["metadata"]["ownerReferences"][0]["kind"] = "Task"
+    foreign["metadata"]["ownerReferences"][0]["kind"] = "EngineInstance"
     assert not pod_fits(task(), foreign, SETTINGS)
 
 
@@ -182,7 +182,7 @@ def test_the_claim_patch_relabels_reowns_and_is_guarded_by_the_resource_version(
     assert meta["annotations"] == {naming.ANNOTATION_TEMPLATE_HASH: "hash-9",
                                    ANNOTATION_CLAIMED_AT: "2026-01-01T00:00:00Z"}
     assert meta["ownerReferences"] == [
-        {"apiVersion": naming.API_VERSION, "kind": "Task", "name": "m-colocated-1",
+        {"apiVersion": naming.API_VERSION, "kind": "EngineInstance", "name": "m-colocated-1",
          "uid": "task-uid", "controller": True, "blockOwnerDeletion": True}]
     merged = {**warm_pod()["metadata"]["labels"], **meta["labels"]}
     assert claimed_pool({"metadata": {"labels": merged}}) == "pool"

@@ -236,7 +236,8 @@ def test_operator_rbac_is_least_privilege_and_covers_what_the_operator_touches()
     assert not any(v in ("escalate", "bind", "impersonate", "deletecollection")
                    for _, _, v in everything)
     assert {r for _, r, v in everything if v == "update"} == {
-        "models/finalizers", "jobs/finalizers", "tasks/finalizers", "requests/finalizers",
+        "models/finalizers", "rolegroups/finalizers", "engineinstances/finalizers",
+        "requests/finalizers",
         "warmpools/finalizers", "finetunes/finalizers"}
     assert cluster == {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
                        ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
@@ -465,7 +466,7 @@ def test_notes_mention_each_enabled_piece() -> None:
 
 def engine_pod(model: str) -> Obj:
     task = parse_spec(TaskSpec, {
-        "model": model, "job": f"{model}-colocated", "role": Role.COLOCATED.value, "rank": 0,
+        "model": model, "roleGroup": f"{model}-colocated", "role": Role.COLOCATED.value, "rank": 0,
         "template": {"image": "i", "source": {"uri": f"store://{model}"},
                      "modelPath": f"/models/{model}", "port": 8001}})
     return build_pod(f"{model}-colocated-0", NAMESPACE, task, OperatorSettings())
