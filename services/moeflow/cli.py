@@ -229,6 +229,7 @@ DELEGATED: dict[str, tuple[str, str]] = {
     "warm-pool": ("moeflow.coldstart.warm_pool_cli",
                   "a pre-warmed engine worker (imports done, no model) on a socket"),
     "finetune": ("moeflow.training.cli", "LoRA fine-tuning of a local model on JSONL chat data"),
+    "tenants": ("moeflow.gateway.tenants_cli", "gateway tenants: add-key|revoke-key|list"),
 }
 
 

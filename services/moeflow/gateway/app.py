@@ -26,12 +26,16 @@ from moeflow.gateway.middleware import (
     ApiKeyMiddleware,
     BodySizeLimitMiddleware,
     RequestCountMiddleware,
+    TenantGate,
 )
+from moeflow.gateway.quota import Quota
+from moeflow.gateway.quota_service import MeteredGenerationService, TenantMetrics
 from moeflow.gateway.registry import ModelRegistry
-from moeflow.gateway.routes import chat, completions, health, models
+from moeflow.gateway.routes import chat, completions, health, models, usage
 from moeflow.gateway.scale_from_zero import ScaleUpRequester, WakeQueue
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.gateway.status_page import router as status_router
+from moeflow.gateway.tenants import TenantSource
 from moeflow.web.errors import install_error_handlers
 from moeflow.web.internal_auth import internal_headers
 
@@ -47,6 +51,19 @@ def build_app(
     turns on scale from zero (``moeflow.gateway.scale_from_zero``). Kubernetes discovery
     without ``scale_up`` wakes its Model itself (``kube_scale_from_zero``, default on)."""
 
+    redis_url = settings.quota_redis_url
+    gate = TenantGate(
+        TenantSource(settings.tenants_file,
+                     flat_keys=[k.get_secret_value() for k in settings.api_keys],
+                     admin_keys=[k.get_secret_value() for k in settings.admin_api_keys],
+                     reload_interval_s=settings.tenants_reload_interval_s),
+        Quota(redis_url.get_secret_value() if redis_url else None,
+              prefix=settings.quota_key_prefix,
+              on_redis_failure=settings.quota_on_redis_failure,
+              lease_s=settings.request_timeout_s + 60,
+              retention_days=settings.usage_retention_days),
+    )
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         token = settings.internal_token
@@ -57,6 +74,10 @@ def build_app(
         )
         registry = ModelRegistry(client)
         metrics = GatewayMetrics(registry)
+        gate.metrics = tenant_metrics = TenantMetrics(metrics.registry)
+        tenant_metrics.set_backend(gate.quota.backend if gate.quota else "local")
+        if gate.quota is not None:
+            gate.quota.on_backend = tenant_metrics.set_backend
         tasks = [asyncio.create_task(registry.poll_stats(settings.stats_poll_interval_s))]
         found: Discovery
         if discovery is not None:
@@ -86,7 +107,9 @@ def build_app(
             retry_after_s=settings.retry_after_s,
             on_count=lambda model, n: metrics.waiting_for_scale_up.labels(model).set(n),
         )
-        app.state.service = GenerationService(settings, registry, client, metrics, wake)
+        app.state.service = MeteredGenerationService(
+            settings, registry, client, metrics, wake, quota=gate.quota,
+            tenant_metrics=tenant_metrics)
         try:
             yield
         finally:
@@ -99,6 +122,8 @@ def build_app(
             if kube_scale is not None:
                 kube_scale.close()
             await client.aclose()
+            if gate.quota is not None:
+                await gate.quota.aclose()
 
     app = FastAPI(title="MoEFlow gateway", version="0.1.0", lifespan=lifespan)
     install_error_handlers(app)
@@ -107,6 +132,8 @@ def build_app(
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(status_router)
+    app.include_router(usage.router)
+    app.state.tenant_gate = gate
 
     @app.get("/metrics")
     async def metrics(service: ServiceDep) -> PlainTextResponse:
@@ -122,9 +149,7 @@ def build_app(
 
     # Added last is outermost: counting sees every answer, then the size limit, then auth, so
     # unauthenticated giants are refused cheaply.
-    app.add_middleware(
-        ApiKeyMiddleware, api_keys=[k.get_secret_value() for k in settings.api_keys]
-    )
+    app.add_middleware(ApiKeyMiddleware, gate=gate)
     app.add_middleware(BodySizeLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestCountMiddleware, count=count_request)
     return app

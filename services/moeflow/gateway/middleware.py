@@ -1,10 +1,15 @@
-"""Pure-ASGI middleware: request counting, API-key authentication and the body size limit.
+"""Pure-ASGI middleware: request counting, API keys and tenants, and the body size limit.
 
-Keys are compared with ``secrets.compare_digest`` against every configured key (no early exit
-that would leak which key matched) and never logged. Health and metrics stay open for probes.
+``ApiKeyMiddleware`` finds the caller's tenant by the sha256 of its key (``moeflow.gateway.
+tenants``; keys are never logged or echoed), applies the tenant's request quotas (requests per
+minute, concurrent requests: ``moeflow.gateway.quota``) to every ``/v1`` request, sets
+``current_tenant`` for the routes, and writes one access-log line per request with the tenant's
+name. ``/health*`` stays open (it names model states only); ``/metrics``, ``/status*`` and
+``/admin/*`` need an admin tenant's key (403 for other tenants). With no key configured at all,
+everything is open (a local gateway).
 
 ``RequestCountMiddleware`` sits outside the others, so every answer to a ``/v1`` request is
-counted exactly once, whoever gave it: this middleware's siblings (401, 413), FastAPI's
+counted exactly once, whoever gave it: this middleware's siblings (401, 413, 429), FastAPI's
 validation (400), the routes (404, 429, the engine's errors, 200) or the last-resort handler
 (500). It is the only writer of ``moeflow_requests_total``.
 """
@@ -12,8 +17,11 @@ validation (400), the routes (404, 429, the engine's errors, 200) or the last-re
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import json
-import secrets
+import logging
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,45 +29,149 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from moeflow.domain.errors import AuthenticationError, MoeflowError, RequestTooLargeError
+from moeflow.gateway.quota import Lease, Quota, QuotaExceededError
+from moeflow.gateway.quota_service import TenantMetrics
+from moeflow.gateway.tenants import Tenant, TenantSource, current_tenant
 from moeflow.web.errors import error_body
 
-_OPEN_PATHS = ("/health", "/metrics", "/status")
+_OPEN_PATHS = ("/health",)
+_ADMIN_PATHS = ("/metrics", "/status", "/admin/")
+access_logger = logging.getLogger("moeflow.gateway.access")
 
 
-async def _send_error(send: Send, exc: MoeflowError) -> None:
+class PermissionDeniedError(MoeflowError):
+    """A valid key without the right to this path (an admin path, for a non-admin tenant)."""
+
+    status_code = 403
+    error_type = "permission_error"
+    code = "permission_denied"
+
+
+def _presented_key(header: bytes | None, *, allow_basic: bool) -> str | None:
+    """The key of an ``Authorization`` header: ``Bearer <key>``, or on admin paths also
+    ``Basic`` with the key as password (a browser asks for it and sends it with the status
+    page's own requests)."""
+    if header is None:
+        return None
+    scheme, _, value = header.strip().partition(b" ")
+    value = value.strip()
+    if scheme.lower() == b"bearer" and value:
+        return value.decode("latin-1")
+    if scheme.lower() == b"basic" and allow_basic:
+        try:
+            _, _, password = base64.b64decode(value, validate=True).partition(b":")
+        except (binascii.Error, ValueError):
+            return None
+        return password.decode("latin-1") or None
+    return None
+
+
+async def _send_error(send: Send, exc: MoeflowError, *, basic_realm: bool = False) -> None:
     body = json.dumps(error_body(exc.message, exc.error_type, exc.code, exc.param)).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     if isinstance(exc, AuthenticationError):
         headers.append((b"www-authenticate", b"Bearer"))
+        if basic_realm:
+            headers.append((b"www-authenticate", b'Basic realm="moeflow admin"'))
+    retry_after_s = getattr(exc, "retry_after_s", None)
+    if retry_after_s is not None:
+        headers.append((b"retry-after", str(retry_after_s).encode()))
     await send({"type": "http.response.start", "status": exc.status_code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-class ApiKeyMiddleware:
-    def __init__(self, app: ASGIApp, api_keys: Sequence[str]) -> None:
-        self.app = app
-        self._keys = [k.encode() for k in api_keys]
+@dataclass
+class TenantGate:
+    """What ``ApiKeyMiddleware`` consults: the tenants, their quotas (None: no quotas) and the
+    per-tenant metrics (set once the app's metrics registry exists)."""
 
-    def _is_authorized(self, header: bytes | None) -> bool:
-        if header is None or not header.lower().startswith(b"bearer "):
-            return False
-        presented = header[7:].strip()
-        matched = False
-        for key in self._keys:
-            matched |= secrets.compare_digest(presented, key)
-        return matched
+    tenants: TenantSource
+    quota: Quota | None = None
+    metrics: TenantMetrics | None = None
+
+
+class ApiKeyMiddleware:
+    """Authenticates by API key, authorizes admin paths, applies request quotas (module doc).
+
+    ``api_keys`` alone (no ``gate``) is a gateway with one tenant, ``default``, and no quotas.
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: Sequence[str] = (), *,
+                 gate: TenantGate | None = None) -> None:
+        self.app = app
+        self.gate = gate if gate is not None else TenantGate(TenantSource(
+            None, flat_keys=api_keys))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self._keys or scope["path"].startswith(_OPEN_PATHS):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        table = self.gate.tenants.current()
+        path: str = scope["path"]
+        if not table.is_enabled or path.startswith(_OPEN_PATHS):
             await self.app(scope, receive, send)
             return
         header = dict(scope["headers"]).get(b"authorization")
-        if not self._is_authorized(header):
+        is_admin_path = path.startswith(_ADMIN_PATHS)
+        presented = _presented_key(header, allow_basic=is_admin_path)
+        tenant = table.lookup(presented) if presented else None
+        if tenant is None:
             message = "missing API key" if header is None else "invalid API key"
             hint = "send 'Authorization: Bearer <key>'"
-            await _send_error(send, AuthenticationError(f"{message}: {hint}"))
+            await _send_error(send, AuthenticationError(f"{message}: {hint}"),
+                              basic_realm=is_admin_path)
             return
-        await self.app(scope, receive, send)
+        if is_admin_path and not tenant.admin:
+            await _send_error(send, PermissionDeniedError("this path needs an admin key"))
+            return
+        if not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        await self._serve(scope, receive, send, tenant)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, tenant: Tenant) -> None:
+        gate, metrics = self.gate, self.gate.metrics
+        started_s = time.perf_counter()
+        status: int | None = None
+        lease: Lease | None = None
+        try:
+            if gate.quota is not None:
+                lease = await gate.quota.admit(tenant)
+        except MoeflowError as exc:
+            if isinstance(exc, QuotaExceededError) and metrics is not None:
+                metrics.rate_limited.labels(tenant.name, exc.limit).inc()
+            await _send_error(send, exc)
+            _log_access(scope, tenant.name, exc.status_code, started_s)
+            if metrics is not None:
+                metrics.requests.labels(tenant.name, str(exc.status_code)).inc()
+            return
+
+        async def watched_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        token = current_tenant.set(tenant)
+        try:
+            await self.app(scope, receive, watched_send)
+        finally:
+            current_tenant.reset(token)
+            record = request_record(scope)
+            final = record.failed_status or status or 500
+            if gate.quota is not None:
+                if lease is not None:
+                    await gate.quota.release(lease)
+                if record.model and final < 400:
+                    await gate.quota.record_usage(tenant.name, record.model, requests=1)
+            if metrics is not None:
+                metrics.requests.labels(tenant.name, str(final)).inc()
+            _log_access(scope, tenant.name, final, started_s)
+
+
+def _log_access(scope: Scope, tenant: str, status: int, started_s: float) -> None:
+    access_logger.info("%s %s %d tenant=%s %.0fms", scope.get("method", ""), scope["path"],
+                       status, tenant, 1000 * (time.perf_counter() - started_s))
 
 
 class BodySizeLimitMiddleware:

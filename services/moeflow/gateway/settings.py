@@ -7,6 +7,7 @@ here, which are the only defaults (docs/configuration.md).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -49,6 +50,26 @@ class GatewaySettings(BaseSettings):
     """Shared secret of one platform's internal calls (gateway -> engine); ``moeflow up``
     generates one per platform and gives the engines the same value (MOEFLOW_INTERNAL_TOKEN)."""
 
+    admin_api_keys: Annotated[tuple[SecretStr, ...], NoDecode] = Field(
+        (), validation_alias=AliasChoices("MOEFLOW_GATEWAY_ADMIN_API_KEYS",
+                                          "MOEFLOW_ADMIN_API_KEYS"))
+    """Keys of the tenant ``admin``, which may read /metrics, /status and /admin/usage; env:
+    comma-separated. With no admin key anywhere, the flat ``api_keys`` are admin keys."""
+    tenants_file: Path | None = None
+    """Tenants with hashed keys and limits (YAML or JSON; ``moeflow.gateway.tenants``); on a
+    cluster a mounted Secret. Re-read when it changes, no restart."""
+    tenants_reload_interval_s: float = Field(2.0, ge=0)
+    """How often, at most, the tenants file is checked for changes (on the request path)."""
+    quota_redis_url: SecretStr | None = None
+    """Redis that holds the tenants' counters, shared by every replica
+    (``redis://:password@host:6379/0``); unset: counters in this replica's memory."""
+    quota_on_redis_failure: Literal["open", "closed"] = "open"
+    """Redis unreachable: ``open`` enforces limits per replica (local counters), ``closed``
+    refuses /v1 requests with 503 until it is back."""
+    quota_key_prefix: str = "moeflow:quota:"
+    usage_retention_days: int = Field(35, ge=1)
+    """How long hourly usage rows stay in Redis."""
+
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     """Largest accepted request body; bigger bodies get 413."""
     max_in_flight_requests: int = Field(256, ge=1)
@@ -77,7 +98,7 @@ class GatewaySettings(BaseSettings):
     keep_alive_interval_s: float = Field(5.0, gt=0)
     """SSE comment interval for streaming requests that wait for a scale-up."""
 
-    @field_validator("engine_urls", "api_keys", mode="before")
+    @field_validator("engine_urls", "api_keys", "admin_api_keys", mode="before")
     @classmethod
     def _split_env_lists(cls, value: object) -> object:
         return split_commas(value)

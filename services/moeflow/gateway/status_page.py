@@ -8,8 +8,9 @@ between cumulative samples of that registry, taken when the page polls ``/status
 sample history lives on ``app.state`` (no module state), holds at most ``max_samples`` samples
 and takes at most one per ``min_interval_s``, so several open pages share one series.
 
-Open like ``/metrics`` (``ApiKeyMiddleware`` leaves ``/status`` open): it shows model names and
-instance URLs, never prompts, outputs or keys.
+Behind an admin key like ``/metrics`` (``ApiKeyMiddleware``; a browser sends it as the password
+of HTTP Basic auth, which it asks for once): it shows model names and instance URLs, never
+prompts, outputs or keys.
 """
 
 from __future__ import annotations

@@ -105,12 +105,20 @@ async def test_the_bearer_scheme_is_case_insensitive(auth_app: ASGIApp) -> None:
     assert response.status_code == 200
 
 
-@pytest.mark.parametrize("path", ["/health", "/metrics", "/status"])
-async def test_health_and_metrics_stay_open_without_a_key(auth_app: ASGIApp, path: str) -> None:
+async def test_health_stays_open_without_a_key(auth_app: ASGIApp) -> None:
     async with client(auth_app) as c:
-        response = await c.get(path)
+        response = await c.get("/health")
     assert response.status_code == 200
     assert response.text == "ok"
+
+
+@pytest.mark.parametrize("path", ["/metrics", "/status"])
+async def test_metrics_and_status_need_a_key(auth_app: ASGIApp, path: str) -> None:
+    async with client(auth_app) as c:
+        missing = await c.get(path)
+        keyed = await c.get(path, headers={"Authorization": f"Bearer {KEYS[0]}"})
+    assert_error_envelope(missing, 401, "authentication_error", "invalid_api_key")
+    assert keyed.status_code == 200  # flat keys are admin keys while no admin key exists
 
 
 async def test_without_configured_keys_everything_is_open() -> None:
