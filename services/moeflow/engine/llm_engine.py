@@ -32,7 +32,7 @@ from moeflow.domain.messages import (
 from moeflow.domain.roles import Role
 from moeflow.engine.block_manager import BlockManager, num_blocks_for
 from moeflow.engine.config import EngineSettings
-from moeflow.engine.logprobs import prompt_logprobs
+from moeflow.engine.logprobs import next_token_logprob, prompt_logprobs
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import load_arch
 from moeflow.engine.sampler import INVALID_TOKEN, RequestSampling, needs_state
@@ -316,9 +316,12 @@ class LLMEngine:
             logprob = state.take_logprob(token_id)
             state.accept(token_id)
             if seq.sampling.logprobs is not None:
-                # a first token sampled on a prefill instance has its logprob there: it is
-                # reported without one (logprob None) rather than recomputed
-                logprobs = (logprob or TokenLogprob(token_id=token_id, logprob=None),)
+                if logprob is None:
+                    # sampled on a prefill instance, whose logits stayed there: recompute
+                    logprob = next_token_logprob(
+                        self.runner.model, self.runner.kv_cache.dtype,
+                        seq.token_ids[:-1], token_id, seq.sampling.logprobs)
+                logprobs = (logprob,)
         prompt_lps: tuple[TokenLogprob, ...] = ()
         k = seq.sampling.prompt_logprobs
         if k is not None and len(seq.output_token_ids) == 1:

@@ -62,13 +62,6 @@ class GenerationService:
         model: ServedModel,
         max_tokens: int | None,
     ) -> SamplingParams:
-        if body.n != 1:
-            raise _refuse("n", "only n=1 is supported")
-        if body.logprobs:
-            raise _refuse("logprobs", "logprobs are not supported yet")
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(body, name):
-                raise _refuse(name, f"{name} is not supported yet; leave it unset or 0")
         max_model_len = model.info.max_model_len
         if num_prompt_tokens >= max_model_len:
             raise ContextLengthExceededError(
@@ -92,6 +85,15 @@ class GenerationService:
         stop_ids = tuple(body.stop_token_ids or ())
         if any(t < 0 or t >= vocab for t in stop_ids):
             raise _refuse("stop_token_ids", f"token ids must lie in [0, {vocab})")
+        bias: list[tuple[int, float]] = []
+        for key, value in (body.logit_bias or {}).items():
+            token_id = int(key) if key.strip().lstrip("-").isdigit() else -1
+            if not 0 <= token_id < vocab:
+                raise _refuse("logit_bias", f"logit_bias keys must be token ids in [0, {vocab})")
+            bias.append((token_id, value))
+        min_tokens = body.min_tokens or 0
+        if max_tokens is not None and min_tokens > max_tokens:
+            raise _refuse("min_tokens", "min_tokens must not exceed max_tokens")
         return SamplingParams(
             max_tokens=max_tokens if max_tokens is not None else room,
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -101,6 +103,13 @@ class GenerationService:
             stop=tuple(stop),
             stop_token_ids=stop_ids,
             ignore_eos=body.ignore_eos,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=(1.0 if body.repetition_penalty is None
+                                else body.repetition_penalty),
+            min_tokens=min_tokens,
+            logit_bias=tuple(bias),
+            logprobs=body.num_logprobs(),
         )
 
     def admit(self) -> None:

@@ -29,6 +29,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
+from moeflow.domain.errors import InvalidRequestError
 from moeflow.domain.messages import FinishReason
 from moeflow.web.errors import PARAM_CONTEXT_KEY, ErrorEnvelope
 
@@ -36,6 +37,10 @@ __all__ = [
     "ERROR_RESPONSES",
     "AssistantMessage",
     "ChatChoice",
+    "ChatLogprobs",
+    "ChatTokenLogprob",
+    "ChatTopLogprob",
+    "CompletionLogprobs",
     "ChatChunkChoice",
     "ChatCompletion",
     "ChatCompletionChunk",
@@ -154,7 +159,9 @@ class _SamplingFields(_RequestBody):
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)
-    n: int = Field(1, ge=1)
+    n: int = Field(1, ge=1, le=16)
+    """Choices: n engine requests with the same prompt (admitted together, so the prefix cache
+    computes the prompt once when they land on one instance)."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = None
@@ -163,16 +170,19 @@ class _SamplingFields(_RequestBody):
     ignore_eos: bool = False
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    min_tokens: int | None = Field(None, ge=0)
     logprobs: bool | int | None = None
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     user: str | None = None
 
     def unsupported(self) -> tuple[str, str] | None:
-        """``(param, message)`` of the first parameter set to something we do not implement
-        (beyond ``n``, ``logprobs`` and the penalties, which sampling refuses)."""
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported yet"
+        """``(param, message)`` of the first parameter set to something we do not implement."""
         return None
+
+    def num_logprobs(self) -> int | None:
+        """How many alternatives per sampled token the client wants, None for no logprobs."""
+        raise NotImplementedError
 
 
 class TextPart(BaseModel):
@@ -213,6 +223,14 @@ class ChatCompletionRequest(_SamplingFields):
     tools: list[dict[str, Any]] | None = None
     functions: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    def num_logprobs(self) -> int | None:
+        if self.logprobs is None or self.logprobs is False:
+            if self.top_logprobs:
+                raise _param_error("top_logprobs", "top_logprobs needs logprobs: true")
+            return None
+        return self.top_logprobs or 0
 
     def unsupported(self) -> tuple[str, str] | None:
         if self.tools:
@@ -230,14 +248,24 @@ class CompletionRequest(_SamplingFields):
     suffix: str | None = None
     best_of: int | None = Field(None, ge=0)
 
+    def num_logprobs(self) -> int | None:
+        if self.logprobs is None or isinstance(self.logprobs, bool):
+            # a boolean is the chat form; completions take a count (true means 0 alternatives)
+            return 0 if self.logprobs else None
+        if not 0 <= self.logprobs <= 20:
+            raise _param_error("logprobs", "logprobs must lie in [0, 20]")
+        return self.logprobs
+
     def unsupported(self) -> tuple[str, str] | None:
-        if self.echo:
-            return "echo", "echo is not supported"
         if self.suffix:
             return "suffix", "suffix is not supported"
         if self.best_of is not None and self.best_of > 1:
             return "best_of", "only best_of=1 is supported"
         return super().unsupported()
+
+
+def _param_error(param: str, message: str) -> InvalidRequestError:
+    return InvalidRequestError(message, param=param)
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -279,10 +307,35 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class ChatTopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions form: parallel lists, one entry per token (``echo`` puts the
+    prompt's tokens first; its first token's logprob and alternatives are null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -305,7 +358,7 @@ class ChatDelta(BaseModel):
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -325,7 +378,7 @@ class ChatCompletionChunk(BaseModel):
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None = None
 
 
@@ -403,3 +456,34 @@ def sse_responses(json_model: type[BaseModel], chunk: type[BaseModel]) -> dict[i
         **ERROR_RESPONSES,
     }
 
+
+
+# -- /tokenize and /detokenize (vLLM's shapes) ------------------------------------------------
+
+
+class TokenizeRequest(_RequestBody):
+    """Either ``prompt`` (raw text, as /v1/completions encodes it) or ``messages`` (through
+    the chat template, as /v1/chat/completions encodes them)."""
+
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    """Accepted for vLLM compatibility; a raw prompt gets no BOS here, exactly as
+    /v1/completions encodes it (True is refused)."""
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class DetokenizeRequest(_RequestBody):
+    model: str
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str

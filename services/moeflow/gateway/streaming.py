@@ -10,15 +10,17 @@ ASCII-escaped, so no line separator a naive client splits on (U+2028, U+0085) ca
 
 from __future__ import annotations
 
+import asyncio
 import json
-from collections.abc import AsyncIterable, AsyncIterator, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi.sse import EventSourceResponse
 from pydantic import BaseModel
 
 from moeflow.domain.errors import BackendUnavailableError, MoeflowError
-from moeflow.domain.messages import TokenChunk
+from moeflow.domain.messages import TokenChunk, TokenLogprob
 from moeflow.gateway.protocol import Usage, make_usage
 from moeflow.web.errors import sse_error
 
@@ -40,26 +42,28 @@ def event_stream(events: AsyncIterable[str]) -> EventSourceResponse:
 
 
 async def sse_stream(
-    chunks: AsyncIterator[TokenChunk],
+    chunks: AsyncIterator[tuple[int, TokenChunk]],
     *,
-    make_event: Callable[[TokenChunk], BaseModel | None],
+    make_event: Callable[[int, TokenChunk], BaseModel | None],
     make_usage_event: Callable[[Usage], BaseModel] | None,
     first_events: list[BaseModel] | None = None,
     exclude: set[str] | None = None,
     on_error: Callable[[MoeflowError], Any] | None = None,
 ) -> AsyncIterator[str]:
-    """Frame chunks as SSE; end with a usage event (when asked) and ``data: [DONE]``.
+    """Frame the chunks of one or more choices (``(index, chunk)``, as ``merge`` gives them)
+    as SSE; end with a usage event (when asked) and ``data: [DONE]``. Usage counts the prompt
+    once and the output of every choice.
 
     A failure after the stream started becomes an error event in the OpenAI envelope (the
     status line already said 200); ``on_error`` learns of it, for the request's metrics.
     """
     for first in first_events or []:
         yield sse_event(first, exclude=exclude)
-    last: TokenChunk | None = None
+    lasts: dict[int, TokenChunk] = {}
     try:
-        async for chunk in chunks:
-            last = chunk
-            event = make_event(chunk)
+        async for index, chunk in chunks:
+            lasts[index] = chunk
+            event = make_event(index, chunk)
             if event is not None:
                 yield sse_event(event, exclude=exclude)
     except MoeflowError as exc:
@@ -68,15 +72,74 @@ async def sse_stream(
         yield sse_error(exc)
         yield SSE_DONE
         return
-    if last is None:
+    if not lasts:
         empty = BackendUnavailableError("the engine returned no output")
         if on_error is not None:
             on_error(empty)
         yield sse_error(empty)
     elif make_usage_event is not None:
-        usage = make_usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens)
+        first = lasts[min(lasts)]
+        usage = make_usage(first.num_prompt_tokens,
+                           sum(c.num_output_tokens for c in lasts.values()),
+                           first.num_cached_tokens)
         yield sse_event(make_usage_event(usage))
     yield SSE_DONE
+
+
+async def merge(
+    streams: Sequence[AsyncIterator[TokenChunk]],
+) -> AsyncIterator[tuple[int, TokenChunk]]:
+    """Interleave several chunk streams as they produce, tagging each chunk with its index."""
+    queue: asyncio.Queue[tuple[int, TokenChunk | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: AsyncIterator[TokenChunk]) -> None:
+        try:
+            async for chunk in stream:
+                await queue.put((index, chunk))
+            await queue.put((index, None))
+        except BaseException as exc:
+            await queue.put((index, exc))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        num_open = len(streams)
+        while num_open:
+            index, item = await queue.get()
+            if item is None:
+                num_open -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+@dataclass
+class Collected:
+    """A non-streaming choice: its whole text, final chunk and logprobs."""
+
+    text: str
+    last: TokenChunk
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+
+
+async def collect_choice(chunks: AsyncIterator[TokenChunk]) -> Collected:
+    """Concatenate a non-streaming choice's text and logprobs."""
+    parts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    last: TokenChunk | None = None
+    async for chunk in chunks:
+        parts.append(chunk.text)
+        logprobs.extend(chunk.logprobs)
+        prompt_logprobs = prompt_logprobs or chunk.prompt_logprobs
+        last = chunk
+    if last is None:
+        raise BackendUnavailableError("the engine returned no output")
+    return Collected("".join(parts), last, logprobs, prompt_logprobs)
 
 
 async def collect(chunks: AsyncIterator[TokenChunk]) -> tuple[str, TokenChunk]:

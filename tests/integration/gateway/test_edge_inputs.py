@@ -136,7 +136,7 @@ def test_early_answers_are_counted_exactly_once(platform: Platform) -> None:
     before = counts(platform)
     answers = [
         post_raw(platform, "chat/completions", {**CHAT, "temperature": 9}).status_code,
-        post_raw(platform, "chat/completions", {**CHAT, "n": 2}).status_code,
+        post_raw(platform, "chat/completions", {**CHAT, "n": 17}).status_code,
         httpx.post(f"{platform.base_url}/completions", content=b"{", timeout=10,
                    headers={"content-type": "application/json"}).status_code,
         post_raw(platform, "chat/completions", {**CHAT, "model": "nope"}).status_code,

@@ -45,22 +45,22 @@ CANARY_TOKENS = 8
 
 # (operation, refused body fields, the param the 400 must name)
 REFUSED = [
-    ("chat/completions", {"n": 2}, "n"),
-    ("chat/completions", {"logprobs": True}, "logprobs"),
-    ("chat/completions", {"presence_penalty": 1.0}, "presence_penalty"),
+    ("chat/completions", {"n": 17}, "n"),
+    ("chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+    ("chat/completions", {"presence_penalty": 2.5}, "presence_penalty"),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat/completions", {"functions": [{"name": "f"}]}, "functions"),
     ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
-    ("chat/completions", {"logit_bias": {"1": 3}}, "logit_bias"),
+    ("chat/completions", {"logit_bias": {"99999999": 3}}, "logit_bias"),
     ("chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}]}]},
      "messages.0.content"),
-    ("completions", {"echo": True}, "echo"),
+    ("completions", {"min_tokens": 99, "max_tokens": 4}, "min_tokens"),
     ("completions", {"suffix": "end"}, "suffix"),
     ("completions", {"best_of": 3}, "best_of"),
-    ("completions", {"n": 3}, "n"),
-    ("completions", {"logprobs": 2}, "logprobs"),
-    ("completions", {"frequency_penalty": 0.5}, "frequency_penalty"),
+    ("completions", {"n": 17}, "n"),
+    ("completions", {"logprobs": 21}, "logprobs"),
+    ("completions", {"frequency_penalty": 2.5}, "frequency_penalty"),
 ]
 
 

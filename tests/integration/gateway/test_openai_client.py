@@ -147,7 +147,7 @@ def test_errors_use_the_openai_envelope(platform: Platform) -> None:
         c.completions.create(model=MODEL, prompt=[7] * 300, max_tokens=4)
     assert too_long.value.code == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError) as n:
-        c.completions.create(model=MODEL, prompt="x", n=2)
+        c.completions.create(model=MODEL, prompt="x", n=17)
     assert n.value.param == "n"
     raw = httpx.post(f"{platform.base_url}/completions", content=b"{not json",
                      headers={"content-type": "application/json"})

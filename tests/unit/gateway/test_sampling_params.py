@@ -139,25 +139,30 @@ def test_completion_requests_use_the_same_rules(
 # -- refusals -------------------------------------------------------------------------------------
 
 
-def test_n_greater_than_one_is_refused(service: GenerationService, model: ServedModel) -> None:
-    assert refused_param(service, model, chat(n=2)) == "n"
-
-
-@pytest.mark.parametrize("logprobs", [True, 5])
-def test_logprobs_are_refused(
-    service: GenerationService, model: ServedModel, logprobs: bool | int
+def test_penalties_bias_min_tokens_and_logprobs_are_carried_over(
+    service: GenerationService, model: ServedModel
 ) -> None:
-    assert refused_param(service, model, chat(logprobs=logprobs)) == "logprobs"
+    p = params(service, model, chat(presence_penalty=0.5, frequency_penalty=-1.0,
+                                    repetition_penalty=1.2, min_tokens=2, max_tokens=5,
+                                    logit_bias={"3": -100, "4": 2.5}, logprobs=True,
+                                    top_logprobs=3))
+    assert (p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.5, -1.0, 1.2)
+    assert (p.min_tokens, p.logit_bias, p.logprobs) == (2, ((3, -100.0), (4, 2.5)), 3)
+    assert params(service, model, chat(logprobs=False)).logprobs is None
+    completion = CompletionRequest(model="tiny", prompt="Hi", max_tokens=3, logprobs=2)
+    assert params(service, model, completion).logprobs == 2
 
 
-@pytest.mark.parametrize("name", ["presence_penalty", "frequency_penalty"])
-@pytest.mark.parametrize("value", [0.5, -1.0])
-def test_penalties_are_refused_by_name(
-    service: GenerationService, model: ServedModel, name: str, value: float
+@pytest.mark.parametrize(("fields", "param"), [
+    ({"logit_bias": {"99999999": 1}}, "logit_bias"),
+    ({"logit_bias": {"word": 1}}, "logit_bias"),
+    ({"min_tokens": 9, "max_tokens": 3}, "min_tokens"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_sampling_extras_are_refused_by_name(
+    service: GenerationService, model: ServedModel, fields: dict[str, Any], param: str
 ) -> None:
-    with pytest.raises(InvalidRequestError, match=name) as info:
-        params(service, model, chat(**{name: value}))
-    assert info.value.param == name
+    assert refused_param(service, model, chat(**fields)) == param
 
 
 def test_too_many_stop_sequences_are_refused(

@@ -1,17 +1,21 @@
-"""POST /v1/chat/completions: chat template -> tokens -> one engine task -> message or SSE."""
+"""POST /v1/chat/completions: chat template -> tokens -> one engine task per choice (``n``)
+-> message(s) or SSE."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
 
 from moeflow.domain.errors import InvalidRequestError, MoeflowError
 from moeflow.domain.messages import TokenChunk
+from moeflow.gateway.choices import choice_samplings, open_choices
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.generation import until_disconnected
+from moeflow.gateway.logprobs import chat_logprobs
 from moeflow.gateway.middleware import request_record
 from moeflow.gateway.protocol import (
     AssistantMessage,
@@ -26,7 +30,13 @@ from moeflow.gateway.protocol import (
     now_unix,
     sse_responses,
 )
-from moeflow.gateway.streaming import collect, event_stream, sse_stream
+from moeflow.gateway.streaming import (
+    Collected,
+    collect_choice,
+    event_stream,
+    merge,
+    sse_stream,
+)
 
 router = APIRouter()
 
@@ -55,10 +65,12 @@ async def create_chat_completion(
     )
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = now_unix()
+    choices = choice_samplings(sampling, body.n)
+    tokenizer = model.tokenizer
 
-    async def start() -> AsyncIterator[TokenChunk]:
+    async def start() -> list[AsyncGenerator[TokenChunk, None]]:
         try:
-            return await service.open(model, "chat", request_id, prompt_ids, sampling,
+            return await open_choices(service, model, "chat", request_id, prompt_ids, choices,
                                       request.is_disconnected)
         except MoeflowError as exc:
             record.failed(exc)  # a stream woken from zero reports it only as an SSE event
@@ -66,7 +78,7 @@ async def create_chat_completion(
 
     # a stream at zero instances starts now and sends keep-alives while the model wakes
     ticket = service.wake.hold(model.name) if body.stream and service.wake else None
-    chunks = await start() if ticket is None else None
+    opened = await start() if ticket is None else None
 
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -76,23 +88,27 @@ async def create_chat_completion(
             return ChatCompletionChunk(id=request_id, created=created, model=model.name,
                                        choices=choices, usage=usage)
 
-        def event(chunk: TokenChunk) -> ChatCompletionChunk | None:
-            if not chunk.text and chunk.finish_reason is None:
+        def event(index: int, chunk: TokenChunk) -> ChatCompletionChunk | None:
+            if not chunk.text and chunk.finish_reason is None and not chunk.logprobs:
                 return None
             delta = ChatDelta(content=chunk.text) if chunk.text else ChatDelta()
-            return chunk_of([ChatChunkChoice(delta=delta, finish_reason=chunk.finish_reason)])
+            logprobs = chat_logprobs(tokenizer, chunk.logprobs) if chunk.logprobs else None
+            return chunk_of([ChatChunkChoice(index=index, delta=delta, logprobs=logprobs,
+                                             finish_reason=chunk.finish_reason)])
 
         def usage_event(usage: Usage) -> ChatCompletionChunk:
             return chunk_of([], usage)
 
-        first = chunk_of([ChatChunkChoice(delta=ChatDelta(role="assistant", content=""))])
+        firsts = [chunk_of([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant",
+                                                                     content=""))])
+                  for i in range(body.n)]
 
-        def render(chunks: AsyncIterator[TokenChunk]) -> AsyncIterator[str]:
+        def render(streams: list[AsyncGenerator[TokenChunk, None]]) -> AsyncIterator[str]:
             return sse_stream(
-                chunks,
+                merge(streams),
                 make_event=event,
                 make_usage_event=usage_event if include_usage else None,
-                first_events=[first],
+                first_events=list(firsts),
                 # without include_usage OpenAI leaves "usage" out; with it, null until the end
                 exclude=None if include_usage else {"usage"},
                 on_error=record.failed,
@@ -102,16 +118,30 @@ async def create_chat_completion(
             return event_stream(service.wake.sse_after_wake(
                 ticket, service.settings.keep_alive_interval_s, start, render
             ))
-        assert chunks is not None
-        return event_stream(render(chunks))
+        assert opened is not None
+        return event_stream(render(opened))
 
-    assert chunks is not None
-    text, last = await until_disconnected(request.is_disconnected, collect(chunks))
+    assert opened is not None
+    streams = opened
+
+    async def gather_all() -> list[Collected]:
+        return list(await asyncio.gather(*(collect_choice(s) for s in streams)))
+
+    results = await until_disconnected(request.is_disconnected, gather_all())
+    first = results[0].last
     return ChatCompletion(
         id=request_id,
         created=created,
         model=model.name,
-        choices=[ChatChoice(index=0, message=AssistantMessage(content=text),
-                            finish_reason=last.finish_reason)],
-        usage=make_usage(last.num_prompt_tokens, last.num_output_tokens, last.num_cached_tokens),
+        choices=[
+            ChatChoice(index=i, message=AssistantMessage(content=r.text),
+                       logprobs=(chat_logprobs(tokenizer, r.logprobs)
+                                 if sampling.logprobs is not None else None),
+                       finish_reason=r.last.finish_reason)
+            for i, r in enumerate(results)
+        ],
+        # the prompt is counted once, however many choices share it
+        usage=make_usage(first.num_prompt_tokens,
+                         sum(r.last.num_output_tokens for r in results),
+                         first.num_cached_tokens),
     )
