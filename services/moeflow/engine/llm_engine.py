@@ -249,9 +249,18 @@ class LLMEngine:
                     )
             self.scheduler.postprocess(plan, sampled)
         except Exception as exc:
-            # Only this step's requests fail; a failed step indexes nothing in the prefix cache
-            # (that happens in postprocess), and aborting frees their blocks.
-            failed = [item.seq.request_id for item in plan.scheduled]
+            # A failed step indexes nothing in the prefix cache (that happens in postprocess).
+            members = [item.seq for item in plan.scheduled]
+            if len(members) > 1 and not isinstance(exc, ExpertsUnavailableError):
+                # which request made it fail? Each recomputes alone until a step of its own
+                # succeeds; the culprit's own step fails next, and only it fails
+                logger.warning("a step of %d requests failed (%s: %s); running them one at a "
+                               "time to find the cause", len(members), type(exc).__name__, exc)
+                for seq in members:
+                    self.exported_kv.pop(seq.request_id, None)
+                self.scheduler.quarantine(members)
+                return []
+            failed = [seq.request_id for seq in members]
             for request_id in failed:
                 self.abort(request_id)
             if isinstance(exc, ExpertsUnavailableError):

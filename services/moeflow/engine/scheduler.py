@@ -64,6 +64,8 @@ class Scheduler:
         self.awaiting_kv: list[Sequence] = []
         self.num_preemptions_total = 0
         self.num_memory_waits_total = 0
+        self.num_quarantines_total = 0
+        """Steps that raised with several sequences, whose sequences were then isolated."""
         self._memory_waiters: set[str] = set()
 
     @property
@@ -88,7 +90,23 @@ class Scheduler:
                     return seq
         return None
 
+    def quarantine(self, seqs: list[Sequence]) -> None:
+        """A step that ran ``seqs`` together raised: recompute each of them, alone, until a
+        step of its own succeeds (``schedule`` isolates suspects one at a time), so the one that
+        makes steps fail is found and fails by itself, and the others lose nothing."""
+        for seq in reversed(seqs):  # preemption puts each at the front: keep their order
+            seq.is_suspect = True
+            if seq in self.running:
+                self._preempt(seq)
+            elif seq in self.awaiting_kv:
+                continue  # its KV has not arrived: it was not in the step's compute
+        self.num_quarantines_total += 1
+
     def schedule(self) -> StepPlan:
+        suspect = next((s for s in self.running if s.is_suspect), None) or next(
+            (s for s in self.waiting if s.is_suspect), None)
+        if suspect is not None:
+            return self._schedule_alone(suspect)
         plan = StepPlan()
         budget = self.max_num_batched_tokens
         # 1. Decodes (and prompt tails of exactly one token), oldest first.
@@ -141,6 +159,26 @@ class Scheduler:
             budget -= chunk
         return plan
 
+    def _schedule_alone(self, seq: Sequence) -> StepPlan:
+        """A plan that computes only ``seq`` (its next prompt chunk or its next token)."""
+        plan = StepPlan()
+        if seq.status is SequenceStatus.WAITING:
+            while not self.block_manager.allocate_prompt(seq):
+                others = [s for s in self.running if not s.is_suspect]
+                if not others:  # it cannot fit even alone: let normal scheduling decide
+                    seq.is_suspect = False
+                    return plan
+                self._preempt(others[-1])
+                plan.preempted.append(others[-1])
+            self.waiting.remove(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+        if seq.num_uncomputed_tokens == 1 and not self._make_room(seq, seq.num_tokens, plan):
+            return plan
+        chunk = min(seq.num_uncomputed_tokens, self.max_num_batched_tokens)
+        plan.scheduled.append(ScheduledSeq(seq, chunk))
+        return plan
+
     def _note_memory_wait(self, seq: Sequence) -> None:
         if seq.request_id not in self._memory_waiters:
             self._memory_waiters.add(seq.request_id)
@@ -182,6 +220,7 @@ class Scheduler:
             token_id = sampled.get(seq.request_id)
             if token_id is None:
                 continue
+            seq.is_suspect = False  # a step of its own went through
             seq.append_token(token_id)
             if seq.finish_reason is not None:
                 self.running.remove(seq)

@@ -38,6 +38,9 @@ class Sequence:
     is_remote_prefill: bool = False
     """Decode role: the prompt's KV comes from a prefill instance, not from computing it."""
     exports_kv: bool = False
+    is_suspect: bool = False
+    """It was in a step that raised with other sequences: it runs alone (isolated) until a
+    step of its own succeeds, so that a failing request fails by itself."""
     """Prefill role: copy the prompt's KV out when its prefill completes."""
 
     @property

@@ -103,6 +103,10 @@ class _HealthCollector(Collector):
                     float(e.num_in_flight))
         yield counter("moeflow_engine_step_failures", "Steps that raised (their requests failed)",
                       float(e.num_step_failures_total))
+        yield counter("moeflow_engine_step_isolations",
+                      "Steps that raised with several requests, whose requests then ran one at "
+                      "a time to find the cause (none of them failed for it)",
+                      float(e.engine.scheduler.num_quarantines_total))
         yield counter("moeflow_engine_failed_requests",
                       "Requests ended by an engine failure (not by a client error)",
                       float(e.num_failed_requests_total))

@@ -101,7 +101,7 @@ def test_hostile_sampling_values_are_answered_and_greedy_streams_stay_exact(llam
         wait_until(lambda: all_blocks_free(served), what="blocks freed")
 
 
-def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(
+def test_a_step_that_fails_once_loses_no_request_and_the_engine_goes_on(
     llama: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     engine = make_engine(llama, max_model_len=256, max_num_seqs=2)
@@ -135,23 +135,20 @@ def test_a_failing_step_fails_only_its_requests_and_the_engine_goes_on(
         a, poison, c = asyncio.run(main())
 
         assert len(failed_steps) == 1 and "poison" in failed_steps[0]
+        assert len(failed_steps[0]) > 1, "the fault must hit a step of several requests"
+        # the step's requests ran again one at a time (the fault was transient, so none is the
+        # culprit): every request finishes, token for token
         by_id = {"a": (a, PROMPT_A), "poison": (poison, PROMPT_B), "c": (c, PROMPT_C)}
         for request_id, (outcome, prompt) in by_id.items():
-            if request_id in failed_steps[0]:  # the step's requests: a clear, client-safe error
-                assert outcome.status == 200 and outcome.error_code == "internal_error"
-                assert outcome.error_message is not None
-                assert "injected" not in outcome.error_message
-                assert "10.1.2.3" not in outcome.error_message
-            else:  # everything else is untouched, token for token
-                assert outcome.token_ids == expected[prompt], request_id
-        assert set(by_id) - failed_steps[0], "some request must have been outside the step"
+            assert outcome.error_code is None, (request_id, outcome)
+            assert outcome.token_ids == expected[prompt], request_id
         # the engine goes on: a new request, health, blocks, counters
         assert generate(served.url, greedy("after", PROMPT_B, 32)).token_ids == expected[PROMPT_B]
         assert get(served, "/health/live").status_code == 200
         assert get(served, "/health/ready").status_code == 200
         wait_until(lambda: all_blocks_free(served), what="blocks freed")
         metrics = get(served, "/metrics").text
-        assert 'moeflow_engine_step_failures_total{instance="colocated-0",role="colocated"} 1.0' \
+        assert 'moeflow_engine_step_isolations_total{instance="colocated-0",role="colocated"} 1.0' \
             in metrics
 
 
