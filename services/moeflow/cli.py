@@ -22,12 +22,14 @@ from pydantic import AliasChoices, ValidationError
 from pydantic_settings import BaseSettings
 
 from moeflow.checkpoints import cli as models_cli
+from moeflow.checkpoints.cli import HelpFormatter
 from moeflow.checkpoints.store import resolve_home
 from moeflow.controller import cli as operator_cli
 from moeflow.domain.roles import Role
 from moeflow.engine.config import EngineOptions, EngineSettings
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.runtime.settings import (
+    MODE_ALIASES,
     AutoscalingSettings,
     LocalPlatformSettings,
     SupervisionSettings,
@@ -48,6 +50,36 @@ _S = TypeVar("_S", bound=BaseSettings)
 
 class InvalidSettings(Exception):
     """Flags or environment that do not make valid settings (exit code 2)."""
+
+
+class UsageError(Exception):
+    """Wrong input the user can fix: printed as one line ``moeflow CMD: error: ...``, exit 2."""
+
+
+def version_text() -> str:
+    """``moeflow X.Y.Z`` from the installed distribution's metadata."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"moeflow {version('moeflow')}"
+    except PackageNotFoundError:
+        return "moeflow (not installed: running from a source tree)"
+
+
+def env_default(var: str, default: Any, cast: Any = str) -> Any:
+    """The default of a flag that has no settings class: ``var`` from the environment when set
+    (converted with ``cast``), else ``default`` (precedence flag > env > default)."""
+    raw = os.environ.get(var, "")
+    if raw == "":
+        return default
+    try:
+        return cast(raw)
+    except ValueError:
+        raise UsageError(f"{var}={raw!r} is not a valid value") from None
+
+
+def _env_help(text: str, var: str) -> str:
+    return f"{text} (default: %(default)s; env {var})"
 
 
 def _home() -> Path:
@@ -89,7 +121,18 @@ def _build(cls: type[_S], **values: Any) -> _S:
     try:
         return cls(**values)
     except ValidationError as exc:
-        raise InvalidSettings(str(exc)) from exc
+        raise InvalidSettings(validation_line(exc)) from None
+
+
+def validation_line(exc: ValidationError) -> str:
+    """pydantic's multi-line report as one line: ``field: problem (got X); ...``."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(p) for p in error["loc"]) or "settings"
+        got = "" if "input" not in error or isinstance(error["input"], dict) else (
+            f" (got {error['input']!r})")
+        parts.append(f"{where}: {error['msg']}{got}")
+    return "; ".join(parts)
 
 
 def _mib(text: str) -> int:
@@ -124,12 +167,29 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
           help="node model store (DRAM pre-load), e.g. /dev/shm/moeflow-store")
 
 
+def _supported_architectures() -> frozenset[str]:
+    from moeflow.engine.models.arch import SUPPORTED_MODEL_TYPES
+
+    return SUPPORTED_MODEL_TYPES
+
+
+def obtain(model: str, home: Path) -> tuple[Path, str]:
+    """Any model reference -> (local checkpoint folder, default served name); models whose
+    architecture the engine does not run are refused here, before anything is loaded."""
+    from moeflow.checkpoints.obtain import obtain_model
+    from moeflow.engine.models.arch import SUPPORTED_MODEL_TYPES
+
+    return obtain_model(model, home, supported=SUPPORTED_MODEL_TYPES)
+
+
 def engine_settings(args: argparse.Namespace, home: Path) -> EngineSettings:
     """``moeflow engine``'s settings: the given flags, then MOEFLOW_ENGINE_*, then defaults."""
-    from moeflow.checkpoints.store import resolve_model
-
-    return _build(EngineSettings, model_path=resolve_model(args.model, home),
-                  **given(args, "engine"))
+    folder, name = obtain(args.model, home)
+    values = given(args, "engine")
+    if "served_model_name" not in values and not any(
+            os.environ.get(var) for var in env_names("engine", "served_model_name")):
+        values["served_model_name"] = name  # a Hub snapshot folder is named by its commit
+    return _build(EngineSettings, model_path=folder, **values)
 
 
 def _run_engine(args: argparse.Namespace) -> int:
@@ -213,8 +273,11 @@ def _run_gateway(args: argparse.Namespace) -> int:
 
     settings = gateway_settings(args)
     if settings.discovery == "kubernetes" and not settings.served_model_name:
-        sys.stderr.write("error: --discovery kubernetes needs --served-model-name\n")
-        return 2
+        raise UsageError("--discovery kubernetes needs --served-model-name NAME")
+    if settings.discovery == "static" and not settings.engine_urls:
+        raise UsageError("no engine to serve: pass --engine URL (repeatable; or "
+                         "MOEFLOW_GATEWAY_ENGINE_URLS), or --discovery kubernetes, or run "
+                         "`moeflow up` for a gateway with its engines")
     uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
     return 0
 
@@ -251,6 +314,18 @@ def _run_balancer(args: argparse.Namespace) -> int:
     from moeflow.kube.discovery import KubeTaskDiscovery
     from moeflow.web.internal_auth import internal_headers, token_from_env
 
+    if args.interval_s <= 0:
+        raise UsageError(f"--interval-s must be > 0, got {args.interval_s}")
+    if args.discovery == "static" and not args.attention:
+        raise UsageError("no attention instance to balance: pass --attention URL and --expert "
+                         "URL (repeatable), or --discovery kubernetes --served-model-name NAME")
+    if args.discovery == "static" and not args.expert:
+        raise UsageError("no expert instance to balance: pass --expert URL (repeatable, in "
+                         "rank order)")
+    if args.discovery == "kubernetes" and not args.served_model_name:
+        raise UsageError("--discovery kubernetes needs --served-model-name NAME")
+    if args.discovery == "kubernetes":
+        _require_kubeconfig()
     discovery = KubeTaskDiscovery(args.namespace) if args.discovery == "kubernetes" else None
 
     def refresh() -> tuple[list[str], list[str]]:
@@ -276,18 +351,77 @@ def _run_balancer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _require_kubeconfig() -> None:
+    """In a Pod, its service account; outside, KUBECONFIG or ~/.kube/config. Missing: one
+    line and exit 2, instead of a client that retries with a traceback every minute."""
+    from kubernetes import config as kube_config
+    from kubernetes.config.config_exception import ConfigException
+
+    try:
+        kube_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return
+    except ConfigException:
+        pass
+    try:
+        kube_config.load_kube_config()  # type: ignore[no-untyped-call]
+    except (ConfigException, OSError, TypeError) as exc:
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UsageError(f"no Kubernetes cluster configured: not in a Pod and {where} is "
+                         f"unusable ({first}); set KUBECONFIG or run inside the cluster") from None
+
+
+def _run_operator(args: argparse.Namespace) -> int:
+    _require_kubeconfig()
+    return operator_cli.run(args)
+
+
+SPLIT_COUNTS = {"colocated": ("instances",), "pd": ("prefill", "decode"),
+                "ae": ("attention", "experts")}
+_COUNT_FLAGS = {"instances": "--instances", "prefill": "--prefill", "decode": "--decode",
+                "attention": "--attention", "experts": "--expert-instances"}
+
+
+def contradictions(mode: str, given_counts: Sequence[str]) -> str | None:
+    """The first instance-count flag that the mode ignores, as an error line (None: fine).
+    ``mode`` is a short or CRD name; ``given_counts`` the count fields given as flags."""
+    from moeflow.runtime.settings import MODE_ALIASES
+
+    mode = MODE_ALIASES.get(mode, mode)
+    allowed = SPLIT_COUNTS.get(mode, ())
+    for field in given_counts:
+        if field in _COUNT_FLAGS and field not in allowed:
+            wanted = " and ".join(_COUNT_FLAGS[f] for f in allowed)
+            return (f"{_COUNT_FLAGS[field]} does not apply to --mode {mode}; "
+                    f"that mode takes {wanted}")
+    return None
+
+
 def _run_up(args: argparse.Namespace) -> int:
     from moeflow.runtime.local import LocalRuntime
 
-    return LocalRuntime(platform_settings(args), home=_home()).run()
+    settings = platform_settings(args)
+    problem = contradictions(settings.mode, list(given(args, "up")))
+    if problem is not None:
+        raise UsageError(problem)
+    home = _home()
+    folder, name = obtain(settings.model, home)
+    settings = settings.model_copy(update={
+        "model": str(folder), "served_model_name": settings.served_model_name or name})
+    return LocalRuntime(settings, home=home).run()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeflow", description="Serve MoE LLMs locally or on K8s")
-    parser.add_argument("--log-level", default="INFO")
-    sub = parser.add_subparsers(dest="command", required=True)
-    models_cli.register(sub, _home)
-    operator_cli.register(sub)
+    parser = argparse.ArgumentParser(prog="moeflow", formatter_class=HelpFormatter,
+                                     description="Serve MoE LLMs locally or on K8s")
+    parser.add_argument("--version", action="version", version=version_text())
+    parser.add_argument("--log-level", type=str.upper,
+                        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+                        default=env_default("MOEFLOW_LOG_LEVEL", "INFO", str.upper),
+                        help=_env_help("log verbosity", "MOEFLOW_LOG_LEVEL"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    models_cli.register(sub, _home, _supported_architectures)
+    operator_cli.register(sub).set_defaults(func=_run_operator)
     for name, (_, help_text) in DELEGATED.items():  # listed in --help; main() dispatches them
         sub.add_parser(name, add_help=False, help=help_text)
 
@@ -321,18 +455,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     balancer = sub.add_parser("balancer", help="expert load balancer of one attention/expert "
                               "Model (moeflow up --mode ae runs one itself)")
-    balancer.add_argument("--discovery", choices=["static", "kubernetes"], default="static")
-    balancer.add_argument("--namespace", default="default")
-    balancer.add_argument("--served-model-name", default="")
-    balancer.add_argument("--num-expert-instances", type=int, default=0,
-                          help="kubernetes discovery: expert ranks of the Model")
-    balancer.add_argument("--attention", action="append", default=[],
-                          help="static: attention instance URL (repeatable)")
-    balancer.add_argument("--expert", action="append", default=[],
-                          help="static: expert instance URL, in rank order (repeatable)")
-    balancer.add_argument("--interval-s", type=float, default=30.0)
-    balancer.add_argument("--budget", type=int, default=-1,
-                          help="extra replicas in total (-1: one per expert instance)")
+    _b = "MOEFLOW_BALANCER_"
+    balancer.add_argument("--discovery", choices=["static", "kubernetes"],
+                          default=env_default(f"{_b}DISCOVERY", "static"),
+                          help=_env_help("static: the URLs below; kubernetes: the Model's Tasks",
+                                         f"{_b}DISCOVERY"))
+    balancer.add_argument("--namespace", default=env_default(f"{_b}NAMESPACE", "default"),
+                          help=_env_help("kubernetes discovery: the Model's namespace",
+                                         f"{_b}NAMESPACE"))
+    balancer.add_argument("--served-model-name",
+                          default=env_default(f"{_b}SERVED_MODEL_NAME", ""),
+                          help=_env_help("kubernetes discovery: the Model to balance",
+                                         f"{_b}SERVED_MODEL_NAME"))
+    balancer.add_argument("--num-expert-instances", type=int,
+                          default=env_default(f"{_b}NUM_EXPERT_INSTANCES", 0, int),
+                          help=_env_help("kubernetes discovery: expert ranks of the Model",
+                                         f"{_b}NUM_EXPERT_INSTANCES"))
+    balancer.add_argument("--attention", action="append", default=[], metavar="URL",
+                          help="static: attention instance URL (repeatable; default: none)")
+    balancer.add_argument("--expert", action="append", default=[], metavar="URL",
+                          help="static: expert instance URL, in rank order (repeatable; "
+                          "default: none)")
+    balancer.add_argument("--interval-s", type=float,
+                          default=env_default(f"{_b}INTERVAL_S", 30.0, float),
+                          help=_env_help("seconds between two rebalancing rounds",
+                                         f"{_b}INTERVAL_S"))
+    balancer.add_argument("--budget", type=int, default=env_default(f"{_b}BUDGET", -1, int),
+                          help=_env_help("extra replicas in total (-1: one per expert instance)",
+                                         f"{_b}BUDGET"))
     balancer.set_defaults(func=_run_balancer)
 
     up = sub.add_parser("up", help="run the whole platform locally (gateway + engine processes)")
@@ -341,15 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
           shown_default="the last part of --model")
     _flag(up, "--engine-port", to="up.engine_port", type=int,
           help="first engine port (0: any free)")
-    _flag(up, "--mode", to="up.mode", choices=["colocated", "pd", "ae"],
+    _flag(up, "--mode", to="up.mode", choices=["colocated", "pd", "ae", *MODE_ALIASES],
           help="pd: prefill/decode disaggregation; ae: attention/expert disaggregation (MoE "
-          "models); both over XCCL")
-    _flag(up, "--instances", to="up.instances", type=int, help="colocated instances")
+          "models); both over XCCL; the Model CRD's names are accepted too")
+    _flag(up, "--instances", to="up.instances", type=int,
+          help="colocated instances (--mode colocated)")
     _flag(up, "--prefill", to="up.prefill", type=int, help="prefill instances (--mode pd)")
     _flag(up, "--decode", to="up.decode", type=int, help="decode instances (--mode pd)")
     _flag(up, "--attention", to="up.attention", type=int,
           help="attention instances (--mode ae)")
-    _flag(up, "--experts", to="up.experts", type=int, help="expert instances (--mode ae)")
+    _flag(up, "--expert-instances", to="up.experts", type=int,
+          help="expert instances (--mode ae); not experts per layer")
+    _flag(up, "--experts", to="up.experts", type=int, action=_DeprecatedAlias,
+          help="deprecated alias of --expert-instances")
     _flag(up, "--expert-budget", to="up.expert_budget", type=int,
           help="--mode ae: extra expert replicas in total (-1: one per expert instance)")
     _flag(up, "--rebalance-interval-s", to="up.rebalance_interval_s", type=float,
@@ -361,25 +515,60 @@ def build_parser() -> argparse.ArgumentParser:
     _add_autoscaling_flags(up)
     _add_supervision_flags(up)
     up.set_defaults(func=_run_up)
+    for child in walk_parsers(parser):
+        child.formatter_class = HelpFormatter
     return parser
 
 
+def walk_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """``parser`` and every subcommand parser under it, depth first."""
+    found = [parser]
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found.extend(walk_parsers(child))
+    return found
+
+
+class _DeprecatedAlias(argparse.Action):
+    """A renamed flag: stores like its new name and warns once on stderr."""
+
+    def __call__(self, _parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        sys.stderr.write(f"warning: {option_string} is deprecated (in `moeflow up` it counts "
+                         "expert instances, not experts per layer); use --expert-instances\n")
+        setattr(namespace, self.dest, values)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one subcommand. Exit codes: 0 ok, 1 the model or a run failed, 2 wrong flags or
+    environment (one line on stderr, never a traceback), 130 interrupted."""
+    from moeflow.checkpoints.hub import ModelRefError
+    from moeflow.checkpoints.store import ModelNotCachedError
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] and argv[0] in DELEGATED:  # they own their flags, --help included
         logging.basicConfig(level=logging.INFO)
         return _run_delegated(argv[0], argv[1:])
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per stats poll is noise
+    command = next((a for a in argv if not a.startswith("-")), "")
     try:
+        args = build_parser().parse_args(argv)
+        logging.basicConfig(
+            level=args.log_level,
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        )
+        for noisy in ("httpx", "httpx2", "huggingface_hub"):  # a line per request is noise
+            logging.getLogger(noisy).setLevel(logging.WARNING)
         code: int = args.func(args)
     except InvalidSettings as exc:
-        sys.stderr.write(f"moeflow {args.command}: invalid settings: {exc}\n")
+        sys.stderr.write(f"moeflow {command}: invalid settings: {exc}\n")
         return 2
+    except UsageError as exc:
+        sys.stderr.write(f"moeflow {command}: error: {exc}\n")
+        return 2
+    except (ModelRefError, ModelNotCachedError) as exc:
+        sys.stderr.write(f"moeflow {command}: error: {exc}\n")
+        return 1
     except KeyboardInterrupt:
         return 130
     return code

@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moeflow.checkpoints.pull import locate_or_install, pull
+from moeflow.checkpoints.pull import locate_package, pull
 from moeflow.checkpoints.registry import PULLABLE
 from moeflow.checkpoints.store import list_models, models_dir
 
@@ -101,7 +101,7 @@ def test_tokenizer(smollm2_dir: Path, smollm2_tokenizer: Any) -> None:
 
 
 def test_same_logits_as_gguf(smollm2_model: Any, smollm2_tokenizer: Any) -> None:
-    gguf_path = locate_or_install(PULLABLE[NAME])
+    gguf_path = locate_package(PULLABLE[NAME])
     gguf_model = AutoModelForCausalLM.from_pretrained(
         gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
     ).eval()

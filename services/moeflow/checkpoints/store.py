@@ -107,17 +107,35 @@ def list_models(home: Path) -> list[CachedModel]:
 
 
 def resolve_model(name_or_path: str, home: Path) -> Path:
-    """A checkpoint dir for name_or_path: an existing dir with config.json, or a cached name."""
-    as_path = Path(name_or_path).expanduser()
+    """A checkpoint dir for name_or_path, local only (no download): an existing dir with
+    config.json (also as ``file:///abs/dir``), or a cached name (also as ``store://NAME``).
+
+    Else ``ModelNotCachedError`` with one line saying how to get it: for a path, that the
+    folder is missing or is not an HF checkpoint; for a name, how to pull or create it.
+    """
+    text = name_or_path.strip()
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    elif text.startswith("store://"):
+        text = text[len("store://"):].strip("/")
+    as_path = Path(text).expanduser()
     if as_path.is_dir() and (as_path / CONFIG_FILENAME).is_file():
         return as_path
-    if name_or_path and not name_or_path.startswith(".") and "/" not in name_or_path:
-        cached = models_dir(home) / name_or_path
+    if text and not text.startswith(".") and "/" not in text:
+        cached = models_dir(home) / text
         if (cached / CONFIG_FILENAME).is_file():
             return cached
-    pullable = ", ".join(sorted(PULLABLE))
-    raise ModelNotCachedError(
-        f"model {name_or_path!r} is neither a checkpoint directory nor cached under "
-        f"{models_dir(home)}. Run `moeflow models pull {name_or_path}` (pullable: {pullable}) "
-        f"or `moeflow models make-tiny --arch ARCH` to create a tiny test model."
-    )
+    if as_path.is_dir():
+        raise ModelNotCachedError(
+            f"{text} is not a Hugging Face checkpoint folder (no {CONFIG_FILENAME} in it)")
+    if as_path.exists():
+        raise ModelNotCachedError(f"{text} is a file; pass the checkpoint folder that holds it")
+    if "/" in text or text.startswith((".", "~")):
+        raise ModelNotCachedError(
+            f"no such folder: {text} (for a Hub model use hf://org/name)")
+    if text in PULLABLE:
+        hint = f"run `moeflow models pull {text}`"
+    else:
+        hint = ("pull one with `moeflow models pull org/name` (a Hugging Face repo), pass a "
+                "checkpoint folder, or `moeflow models list` to see what is cached")
+    raise ModelNotCachedError(f"model {text!r} is not cached under {models_dir(home)}; {hint}")

@@ -241,6 +241,25 @@ def _write_shards(
     return num_params
 
 
+def estimated_output_bytes(source_dir: Path, spec: UpcycleSpec) -> int:
+    """About how many bytes the upcycled weights take: the source's, plus (experts - 1) more
+    copies of every layer's MLP at the source's bytes per parameter (0: cannot tell)."""
+    from moeflow.checkpoints.store import safetensors_num_params
+
+    try:
+        raw = json.loads((source_dir / "config.json").read_text())
+        hidden, inter = int(raw["hidden_size"]), int(raw["intermediate_size"])
+        layers = int(raw["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+    source_bytes = sum(p.stat().st_size for p in source_dir.glob("*.safetensors"))
+    source_params = safetensors_num_params(source_dir)
+    if not source_params:
+        return 0
+    per_param = source_bytes / source_params
+    return int(source_bytes + (spec.num_experts - 1) * layers * 3 * hidden * inter * per_param)
+
+
 def upcycle(
     source_dir: Path,
     out_dir: Path,

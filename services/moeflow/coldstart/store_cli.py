@@ -17,29 +17,35 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+from moeflow.checkpoints.cli import HelpFormatter, format_size_bytes, render_table
 from moeflow.coldstart.store import DEFAULT_STORE_DIR, ModelStore, StoreFullError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="moeflow store",
+    parser = argparse.ArgumentParser(prog="moeflow store", formatter_class=HelpFormatter,
                                      description="node model store (weights in DRAM)")
     parser.add_argument("--dir", type=Path,
-                        default=Path(os.environ.get("MOEFLOW_STORE_DIR") or DEFAULT_STORE_DIR))
+                        default=Path(os.environ.get("MOEFLOW_STORE_DIR") or DEFAULT_STORE_DIR),
+                        help="the store's folder (default: %(default)s; env MOEFLOW_STORE_DIR)")
     parser.add_argument("--budget-gb", type=float,
-                        default=float(os.environ.get("MOEFLOW_STORE_BUDGET_GB") or 16))
-    parser.add_argument("--pinned", action="append", default=[],
-                        help="keys the node always keeps (repeatable)")
-    sub = parser.add_subparsers(dest="command", required=True)
+                        default=float(os.environ.get("MOEFLOW_STORE_BUDGET_GB") or 16),
+                        help="most memory the store may use, in GiB (default: %(default)s; env "
+                        "MOEFLOW_STORE_BUDGET_GB)")
+    parser.add_argument("--pinned", action="append", default=[], metavar="KEY",
+                        help="keys the node always keeps (repeatable; default: none)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add = sub.add_parser("add", help="convert a model to the engine layout and keep it here")
     add.add_argument("model", help="cached model name or checkpoint folder")
     add.add_argument("--name", default="", help="served model name (default: the folder's)")
-    add.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    add.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="weights dtype in the store (part of its key)")
     add.add_argument("--pin", action="store_true", help="never evict it")
     sub.add_parser("list", help="entries, most recently used first")
     evict = sub.add_parser("evict", help="remove entries")
-    evict.add_argument("keys", nargs="+")
-    for name in ("pin", "unpin"):
-        sub.add_parser(name).add_argument("keys", nargs="+")
+    evict.add_argument("keys", nargs="+", metavar="KEY", help="store keys (see `list`)")
+    for name, what in (("pin", "never evict these entries"), ("unpin", "allow evicting them")):
+        sub.add_parser(name, help=what).add_argument("keys", nargs="+", metavar="KEY",
+                                                     help="store keys (see `list`)")
     agent = sub.add_parser("agent", help="keep the Models that declare dramPreload pinned here")
     agent.add_argument("--namespace", default=None,
                        help="list Models in this namespace only (default: every namespace)")
@@ -53,6 +59,10 @@ def build_parser() -> argparse.ArgumentParser:
     agent.add_argument("--kubeconfig", default=None,
                        help="outside a cluster only (default: service account or ~/.kube/config)")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
+    for action in parser._actions:  # the subcommands show their defaults the same way
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                child.formatter_class = HelpFormatter
     return parser
 
 
@@ -101,12 +111,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         except StoreFullError as exc:
             sys.stderr.write(f"error: {exc}\n")
             return 1
-        out.write(f"{entry.key}\t{entry.size_bytes / 1e6:.1f} MB\t{entry.path}\n")
+        out.write(f"{entry.key}\t{format_size_bytes(entry.size_bytes)}\t{entry.path}\n")
     elif args.command == "list":
-        for e in sorted(store.entries(), key=lambda e: -e.last_used_s):
-            pin = "pinned" if e.is_pinned else "-"
-            out.write(f"{e.key}\t{e.size_bytes / 1e6:.1f} MB\t{pin}\t{e.meta.get('source', '')}\n")
-        out.write(f"used {store.used_bytes / 1e6:.1f} MB of {store.budget_bytes / 1e6:.1f} MB\n")
+        rows = [("KEY", "SIZE", "PINNED", "SOURCE")] + [
+            (e.key, format_size_bytes(e.size_bytes), "yes" if e.is_pinned else "-",
+             str(e.meta.get("source", "")))
+            for e in sorted(store.entries(), key=lambda e: -e.last_used_s)]
+        out.write(render_table(rows))
+        out.write(f"used {format_size_bytes(store.used_bytes)} of "
+                  f"{format_size_bytes(store.budget_bytes)}\n")
     elif args.command == "evict":
         missing = [k for k in args.keys if not store.evict(k)]
         if missing:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from moeflow.domain.autoscale import ScalePolicy
@@ -19,6 +19,12 @@ from moeflow.engine.config import EngineOptions
 from moeflow.gateway.settings import GatewaySettings
 
 Mode = Literal["colocated", "pd", "ae"]
+
+MODE_ALIASES: dict[str, str] = {
+    "pd-disaggregated": "pd",
+    "attention-expert-disaggregated": "ae",
+}
+"""The Model CRD's names for the split modes, accepted wherever a short mode name is."""
 
 _UP = SettingsConfigDict(env_prefix="MOEFLOW_UP_", frozen=True)
 
@@ -97,12 +103,18 @@ class LocalPlatformSettings(BaseSettings):
     engine_port: int = Field(0, ge=0, le=65535)
     """First engine port, the rest consecutive; 0: a free port per engine."""
     mode: Mode = "colocated"
-    """pd: prefill/decode disaggregation; ae: attention/expert (MoE models); both over XCCL."""
+    """pd: prefill/decode disaggregation; ae: attention/expert (MoE models); both over XCCL.
+    The CRD's names (pd-disaggregated, attention-expert-disaggregated) are accepted too."""
     instances: int = Field(1, ge=1)
+    """Colocated engine instances (mode colocated only)."""
     prefill: int = Field(1, ge=1)
+    """Prefill instances (mode pd)."""
     decode: int = Field(1, ge=1)
+    """Decode instances (mode pd)."""
     attention: int = Field(1, ge=1)
+    """Attention instances (mode ae)."""
     experts: int = Field(2, ge=1)
+    """Expert *instances* (mode ae), not experts per layer; flag --expert-instances."""
     expert_budget: int = Field(-1, ge=-1)
     """--mode ae: extra expert replicas in total (-1: one per expert instance)."""
     rebalance_interval_s: float = Field(30.0, ge=0)
@@ -114,6 +126,11 @@ class LocalPlatformSettings(BaseSettings):
     engine: EngineOptions = Field(default_factory=EngineOptions)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
     supervision: SupervisionSettings = Field(default_factory=SupervisionSettings)
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _crd_mode_names(cls, value: object) -> object:
+        return MODE_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check(self) -> LocalPlatformSettings:

@@ -78,14 +78,32 @@ def test_resolve_model(tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
     assert resolve_model("tiny-qwen3-moe", home) == models_dir(home) / "tiny-qwen3-moe"
 
 
-@pytest.mark.parametrize("name", ["smollm2-135m-instruct", "does/not/exist", ".hidden", ""])
-def test_resolve_model_missing_says_how_to_get_it(tmp_path: Path, name: str) -> None:
+@pytest.mark.parametrize(("name", "hint"), [
+    ("smollm2-135m-instruct", "run `moeflow models pull smollm2-135m-instruct`"),
+    ("some-model", "pull one with `moeflow models pull org/name`"),
+    ("does/not/exist", "no such folder: does/not/exist"),
+    ("./missing", "no such folder: ./missing"),
+    ("file:///no/such/dir", "no such folder: /no/such/dir"),
+    ("store://absent", "model 'absent' is not cached"),
+])
+def test_resolve_model_missing_says_how_to_get_it(tmp_path: Path, name: str, hint: str) -> None:
     with pytest.raises(ModelNotCachedError) as excinfo:
         resolve_model(name, tmp_path)
     message = str(excinfo.value)
-    assert f"moeflow models pull {name}" in message
-    assert "moeflow models make-tiny" in message
+    assert hint in message
+    assert "\n" not in message
+    assert "pull does/" not in message and "pull ./" not in message  # never `pull <path>`
     assert isinstance(excinfo.value, FileNotFoundError)
+
+
+def test_resolve_model_folder_without_config_and_schemes(
+        tiny_dirs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ModelNotCachedError, match="not a Hugging Face checkpoint folder"):
+        resolve_model(str(tmp_path), tmp_path)
+    assert resolve_model(f"file://{tiny_dirs['llama']}", tmp_path) == tiny_dirs["llama"]
+    home = tmp_path / "home"
+    _cache_with_tiny_models(tiny_dirs, home)
+    assert resolve_model("store://tiny-llama", home) == models_dir(home) / "tiny-llama"
 
 
 def test_metadata_round_trip_and_malformed(tmp_path: Path) -> None:

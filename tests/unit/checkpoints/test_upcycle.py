@@ -201,4 +201,4 @@ def test_cli_upcycles_a_cached_model(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert _run(tmp_path, "models", "upcycle", "dense", "--experts", "4") == 1
     assert "already exists" in capsys.readouterr().err
     assert _run(tmp_path, "models", "upcycle", "nope") == 1
-    assert "neither a checkpoint directory nor cached" in capsys.readouterr().err
+    assert "model 'nope' is not cached under" in capsys.readouterr().err
