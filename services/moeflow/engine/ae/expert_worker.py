@@ -144,6 +144,10 @@ class ExpertWorker:
                 continue
             except TransportClosed:
                 return
+            except XcclError as exc:  # e.g. Redis restarting: the transport reconnects
+                logger.warning("receiving from %s failed (%s); retrying", peer, exc)
+                self._stopping.wait(_POLL_S)
+                continue
             recv_ns = time.time_ns()
             try:
                 message = Dispatch.from_tensors(tensors)
