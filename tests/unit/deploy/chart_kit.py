@@ -36,6 +36,7 @@ EVERYTHING_ON: Obj = {
                 "internalTokenSecret": TOKEN_SECRET},
     "redis": {"enabled": True},
     "serviceMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
+    "podMonitor": {"enabled": True, "labels": {"release": "prometheus"}},
     "devicePlugin": {"enabled": True,
                      "image": {"repository": "registry.example.com/moeflow-shim", "tag": "0.0.1"}},
     "modelStore": {"preload": {"enabled": True},
@@ -61,7 +62,8 @@ MODES: dict[str, Obj] = {
 }
 
 # Kinds without a schema in kubernetes-validate (CRDs of other projects), checked by hand.
-FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
+FOREIGN_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor"),
+                 ("monitoring.coreos.com/v1", "PodMonitor")}
 
 
 def render(values: Mapping[str, Any] | None = None, *, name: str = RELEASE,
@@ -105,7 +107,7 @@ def kinds(docs: list[Obj]) -> set[tuple[str, str]]:
 def validate(doc: Obj) -> None:
     """Strict schema validation against Kubernetes 1.37 (unknown fields are errors)."""
     if (doc["apiVersion"], doc["kind"]) in FOREIGN_KINDS:
-        _check_service_monitor(doc)
+        (_check_pod_monitor if doc["kind"] == "PodMonitor" else _check_service_monitor)(doc)
         return
     kubernetes_validate.validate(doc, KUBE_VERSION, strict=True)
 
@@ -118,6 +120,21 @@ def _check_service_monitor(doc: Obj) -> None:
     for endpoint in spec["endpoints"]:
         assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme",
                                  "honorLabels"}
+    assert set(spec["namespaceSelector"]) <= {"any", "matchNames"}
+
+
+def _check_pod_monitor(doc: Obj) -> None:
+    """The PodMonitor fields of prometheus-operator's monitoring.coreos.com/v1 that we use."""
+    spec = doc["spec"]
+    assert set(spec) <= {"selector", "namespaceSelector", "podMetricsEndpoints", "jobLabel",
+                         "podTargetLabels", "sampleLimit"}, spec
+    assert spec["selector"]["matchLabels"] and spec["podMetricsEndpoints"]
+    for endpoint in spec["podMetricsEndpoints"]:
+        assert set(endpoint) <= {"port", "path", "interval", "scrapeTimeout", "scheme",
+                                 "honorLabels", "relabelings"}
+        for relabel in endpoint.get("relabelings", []):
+            assert set(relabel) <= {"sourceLabels", "targetLabel", "regex", "action",
+                                    "replacement", "separator"}
     assert set(spec["namespaceSelector"]) <= {"any", "matchNames"}
 
 

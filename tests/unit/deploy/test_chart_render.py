@@ -89,6 +89,7 @@ def test_everything_on_adds_each_optional_piece() -> None:
         ("ClusterRoleBinding", "moeflow-model-store-agent"),
         ("StatefulSet", "moeflow-redis"), ("Service", "moeflow-redis"),
         ("NetworkPolicy", "moeflow-redis"), ("ServiceMonitor", "moeflow-gateways"),
+        ("PodMonitor", "moeflow-engines"),
     }
 
 
@@ -354,6 +355,27 @@ def test_service_monitor_scrapes_the_gateways_the_operator_makes() -> None:
     assert monitor["metadata"]["labels"]["release"] == "prometheus"
     redis = find(docs, "Service", "moeflow-redis")
     assert not selector.items() <= redis["metadata"]["labels"].items()
+
+
+def test_pod_monitor_scrapes_the_engine_pods_the_operator_makes() -> None:
+    assert not any(d["kind"] == "PodMonitor" for d in render_objects())  # off by default
+    monitor = find(render_objects(EVERYTHING_ON), "PodMonitor", "moeflow-engines")
+    selector = monitor["spec"]["selector"]["matchLabels"]
+    pod = engine_pod("tiny")
+    assert selector.items() <= pod["metadata"]["labels"].items()
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    (container,) = pod["spec"]["containers"]
+    assert endpoint["port"] in [p["name"] for p in container["ports"]]
+    assert endpoint["path"] == "/metrics"
+    assert monitor["metadata"]["labels"]["release"] == "prometheus"
+    # the labels it copies onto every sample exist on the Pods
+    sources = {r["sourceLabels"][0] for r in endpoint["relabelings"]}
+    for label in (naming.LABEL_MODEL, naming.LABEL_ROLE, naming.LABEL_RANK):
+        assert "__meta_kubernetes_pod_label_" + label.replace(".", "_").replace(
+            "/", "_") in sources
+        assert label in pod["metadata"]["labels"]
+    gateway = build_gateway_service("m", "ns", 8000)
+    assert not selector.items() <= gateway["metadata"]["labels"].items()
 
 
 def test_redis_is_where_the_pd_example_looks_and_admits_engine_pods() -> None:
