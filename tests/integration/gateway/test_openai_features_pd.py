@@ -1,0 +1,85 @@
+"""Logprobs, logit_bias, min_tokens, penalties and echo through `moeflow up --mode pd`: the
+first token is sampled on the prefill instance, the rest on a decode instance, and the
+request's sampling state carries over (tiny llama, float32, shared-memory XCCL)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from moeflow.domain.messages import GenerateRequest, SamplingParams
+from moeflow.text.tokenizer import TextTokenizer
+from tests.platform_process import Platform, start_platform
+from tests.reference import hf_greedy, hf_model, make_engine
+
+MODEL = "tiny"
+PROMPT = [1, 15, 27, 99, 3, 64, 8, 200, 31, 5, 6, 7]
+
+
+@pytest.fixture(scope="module")
+def pd(tiny_dirs: dict[str, Path]) -> Iterator[Platform]:
+    p = start_platform(tiny_dirs["llama"], [
+        "--served-model-name", MODEL, "--mode", "pd", "--max-model-len", "256",
+        "--prefill", "1", "--decode", "1", "--transport", "shm"])
+    yield p
+    assert p.stop() == 0, p.log()[-3000:]
+
+
+def test_split_logprobs_equal_transformers_first_token_included(
+    pd: Platform, tiny_dirs: dict[str, Path]
+) -> None:
+    model_dir = tiny_dirs["llama"]
+    expected = hf_greedy(model_dir, PROMPT, 5)
+    c = openai.OpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    r = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0,
+                             logprobs=2, echo=True)
+    lp = r.choices[0].logprobs
+    assert lp is not None and lp.token_logprobs is not None
+    with torch.inference_mode():
+        logits = hf_model(model_dir)(torch.tensor([PROMPT + expected])).logits[0].float()
+    ref = torch.log_softmax(logits, dim=-1)
+    ids = PROMPT + expected
+    assert lp.token_logprobs[0] is None
+    for pos in range(1, len(ids)):
+        assert lp.token_logprobs[pos] == pytest.approx(float(ref[pos - 1, ids[pos]]), abs=1e-4)
+    assert (pd.metric("moeflow_requests_by_mode_total", mode="split") or 0) >= 1
+
+
+def test_split_bias_min_tokens_and_penalties_carry_over(
+    pd: Platform, tiny_dirs: dict[str, Path]
+) -> None:
+    c = openai.OpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    forced = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, temperature=0,
+                                  logit_bias={"77": 100})
+    token_77 = httpx.post(f"{pd.root_url}/detokenize", json={"model": MODEL, "tokens": [77]},
+                          timeout=10).json()["prompt"]
+    assert forced.choices[0].text == token_77 * 3  # the prefill's token and the decode's
+    # the decode instance's penalties count the token the prefill instance sampled: a bias
+    # just large enough to make 77 the first token would make it the second too, unless the
+    # presence + frequency penalty (4) counts the first one
+    with torch.inference_mode():
+        model = hf_model(tiny_dirs["llama"])
+        l0 = model(torch.tensor([PROMPT])).logits[0, -1]
+        l1 = model(torch.tensor([[*PROMPT, 77]])).logits[0, -1]
+    m0, m1 = float(l0.max() - l0[77]), float(l1.max() - l1[77])
+    bias = max(m0, m1) + 0.3
+    assert bias - 4.0 < m1, "the tiny model's logits no longer suit this test"
+    sampling = SamplingParams(max_tokens=6, temperature=0.0, presence_penalty=2.0,
+                              frequency_penalty=2.0, min_tokens=4, logit_bias=((77, bias),))
+    engine = make_engine(tiny_dirs["llama"], max_model_len=256)
+    engine.add_request(GenerateRequest(request_id="local", prompt_token_ids=tuple(PROMPT),
+                                       sampling=sampling))
+    local: list[int] = []
+    while engine.has_work:
+        for chunk in engine.step():
+            local.extend(chunk.token_ids)
+    assert local[0] == 77 and local[1] != 77
+    split = c.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, presence_penalty=2.0,
+        frequency_penalty=2.0, logit_bias={"77": bias}, extra_body={"min_tokens": 4})
+    assert split.choices[0].text == TextTokenizer.from_dir(tiny_dirs["llama"]).decode(local)
