@@ -1,21 +1,35 @@
-"""docs/dashboards/moeflow-gateway.json: a Grafana dashboard whose queries use only metrics the
-gateway really exports (read from its Prometheus registry, not from a copied list), and that
-charts every one of them."""
+"""docs/dashboards/: Grafana dashboards whose queries use only metrics the code really exports
+(read from the registries or from a real /metrics, not from a copied list), and that chart every
+one of them: moeflow-gateway.json (the gateway's registry) and moeflow-engines.json (a real
+colocated engine, a real attention engine with its expert worker, over HTTP)."""
 
 from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import torch
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
+from moeflow.engine.ae.expert_app import _Metrics as ExpertAppMetrics
+from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader
+from moeflow.engine.models.arch import load_arch
 from moeflow.gateway.engine_client import EngineClient
 from moeflow.gateway.metrics import GatewayMetrics
 from moeflow.gateway.registry import ModelRegistry
+from moeflow.xccl import make_transport
+from tests.integration.engine.engine_kit import body, generate, serve
+from tests.reference import make_engine
 from tests.unit.deploy.chart_kit import ROOT
 
 DASHBOARD = json.loads((ROOT / "docs" / "dashboards" / "moeflow-gateway.json").read_text())
+ENGINES = json.loads((ROOT / "docs" / "dashboards" / "moeflow-engines.json").read_text())
+ENGINE_NAME = re.compile(r"\b(?:moeflow_[a-z0-9_]+|vllm:[a-z0-9_:]+|process_[a-z0-9_]+)")
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
 
 
@@ -31,12 +45,12 @@ def exported() -> dict[str, str]:
     return names
 
 
-def panels() -> list[dict[str, Any]]:
-    return [p for p in DASHBOARD["panels"] if p["type"] != "row"]
+def panels(dashboard: dict[str, Any] = DASHBOARD) -> list[dict[str, Any]]:
+    return [p for p in dashboard["panels"] if p["type"] != "row"]
 
 
-def exprs() -> list[str]:
-    return [t["expr"] for p in panels() for t in p["targets"]]
+def exprs(dashboard: dict[str, Any] = DASHBOARD) -> list[str]:
+    return [t["expr"] for p in panels(dashboard) for t in p["targets"]]
 
 
 def test_queries_use_only_exported_metrics(exported: dict[str, str]) -> None:
@@ -59,14 +73,17 @@ def test_histograms_are_read_by_quantile_and_counters_as_rates() -> None:
             assert "rate(" in expr, f"counters are charted as rates: {expr}"
 
 
-def test_dashboard_is_importable_grafana_json() -> None:
-    assert DASHBOARD["uid"] == "moeflow-gateway" and DASHBOARD["schemaVersion"] >= 36
+@pytest.mark.parametrize(("dashboard", "uid"), [(DASHBOARD, "moeflow-gateway"),
+                                               (ENGINES, "moeflow-engines")])
+def test_dashboard_is_importable_grafana_json(dashboard: dict[str, Any], uid: str) -> None:
+    DASHBOARD = dashboard  # noqa: N806 - the checks below read the dashboard under test
+    assert DASHBOARD["uid"] == uid and DASHBOARD["schemaVersion"] >= 36
     variables = {v["name"]: v for v in DASHBOARD["templating"]["list"]}
     assert variables["datasource"]["type"] == "datasource"
     assert variables["datasource"]["query"] == "prometheus"
     ids = [p["id"] for p in DASHBOARD["panels"]]
     assert len(ids) == len(set(ids))
-    for panel in panels():
+    for panel in panels(DASHBOARD):
         assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}
         assert panel["title"] and panel["description"], panel["id"]
         grid = panel["gridPos"]
@@ -80,3 +97,72 @@ def test_dashboard_is_importable_grafana_json() -> None:
                 for y in range(grid["y"], grid["y"] + grid["h"])}
         assert not area & cells, panel["title"]
         cells |= area
+
+
+def test_gateway_errors_are_5xx_and_4xx_is_charted_apart() -> None:
+    by_title = {p["title"]: p for p in panels()}
+    server = by_title["Server errors (5xx)"]["targets"][0]["expr"]
+    assert 'status=~"5.."' in server and "status!=" not in server
+    classes = [t["expr"] for t in by_title["Errors by class"]["targets"]]
+    assert any('status=~"4.."' in e for e in classes) and any('status=~"5.."' in e for e in classes)
+
+
+def _sample_names(text: str, names: dict[str, str]) -> None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if not sample.name.endswith("_created"):
+                names[sample.name] = family.name
+
+
+@pytest.fixture(scope="module")
+def engine_exported(tiny_dirs: dict[str, Path]) -> dict[str, str]:
+    """Sample name -> family, from the /metrics of a real colocated engine and a real attention
+    engine (XCCL memory backend, one expert worker), and the expert app's collector."""
+    names: dict[str, str] = {}
+    with serve(make_engine(tiny_dirs["llama"])) as served:
+        # one request, so that labelled families (finish reasons) have samples
+        assert generate(served.url, body("r", (1, 2, 3), max_tokens=2)).status == 200
+        _sample_names(httpx.get(f"{served.url}/metrics", timeout=10).text, names)
+    model_dir = tiny_dirs["qwen3_moe"]
+    arch = load_arch(model_dir)
+    transport = make_transport("memory", "dashboard-ae", "expert-0")
+    worker = ExpertWorker(transport, "expert-0", ["attention-0"], arch.num_experts,
+                          list(range(arch.num_experts)),
+                          checkpoint_loader(model_dir, arch, torch.float32), timeout_s=10)
+    worker.start()
+    try:
+        attention = make_engine(model_dir, role="attention", num_expert_instances=1,
+                                transport="memory", group="dashboard-ae", expert_timeout_s=5)
+        with serve(attention) as served:
+            _sample_names(httpx.get(f"{served.url}/metrics", timeout=10).text, names)
+        registry = CollectorRegistry()
+        registry.register(ExpertAppMetrics(worker))
+        _sample_names(generate_latest(registry).decode(), names)
+    finally:
+        worker.stop()
+    return names
+
+
+def test_engine_dashboard_uses_only_exported_metrics(engine_exported: dict[str, str]) -> None:
+    used = {name for expr in exprs(ENGINES) for name in ENGINE_NAME.findall(expr)}
+    assert {"vllm:num_requests_waiting", "vllm:num_requests_running",
+            "vllm:kv_cache_usage_perc"} <= used
+    assert used <= set(engine_exported), sorted(used - set(engine_exported))
+
+
+def test_every_engine_metric_is_charted(engine_exported: dict[str, str]) -> None:
+    """Everything but process_* (one panel reads a few) and info metrics (labels only)."""
+    charted = {engine_exported[name] for expr in exprs(ENGINES)
+               for name in ENGINE_NAME.findall(expr) if name in engine_exported}
+    wanted = {family for family in engine_exported.values()
+              if not family.startswith("process_") and not family.endswith("_info")}
+    assert wanted <= charted, sorted(wanted - charted)
+    assert any(f.startswith("process_") for f in charted)
+
+
+def test_engine_dashboard_reads_histograms_by_quantile_and_counters_as_rates() -> None:
+    for expr in exprs(ENGINES):
+        if re.search(r"_bucket\b", expr):
+            assert "histogram_quantile(" in expr and "sum by (le" in expr, expr
+        if re.search(r"(?:vllm:|moeflow_)[a-z0-9_]+(?:_total|_sum|_count)\b", expr):
+            assert "rate(" in expr, f"counters are charted as rates: {expr}"
