@@ -44,7 +44,11 @@ helm.sh/chart: {{ include "moeflow.chart" .root }}
 {{- end }}
 
 {{- define "moeflow.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
 {{- end }}
 
 {{- define "moeflow.operatorServiceAccount" -}}

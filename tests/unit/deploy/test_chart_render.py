@@ -73,6 +73,7 @@ def test_a_default_install_is_the_operator_only() -> None:
         ("ClusterRoleBinding", "moeflow-operator"),
         ("ClusterRoleBinding", "moeflow-operator-cluster"),
         OPERATOR_DEPLOYMENT,
+        ("NetworkPolicy", "moeflow-operator"),
     }
 
 
@@ -89,6 +90,9 @@ def test_everything_on_adds_each_optional_piece() -> None:
         ("ClusterRoleBinding", "moeflow-model-store-agent"),
         ("StatefulSet", "moeflow-redis"), ("Service", "moeflow-redis"),
         ("NetworkPolicy", "moeflow-redis"), ("ServiceMonitor", "moeflow-gateways"),
+        ("Secret", "moeflow-redis-auth"), ("NetworkPolicy", "moeflow-gateway"),
+        ("NetworkPolicy", "moeflow-device-plugin"), ("NetworkPolicy", "moeflow-model-preload"),
+        ("NetworkPolicy", "moeflow-model-store-agent"),
         ("PodMonitor", "moeflow-engines"),
     }
 
@@ -172,7 +176,8 @@ def test_shared_gateway_command_is_a_valid_moeflow_cli_call() -> None:
     assert args.command == "gateway" and settings.discovery == "static"
     assert list(settings.engine_urls) == EVERYTHING_ON["gateway"]["engineUrls"]
     assert settings.host == "0.0.0.0"
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+           if "valueFrom" in e}
     assert env["MOEFLOW_API_KEYS"] == {"name": "moeflow-api-keys", "key": "api-keys"}
     assert pod["automountServiceAccountToken"] is False
 
@@ -181,11 +186,14 @@ def test_shared_gateway_sends_the_token_and_probes_live_and_ready() -> None:
     docs = render_objects(EVERYTHING_ON)
     pod = find(docs, "Deployment", "moeflow-gateway")["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    # what `moeflow gateway` reads: its API keys, and the token it sends to engines
+    env = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]
+           if "valueFrom" in e}
+    # what `moeflow gateway` reads: its API keys, the token it sends to engines, and the
+    # password of the Redis that holds the tenants' quota counters
     assert env == {"MOEFLOW_API_KEYS": {"name": "moeflow-api-keys", "key": "api-keys"},
                    naming.INTERNAL_TOKEN_ENV: {"name": "tiny-internal-token",
-                                               "key": naming.INTERNAL_TOKEN_KEY}}
+                                               "key": naming.INTERNAL_TOKEN_KEY},
+                   "REDIS_PASSWORD": {"name": "moeflow-redis-auth", "key": "password"}}
     probes = {p: container[p]["httpGet"] for p in ("startupProbe", "readinessProbe",
                                                    "livenessProbe")}
     assert probes == {"startupProbe": {"path": "/health/live", "port": "http"},
