@@ -31,7 +31,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from moeflow.domain.errors import AuthenticationError, MoeflowError, RequestTooLargeError
 from moeflow.gateway.quota import Lease, Quota, QuotaExceededError
 from moeflow.gateway.quota_service import TenantMetrics
-from moeflow.gateway.tenants import Tenant, TenantSource, current_tenant
+from moeflow.gateway.tenants import Tenant, TenantSource, current_tenant, request_prompts
 from moeflow.web.errors import error_body
 
 _OPEN_PATHS = ("/health",)
@@ -153,9 +153,11 @@ class ApiKeyMiddleware:
             await send(message)
 
         token = current_tenant.set(tenant)
+        prompts_token = request_prompts.set(set())
         try:
             await self.app(scope, receive, watched_send)
         finally:
+            request_prompts.reset(prompts_token)
             current_tenant.reset(token)
             record = request_record(scope)
             final = record.failed_status or status or 500

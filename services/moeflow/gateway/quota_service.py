@@ -5,6 +5,7 @@ The tenant comes from ``current_tenant`` (set by ``ApiKeyMiddleware`` for the re
 engine task: the prompt is charged at admission (429 when it would pass the tenant's tokens per
 minute; refunded when the task never starts), and the completion when the task ends, with the
 counts the client receives in ``usage``; both feed the usage store and the Prometheus counters.
+The choices of one prompt (``n`` > 1) share its prompt tokens, charged once, as in ``usage``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from moeflow.domain.messages import SamplingParams, TokenChunk
 from moeflow.gateway.generation import GenerationService
 from moeflow.gateway.quota import Quota, QuotaExceededError
 from moeflow.gateway.registry import ServedModel
-from moeflow.gateway.tenants import Tenant, current_tenant
+from moeflow.gateway.tenants import Tenant, current_tenant, request_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +80,12 @@ class MeteredGenerationService(GenerationService):
         ceiling = tenant.limits.max_tokens
         if ceiling and sampling.max_tokens > ceiling:
             sampling = sampling.model_copy(update={"max_tokens": ceiling})
-        num_prompt = len(prompt_token_ids)
+        charged = request_prompts.get()
+        key = hash(tuple(prompt_token_ids))
+        is_new_prompt = charged is None or key not in charged
+        if charged is not None:
+            charged.add(key)
+        num_prompt = len(prompt_token_ids) if is_new_prompt else 0
         try:
             await self.quota.charge_tokens(tenant, num_prompt, check=True)
         except QuotaExceededError as exc:
@@ -92,10 +98,11 @@ class MeteredGenerationService(GenerationService):
         except BaseException:
             await self.quota.charge_tokens(tenant, -num_prompt, check=False)
             raise
-        return self._metered(stream, tenant, model.name, num_prompt)
+        return self._metered(stream, tenant, model.name, num_prompt, is_new_prompt)
 
     async def _metered(self, stream: AsyncGenerator[TokenChunk, None], tenant: Tenant,
-                       model: str, num_prompt: int) -> AsyncGenerator[TokenChunk, None]:
+                       model: str, num_prompt: int, is_new_prompt: bool
+                       ) -> AsyncGenerator[TokenChunk, None]:
         last: TokenChunk | None = None
         try:
             async for chunk in stream:
@@ -103,7 +110,8 @@ class MeteredGenerationService(GenerationService):
                 yield chunk
         finally:
             await stream.aclose()
-            prompt = last.num_prompt_tokens if last is not None else num_prompt
+            prompt = (last.num_prompt_tokens if last is not None else num_prompt
+                      ) if is_new_prompt else 0
             completion = last.num_output_tokens if last is not None else 0
             # a task, so that a cancelled request still settles; shielded while we wait for it
             task = asyncio.create_task(self._settle(tenant, model, num_prompt, prompt,

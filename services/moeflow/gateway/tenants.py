@@ -227,3 +227,8 @@ class TenantSource:
 
 current_tenant: ContextVar[Tenant | None] = ContextVar("moeflow_tenant", default=None)
 """The tenant of the request being served (set by ``ApiKeyMiddleware``; None: auth is off)."""
+
+request_prompts: ContextVar[set[int] | None] = ContextVar("moeflow_request_prompts",
+                                                          default=None)
+"""Prompts (hashes of their token ids) already charged in this request: the choices of one
+prompt (``n`` > 1) share its prompt tokens, as the ``usage`` the client receives does."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 from pathlib import Path
 
 import httpx
@@ -15,7 +16,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from moeflow.gateway.middleware import ApiKeyMiddleware, TenantGate
-from moeflow.gateway.quota import Quota
+from moeflow.gateway.quota import Quota, QuotaExceededError, QuotaUnavailableError
 from moeflow.gateway.tenants import (
     TenantSource,
     TenantSpec,
@@ -185,3 +186,29 @@ def test_moeflow_tenants_prints_a_key_once_and_stores_only_its_hash(
     assert table.lookup(key) is not None
     assert tenants_main(["revoke-key", str(path), "team-a", "--key", key]) == 0
     assert TenantSource(path).current().lookup(key) is None
+
+
+def unreachable_redis_url() -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"redis://127.0.0.1:{port}/0"  # nothing listens there: connections are refused
+
+
+async def test_without_redis_open_mode_enforces_limits_locally_and_closed_mode_refuses() -> None:
+    tenant = build_table({"a": TenantSpec(keys=(hash_key("k"),),
+                                          requests_per_minute=1)}).tenants["a"]
+    backends: list[str] = []
+    fail_open = Quota(unreachable_redis_url(), on_redis_failure="open",
+                      on_backend=backends.append)
+    await fail_open.admit(tenant)  # Redis refused: this replica's counters decide
+    assert fail_open.backend == "local" and backends == ["local"]
+    with pytest.raises(QuotaExceededError, match="requests_per_minute"):
+        await fail_open.admit(tenant)
+    await fail_open.aclose()
+    fail_closed = Quota(unreachable_redis_url(), on_redis_failure="closed")
+    with pytest.raises(QuotaUnavailableError) as refused:
+        await fail_closed.admit(tenant)
+    assert refused.value.status_code == 503
+    assert "127.0.0.1" not in refused.value.message  # no internal address for clients
+    await fail_closed.aclose()
