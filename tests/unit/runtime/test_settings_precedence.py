@@ -90,7 +90,7 @@ def test_engine_process_settings_follow_the_same_rule(
     monkeypatch.setenv("MOEFLOW_REDIS_URL", "redis://r:6379/0")
     monkeypatch.setenv("MOEFLOW_ENGINE_MODEL_STORE", str(tmp_path))
     monkeypatch.setenv("MOEFLOW_ENGINE_PORT", "8111")
-    (tmp_path / "config.json").write_text("{}")  # a checkpoint folder, as far as lookup goes
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')  # a checkpoint folder
     args = build_parser().parse_args(["engine", "--model", str(tmp_path), "--rank", "2"])
     s = engine_settings(args, tmp_path)
     assert (s.transport, s.redis_url, s.model_store) == ("redis", "redis://r:6379/0", tmp_path)
