@@ -102,3 +102,56 @@ def test_the_tenants_secret_is_mounted_where_the_gateway_reads_it() -> None:
     (volume,) = [v for v in pod["volumes"] if v["name"] == "tenants"]
     assert volume["secret"]["secretName"] == "moeflow-tenants"
     assert env["MOEFLOW_GATEWAY_TENANTS_FILE"] == f"{mounts['tenants']}/tenants.yaml"
+
+
+def test_the_rendered_redis_start_and_probe_require_the_password(tmp_path: Path) -> None:
+    """The chart's Redis command and readiness probe, run for real with redis-server (paths
+    moved under tmp_path): without the password Redis refuses, with it the probe passes."""
+    import shutil
+    import socket
+    import time
+
+    import redis
+
+    redis_server = shutil.which("redis-server")
+    assert redis_server, "redis-server is needed (apt-get install redis-server)"
+    pod = pod_of(objects(render({"redis": {"enabled": True}})), "StatefulSet", "moeflow-redis")
+    (container,) = pod["containers"]
+    data, auth = tmp_path / "data", tmp_path / "auth"
+    data.mkdir()
+    auth.mkdir()
+    (auth / "password").write_text("s3cret-from-the-secret")
+
+    def local(text: str) -> str:
+        return text.replace("/etc/redis-auth", str(auth)).replace("/data", str(data))
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    args = [local(a) for a in container["args"]]
+    args[args.index("--port") + 1] = str(port)
+    shell, flag, script, name = container["command"]
+    process = subprocess.Popen([shell, flag, local(script), name, *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, socket_timeout=2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                raise AssertionError("Redis answered without a password")
+            except redis.exceptions.AuthenticationError:
+                break  # up, and it wants the password
+            except redis.exceptions.ConnectionError:
+                assert time.monotonic() < deadline, "redis did not start"
+                time.sleep(0.05)
+        assert redis.Redis(port=port, password="s3cret-from-the-secret").ping()
+        assert (data / "auth.conf").stat().st_mode & 0o077 == 0
+        probe = [local(p).replace("-p 6379", f"-p {port}")
+                 for p in container["readinessProbe"]["exec"]["command"]]
+        assert subprocess.run(probe, timeout=10).returncode == 0
+        (auth / "password").write_text("wrong")
+        assert subprocess.run(probe, timeout=10).returncode != 0
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
