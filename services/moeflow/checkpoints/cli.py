@@ -44,6 +44,8 @@ class HelpFormatter(argparse.HelpFormatter):
         if isinstance(action, (argparse._HelpAction, argparse._VersionAction,
                                argparse._SubParsersAction)):
             return text
+        if action.required:
+            return f"{text} (required)".strip()
         if action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE):
             return f"{text} (default: %(default)s)".strip()
         return text

@@ -15,13 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from moeflow.checkpoints.cli import HelpFormatter
+
 DEFAULT_SOCKET = "/var/run/moeflow/warm.sock"
 CLAIM_FILE = "claim.json"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="moeflow warm-pool",
+        prog="moeflow warm-pool", formatter_class=HelpFormatter,
         description="Pre-import the engine and wait for one claim (Unix socket, and HTTP with"
         " --port).")
     parser.add_argument("--socket", type=Path,

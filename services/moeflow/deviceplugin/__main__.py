@@ -17,8 +17,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from moeflow.checkpoints.cli import HelpFormatter
 from moeflow.deviceplugin import server
 from moeflow.deviceplugin.settings import DevicePluginSettings
+
+_E = "MOEFLOW_DEVICE_PLUGIN_"
 
 # flag dest -> settings field, for flags given on the command line (None: not given)
 _FIELDS = {
@@ -36,23 +39,32 @@ _FIELDS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--resource-name", help="extended resource (default moeflow.dev/npu)")
-    parser.add_argument("--devices", type=int, help="fake accelerators to advertise (default 8)")
-    parser.add_argument("--device-prefix", help="device ids are PREFIX-0, PREFIX-1, ...")
+    parser.add_argument("--resource-name",
+                        help=f"extended resource (default moeflow.dev/npu; env {_E}RESOURCE_NAME)")
+    parser.add_argument("--devices", type=int,
+                        help=f"fake accelerators to advertise (default 8; env {_E}DEVICE_COUNT)")
+    parser.add_argument("--device-prefix",
+                        help=f"device ids are PREFIX-0, PREFIX-1, ... (default npu; env "
+                        f"{_E}DEVICE_PREFIX)")
     parser.add_argument("--kubelet-dir", type=Path,
                         help="kubelet device-plugin dir (default /var/lib/kubelet/device-plugins)")
-    parser.add_argument("--socket-name", help="this plugin's socket in it (moeflow-npu.sock)")
+    parser.add_argument("--socket-name", help="this plugin's socket in it (default "
+                        f"moeflow-npu.sock; env {_E}SOCKET_NAME)")
     parser.add_argument("--store-host-path", type=Path,
                         help="node model store to mount read-only (default /dev/shm/moeflow-store)")
     parser.add_argument("--store-container-path", type=Path,
                         help="where containers see the store (default /models/store)")
-    parser.add_argument("--no-store-mount", action="store_true", help="mount no model store")
+    parser.add_argument("--no-store-mount", action="store_true",
+                        help="mount no model store (default: mount --store-host-path)")
     parser.add_argument("--device-path-template",
-                        help="host device node per device, e.g. /dev/davinci{index}")
+                        help="host device node per device, e.g. /dev/davinci{index} (default "
+                        f"none; env {_E}DEVICE_PATH_TEMPLATE)")
     parser.add_argument("--shared-device-path", action="append",
-                        help="device node every allocation gets (repeatable)")
+                        help="device node every allocation gets (repeatable; default none; "
+                        f"env {_E}SHARED_DEVICE_PATHS)")
     parser.add_argument("--health-file", type=Path,
-                        help="file listing unhealthy device ids, one per line")
+                        help="file listing unhealthy device ids, one per line (default none; "
+                        f"env {_E}HEALTH_FILE)")
 
 
 def settings_from_args(args: argparse.Namespace) -> DevicePluginSettings:
@@ -96,11 +108,17 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="moeflow device-plugin", description=__doc__)
-    parser.add_argument("--log-level", default="INFO")
+def build_parser() -> argparse.ArgumentParser:
+    """`moeflow device-plugin`'s parser (every flag says its default and variable)."""
+    parser = argparse.ArgumentParser(prog="moeflow device-plugin", description=__doc__,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("--log-level", default="INFO", help="log verbosity")
     add_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     return run(args)

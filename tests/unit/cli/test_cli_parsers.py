@@ -1,0 +1,103 @@
+"""Every flag of every `moeflow` subcommand has help and shows its default (or says required).
+
+Walks the real parsers: the top-level one with all its subcommands, and the parsers of the
+delegated commands (store, device-plugin, warm-pool), rendering each help string with the
+parser's own formatter, as `--help` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from moeflow.cli import DELEGATED, build_parser, contradictions, main, walk_parsers
+from moeflow.coldstart import store_cli, warm_pool_cli
+from moeflow.deviceplugin import __main__ as device_plugin_cli
+
+_NO_HELP_NEEDED = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
+
+
+def _roots() -> dict[str, argparse.ArgumentParser]:
+    return {"moeflow": build_parser(), "store": store_cli.build_parser(),
+            "device-plugin": device_plugin_cli.build_parser(),
+            "warm-pool": warm_pool_cli.build_parser()}
+
+
+def _rendered(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
+    formatter = parser._get_formatter()
+    return formatter._expand_help(action) if action.help else ""
+
+
+def test_the_walk_reaches_every_subcommand() -> None:
+    progs = {p.prog for root in _roots().values() for p in walk_parsers(root)}
+    for name in ("engine", "gateway", "balancer", "up", "operator", "models pull",
+                 "models upcycle", "models make-tiny", "models list"):
+        assert f"moeflow {name}" in progs, name
+    assert {"moeflow store add", "moeflow store agent", "moeflow device-plugin",
+            "moeflow warm-pool"} <= progs
+
+
+@pytest.mark.parametrize("root", ["moeflow", "store", "device-plugin", "warm-pool"])
+def test_every_flag_has_help_and_shows_its_default(root: str) -> None:
+    missing: list[str] = []
+    for parser in walk_parsers(_roots()[root]):
+        for action in parser._actions:
+            if isinstance(action, _NO_HELP_NEEDED):
+                continue
+            name = "/".join(action.option_strings) or action.dest
+            text = _rendered(parser, action)
+            if not action.help or not action.help.strip():
+                missing.append(f"{parser.prog} {name}: no help")
+            elif action.option_strings and "default" not in text and "required" not in text:
+                missing.append(f"{parser.prog} {name}: no default shown ({text!r})")
+            elif "%(" in text:
+                missing.append(f"{parser.prog} {name}: unexpanded {text!r}")
+    assert not missing, "\n".join(missing)
+
+
+def test_defaults_are_the_real_values() -> None:
+    up = next(p for p in walk_parsers(build_parser()) if p.prog == "moeflow up")
+    help_text = up.format_help()
+    assert "[default 'colocated'; env MOEFLOW_UP_MODE]" in " ".join(help_text.split())
+    store = store_cli.build_parser().format_help()
+    assert "(default: 16.0; env MOEFLOW_STORE_BUDGET_GB)" in " ".join(store.split())
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith("moeflow ")
+
+
+def test_delegated_commands_are_listed() -> None:
+    assert set(DELEGATED) >= {"store", "device-plugin", "warm-pool"}
+
+
+@pytest.mark.parametrize(("mode", "counts", "problem"), [
+    ("pd", ["instances"], "--instances does not apply to --mode pd"),
+    ("pd-disaggregated", ["prefill", "instances"], "--instances does not apply"),
+    ("ae", ["prefill"], "--prefill does not apply to --mode ae"),
+    ("colocated", ["experts"], "--expert-instances does not apply"),
+    ("pd", ["prefill", "decode"], None),
+    ("attention-expert-disaggregated", ["attention", "experts"], None),
+    ("colocated", ["instances", "engine_port"], None),
+])
+def test_contradictory_counts(mode: str, counts: list[str], problem: str | None) -> None:
+    found = contradictions(mode, counts)
+    assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+def test_crd_mode_names_and_the_deprecated_alias(capsys: pytest.CaptureFixture[str]) -> None:
+    from moeflow.cli import platform_settings
+
+    args = build_parser().parse_args(["up", "--mode", "attention-expert-disaggregated",
+                                      "--experts", "3"])
+    assert "--experts is deprecated" in capsys.readouterr().err
+    settings = platform_settings(args)
+    assert (settings.mode, settings.experts) == ("ae", 3)
+    args = build_parser().parse_args(["up", "--mode", "pd-disaggregated",
+                                      "--expert-instances", "2"])
+    assert capsys.readouterr().err == ""
+    assert platform_settings(args).mode == "pd"
