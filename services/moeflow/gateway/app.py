@@ -16,6 +16,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from moeflow.gateway.api_docs import install_api_docs
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.discovery import Discovery, KubeDiscovery, StaticDiscovery
 from moeflow.gateway.engine_client import EngineClient
@@ -125,7 +126,10 @@ def build_app(
             if gate.quota is not None:
                 await gate.quota.aclose()
 
-    app = FastAPI(title="MoEFlow gateway", version="0.1.0", lifespan=lifespan)
+    # /docs from local files (air-gapped clusters): moeflow.gateway.api_docs
+    app = FastAPI(title="MoEFlow gateway", version="0.1.0", lifespan=lifespan,
+                  docs_url=None, redoc_url=None)
+    install_api_docs(app)
     install_error_handlers(app)
     app.include_router(models.router)
     app.include_router(health.router)
