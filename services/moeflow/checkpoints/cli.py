@@ -145,6 +145,7 @@ def _handle_pull(args: argparse.Namespace, home_from_env: HomeFn,
 
 
 def _handle_make_tiny(args: argparse.Namespace, home_from_env: HomeFn) -> int:
+    from moeflow.checkpoints.pull import quiet_transformers
     from moeflow.checkpoints.tiny import make_tiny
 
     out_dir: Path = (
@@ -152,7 +153,8 @@ def _handle_make_tiny(args: argparse.Namespace, home_from_env: HomeFn) -> int:
         if args.out is not None
         else (models_dir(home_from_env()) / tiny_dir_name(args.arch))
     )
-    path = make_tiny(args.arch, out_dir, seed=args.seed)
+    with quiet_transformers():  # its "Writing model shards" bar says nothing here
+        path = make_tiny(args.arch, out_dir, seed=args.seed)
     sys.stdout.write(f"{path}\n")
     return 0
 
