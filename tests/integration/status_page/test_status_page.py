@@ -1,8 +1,11 @@
 """The gateway's status page in a real browser: `moeflow up` (gateway + one engine process,
-tiny llama, API keys on) and headless Chromium over the DevTools protocol."""
+tiny llama, API keys on) and headless Chromium over the DevTools protocol. The page needs an
+admin key (with only flat keys, those are admin keys): the browser sends it as the Basic
+password, and with it the page's own requests."""
 
 from __future__ import annotations
 
+import base64
 import json
 import time
 from collections.abc import Iterator
@@ -17,6 +20,7 @@ from tests.platform_process import Platform, start_platform
 
 MODEL = "tiny-status"
 API_KEY = "status-page-key-0123456789"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 # What a user sees, read from the DOM: the model card and the three charts.
 PAGE_STATE = """(() => {
@@ -64,7 +68,12 @@ def state(page: Any) -> dict[str, Any]:
 
 def test_page_shows_the_running_model_and_its_charts_follow_requests(platform: Platform
                                                                       ) -> None:
-    with open_page(f"{platform.root_url}/status") as page:
+    with open_page("about:blank") as page:
+        # what a browser sends once the user typed the key into its Basic-auth prompt
+        basic = base64.b64encode(f"status:{API_KEY}".encode()).decode()
+        page.call("Network.enable")
+        page.call("Network.setExtraHTTPHeaders", headers={"Authorization": f"Basic {basic}"})
+        page.call("Page.navigate", url=f"{platform.root_url}/status")
         page.wait_for(f"!!document.querySelector('section.model[data-model=\"{MODEL}\"]')",
                       timeout_s=20, what=f"the model card of {MODEL}")
         page.wait_for("Number(document.body.dataset.updates) >= 2", timeout_s=20,
@@ -104,26 +113,30 @@ def platform_requests(meta: str) -> str:
     return meta.split(" requests")[0].rsplit("· ", 1)[1]
 
 
-def test_status_is_open_while_the_api_needs_a_key(platform: Platform) -> None:
-    page = httpx.get(f"{platform.root_url}/status")
+def test_status_needs_the_key_like_the_api(platform: Platform) -> None:
+    refused = httpx.get(f"{platform.root_url}/status")
+    assert refused.status_code == 401  # a browser asks for the key (Basic realm)
+    assert 'Basic realm="moeflow admin"' in refused.headers.get_list("www-authenticate")
+    assert httpx.get(f"{platform.root_url}/status/data").status_code == 401
+    page = httpx.get(f"{platform.root_url}/status", headers=AUTH)
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     csp = page.headers["content-security-policy"]
     assert "default-src 'none'" in csp and "script-src 'self'" in csp
     assert "http://" not in page.text.replace("http://www.w3.org", "")  # nothing external
     for asset, kind in (("status.js", "javascript"), ("status.css", "css")):
-        r = httpx.get(f"{platform.root_url}/status/assets/{asset}")
+        r = httpx.get(f"{platform.root_url}/status/assets/{asset}", headers=AUTH)
         assert r.status_code == 200 and kind in r.headers["content-type"]
-    missing = httpx.get(f"{platform.root_url}/status/assets/..%2Fapp.py")
+    missing = httpx.get(f"{platform.root_url}/status/assets/..%2Fapp.py", headers=AUTH)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
     assert httpx.get(f"{platform.base_url}/models").status_code == 401
 
 
 def test_status_data_reports_instances_totals_and_windowed_series(platform: Platform) -> None:
     url = f"{platform.root_url}/status/data"
-    first = httpx.get(url).json()
+    first = httpx.get(url, headers=AUTH).json()
     chat(platform, "one more", max_tokens=6)
     time.sleep(0.6)  # the history keeps at most one sample per 0.5 s
-    data = httpx.get(url).json()
+    data = httpx.get(url, headers=AUTH).json()
     assert data["schema_version"] == 1
     (model,) = data["models"]
     assert model["name"] == MODEL and model["state"] == "ready"
