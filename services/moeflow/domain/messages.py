@@ -56,6 +56,10 @@ class SamplingParams(BaseModel):
     prompt_logprobs: int | None = Field(None, ge=0, le=20)
     """Return each prompt token's log-probability given the tokens before it (and this many
     alternatives); the first prompt token has none. None: none."""
+    grammar: str | None = None
+    """Constrain the output to this llguidance grammar (a JSON schema, Lark or regex grammar
+    in llguidance's JSON form), built by the gateway from ``response_format`` or forced tool
+    calls. None: unconstrained."""
 
     @property
     def is_greedy(self) -> bool:
@@ -64,10 +68,10 @@ class SamplingParams(BaseModel):
     @property
     def has_logit_processing(self) -> bool:
         """True when anything beyond temperature/top-k/top-p changes this request's logits
-        (penalties, ``min_tokens``, ``logit_bias``): only such rows pay for processing."""
+        (penalties, ``min_tokens``, ``logit_bias``, a grammar): only such rows pay for it."""
         return bool(
             self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-            or self.min_tokens or self.logit_bias
+            or self.min_tokens or self.logit_bias or self.grammar is not None
         )
 
 

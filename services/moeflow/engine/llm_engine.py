@@ -32,6 +32,7 @@ from moeflow.domain.messages import (
 from moeflow.domain.roles import Role
 from moeflow.engine.block_manager import BlockManager, num_blocks_for
 from moeflow.engine.config import EngineSettings
+from moeflow.engine.constraints import GrammarCompiler
 from moeflow.engine.logprobs import next_token_logprob, prompt_logprobs
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import load_arch
@@ -141,6 +142,9 @@ class LLMEngine:
         )) is not None:
             eos.add(eos_id)
         self.eos_token_ids = frozenset(eos)
+        self.grammars = GrammarCompiler(self.tokenizer.tokenizer_json, self.arch.vocab_size,
+                                        self.eos_token_ids)
+        """Structured output: llguidance's view of the tokenizer, built at the first use."""
         self._requests: dict[str, _Request] = {}
         self.exported_kv: dict[str, torch.Tensor] = {}
         """Prefill role: request_id -> prompt KV, filled before the request's last chunk."""
@@ -184,6 +188,8 @@ class LLMEngine:
             )
         if request.request_id in self._requests:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
+        if request.sampling.grammar is not None:
+            self.grammars.check(request.sampling.grammar)
         if request.kv_source is not None and self.settings.role is not Role.DECODE:
             raise InvalidRequestError(
                 f"this instance's role is {self.settings.role!r}: only decode instances take "
@@ -196,8 +202,11 @@ class LLMEngine:
         if needs_state(sampling):
             # penalties and logprobs keep per-request state in the sampler; plain requests
             # keep plain params and cost the sampler nothing
+            constraint = None
+            if sampling.grammar is not None:
+                constraint = self.grammars.constraint(sampling.grammar)
             bound = RequestSampling.bind(sampling, request.context_token_ids,
-                                         self.eos_token_ids)
+                                         self.eos_token_ids, constraint)
             for token_id in request.resume.output_token_ids if request.resume else ():
                 bound.state.accept(token_id)
             sampling = bound

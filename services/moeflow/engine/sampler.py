@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from pydantic import PrivateAttr
@@ -60,6 +61,16 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
     return generator
 
 
+class TokenConstraint(Protocol):
+    """A per-request output constraint (``moeflow.engine.constraints``)."""
+
+    def mask_(self, row: torch.Tensor) -> None:
+        """Set the logits of tokens not allowed next to ``-inf``, in place."""
+
+    def accept(self, token_id: int) -> None:
+        """Advance past an emitted token."""
+
+
 @dataclass
 class RowState:
     """What one request's row needs across steps: the tokens it has seen (penalties), how many
@@ -72,12 +83,15 @@ class RowState:
     output_counts: dict[int, int] = field(default_factory=dict)
     num_output: int = 0
     pending: TokenLogprob | None = None
+    constraint: TokenConstraint | None = None
 
     def accept(self, token_id: int) -> None:
         """Record a token the request emitted (sampled here, on a prefill instance, or
         generated before a failover)."""
         self.output_counts[token_id] = self.output_counts.get(token_id, 0) + 1
         self.num_output += 1
+        if self.constraint is not None:
+            self.constraint.accept(token_id)
 
     def take_logprob(self, token_id: int) -> TokenLogprob | None:
         """The logprob computed for ``token_id`` in the last step, if any (consumed)."""
@@ -99,7 +113,8 @@ class RequestSampling(SamplingParams):
 
     @classmethod
     def bind(cls, params: SamplingParams, prompt_token_ids: Iterable[int],
-             eos_token_ids: Iterable[int]) -> RequestSampling:
+             eos_token_ids: Iterable[int],
+             constraint: TokenConstraint | None = None) -> RequestSampling:
         made = cls.model_validate(params.model_dump())
         blocked = set(params.stop_token_ids)
         blocked.update(eos_token_ids)
@@ -107,6 +122,7 @@ class RequestSampling(SamplingParams):
             prompt_token_ids=(frozenset(prompt_token_ids)
                               if params.repetition_penalty != 1.0 else frozenset()),
             blocked_until_min=tuple(sorted(blocked)) if params.min_tokens else (),
+            constraint=constraint,
         )
         return made
 
@@ -134,6 +150,8 @@ def _process(row: torch.Tensor, params: SamplingParams, state: RowState) -> None
         row.index_add_(0, ids, torch.tensor([b for _, b in params.logit_bias], dtype=row.dtype))
     if state.num_output < params.min_tokens and state.blocked_until_min:
         row[torch.tensor(state.blocked_until_min, dtype=torch.long)] = float("-inf")
+    if state.constraint is not None:
+        state.constraint.mask_(row)
 
 
 def top_logprobs(logprobs: torch.Tensor, k: int) -> tuple[TopLogprob, ...]:

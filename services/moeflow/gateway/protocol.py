@@ -237,8 +237,6 @@ class ChatCompletionRequest(_SamplingFields):
             return "tools", "tools are not supported yet"
         if self.functions:
             return "functions", "functions are not supported yet"
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format", "only response_format type 'text' is supported"
         return super().unsupported()
 
 

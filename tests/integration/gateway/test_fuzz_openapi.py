@@ -50,7 +50,7 @@ REFUSED = [
     ("chat/completions", {"presence_penalty": 2.5}, "presence_penalty"),
     ("chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     ("chat/completions", {"functions": [{"name": "f"}]}, "functions"),
-    ("chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+    ("chat/completions", {"response_format": {"type": "yaml"}}, "response_format.type"),
     ("chat/completions", {"logit_bias": {"99999999": 3}}, "logit_bias"),
     ("chat/completions", {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "https://example.invalid/x.png"}}]}]},

@@ -4,10 +4,12 @@ request's sampling state carries over (tiny llama, float32, shared-memory XCCL).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 import torch
@@ -83,3 +85,19 @@ def test_split_bias_min_tokens_and_penalties_carry_over(
         model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, presence_penalty=2.0,
         frequency_penalty=2.0, logit_bias={"77": bias}, extra_body={"min_tokens": 4})
     assert split.choices[0].text == TextTokenizer.from_dir(tiny_dirs["llama"]).decode(local)
+
+
+def test_split_json_schema_constraint_resumes_on_decode(pd: Platform) -> None:
+    """The prefill instance's first token is constrained, and the decode instance's grammar
+    state starts after it: the whole answer validates."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"},
+                                               "level": {"enum": ["low", "high"]}},
+              "required": ["ok", "level"], "additionalProperties": False}
+    c = openai.OpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    for seed in range(3):
+        r = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "status?"}], max_tokens=60,
+            temperature=1.0, seed=seed, response_format={
+                "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
+        assert r.choices[0].finish_reason == "stop"
+        jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)

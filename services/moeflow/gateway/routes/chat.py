@@ -37,6 +37,7 @@ from moeflow.gateway.streaming import (
     merge,
     sse_stream,
 )
+from moeflow.gateway.structured import response_format_grammar
 
 router = APIRouter()
 
@@ -63,6 +64,9 @@ async def create_chat_completion(
         model=model,
         max_tokens=body.max_completion_tokens or body.max_tokens,
     )
+    grammar = response_format_grammar(body.response_format)
+    if grammar is not None:
+        sampling = sampling.model_copy(update={"grammar": grammar})
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = now_unix()
     choices = choice_samplings(sampling, body.n)

@@ -1,0 +1,105 @@
+"""Structured-output overhead: batch-1 decode with a json_schema constraint vs without.
+
+One engine (default SmolLM2-135M-Instruct, float32, CPU), rounds interleaved (plain,
+constrained, plain, ...). Each request decodes ``--new-tokens`` after a short prompt; the
+per-token decode time excludes the first token (prefill). The constrained request uses a
+schema whose JSON must run long (at least 64 free strings), so it does not end early; its
+per-token time includes the llguidance mask (computed, unpacked, applied) and the grammar
+advance. Also reports the mask step alone, timed on the same grammar state.
+
+Usage: python benchmarks/structured_output.py [--model smollm2-135m-instruct] [--rounds 5]
+Last line: RESULT {json}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from llguidance import LLMatcher
+
+from moeflow.checkpoints.store import resolve_home, resolve_model
+from moeflow.domain.messages import GenerateRequest, SamplingParams
+from moeflow.engine.config import EngineSettings
+from moeflow.engine.llm_engine import LLMEngine
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"title": {"type": "string"},
+                   "notes": {"type": "array", "items": {"type": "string"}, "minItems": 64}},
+    "required": ["title", "notes"],
+}
+
+
+def decode_ms_per_token(engine: LLMEngine, rid: str, sampling: SamplingParams) -> tuple[
+        float, int]:
+    prompt = tuple(engine.tokenizer.encode("Write a long list of notes about rivers as JSON."))
+    engine.add_request(GenerateRequest(request_id=rid, prompt_token_ids=prompt,
+                                       sampling=sampling))
+    first_s: float | None = None
+    n = 0
+    while engine.has_work:
+        for chunk in engine.step():
+            n += len(chunk.token_ids)
+            if first_s is None:
+                first_s = time.perf_counter()
+    end_s = time.perf_counter()
+    assert first_s is not None
+    return 1000 * (end_s - first_s) / max(1, n - 1), n
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    model_dir: Path = resolve_model(args.model, resolve_home(os.environ))
+    engine = LLMEngine(EngineSettings(model_path=model_dir, num_threads=args.threads,
+                                      kv_cache_bytes=256 * 2**20, max_model_len=512))
+    grammar = LLMatcher.grammar_from_json_schema(
+        SCHEMA, defaults={"whitespace_flexible": False})
+    plain = SamplingParams(max_tokens=args.new_tokens, temperature=0.0, ignore_eos=True)
+    constrained = plain.model_copy(update={"grammar": grammar, "ignore_eos": False})
+    decode_ms_per_token(engine, "warm-p", plain)
+    decode_ms_per_token(engine, "warm-c", constrained)
+    plain_ms: list[float] = []
+    constrained_ms: list[float] = []
+    constrained_tokens: list[int] = []
+    for r in range(args.rounds):
+        plain_ms.append(decode_ms_per_token(engine, f"p{r}", plain)[0])
+        ms, n = decode_ms_per_token(engine, f"c{r}", constrained)
+        constrained_ms.append(ms)
+        constrained_tokens.append(n)
+    # the mask step alone, on a fresh grammar state
+    constraint = engine.grammars.constraint(grammar)
+    row = torch.zeros(engine.arch.vocab_size)
+    started = time.perf_counter()
+    num_masks = 200
+    for _ in range(num_masks):
+        constraint.mask_(row)
+    mask_ms = 1000 * (time.perf_counter() - started) / num_masks
+    p, c = statistics.median(plain_ms), statistics.median(constrained_ms)
+    result = {
+        "model": args.model,
+        "threads": args.threads,
+        "vocab_size": engine.arch.vocab_size,
+        "plain_decode_ms_per_token": round(p, 3),
+        "json_schema_decode_ms_per_token": round(c, 3),
+        "overhead_pct": round(100 * (c - p) / p, 2),
+        "mask_ms_per_token": round(mask_ms, 4),
+        "mask_pct_of_plain_token": round(100 * mask_ms / p, 2),
+        "constrained_tokens_per_request": constrained_tokens,
+        "rounds": args.rounds,
+    }
+    print("RESULT " + json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
