@@ -32,24 +32,26 @@ import torch
 from moeflow.checkpoints.store import resolve_home, resolve_model
 from moeflow.domain.messages import GenerateRequest, SamplingParams
 from moeflow.engine.config import EngineSettings
+from moeflow.engine.kernels import Linear
 from moeflow.engine.llm_engine import LLMEngine
 
 
 def weight_tensors(engine: LLMEngine) -> list[torch.Tensor]:
     """The tensors one decode step reads (the embedding table only via its tied LM head)."""
     model = engine.runner.model
-    tensors: list[torch.Tensor] = [model.final_norm, model.lm_head_t]
-    for layer in model.layers:
-        for value in vars(layer).values():
+    tensors: list[torch.Tensor] = [model.final_norm, model.lm_head.storage]
+
+    def collect(obj: object) -> None:
+        for value in vars(obj).values():
             if isinstance(value, torch.Tensor):
                 tensors.append(value)
+            elif isinstance(value, Linear):
+                tensors.append(value.storage)
             elif hasattr(value, "__dict__"):
-                tensors.extend(v for v in vars(value).values() if isinstance(v, torch.Tensor))
-                for inner in vars(value).values():
-                    if hasattr(inner, "__dict__") and not isinstance(inner, torch.Tensor):
-                        tensors.extend(
-                            v for v in vars(inner).values() if isinstance(v, torch.Tensor)
-                        )
+                collect(value)
+
+    for layer in model.layers:
+        collect(layer)
     return tensors
 
 

@@ -16,14 +16,9 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from moeflow.engine.kernels import Linear
 from moeflow.engine.models.arch import ArchConfig
-from moeflow.engine.models.decoder import (
-    DecoderLayer,
-    DecoderModel,
-    DenseMLP,
-    MoE,
-    transposed,
-)
+from moeflow.engine.models.decoder import DecoderLayer, DecoderModel, DenseMLP, MoE
 
 
 class CheckpointError(ValueError):
@@ -75,7 +70,7 @@ def _gate_up(w: _Weights, prefix: str, gate: str, up: str) -> torch.Tensor:
 
 def _dense_mlp(w: _Weights, prefix: str, gate: str, up: str, down: str) -> DenseMLP:
     return DenseMLP(
-        gate_up_t=transposed(_gate_up(w, prefix, gate, up)), down=w.get(f"{prefix}.{down}.weight")
+        gate_up=Linear(_gate_up(w, prefix, gate, up)), down=Linear(w.get(f"{prefix}.{down}.weight"))
     )
 
 
@@ -166,8 +161,8 @@ def load_model(
                 DecoderLayer(
                     input_norm=w.get(f"{p}.input_layernorm.weight"),
                     post_norm=w.get(f"{p}.post_attention_layernorm.weight"),
-                    qkv_t=transposed(torch.cat([w.get(f"{a}.{n}_proj.weight") for n in "qkv"])),
-                    o_proj=w.get(f"{a}.o_proj.weight"),
+                    qkv=Linear(torch.cat([w.get(f"{a}.{n}_proj.weight") for n in "qkv"])),
+                    o_proj=Linear(w.get(f"{a}.o_proj.weight")),
                     qkv_bias=(
                         torch.cat([w.get(f"{a}.{n}_proj.bias") for n in "qkv"])
                         if w.has(f"{a}.q_proj.bias")
@@ -183,4 +178,5 @@ def load_model(
             lm_head = embed
         else:
             lm_head = w.get("lm_head.weight")
-        return DecoderModel(arch, embed, layers, w.get("model.norm.weight"), lm_head, max_len)
+        return DecoderModel(arch, embed, layers, w.get("model.norm.weight"), Linear(lm_head),
+                            max_len)

@@ -1,0 +1,93 @@
+"""``kernels.Linear``: packed products equal the dense ones, and the packed bytes survive
+pickling, ``torch.save``/``torch.load(mmap=True)`` and another machine's layout."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeflow.engine.kernels import Linear, packing_available
+from moeflow.engine.kernels import linear as linear_module
+
+
+def test_the_pinned_torch_packs() -> None:
+    # the x86 CPU wheel the project pins has oneDNN and the AOTI shim; without them every
+    # product silently falls back to F.linear, which this test makes loud
+    assert packing_available(torch.float32) and packing_available(torch.bfloat16)
+    assert not packing_available(torch.float16)
+
+
+def _weight(n: int, k: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return (torch.randn(n, k, generator=torch.Generator().manual_seed(n * 1000 + k)) * 0.1).to(
+        dtype)
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (100, 37), (3, 200)])
+@pytest.mark.parametrize("m", [0, 1, 8, 33])
+def test_packed_product_equals_dense(shape: tuple[int, int], m: int) -> None:
+    w = _weight(*shape)
+    layer = Linear(w)
+    assert layer.is_packed and layer.shape == shape
+    x = torch.randn(m, shape[1])
+    y = layer(x)
+    assert y.shape == (m, shape[0]) and y.dtype == torch.float32
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    assert torch.equal(layer.dense(), w)  # the packing itself is exact
+
+
+def test_bfloat16_is_packed_and_close() -> None:
+    w = _weight(64, 48, torch.bfloat16)
+    layer = Linear(w)
+    assert layer.is_packed
+    x = torch.randn(5, 48).to(torch.bfloat16)
+    torch.testing.assert_close(layer(x).float(), F.linear(x, w).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_unpacked_weight_is_plain_f_linear() -> None:
+    w = _weight(40, 24)
+    layer = Linear(w, pack=False)
+    x = torch.randn(3, 24)
+    assert not layer.is_packed and layer.storage is layer.dense()
+    assert torch.equal(layer(x), F.linear(x, w))
+    assert torch.equal(pickle.loads(pickle.dumps(layer))(x), F.linear(x, w))
+
+
+def test_pickle_round_trip_gives_the_same_bits() -> None:
+    layer = Linear(_weight(100, 37))
+    x = torch.randn(7, 37)
+    again = pickle.loads(pickle.dumps(layer))
+    assert again.is_packed and again.shape == layer.shape
+    assert torch.equal(again(x), layer(x))
+
+
+def test_mmap_load_computes_on_the_mapped_bytes(tmp_path: Path) -> None:
+    layer = Linear(_weight(96, 64))
+    torch.save({"w": layer}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt", mmap=True, weights_only=False)["w"]
+    x = torch.randn(4, 64)
+    assert torch.equal(loaded(x), layer(x))
+    # no copy: oneDNN reads the very bytes torch.load mapped
+    assert torch.ops.mkldnn.data_ptr(loaded._op) == loaded.storage.data_ptr()
+
+
+def test_bytes_packed_under_another_signature_are_repacked() -> None:
+    layer = Linear(_weight(96, 64))
+    state = layer.__getstate__()
+    state["signature"] = "another-machine"
+    moved = Linear.__new__(Linear)
+    moved.__setstate__(state)
+    assert moved._signature == linear_module.signature()
+    assert moved.storage.data_ptr() != layer.storage.data_ptr()
+    x = torch.randn(3, 64)
+    assert torch.equal(moved(x), layer(x))
+
+
+def test_a_state_of_another_format_is_refused() -> None:
+    state = Linear(_weight(8, 8)).__getstate__()
+    state["format"] = -1
+    with pytest.raises(ValueError, match="format"):
+        Linear.__new__(Linear).__setstate__(state)
