@@ -140,6 +140,20 @@ def check_architecture(model_dir: Path, supported: frozenset[str] | None, what: 
         raise UnsupportedArchitectureError(architecture_error(what, model_type, supported))
 
 
+def terminal_bar() -> type:
+    """A tqdm class that draws on a terminal only (bytes, rate, ETA), whatever the logging
+    level; in a log (stderr not a TTY) it stays silent. Hub downloads use it."""
+    from tqdm import tqdm  # type: ignore[import-untyped]
+
+    class TerminalBar(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs.pop("name", None)  # huggingface_hub's own bar class takes a group name
+            kwargs["disable"] = None  # tqdm: None = off unless stderr is a terminal
+            super().__init__(*args, **kwargs)
+
+    return TerminalBar
+
+
 def fetch_hub_model(ref: ModelRef, *, supported: frozenset[str] | None = None,
                     local_dir: Path | None = None) -> Path:
     """Download a Hub model's engine files; return the folder (see the module docstring).
@@ -166,7 +180,8 @@ def fetch_hub_model(ref: ModelRef, *, supported: frozenset[str] | None = None,
             check_architecture(config_path.parent, supported, where)
         folder = snapshot_download(
             ref.value, revision=ref.revision, allow_patterns=list(ENGINE_FILE_PATTERNS),
-            local_dir=None if local_dir is None else str(local_dir))
+            local_dir=None if local_dir is None else str(local_dir),
+            tqdm_class=terminal_bar())
     except GatedRepoError:
         raise ModelRefError(f"{where}: the repo is gated; accept its terms on the Hub and set "
                             "HF_TOKEN") from None
