@@ -24,6 +24,7 @@ CASES = [
     (["gateway"], 2, "no engine to serve: pass --engine URL"),
     (["operator"], 2, "no Kubernetes cluster configured"),
     (["models", "pull", "no-such-model"], 1, "unknown model 'no-such-model'"),
+    (["up", "--model", "hf://org/absent"], 1, "HF_HUB_OFFLINE is set and it is not in the HF"),
 ]
 
 
