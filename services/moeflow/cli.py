@@ -371,7 +371,29 @@ def _require_kubeconfig() -> None:
                          f"unusable ({first}); set KUBECONFIG or run inside the cluster") from None
 
 
+OPERATOR_ENV: dict[str, tuple[str, Any]] = {
+    "namespace": ("MOEFLOW_OPERATOR_WATCH_NAMESPACE", str),
+    "standalone": ("MOEFLOW_OPERATOR_STANDALONE", lambda v: v.lower() in ("1", "true", "yes")),
+    "liveness": ("MOEFLOW_OPERATOR_LIVENESS", str),
+}
+"""`moeflow operator` flags -> (variable, parse). MOEFLOW_OPERATOR_NAMESPACE is taken: it is
+where the operator runs (OperatorSettings), not what it watches."""
+
+
+def _with_env(parser: argparse.ArgumentParser,
+              table: dict[str, tuple[str, Any]]) -> argparse.ArgumentParser:
+    """Give a parser we do not build (the operator's) flag > env > default for ``table``."""
+    for action in parser._actions:
+        if action.dest in table:
+            var, cast = table[action.dest]
+            action.default = env_default(var, action.default, cast)
+            action.help = f"{action.help or ''} (default: %(default)s; env {var})".strip()
+    return parser
+
+
 def _run_operator(args: argparse.Namespace) -> int:
+    if args.all_namespaces:  # -A beats a namespace from the environment
+        args.namespace = None
     _require_kubeconfig()
     return operator_cli.run(args)
 
@@ -421,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=_env_help("log verbosity", "MOEFLOW_LOG_LEVEL"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models_cli.register(sub, _home, _supported_architectures)
-    operator_cli.register(sub).set_defaults(func=_run_operator)
+    _with_env(operator_cli.register(sub), OPERATOR_ENV).set_defaults(func=_run_operator)
     for name, (_, help_text) in DELEGATED.items():  # listed in --help; main() dispatches them
         sub.add_parser(name, add_help=False, help=help_text)
 

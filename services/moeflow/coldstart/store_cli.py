@@ -47,17 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, help=what).add_argument("keys", nargs="+", metavar="KEY",
                                                      help="store keys (see `list`)")
     agent = sub.add_parser("agent", help="keep the Models that declare dramPreload pinned here")
-    agent.add_argument("--namespace", default=None,
-                       help="list Models in this namespace only (default: every namespace)")
+    agent.add_argument("--namespace", default=os.environ.get("MOEFLOW_STORE_AGENT_NAMESPACE"),
+                       help="list Models in this namespace only (default: every namespace; env "
+                       "MOEFLOW_STORE_AGENT_NAMESPACE)")
     agent.add_argument("--models-dir", type=Path, default=None,
                        help="disk model store holding store://NAME checkpoints as NAME/ "
                             "(default: $MOEFLOW_HOME/models)")
-    agent.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                       help="the engines' dtype (part of the store key)")
-    agent.add_argument("--interval-s", type=float, default=30.0,
-                       help="seconds between two syncs")
-    agent.add_argument("--kubeconfig", default=None,
-                       help="outside a cluster only (default: service account or ~/.kube/config)")
+    agent.add_argument("--dtype", choices=["float32", "bfloat16"],
+                       default=os.environ.get("MOEFLOW_STORE_AGENT_DTYPE") or "float32",
+                       help="the engines' dtype, part of the store key (default: %(default)s; "
+                       "env MOEFLOW_STORE_AGENT_DTYPE)")
+    agent.add_argument("--interval-s", type=float,
+                       default=float(os.environ.get("MOEFLOW_STORE_AGENT_INTERVAL_S") or 30),
+                       help="seconds between two syncs (default: %(default)s; env "
+                       "MOEFLOW_STORE_AGENT_INTERVAL_S)")
+    agent.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
+                       help="outside a cluster only (default: KUBECONFIG, else the service "
+                       "account or ~/.kube/config)")
     agent.add_argument("--once", action="store_true", help="sync once and exit")
     for action in parser._actions:  # the subcommands show their defaults the same way
         if isinstance(action, argparse._SubParsersAction):

@@ -101,3 +101,25 @@ def test_crd_mode_names_and_the_deprecated_alias(capsys: pytest.CaptureFixture[s
                                       "--expert-instances", "2"])
     assert capsys.readouterr().err == ""
     assert platform_settings(args).mode == "pd"
+
+
+def test_flags_without_a_settings_class_read_moeflow_variables(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOEFLOW_BALANCER_INTERVAL_S", "7.5")
+    monkeypatch.setenv("MOEFLOW_OPERATOR_WATCH_NAMESPACE", "team-a")
+    monkeypatch.setenv("MOEFLOW_LOG_LEVEL", "debug")
+    monkeypatch.setenv("MOEFLOW_STORE_AGENT_INTERVAL_S", "3")
+    balancer = build_parser().parse_args(["balancer"])
+    assert (balancer.interval_s, balancer.log_level) == (7.5, "DEBUG")
+    assert build_parser().parse_args(["balancer", "--interval-s", "2"]).interval_s == 2.0
+    assert build_parser().parse_args(["operator"]).namespace == "team-a"
+    assert build_parser().parse_args(["operator", "-n", "b"]).namespace == "b"
+    assert store_cli.build_parser().parse_args(["agent"]).interval_s == 3.0
+
+
+def test_a_malformed_variable_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("MOEFLOW_BALANCER_BUDGET", "lots")
+    assert main(["balancer"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "moeflow balancer: error: MOEFLOW_BALANCER_BUDGET='lots' is not a valid value"
