@@ -37,7 +37,11 @@ __all__ = [
     "ERROR_RESPONSES",
     "AssistantMessage",
     "ChatChoice",
+    "ChatFinishReason",
     "ChatLogprobs",
+    "DeltaToolCall",
+    "ToolCall",
+    "ToolCallFunction",
     "ChatTokenLogprob",
     "ChatTopLogprob",
     "CompletionLogprobs",
@@ -194,6 +198,10 @@ class ChatMessage(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An assistant message's calls (``{"id", "type": "function", "function": {"name",
+    "arguments"}}``), rendered through the chat template."""
+    tool_call_id: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -224,6 +232,8 @@ class ChatCompletionRequest(_SamplingFields):
     functions: list[dict[str, Any]] | None = None
     response_format: dict[str, Any] | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
 
     def num_logprobs(self) -> int | None:
         if self.logprobs is None or self.logprobs is False:
@@ -233,10 +243,8 @@ class ChatCompletionRequest(_SamplingFields):
         return self.top_logprobs or 0
 
     def unsupported(self) -> tuple[str, str] | None:
-        if self.tools:
-            return "tools", "tools are not supported yet"
         if self.functions:
-            return "functions", "functions are not supported yet"
+            return "functions", "functions (deprecated by OpenAI) are not supported; use tools"
         return super().unsupported()
 
 
@@ -300,9 +308,29 @@ def now_unix() -> int:
     return int(time.time())
 
 
+ChatFinishReason = Literal["stop", "length", "abort", "tool_calls"]
+
+
+class ToolCallFunction(BaseModel):
+    name: str
+    arguments: str
+    """The arguments as a JSON text, as OpenAI sends them."""
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: ToolCallFunction
+
+
+class DeltaToolCall(ToolCall):
+    index: int
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: Annotated[list[ToolCall] | None, _OMITTED_WHEN_NONE] = None
 
 
 class ChatTopLogprob(BaseModel):
@@ -334,7 +362,7 @@ class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None
+    finish_reason: ChatFinishReason | None
 
 
 class ChatCompletion(BaseModel):
@@ -351,13 +379,14 @@ class ChatDelta(BaseModel):
 
     role: Annotated[Literal["assistant"] | None, _OMITTED_WHEN_NONE] = None
     content: Annotated[str | None, _OMITTED_WHEN_NONE] = None
+    tool_calls: Annotated[list[DeltaToolCall] | None, _OMITTED_WHEN_NONE] = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
-    finish_reason: FinishReason | None = None
+    finish_reason: ChatFinishReason | None = None
 
 
 class ChatCompletionChunk(BaseModel):

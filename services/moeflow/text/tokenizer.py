@@ -127,7 +127,8 @@ class TextTokenizer:
         return list(self._text_only.encode(text, add_special_tokens=False).ids)
 
     def encode_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
         """The rendered chat's token ids, where special tokens come only from the template.
 
@@ -143,7 +144,8 @@ class TextTokenizer:
         contents = [m.get("content") for m in messages]
         if pattern is None or not any(isinstance(c, str) and pattern.search(c) for c in contents):
             return self.encode(self.render_chat(messages,
-                                                add_generation_prompt=add_generation_prompt))
+                                                add_generation_prompt=add_generation_prompt,
+                                                tools=tools))
         marker = _fresh_marker([c for c in contents if isinstance(c, str)])
         shielded: list[str] = []
 
@@ -156,7 +158,8 @@ class TextTokenizer:
             if isinstance(m.get("content"), str) else m
             for m in messages
         ]
-        rendered = self.render_chat(safe, add_generation_prompt=add_generation_prompt)
+        rendered = self.render_chat(safe, add_generation_prompt=add_generation_prompt,
+                                    tools=tools)
         marked = re.compile(re.escape(marker) + "([0-9]+)\ue001")
 
         def as_text(piece: str) -> list[int]:
@@ -178,9 +181,18 @@ class TextTokenizer:
         token_id = self._tokenizer.token_to_id(token)
         return None if token_id is None else int(token_id)
 
+    @property
+    def template_renders_tools(self) -> bool:
+        """True when the chat template reads the ``tools`` variable (a tool-aware template)."""
+        return self.chat_template is not None and "tools" in self.chat_template
+
     def render_chat(
-        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True
+        self, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> str:
+        """The chat as the model's template renders it; ``tools`` (OpenAI function
+        definitions) are passed to the template as transformers' ``apply_chat_template``
+        passes them."""
         if self._template is None:
             raise InvalidRequestError(
                 "this model has no chat template; use /v1/completions instead", param="messages"
@@ -188,7 +200,7 @@ class TextTokenizer:
         try:
             return self._template.render(
                 messages=list(messages),
-                tools=None,
+                tools=list(tools) if tools else None,
                 documents=None,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "",

@@ -11,7 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
 
 from moeflow.domain.errors import InvalidRequestError, MoeflowError
-from moeflow.domain.messages import TokenChunk
+from moeflow.domain.messages import FinishReason, TokenChunk
 from moeflow.gateway.choices import choice_samplings, open_choices
 from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.generation import until_disconnected
@@ -25,6 +25,10 @@ from moeflow.gateway.protocol import (
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatDelta,
+    ChatFinishReason,
+    ChatLogprobs,
+    DeltaToolCall,
+    ToolCall,
     Usage,
     make_usage,
     now_unix,
@@ -38,6 +42,7 @@ from moeflow.gateway.streaming import (
     sse_stream,
 )
 from moeflow.gateway.structured import response_format_grammar
+from moeflow.gateway.tools import ToolPlan, parse_calls, plan_tools, template_messages
 
 router = APIRouter()
 
@@ -56,15 +61,17 @@ async def create_chat_completion(
     refused = body.unsupported()
     if refused is not None:
         raise InvalidRequestError(refused[1], param=refused[0])
-    messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    prompt_ids = model.tokenizer.encode_chat(messages)
+    plan = plan_tools(body)
+    messages, tools = template_messages(body.messages, plan, model.tokenizer)
+    prompt_ids = model.tokenizer.encode_chat(messages, tools=tools)
     sampling = service.sampling_params(
         body,
         num_prompt_tokens=len(prompt_ids),
         model=model,
         max_tokens=body.max_completion_tokens or body.max_tokens,
     )
-    grammar = response_format_grammar(body.response_format)
+    grammar = plan.grammar if plan is not None and plan.grammar else (
+        response_format_grammar(body.response_format))
     if grammar is not None:
         sampling = sampling.model_copy(update={"grammar": grammar})
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -92,7 +99,22 @@ async def create_chat_completion(
             return ChatCompletionChunk(id=request_id, created=created, model=model.name,
                                        choices=choices, usage=usage)
 
+        held: dict[int, list[str]] = {}
+
         def event(index: int, chunk: TokenChunk) -> ChatCompletionChunk | None:
+            if plan is not None:
+                # with tools, a choice is sent whole when it ends: text that turns out to be
+                # a call must not have gone out as content
+                held.setdefault(index, []).append(chunk.text)
+                if chunk.finish_reason is None:
+                    return None
+                content, calls = parse_calls("".join(held.pop(index)), plan)
+                return chunk_of([ChatChunkChoice(
+                    index=index,
+                    delta=ChatDelta(content=content, tool_calls=[
+                        DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(calls)
+                    ] or None),
+                    finish_reason=_finish(chunk.finish_reason, calls))])
             if not chunk.text and chunk.finish_reason is None and not chunk.logprobs:
                 return None
             delta = ChatDelta(content=chunk.text) if chunk.text else ChatDelta()
@@ -138,10 +160,8 @@ async def create_chat_completion(
         created=created,
         model=model.name,
         choices=[
-            ChatChoice(index=i, message=AssistantMessage(content=r.text),
-                       logprobs=(chat_logprobs(tokenizer, r.logprobs)
-                                 if sampling.logprobs is not None else None),
-                       finish_reason=r.last.finish_reason)
+            _choice(i, r, plan, chat_logprobs(tokenizer, r.logprobs)
+                    if sampling.logprobs is not None else None)
             for i, r in enumerate(results)
         ],
         # the prompt is counted once, however many choices share it
@@ -149,3 +169,18 @@ async def create_chat_completion(
                          sum(r.last.num_output_tokens for r in results),
                          first.num_cached_tokens),
     )
+
+
+def _finish(reason: FinishReason | None, calls: list[ToolCall]) -> ChatFinishReason | None:
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
+def _choice(index: int, r: Collected, plan: ToolPlan | None,
+            logprobs: ChatLogprobs | None) -> ChatChoice:
+    if plan is None:
+        return ChatChoice(index=index, message=AssistantMessage(content=r.text),
+                          logprobs=logprobs, finish_reason=r.last.finish_reason)
+    content, calls = parse_calls(r.text, plan)
+    return ChatChoice(index=index,
+                      message=AssistantMessage(content=content, tool_calls=calls or None),
+                      logprobs=logprobs, finish_reason=_finish(r.last.finish_reason, calls))
