@@ -162,10 +162,14 @@ def prewarm_http(engine: LLMEngine | None = None) -> None:
     if engine is None:
         settings = EngineSettings.model_construct(model_path=Path("/"))
         stand_in = SimpleNamespace(settings=settings, cold_start=ColdStartRecord(0.0),
-                                   runner=None)
+                                   runner=None, stats=_no_stats)
         engine = cast(LLMEngine, stand_in)
     app = build_engine_app(engine)
     uvicorn_config(app, engine.settings).load()
+
+
+def _no_stats() -> None:
+    raise RuntimeError("a pre-warm app is never scraped: it has no engine")
 
 
 def serve_engine(settings: EngineSettings, record: ColdStartRecord,
