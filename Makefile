@@ -52,8 +52,15 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-test: system-deps lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+# checkov (the chart's security scan, tests/unit/deploy/test_checkov.py) pins packages that
+# clash with ours, so it lives in a venv of its own.
+CHECKOV_VENV := .venv-checkov
+$(CHECKOV_VENV)/bin/checkov:
+	$(PY) -m venv $(CHECKOV_VENV)
+	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
+
+test: system-deps lint typecheck $(CHECKOV_VENV)/bin/checkov
+	MOEFLOW_CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/pytest $(PYTEST_ARGS)
 
 check: test
 
@@ -92,4 +99,4 @@ bench: bench-install bench-engine bench-xccl bench-pd bench-controlplane bench-m
 	$(BIN)/python -P benchmarks/serving.py --suite standard
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(CHECKOV_VENV) .mypy_cache .ruff_cache .pytest_cache
