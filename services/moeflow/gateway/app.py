@@ -32,7 +32,7 @@ from moeflow.gateway.middleware import (
 from moeflow.gateway.quota import Quota
 from moeflow.gateway.quota_service import MeteredGenerationService, TenantMetrics
 from moeflow.gateway.registry import ModelRegistry
-from moeflow.gateway.routes import chat, completions, health, models, tokenize, usage
+from moeflow.gateway.routes import chat, completions, health, models, responses, tokenize, usage
 from moeflow.gateway.scale_from_zero import ScaleUpRequester, WakeQueue
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.gateway.status_page import router as status_router
@@ -136,6 +136,7 @@ def build_app(
     app.include_router(chat.router)
     app.include_router(completions.router)
     app.include_router(tokenize.router)
+    app.include_router(responses.router)
     app.include_router(status_router)
     app.include_router(usage.router)
     app.state.tenant_gate = gate

@@ -514,3 +514,28 @@ class DetokenizeRequest(_RequestBody):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
+
+
+# -- /v1/responses (stateless) --------------------------------------------------------------------
+
+
+class ResponsesRequest(_RequestBody):
+    """OpenAI's Responses API, stateless: each request carries its whole conversation.
+    ``store`` and ``metadata`` are accepted and nothing is stored; ``previous_response_id``
+    (which needs stored responses) is refused."""
+
+    model: str
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    stream: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool = True
+    text: dict[str, Any] | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    user: str | None = None

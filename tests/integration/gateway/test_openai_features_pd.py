@@ -101,3 +101,14 @@ def test_split_json_schema_constraint_resumes_on_decode(pd: Platform) -> None:
                 "type": "json_schema", "json_schema": {"name": "s", "schema": schema}})
         assert r.choices[0].finish_reason == "stop"
         jsonschema.validate(json.loads(r.choices[0].message.content or ""), schema)
+
+
+def test_split_responses_api_streams(pd: Platform) -> None:
+    c = openai.OpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    whole = c.responses.create(model=MODEL, input="Tell me a story.", max_output_tokens=8,
+                               temperature=0)
+    events = list(c.responses.create(model=MODEL, input="Tell me a story.",
+                                     max_output_tokens=8, temperature=0, stream=True))
+    assert events[-1].type in ("response.completed", "response.incomplete")
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert text == whole.output_text != ""

@@ -11,10 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.sse import EventSourceResponse
 
 from moeflow.domain.errors import InvalidRequestError, MoeflowError
-from moeflow.domain.messages import FinishReason, TokenChunk
+from moeflow.domain.messages import FinishReason, SamplingParams, TokenChunk
 from moeflow.gateway.choices import choice_samplings, open_choices
 from moeflow.gateway.deps import ServiceDep
-from moeflow.gateway.generation import until_disconnected
+from moeflow.gateway.generation import GenerationService, until_disconnected
 from moeflow.gateway.logprobs import chat_logprobs
 from moeflow.gateway.middleware import request_record
 from moeflow.gateway.protocol import (
@@ -34,6 +34,7 @@ from moeflow.gateway.protocol import (
     now_unix,
     sse_responses,
 )
+from moeflow.gateway.registry import ServedModel
 from moeflow.gateway.streaming import (
     Collected,
     collect_choice,
@@ -45,6 +46,26 @@ from moeflow.gateway.structured import response_format_grammar
 from moeflow.gateway.tools import ToolPlan, parse_calls, plan_tools, template_messages
 
 router = APIRouter()
+
+
+def prepare_chat(body: ChatCompletionRequest, model: ServedModel, service: GenerationService
+                 ) -> tuple[list[int], SamplingParams, ToolPlan | None]:
+    """The prompt's token ids, the sampling and the tool plan of a chat request (shared with
+    /v1/responses)."""
+    plan = plan_tools(body)
+    messages, tools = template_messages(body.messages, plan, model.tokenizer)
+    prompt_ids = model.tokenizer.encode_chat(messages, tools=tools)
+    sampling = service.sampling_params(
+        body,
+        num_prompt_tokens=len(prompt_ids),
+        model=model,
+        max_tokens=body.max_completion_tokens or body.max_tokens,
+    )
+    grammar = plan.grammar if plan is not None and plan.grammar else (
+        response_format_grammar(body.response_format))
+    if grammar is not None:
+        sampling = sampling.model_copy(update={"grammar": grammar})
+    return prompt_ids, sampling, plan
 
 
 @router.post(
@@ -61,19 +82,7 @@ async def create_chat_completion(
     refused = body.unsupported()
     if refused is not None:
         raise InvalidRequestError(refused[1], param=refused[0])
-    plan = plan_tools(body)
-    messages, tools = template_messages(body.messages, plan, model.tokenizer)
-    prompt_ids = model.tokenizer.encode_chat(messages, tools=tools)
-    sampling = service.sampling_params(
-        body,
-        num_prompt_tokens=len(prompt_ids),
-        model=model,
-        max_tokens=body.max_completion_tokens or body.max_tokens,
-    )
-    grammar = plan.grammar if plan is not None and plan.grammar else (
-        response_format_grammar(body.response_format))
-    if grammar is not None:
-        sampling = sampling.model_copy(update={"grammar": grammar})
+    prompt_ids, sampling, plan = prepare_chat(body, model, service)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = now_unix()
     choices = choice_samplings(sampling, body.n)
