@@ -1,4 +1,4 @@
-"""Kernel microbenchmark: the decoder's matrix products, old layout vs packed, interleaved.
+"""Kernel microbenchmark: the decoder's products and decode attention, old vs new, interleaved.
 
 On the model's own weight shapes (every layer's qkv, o_proj, gate_up, down, then the LM head,
 each layer with its own weights so nothing stays in cache between products, like a real step),
@@ -11,6 +11,11 @@ Variants:
   and the LM head, ``F.linear`` for o_proj and down;
 - ``dense``: ``F.linear`` on the [N, K] weight (what transformers runs);
 - ``packed``: ``moeflow.engine.kernels.Linear`` (oneDNN, weight packed once).
+
+Decode attention (``--context`` tokens per sequence, D = M sequences, every layer's own cache,
+blocks scattered over the cache as a busy block manager leaves them):
+- ``gather_sdpa``: the torch path, a gathered copy of each context, then SDPA;
+- ``c_kernel``: ``kernels/csrc/paged_attention.c``, reading the cache in place.
 
 Usage: python benchmarks/kernels.py [--model smollm2-135m-instruct] [--m 1 8 32] [--rounds 7]
 Last line: RESULT {json}
@@ -32,8 +37,9 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.checkpoints.store import resolve_home, resolve_model
-from moeflow.engine.kernels import Linear
-from moeflow.engine.models.arch import load_arch
+from moeflow.engine.kernels import Linear, native
+from moeflow.engine.models.arch import ArchConfig, load_arch
+from moeflow.engine.models.attention import decode_gather
 
 Product = Callable[[torch.Tensor], torch.Tensor]
 
@@ -66,6 +72,38 @@ def run_step(products: list[Product], inputs: list[torch.Tensor]) -> tuple[float
     return 1000 * (t1 - t0), 1000 * (t2 - t1)
 
 
+def attention_variants(arch: ArchConfig, num_seqs: int, context: int, block_size: int,
+                       generator: torch.Generator) -> dict[str, Callable[[], None]]:
+    """One decode step's attention over every layer, per variant."""
+    k, hd, h = arch.num_kv_heads, arch.head_dim, arch.num_heads
+    width = (context + block_size - 1) // block_size
+    num_blocks = max(4 * num_seqs * width, 1024)
+    caches = [torch.randn(2, num_blocks * block_size, k, hd, generator=generator)
+              for _ in range(arch.num_layers)]
+    order = torch.randperm(num_blocks, generator=generator).to(torch.int32)
+    tables = order[: num_seqs * width].view(num_seqs, width).contiguous()
+    lens = torch.tensor([context - i % 5 for i in range(num_seqs)], dtype=torch.int32)
+    q = torch.randn(num_seqs, h + k, hd, generator=generator)[:, :h]
+    scale = hd**-0.5
+    gather, mask = decode_gather(tables, lens, block_size)
+    kernels = native.library()
+
+    def gather_sdpa() -> None:
+        for c in caches:
+            kd, vd = c[0][gather].transpose(1, 2), c[1][gather].transpose(1, 2)
+            F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale,
+                                           enable_gqa=True)
+
+    out: dict[str, Callable[[], None]] = {"gather_sdpa": gather_sdpa}
+    if kernels is not None:
+        def c_kernel() -> None:
+            for c in caches:
+                kernels.paged_decode_attention(q, c[0], c[1], tables, lens, block_size, scale)
+
+        out["c_kernel"] = c_kernel
+    return out
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -76,6 +114,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--m", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--context", type=int, default=160, help="decode attention context")
+    parser.add_argument("--block-size", type=int, default=16)
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -87,7 +127,8 @@ def main() -> None:
     generator = torch.Generator().manual_seed(0)
     products = variants(shapes, generator)
     result: dict[str, Any] = {"model": args.model, "threads": args.threads,
-                              "rounds": args.rounds, "ms_per_step": {}}
+                              "rounds": args.rounds, "context": args.context,
+                              "ms_per_step": {}}
     for m in args.m:
         inputs = [torch.randn(m, k, generator=generator) for _, k in shapes]
         for fns in products.values():  # first calls (oneDNN builds its kernels per shape)
@@ -106,6 +147,21 @@ def main() -> None:
             f"{name} {c['total']['median']:.1f} [{c['total']['min']:.1f}-{c['total']['max']:.1f}]"
             f" (head {c['lm_head']['median']:.1f})" for name, c in cell.items())
         print(f"M={m}: {line}", file=sys.stderr, flush=True)
+
+        attention = attention_variants(arch, m, args.context, args.block_size, generator)
+        samples: dict[str, list[float]] = {name: [] for name in attention}
+        for fn in attention.values():
+            fn()
+        for _ in range(args.rounds):
+            for name, fn in attention.items():
+                t0 = time.perf_counter()
+                fn()
+                samples[name].append(1000 * (time.perf_counter() - t0))
+        result["attention_ms_per_step"] = result.get("attention_ms_per_step", {})
+        result["attention_ms_per_step"][f"d{m}"] = {n: summary(v) for n, v in samples.items()}
+        line = "  ".join(f"{n} {statistics.median(v):.1f} [{min(v):.1f}-{max(v):.1f}]"
+                         for n, v in samples.items())
+        print(f"D={m} attention, context {args.context}: {line}", file=sys.stderr, flush=True)
     out = Path(__file__).parent / "results" / "kernels.json"
     out.write_text(json.dumps(result, indent=2))
     print("RESULT " + json.dumps(result, separators=(",", ":")))

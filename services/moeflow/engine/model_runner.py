@@ -14,7 +14,12 @@ import torch
 
 from moeflow.engine.lazy_memory import lazy_zeros
 from moeflow.engine.models.arch import ArchConfig
-from moeflow.engine.models.attention import AttentionMetadata, PrefillSpan
+from moeflow.engine.models.attention import (
+    AttentionMetadata,
+    PrefillSpan,
+    decode_gather,
+    decode_kernel,
+)
 from moeflow.engine.models.decoder import DecoderModel
 from moeflow.engine.models.loader import load_model
 from moeflow.engine.sampler import make_generator, sample
@@ -51,6 +56,8 @@ class ModelRunner:
             arch.num_layers, 2, num_slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype
         )
         self._generators: dict[str, torch.Generator | None] = {}
+        # built (first start on a machine) or mapped (every later one) now, not in a step
+        self._decode_kernel = decode_kernel(self.dtype)
 
     @staticmethod
     def num_blocks_for_bytes(arch: ArchConfig, dtype: str, block_size: int, num_bytes: int) -> int:
@@ -91,17 +98,20 @@ class ModelRunner:
                 sampled_items.append(item)
         meta = AttentionMetadata(slot_mapping=torch.tensor(slots, dtype=torch.long))
         if decodes:
+            bs = self.block_size
             lengths = [d.start_pos + 1 for d in decodes]
-            max_len = max(lengths)
-            gather = torch.zeros(len(decodes), max_len, dtype=torch.long)
-            for row, d in enumerate(decodes):
-                gather[row, : lengths[row]] = torch.tensor(self._slots(d, 0, lengths[row]))
+            blocks = [(n + bs - 1) // bs for n in lengths]
+            width = max(blocks)
             meta.num_decode_tokens = len(decodes)
-            meta.decode_gather = gather
-            if min(lengths) != max_len:
-                lens = torch.tensor(lengths)
-                mask = torch.arange(max_len)[None, :] < lens[:, None]
-                meta.decode_mask = mask[:, None, None, :]
+            meta.block_size = bs
+            meta.decode_block_tables = torch.tensor(
+                [d.seq.block_table[:b] + [0] * (width - b) for d, b in zip(decodes, blocks,
+                                                                          strict=True)],
+                dtype=torch.int32)
+            meta.decode_lens = torch.tensor(lengths, dtype=torch.int32)
+            if self._decode_kernel is None:
+                meta.decode_gather, meta.decode_mask = decode_gather(
+                    meta.decode_block_tables, meta.decode_lens, bs)
         offset = len(decodes)
         for item in prefills:
             n = item.num_new_tokens

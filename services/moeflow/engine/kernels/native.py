@@ -1,0 +1,136 @@
+"""C kernels (``csrc/``), compiled once per machine and cached on disk, called through ctypes.
+
+The library is built with the system C compiler (``$CC``, else ``cc``) for this CPU
+(``-march=native``) into ``$MOEFLOW_HOME/kernels/moeflow-kernels-<key>.so``; the key hashes the
+sources, the flags and the CPU's feature flags, so a changed source or another CPU gets its own
+build and a cached build is never stale. The first start on a machine compiles (about a second,
+logged); every later start only maps the cached file. Without a compiler, or with
+``MOEFLOW_NATIVE_KERNELS=0``, ``library()`` is None and callers use their torch path.
+
+The library uses OpenMP and links ``libgomp.so.1``, the soname of the runtime torch loads, so it
+runs on torch's thread pool (and stays fork-safe exactly as torch's own parallel ops are).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from moeflow.checkpoints.store import resolve_home
+
+logger = logging.getLogger(__name__)
+
+ENV_SWITCH = "MOEFLOW_NATIVE_KERNELS"
+"""``0`` turns the C kernels off (the torch paths run instead)."""
+ABI = 1
+SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.c",)
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+COMPILE_TIMEOUT_S = 120.0
+
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build_key() -> str:
+    digest = hashlib.sha256(f"{ABI}|{' '.join(FLAGS)}|{platform.machine()}|".encode())
+    digest.update(_cpu_flags().encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _compile(dest: Path) -> None:
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        raise FileNotFoundError("no C compiler (cc, gcc or $CC)")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # build beside the destination, then rename: concurrent starts never see a partial file
+    fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True,
+                       capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        os.replace(tmp, dest)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"compiling the kernels failed: {exc.stderr.strip()[-2000:]}") from exc
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class NativeKernels:
+    """Typed entry points of the compiled library."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        lib.moeflow_kernels_abi.restype = ctypes.c_int
+        if lib.moeflow_kernels_abi() != ABI:
+            raise RuntimeError("the cached kernel library has another ABI")
+        fn = lib.moeflow_paged_decode_attention
+        fn.restype = ctypes.c_int
+        i64 = ctypes.c_int64
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, ctypes.c_void_p, ctypes.c_void_p,
+                       ctypes.c_void_p, i64, ctypes.c_void_p, i64, i64, i64, i64, i64,
+                       ctypes.c_float, ctypes.c_int]
+        self._paged_decode_attention = fn
+
+    def paged_decode_attention(
+        self,
+        q: torch.Tensor,  # [D, H, Hd] float32, dims and heads contiguous
+        k_cache: torch.Tensor,  # [S, K, Hd] float32 contiguous
+        v_cache: torch.Tensor,
+        block_tables: torch.Tensor,  # [D, max_blocks] int32 contiguous
+        context_lens: torch.Tensor,  # [D] int32, each >= 1
+        block_size: int,
+        scale: float,
+    ) -> torch.Tensor:  # [D, H, Hd]
+        """Each row of ``q`` attends to its sequence's first ``context_lens`` cached tokens."""
+        num_seqs, num_heads, head_dim = q.shape
+        num_kv_heads = k_cache.shape[1]
+        if q.stride(2) != 1 or q.stride(1) != head_dim:
+            raise ValueError("q's heads and dims must be contiguous")
+        out = torch.empty(q.shape, dtype=q.dtype)
+        err = self._paged_decode_attention(
+            out.data_ptr(), q.data_ptr(), q.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+            block_tables.data_ptr(), block_tables.shape[1], context_lens.data_ptr(), num_seqs,
+            num_heads, num_kv_heads, head_dim, block_size, scale, torch.get_num_threads())
+        if err != 0:
+            raise MemoryError("paged decode attention could not allocate its scratch memory")
+        return out
+
+
+@functools.cache
+def library() -> NativeKernels | None:
+    """The compiled kernels for this machine (built on first use), or None when unavailable."""
+    if os.environ.get(ENV_SWITCH, "1") == "0":
+        return None
+    path = resolve_home(os.environ) / "kernels" / f"moeflow-kernels-{build_key()}.so"
+    try:
+        if not path.exists():
+            started = time.perf_counter()
+            _compile(path)
+            logger.info("compiled the C kernels into %s in %.2f s", path,
+                        time.perf_counter() - started)
+        return NativeKernels(ctypes.CDLL(str(path)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("C kernels unavailable (%s): the torch paths run instead", exc)
+        return None
