@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeflow.engine.kernels import Linear, packing_available
+from moeflow.engine.kernels import Linear, native, packing_available
 from moeflow.engine.kernels import linear as linear_module
+from moeflow.engine.kernels.linear import SMALL_M, blocked64_rows
 
 
 def test_the_pinned_torch_packs() -> None:
@@ -91,3 +92,29 @@ def test_a_state_of_another_format_is_refused() -> None:
     state["format"] = -1
     with pytest.raises(ValueError, match="format"):
         Linear.__new__(Linear).__setstate__(state)
+
+
+def test_few_rows_run_the_c_loop_on_the_packed_bytes() -> None:
+    kernels = native.library()
+    assert kernels is not None and kernels.has_packed_linear, "this machine builds the loop"
+    w = _weight(100, 37)  # a partial 64-row block, K not a multiple of 16
+    layer = Linear(w)
+    assert layer._kp == 48
+    x = torch.randn(SMALL_M, 37)
+    y = layer(x)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    # a row's result does not depend on the rows computed beside it
+    for m in (1, 3, 5, SMALL_M):
+        assert torch.equal(layer(x[:m]), y[:m])
+    # non-contiguous rows (a view with a leading stride) read correctly
+    wide = torch.randn(4, 50)
+    assert torch.equal(layer(wide[:, :37]), layer(wide[:, :37].contiguous()))
+
+
+def test_the_layout_check_rejects_other_layouts() -> None:
+    w = _weight(130, 40)
+    layer = Linear(w)
+    assert blocked64_rows(w, layer.storage) == 48
+    shuffled = layer.storage.view(torch.float32).flip(0).contiguous().view(torch.uint8)
+    assert blocked64_rows(w, shuffled) is None
+    assert blocked64_rows(w.to(torch.bfloat16), Linear(w.to(torch.bfloat16)).storage) is None

@@ -33,8 +33,9 @@ logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "MOEFLOW_NATIVE_KERNELS"
 """``0`` turns the C kernels off (the torch paths run instead)."""
-ABI = 1
-SOURCES = (Path(__file__).parent / "csrc" / "paged_attention.c",)
+ABI = 2
+SOURCES = tuple(Path(__file__).parent / "csrc" / name
+                for name in ("paged_attention.c", "packed_linear.c"))
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 120.0
 
@@ -85,6 +86,14 @@ class NativeKernels:
         lib.moeflow_kernels_abi.restype = ctypes.c_int
         if lib.moeflow_kernels_abi() != ABI:
             raise RuntimeError("the cached kernel library has another ABI")
+        lib.moeflow_packed_linear_supported.restype = ctypes.c_int
+        self.has_packed_linear = bool(lib.moeflow_packed_linear_supported())
+        linear = lib.moeflow_packed_linear
+        linear.restype = ctypes.c_int
+        linear.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
+                           ctypes.c_int]
+        self._packed_linear = linear
         fn = lib.moeflow_paged_decode_attention
         fn.restype = ctypes.c_int
         i64 = ctypes.c_int64
@@ -116,6 +125,20 @@ class NativeKernels:
         if err != 0:
             raise MemoryError("paged decode attention could not allocate its scratch memory")
         return out
+
+
+    def packed_linear(self, x: torch.Tensor, packed: torch.Tensor, n: int, k: int,
+                      kp: int) -> torch.Tensor:
+        """``x [M, K] @ W.T`` with W packed in 64-row blocks of ``kp`` rows (see
+        ``csrc/packed_linear.c``); ``x`` float32 with contiguous rows."""
+        if x.stride(1) != 1:
+            raise ValueError("x's rows must be contiguous")
+        y = torch.empty((x.shape[0], n), dtype=torch.float32)
+        err = self._packed_linear(y.data_ptr(), x.data_ptr(), x.shape[0], x.stride(0),
+                                  packed.data_ptr(), n, k, kp, torch.get_num_threads())
+        if err != 0:
+            raise RuntimeError("this kernel build has no packed linear (no AVX-512)")
+        return y
 
 
 @functools.cache

@@ -29,7 +29,7 @@
 #include <immintrin.h>
 #endif
 
-int moeflow_kernels_abi(void) { return 1; }
+int moeflow_kernels_abi(void) { return 2; }
 
 /* q . k with fused multiply-adds and a tree reduction at the end (a compiler's own `simd
  * reduction` ends in 16 dependent scalar adds, measured as most of this kernel's time). */
