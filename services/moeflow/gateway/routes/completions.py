@@ -64,6 +64,9 @@ def _prompts(body: CompletionRequest, model: ServedModel, max_prompts: int) -> l
         raise InvalidRequestError(f"at most {max_prompts} prompts per request", param="prompt")
     if any(not ids for ids in prompts):
         raise InvalidRequestError("prompts must not be empty", param="prompt")
+    vocab = model.tokenizer.vocab_size
+    if any(t < 0 or t >= vocab for ids in prompts for t in ids):
+        raise InvalidRequestError(f"prompt token ids must lie in [0, {vocab})", param="prompt")
     return prompts
 
 
