@@ -121,9 +121,13 @@ def test_a_completions_prompt_is_raw_text(platform: Platform, tiny_dirs: dict[st
 # -- counting -------------------------------------------------------------------------------------
 
 
-def counts(platform: Platform) -> Counter[str]:
-    """status -> moeflow_requests_total, summed over models and endpoints."""
-    text = httpx.get(f"{platform.root_url}/metrics", timeout=10).text
+def counts(platform: Platform, api_key: str | None = None) -> Counter[str]:
+    """status -> moeflow_requests_total, summed over models and endpoints (/metrics needs an
+    admin key where keys are set: with only flat keys, those keys are the admin's)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    response = httpx.get(f"{platform.root_url}/metrics", timeout=10, headers=headers)
+    assert response.status_code == 200, response.text
+    text = response.text
     out: Counter[str] = Counter()
     for line in text.splitlines():
         if line.startswith("moeflow_requests_total{"):
@@ -155,14 +159,14 @@ async def test_401_and_the_gateways_own_429_are_counted_exactly_once(
     url = f"{guarded_platform.base_url}/chat/completions"
     body = {"model": "tiny-moe", "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": 40, "ignore_eos": True}
-    before = counts(guarded_platform)
+    before = counts(guarded_platform, API_KEY)
     assert httpx.post(url, json=body, timeout=10).status_code == 401
     async with httpx.AsyncClient(timeout=60,
                                  headers={"Authorization": f"Bearer {API_KEY}"}) as http:
         responses = await asyncio.gather(*(http.post(url, json=body) for _ in range(6)))
     statuses = Counter(str(r.status_code) for r in responses)
     assert statuses["429"] >= 1, statuses
-    delta = counts(guarded_platform) - before
+    delta = counts(guarded_platform, API_KEY) - before
     assert delta["401"] == 1 and delta["429"] == statuses["429"], (delta, statuses)
 
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -123,9 +122,10 @@ def test_a_model_that_never_starts_makes_up_give_up(tiny_dirs: dict[str, Path],
     broken.mkdir()
     for item in tiny_dirs["llama"].iterdir():
         (broken / item.name).write_bytes(item.read_bytes())
-    config = json.loads((broken / "config.json").read_text())
-    config["model_type"] = "no-such-architecture"  # every start fails while loading
-    (broken / "config.json").write_text(json.dumps(config))
+    # a supported architecture (so `up` accepts it) whose weights cannot be read: every
+    # engine start fails while loading
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not a safetensors file")
     env = dict(os.environ, PYTHONUNBUFFERED="1", MOEFLOW_UP_MAX_START_FAILURES="2")
     log = Path(tempfile.mkstemp(prefix="moeflow-up-", suffix=".log")[1])
     started = time.monotonic()
