@@ -168,7 +168,8 @@ async def test_invalid_jsonl_in_a_config_map_fails_before_any_pod(
                            and kube.status(name), what="Failed")
     assert final["reason"] == "InvalidDataset"
     assert "line 5: not valid JSON" in final["message"]
-    assert kube.cluster.events("InvalidDataset", name)
+    # the Event is posted after the status patch: wait for it rather than race it
+    await wait_for(lambda: kube.cluster.events("InvalidDataset", name), what="the Event")
     assert kube.cluster.objects(PODS) == []
     kube.validate_everything()
 
@@ -183,7 +184,7 @@ async def test_a_missing_config_map_waits_then_starts(cluster: FineTuneCluster,
                              and kube.status(name), what="DatasetNotFound")
     assert waiting["phase"] == "Pending"
     assert conditions(waiting)["Succeeded"] == ("Unknown", "DatasetNotFound")
-    assert kube.cluster.events("DatasetNotFound", name)
+    await wait_for(lambda: kube.cluster.events("DatasetNotFound", name), what="the Event")
     assert kube.cluster.objects(PODS) == []
     await kube.cluster.apply(config_map)
     pod = await wait_for(lambda: kube.cluster.get(PODS, f"{name}-finetune-0"),

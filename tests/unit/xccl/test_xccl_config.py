@@ -10,7 +10,7 @@ from moeflow.xccl import RedisConfig, ShmConfig, make_transport
 from moeflow.xccl.base import Backoff, deadline_after
 from moeflow.xccl.memory import MemoryHub
 
-pytestmark = pytest.mark.timeout(2)
+pytestmark = pytest.mark.timeout(30)  # a hang guard; 2 s tripped on a loaded 2-core box
 
 
 def test_defaults_are_valid() -> None:

@@ -9,7 +9,7 @@ import pytest
 from moeflow.xccl.shm_names import PREFIX, parse_name, quote_name, socket_path
 from moeflow.xccl.shm_segments import capacity_for
 
-pytestmark = pytest.mark.timeout(2)
+pytestmark = pytest.mark.timeout(30)  # a hang guard; 2 s tripped on a loaded 2-core box
 
 KIB, MIB = 1 << 10, 1 << 20
 
