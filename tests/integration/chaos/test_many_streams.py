@@ -57,6 +57,8 @@ async def test_two_thousand_concurrent_streams(tiny_dirs: dict[str, Path]) -> No
         num_ok = outcomes.count("ok")
         assert num_ok + outcomes.count("429") == NUM_STREAMS
         assert num_ok >= MAX_IN_FLIGHT // 2, outcomes.count("429")
+        print(f"{NUM_STREAMS} streams: {num_ok} completed, {outcomes.count('429')} x 429; "
+              f"gateway RSS {before_mb:.0f} -> {after_mb:.0f} MiB")
         assert after_mb - before_mb < 400, (before_mb, after_mb)
         # right after: normal answers, health ok, counters add up
         c = openai.AsyncOpenAI(base_url=platform.base_url, api_key="x", max_retries=0)
