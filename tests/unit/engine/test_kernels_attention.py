@@ -65,6 +65,9 @@ def kernels() -> native.NativeKernels:
     (9, 3, 64, 16, [150, 146, 1, 17, 16]),  # SmolLM2's shape, ragged lengths, block edges
     (4, 4, 16, 4, [9]),  # no GQA, one sequence
     (8, 2, 32, 8, [40, 40, 40]),  # equal lengths (the torch path then uses no mask)
+    (8, 2, 128, 16, [33, 70]),  # head dim 128: groups of 4 run in passes of 2
+    (10, 2, 64, 8, [1, 23, 64]),  # groups of 5 run as 4 + 1
+    (6, 6, 32, 4, [17, 3]),  # no GQA on the vector path
 ])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_matches_gather_and_sdpa(kernels: native.NativeKernels, heads: int,

@@ -10,9 +10,13 @@
  * h / (H / K), as transformers' repeat_kv does.
  *
  * Work is split over sequences with OpenMP (over (sequence, KV head) pairs when there are too
- * few sequences for the threads); the query heads of a KV group share its K/V reads. The library links the OpenMP runtime torch
- * already loaded (same soname), so it shares torch's thread pool; the caller passes the thread
- * count torch uses.
+ * few sequences for the threads). The library links the OpenMP runtime torch already loaded
+ * (same soname), so it shares torch's thread pool; the caller passes torch's thread count.
+ *
+ * With AVX-512 and a head dim of 32, 64 or 128, the query heads of one KV group (up to 4 at a
+ * time) run together with their q, the K/V row chunks and the output accumulators in vector
+ * registers, and the softmax exponentials are computed 16 at a time (a Cephes-style expf,
+ * within 2 ulp of libm's). Other shapes take the portable loop.
  *
  * Layouts (float32, row-major):
  *   q            [D, H, Hd], token stride q_stride (floats), heads and dims contiguous
@@ -55,6 +59,144 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
     return s;
 }
 
+#if defined(__AVX512F__)
+/* exp(x) for x <= 0 (scores minus their max): Cody-Waite reduction by ln 2, Cephes' degree-6
+ * polynomial, 2^n applied with scalef (which also flushes very negative x to 0). */
+static inline __m512 exp_nonpositive(__m512 x)
+{
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n);
+}
+
+/* In place: sc[t] = exp(sc[t] - max); returns the sum. */
+static inline float softmax_numerators(float *restrict sc, int64_t len)
+{
+    __m512 vmax = _mm512_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 16 <= len; t += 16) vmax = _mm512_max_ps(vmax, _mm512_loadu_ps(sc + t));
+    const __mmask16 tail = (__mmask16)((1u << (len - t)) - 1u);
+    vmax = _mm512_mask_max_ps(vmax, tail, vmax, _mm512_maskz_loadu_ps(tail, sc + t));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(vmax));
+    __m512 vsum = _mm512_setzero_ps();
+    for (t = 0; t + 16 <= len; t += 16) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_loadu_ps(sc + t), m));
+        _mm512_storeu_ps(sc + t, e);
+        vsum = _mm512_add_ps(vsum, e);
+    }
+    if (tail) {
+        const __m512 e = exp_nonpositive(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, sc + t), m));
+        _mm512_mask_storeu_ps(sc + t, tail, e);
+        vsum = _mm512_mask_add_ps(vsum, tail, vsum, e);
+    }
+    return _mm512_reduce_add_ps(vsum);
+}
+
+/* The rows of the block after block b (NULL at the context's end): blocks sit anywhere in the
+ * cache, so the hardware prefetcher loses the stream at each block edge; row j of the next
+ * block is requested while row j of this one is read. */
+static inline const float *next_rows(const float *cache, const int32_t *restrict table,
+                                     int64_t b, int64_t next_t, int64_t len,
+                                     int64_t block_size, int64_t row)
+{
+    return next_t < len ? cache + (int64_t)table[b + 1] * block_size * row : NULL;
+}
+
+/* NH query heads sharing one KV head, head dim 16 * HD16: q (heads contiguous) -> out. */
+#define DEFINE_GROUP_PASS(HD16, NH)                                                          \
+    static void group_##HD16##_##NH(                                                         \
+        float *restrict out, const float *restrict q, const float *restrict k_cache,        \
+        const float *restrict v_cache, const int32_t *restrict table, int64_t len,          \
+        int64_t kv_offset, int64_t row, int64_t block_size, float scale,                    \
+        float *restrict scores)                                                              \
+    {                                                                                        \
+        __m512 qv[NH][HD16], acc[NH][HD16];                                                  \
+        for (int g = 0; g < NH; g++)                                                         \
+            for (int c = 0; c < HD16; c++) {                                                 \
+                qv[g][c] = _mm512_loadu_ps(q + (g * HD16 + c) * 16);                         \
+                acc[g][c] = _mm512_setzero_ps();                                             \
+            }                                                                                \
+        for (int64_t b = 0, t = 0; t < len; b++) {                                           \
+            const int64_t n = len - t < block_size ? len - t : block_size;                   \
+            const float *kr = k_cache + (int64_t)table[b] * block_size * row + kv_offset;    \
+            const float *kn = next_rows(k_cache, table, b, t + n, len, block_size, row);     \
+            for (int64_t j = 0; j < n; j++, t++, kr += row) {                                \
+                if (kn != NULL)                                                                \
+                    for (int c = 0; c < HD16; c++) _mm_prefetch(kn + kv_offset + j * row + 16 * c, _MM_HINT_T0); \
+                __m512 kc[HD16];                                                             \
+                for (int c = 0; c < HD16; c++) kc[c] = _mm512_loadu_ps(kr + 16 * c);         \
+                for (int g = 0; g < NH; g++) {                                               \
+                    __m512 d = _mm512_mul_ps(qv[g][0], kc[0]);                               \
+                    for (int c = 1; c < HD16; c++) d = _mm512_fmadd_ps(qv[g][c], kc[c], d);  \
+                    scores[g * len + t] = _mm512_reduce_add_ps(d) * scale;                   \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        float inv[NH];                                                                       \
+        for (int g = 0; g < NH; g++) inv[g] = 1.0f / softmax_numerators(scores + g * len, len); \
+        for (int64_t b = 0, t = 0; t < len; b++) {                                           \
+            const int64_t n = len - t < block_size ? len - t : block_size;                   \
+            const float *vr = v_cache + (int64_t)table[b] * block_size * row + kv_offset;    \
+            const float *vn = next_rows(v_cache, table, b, t + n, len, block_size, row);     \
+            for (int64_t j = 0; j < n; j++, t++, vr += row) {                                \
+                if (vn != NULL)                                                                \
+                    for (int c = 0; c < HD16; c++) _mm_prefetch(vn + kv_offset + j * row + 16 * c, _MM_HINT_T0); \
+                __m512 vc[HD16];                                                             \
+                for (int c = 0; c < HD16; c++) vc[c] = _mm512_loadu_ps(vr + 16 * c);         \
+                for (int g = 0; g < NH; g++) {                                               \
+                    const __m512 p = _mm512_set1_ps(scores[g * len + t]);                    \
+                    for (int c = 0; c < HD16; c++)                                           \
+                        acc[g][c] = _mm512_fmadd_ps(p, vc[c], acc[g][c]);                    \
+                }                                                                            \
+            }                                                                                \
+        }                                                                                    \
+        for (int g = 0; g < NH; g++) {                                                       \
+            const __m512 s = _mm512_set1_ps(inv[g]);                                         \
+            for (int c = 0; c < HD16; c++)                                                   \
+                _mm512_storeu_ps(out + (g * HD16 + c) * 16, _mm512_mul_ps(acc[g][c], s));    \
+        }                                                                                    \
+    }
+
+DEFINE_GROUP_PASS(2, 1)
+DEFINE_GROUP_PASS(2, 2)
+DEFINE_GROUP_PASS(2, 3)
+DEFINE_GROUP_PASS(2, 4)
+DEFINE_GROUP_PASS(4, 1)
+DEFINE_GROUP_PASS(4, 2)
+DEFINE_GROUP_PASS(4, 3)
+DEFINE_GROUP_PASS(4, 4)
+DEFINE_GROUP_PASS(8, 1)
+DEFINE_GROUP_PASS(8, 2)
+
+typedef void (*group_fn)(float *restrict, const float *restrict, const float *restrict,
+                         const float *restrict, const int32_t *restrict, int64_t, int64_t,
+                         int64_t, int64_t, float, float *restrict);
+
+/* The pass for head_dim and up to `heads` heads (NULL: no fast path), and how many it takes. */
+static group_fn group_pass(int64_t head_dim, int64_t heads, int64_t *taken)
+{
+    static const group_fn by_hd2[4] = {group_2_1, group_2_2, group_2_3, group_2_4};
+    static const group_fn by_hd4[4] = {group_4_1, group_4_2, group_4_3, group_4_4};
+    static const group_fn by_hd8[2] = {group_8_1, group_8_2};
+    switch (head_dim) {
+    case 32: *taken = heads < 4 ? heads : 4; return by_hd2[*taken - 1];
+    case 64: *taken = heads < 4 ? heads : 4; return by_hd4[*taken - 1];
+    case 128: *taken = heads < 2 ? heads : 2; return by_hd8[*taken - 1];
+    default: *taken = heads; return NULL;
+    }
+}
+#endif
+
 /* Heads [h0, h0 + nh) of one sequence (whole KV groups). The context's rows come block by
  * block, each block's slots contiguous in the cache. scores: nh * len floats; acc: nh *
  * head_dim floats; sums: nh floats. */
@@ -64,6 +206,19 @@ static void attend(float *restrict og, const float *restrict qg, const float *re
                    int64_t block_size, float scale, float *restrict scores,
                    float *restrict acc, float *restrict sums)
 {
+#if defined(__AVX512F__)
+    int64_t taken = 0;
+    if (group_pass(head_dim, group, &taken) != NULL) {
+        for (int64_t h = 0; h < nh; h += taken) {
+            /* heads [h0 + h, ...) of one KV group; a pass never crosses a group's end */
+            const int64_t in_group = group - (h0 + h) % group;
+            const group_fn pass = group_pass(head_dim, in_group, &taken);
+            pass(og + h * head_dim, qg + h * head_dim, k_cache, v_cache, table, len,
+                 ((h0 + h) / group) * head_dim, row, block_size, scale, scores);
+        }
+        return;
+    }
+#endif
     for (int64_t b = 0, t = 0; t < len; b++) {
         const int64_t n = len - t < block_size ? len - t : block_size;
         const float *kr = k_cache + (int64_t)table[b] * block_size * row;
