@@ -1,12 +1,11 @@
 """Plain Hugging Face transformers baseline: a tiny OpenAI-style server over `model.generate`.
 
-The naive floor (baseline B0 in docs/benchmarks.md): fp32 eager, one request at a time (a lock), each
-request a plain `generate` call whose tokens are streamed through a `BaseStreamer` as SSE. Only
-what the benchmark needs: POST /v1/completions (string or token-id prompt, max_tokens,
+The naive floor (baseline B0 in docs/benchmarks.md): fp32 eager, one request at a time (a lock),
+each request a plain `generate` call whose tokens are streamed through a `BaseStreamer` as SSE.
+Only what the benchmark needs: POST /v1/completions (string or token-id prompt, max_tokens,
 temperature, ignore_eos, stream, stream_options.include_usage), GET /v1/models, GET /health.
-
-Runs in its own venv (benchmarks/baselines/install_hf.sh), never imported by the project:
-  python hf_server.py --model-dir DIR --served-model-name NAME --port P --num-threads N
+Runs in its own venv (benchmarks/baselines/install_hf.sh), never imported by the project: python
+hf_server.py --model-dir DIR --served-model-name NAME --port P --num-threads N
 """
 
 from __future__ import annotations

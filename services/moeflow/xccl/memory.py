@@ -1,11 +1,12 @@
 """In-process XCCL backend: endpoints sharing one `MemoryHub` exchange tensors through queues.
 
-The fake of the Protocol + fake + real triple (one contract suite runs against all): for unit tests of the engine and
-gateway and for single-process runs, with no files, sockets or servers. It keeps the contract of
-base.py (tests/integration/xccl/test_contract.py runs against it too): `send` clones the tensors,
-so a receiver never aliases the sender's memory, exactly as across processes; a peer is alive
-while its endpoint is open, and closing it is the only way to "die". Endpoints of different hubs
-never see each other; `make_transport("memory", ...)` without a hub uses one per process.
+The fake of the Protocol + fake + real triple (one contract suite runs against all): for unit
+tests of the engine and gateway and for single-process runs, with no files, sockets or servers.
+It keeps the contract of base.py (tests/integration/xccl/test_contract.py runs against it too):
+`send` clones the tensors, so a receiver never aliases the sender's memory, exactly as across
+processes; a peer is alive while its endpoint is open, and closing it is the only way to "die".
+Endpoints of different hubs never see each other; `make_transport("memory", ...)` without a hub
+uses one per process.
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """The bulk read path of the Redis backend: RESP2 over a raw socket, replies straight into place.
 
 redis-py's pure-Python parser builds one bytes object per reply through a growing buffer, which
-caps GET at about 0.6-1 GB/s on a 2-core machine (docs/benchmarks.md, XCCL). `BulkConnection.getdel_into`
-instead pipelines GETDEL for all chunks of a message and `recv_into`s every reply directly into
-the destination buffer: one kernel-to-user copy per byte. It handles only what that path needs
-(AUTH, SELECT, GETDEL; plain TCP or Unix sockets); TLS URLs use redis-py instead (see
-`BulkConnection.supports`). Used only by redis_backend.py, which owns the connection and its
-lifetime. Any error leaves the stream in an unknown state, so callers drop the connection.
+caps GET at about 0.6-1 GB/s on a 2-core machine (docs/benchmarks.md, XCCL).
+`BulkConnection.getdel_into` instead pipelines GETDEL for all chunks of a message and
+`recv_into`s every reply directly into the destination buffer: one kernel-to-user copy per byte.
+It handles only what that path needs (AUTH, SELECT, GETDEL; plain TCP or Unix sockets); TLS URLs
+use redis-py instead (see `BulkConnection.supports`). Used only by redis_backend.py, which owns
+the connection and its lifetime. Any error leaves the stream in an unknown state, so callers
+drop the connection.
 """
 
 from __future__ import annotations
