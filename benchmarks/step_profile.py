@@ -39,10 +39,10 @@ from moeflow.engine.config import EngineSettings
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.models import decoder as decoder_module
 
-REGIONS = ("lm_head", "attention", "sampling", "prepare")
+REGIONS = ("lm_head", "attention", "sampling", "prepare", "products")
 PRODUCT_OPS = {
     "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
-    "mkldnn::_linear_pointwise", "moeflow::matmul",
+    "mkldnn::_linear_pointwise",
 }
 
 
@@ -58,6 +58,13 @@ def _wrap_region(owner: Any, attr: str, label: str) -> None:
 
 
 def instrument(engine: LLMEngine) -> None:
+    # products that are not torch ops (the C loop) are seen through their Linear wrapper
+    try:
+        from moeflow.engine.kernels.linear import Linear
+    except ImportError:  # a tree from before the kernels (old/new A/B runs)
+        pass
+    else:
+        _wrap_region(Linear, "__call__", "products")
     _wrap_region(decoder_module, "paged_attention", "attention")
     _wrap_region(model_runner_module, "sample", "sampling")
     _wrap_region(engine.runner, "_prepare", "prepare")

@@ -33,10 +33,12 @@ logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "MOEFLOW_NATIVE_KERNELS"
 """``0`` turns the C kernels off (the torch paths run instead)."""
-ABI = 2
+ABI = 3
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("paged_attention.c", "packed_linear.c"))
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+                for name in ("paged_attention.c", "packed_linear.c", "fused.c"))
+# ISO C and no contraction: a * b + c stays two roundings, as in torch's separate ops
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-ffp-contract=off", "-shared",
+         "-fPIC")
 COMPILE_TIMEOUT_S = 120.0
 
 
@@ -69,7 +71,8 @@ def _compile(dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], check=True,
+        subprocess.run([compiler, *FLAGS, f"-DMOEFLOW_KERNELS_ABI={ABI}", "-o", tmp,
+                        *map(str, SOURCES), "-lm"], check=True,
                        capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, dest)
     except subprocess.CalledProcessError as exc:
@@ -94,6 +97,17 @@ class NativeKernels:
                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_int]
         self._packed_linear = linear
+        norm = lib.moeflow_add_rms_norm
+        norm.restype = None
+        norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_float]
+        self._add_rms_norm = norm
+        rope = lib.moeflow_rope_store
+        rope.restype = None
+        rope.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+                         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                         ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64]
+        self._rope_store = rope
         fn = lib.moeflow_paged_decode_attention
         fn.restype = ctypes.c_int
         i64 = ctypes.c_int64
@@ -139,6 +153,38 @@ class NativeKernels:
         if err != 0:
             raise RuntimeError("this kernel build has no packed linear (no AVX-512)")
         return y
+
+
+    def add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + delta, rms_norm(x + delta) * weight)`` for float32 [T, E] rows (contiguous);
+        without ``delta``, ``(x, rms_norm(x) * weight)``."""
+        rows, width = x.shape
+        if not (x.is_contiguous() and weight.is_contiguous()
+                and (delta is None or delta.is_contiguous())):
+            raise ValueError("add_rms_norm takes contiguous tensors")
+        out = x if delta is None else torch.empty_like(x)
+        h = torch.empty_like(x)
+        self._add_rms_norm(out.data_ptr(), h.data_ptr(), x.data_ptr(),
+                           None if delta is None else delta.data_ptr(), weight.data_ptr(),
+                           rows, width, eps)
+        return out, h
+
+    def rope_store(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                   num_heads: int, num_kv_heads: int, head_dim: int) -> torch.Tensor:
+        """RoPE on q and k of float32 ``qkv`` [T, (H + 2K) * Hd] (rows contiguous) with each
+        token's ``cos`` / ``sin`` rows [T, Hd] (contiguous); k and v are written to the cache
+        at ``slots`` (int64); returns the rotated q and k heads [T, H + K, Hd]."""
+        tokens = qkv.shape[0]
+        if qkv.stride(1) != 1 or not (cos.is_contiguous() and sin.is_contiguous()
+                                       and slots.is_contiguous()):
+            raise ValueError("rope_store takes contiguous rows")
+        qk = torch.empty((tokens, num_heads + num_kv_heads, head_dim), dtype=torch.float32)
+        self._rope_store(qk.data_ptr(), qkv.data_ptr(), qkv.stride(0), cos.data_ptr(),
+                         sin.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(),
+                         slots.data_ptr(), tokens, num_heads, num_kv_heads, head_dim)
+        return qk
 
 
 @functools.cache

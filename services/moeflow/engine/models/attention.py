@@ -97,9 +97,14 @@ def paged_attention(
     v_cache: torch.Tensor,  # [S, K, Hd]
     meta: AttentionMetadata,
     scale: float,
+    *,
+    stored: bool = False,
 ) -> torch.Tensor:  # [T, H, Hd]
-    k_cache.index_copy_(0, meta.slot_mapping, k)
-    v_cache.index_copy_(0, meta.slot_mapping, v)
+    """Attention of every token of the step; writes this step's K/V into the cache first,
+    unless the caller already did (``stored``)."""
+    if not stored:
+        k_cache.index_copy_(0, meta.slot_mapping, k)
+        v_cache.index_copy_(0, meta.slot_mapping, v)
     num_decode = meta.num_decode_tokens
     decoded = _decode(q[:num_decode], k_cache, v_cache, meta, scale) if num_decode else None
     if decoded is not None and not meta.prefills:

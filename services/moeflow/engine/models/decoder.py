@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from moeflow.engine.kernels import Linear
+from moeflow.engine.kernels.native import NativeKernels, library
 from moeflow.engine.models.arch import ArchConfig
 from moeflow.engine.models.attention import AttentionMetadata, paged_attention
 
@@ -24,6 +25,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     variance = x.pow(2).mean(-1, keepdim=True)
     return weight * (x * torch.rsqrt(variance + eps)).to(dtype)
+
+
+def fused_kernels(dtype: torch.dtype) -> NativeKernels | None:
+    """The C kernels that fuse norms, RoPE and cache writes (float32 only), or None."""
+    return library() if dtype == torch.float32 else None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -149,6 +155,61 @@ class DecoderModel:
         """cos, sin [T, 1, Hd] for the tokens at ``positions``."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
+    def add_norm(
+        self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x + delta`` (``x`` without a delta) and its RMSNorm with ``weight``: one fused
+        call for float32 when the C kernels are built, else the torch ops."""
+        kernels = fused_kernels(x.dtype)
+        if kernels is not None:
+            return kernels.add_rms_norm(x, delta, weight, self.arch.rms_norm_eps)
+        if delta is not None:
+            x = x + delta
+        return x, rms_norm(x, weight, self.arch.rms_norm_eps)
+
+    def attention(
+        self,
+        i: int,
+        h: torch.Tensor,  # [T, E]: the layer's normed input
+        cos: torch.Tensor,  # [T, 1, Hd]
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,
+    ) -> torch.Tensor:  # [T, E]: layer i's attention output, after o_proj
+        """QKV, RoPE, paged attention (writing this step's K/V into the cache), o_proj."""
+        arch = self.arch
+        layer = self.layers[i]
+        num_tokens = h.shape[0]
+        heads = [arch.num_heads, arch.num_kv_heads, arch.num_kv_heads]
+        qkv = layer.qkv(h)
+        if layer.qkv_bias is not None:
+            qkv = qkv + layer.qkv_bias
+        kernels = fused_kernels(qkv.dtype) if layer.q_norm is None else None
+        if kernels is not None:
+            # RoPE and the K/V cache writes in one call, the same arithmetic as below
+            qk = kernels.rope_store(
+                qkv, cos.view(num_tokens, -1), sin.view(num_tokens, -1), kv_cache[i, 0],
+                kv_cache[i, 1], meta.slot_mapping, arch.num_heads, arch.num_kv_heads,
+                arch.head_dim)
+            v = qkv.view(num_tokens, -1, arch.head_dim)[:, heads[0] + heads[1] :]
+            stored = True
+        else:
+            qkv3 = qkv.view(num_tokens, -1, arch.head_dim)
+            q, k, v = qkv3.split(heads, dim=1)
+            if layer.q_norm is not None and layer.k_norm is not None:
+                q = rms_norm(q, layer.q_norm, arch.rms_norm_eps)
+                k = rms_norm(k, layer.k_norm, arch.rms_norm_eps)
+                qk = torch.cat((q, k), dim=1)
+            else:
+                qk = qkv3[:, : heads[0] + heads[1]]
+            # RoPE on q and k together: the same elementwise ops, half the dispatches
+            qk = (qk * cos) + (rotate_half(qk) * sin)
+            stored = False
+        q, k = qk.split(heads[:2], dim=1)
+        attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale,
+                               stored=stored)
+        return layer.o_proj(attn.reshape(num_tokens, -1))
+
     def attention_block(
         self,
         i: int,
@@ -158,30 +219,9 @@ class DecoderModel:
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,
     ) -> torch.Tensor:  # [T, E]: x plus layer i's attention output
-        """Layer i up to its MLP: norm, QKV, RoPE, paged attention (writing this step's K/V
-        into the cache), output projection and the residual add."""
-        arch = self.arch
-        eps = arch.rms_norm_eps
-        layer = self.layers[i]
-        num_tokens = x.shape[0]
-        heads = [arch.num_heads, arch.num_kv_heads, arch.num_kv_heads]
-        h = rms_norm(x, layer.input_norm, eps)
-        qkv = layer.qkv(h)
-        if layer.qkv_bias is not None:
-            qkv = qkv + layer.qkv_bias
-        qkv = qkv.view(num_tokens, -1, arch.head_dim)
-        q, k, v = qkv.split(heads, dim=1)
-        if layer.q_norm is not None and layer.k_norm is not None:
-            q = rms_norm(q, layer.q_norm, eps)
-            k = rms_norm(k, layer.k_norm, eps)
-            qk = torch.cat((q, k), dim=1)
-        else:
-            qk = qkv[:, : heads[0] + heads[1]]
-        # RoPE on q and k together: the same elementwise ops, half the dispatches
-        qk = (qk * cos) + (rotate_half(qk) * sin)
-        q, k = qk.split(heads[:2], dim=1)
-        attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale)
-        return x + layer.o_proj(attn.reshape(num_tokens, -1))
+        """Layer i up to its MLP: norm, then ``attention``, then the residual add."""
+        _, h = self.add_norm(x, None, self.layers[i].input_norm)
+        return x + self.attention(i, h, cos, sin, meta, kv_cache)
 
     def forward(
         self,
@@ -190,13 +230,17 @@ class DecoderModel:
         meta: AttentionMetadata,
         kv_cache: torch.Tensor,  # [layers, 2, S, K, Hd]
     ) -> torch.Tensor:  # [T, E]
-        eps = self.arch.rms_norm_eps
         cos, sin = self.rope(positions)
-        x = F.embedding(input_ids, self.embed)
-        for i, layer in enumerate(self.layers):
-            x = self.attention_block(i, x, cos, sin, meta, kv_cache)
-            x = x + layer.mlp(rms_norm(x, layer.post_norm, eps))
-        return rms_norm(x, self.final_norm, eps)
+        layers = self.layers
+        # each residual add is fused with the norm that follows it (the next layer's input
+        # norm, or the final norm): x + attn -> post norm, x + mlp -> next norm
+        x, h = self.add_norm(F.embedding(input_ids, self.embed), None, layers[0].input_norm)
+        for i, layer in enumerate(layers):
+            x, h = self.add_norm(x, self.attention(i, h, cos, sin, meta, kv_cache),
+                                 layer.post_norm)
+            following = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
+            x, h = self.add_norm(x, layer.mlp(h), following)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

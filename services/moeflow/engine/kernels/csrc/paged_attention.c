@@ -33,7 +33,8 @@
 #include <immintrin.h>
 #endif
 
-int moeflow_kernels_abi(void) { return 2; }
+/* Set by kernels/native.py at build time (its ABI), so the two cannot drift apart. */
+int moeflow_kernels_abi(void) { return MOEFLOW_KERNELS_ABI; }
 
 /* q . k with fused multiply-adds and a tree reduction at the end (a compiler's own `simd
  * reduction` ends in 16 dependent scalar adds, measured as most of this kernel's time). */

@@ -1,0 +1,71 @@
+/* The decoder's small per-layer steps, fused: one call instead of 6-12 torch ops each.
+ *
+ * A decode step is ~30 layers x ~35 ops on a few kilobytes of activations, so the ops' fixed
+ * costs (dispatch, allocation, a parallel region each) add up to a fifth of the step. These
+ * loops run on the calling thread: the data is too small to split.
+ *
+ * Arithmetic mirrors the torch expressions they replace, operation for operation, in the same
+ * float32 rounding (the library is built as ISO C, so a * b + c is never contracted into a
+ * fused multiply-add): RoPE and the residual adds give the very same bits as torch. The one
+ * difference is the order in which RMSNorm sums the squares of a row (torch's reduction
+ * order is its own), a last-bit difference in the variance.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+/* x_out = x + delta (when delta is not NULL, else x_out = x, which may alias), then
+ * h = weight * (x_out * (1 / sqrt(mean(x_out^2) + eps))), for T rows of E values:
+ *   x + delta;  h = weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps))  */
+void moeflow_add_rms_norm(float *x_out, float *restrict h, const float *x,
+                          const float *restrict delta, const float *restrict weight,
+                          int64_t rows, int64_t E, float eps)
+{
+    for (int64_t t = 0; t < rows; t++) {
+        float *xo = x_out + t * E;
+        const float *xr = x + t * E;
+        if (delta != NULL) {
+            const float *d = delta + t * E;
+            for (int64_t i = 0; i < E; i++) xo[i] = xr[i] + d[i];
+        } else if (xo != xr) {
+            memcpy(xo, xr, sizeof(float) * (size_t)E);
+        }
+        float ss = 0.0f;
+#pragma omp simd reduction(+ : ss)
+        for (int64_t i = 0; i < E; i++) ss += xo[i] * xo[i];
+        const float r = 1.0f / sqrtf(ss / (float)E + eps);
+        float *hr = h + t * E;
+        for (int64_t i = 0; i < E; i++) hr[i] = weight[i] * (xo[i] * r);
+    }
+}
+
+/* RoPE on the q and k heads of each token's fused qkv row, then this step's K/V into the
+ * cache:  qk = qkv[:, :H + K];  qk = (qk * cos) + (rotate_half(qk) * sin)  (rotate_half(x)
+ * = cat(-x[half:], x[:half])), k and v rows to their slots.
+ *   qkv    [T, ld] rows: H + 2K heads of Hd values (q, then k, then v)
+ *   qk_out [T, H + K, Hd] contiguous
+ *   cos/sin [T, Hd]: each token's rows of the RoPE tables; slots [T] (int64)
+ *   k/v_cache [S, K, Hd] contiguous  */
+void moeflow_rope_store(float *restrict qk_out, const float *restrict qkv, int64_t ld,
+                        const float *restrict cos_rows, const float *restrict sin_rows,
+                        float *restrict k_cache,
+                        float *restrict v_cache, const int64_t *restrict slots, int64_t T,
+                        int64_t H, int64_t K, int64_t Hd)
+{
+    const int64_t half = Hd / 2;
+    for (int64_t t = 0; t < T; t++) {
+        const float *c = cos_rows + t * Hd;
+        const float *s = sin_rows + t * Hd;
+        const float *row = qkv + t * ld;
+        for (int64_t head = 0; head < H + K; head++) {
+            const float *x = row + head * Hd;
+            float *o = qk_out + (t * (H + K) + head) * Hd;
+            for (int64_t i = 0; i < half; i++) o[i] = x[i] * c[i] + (-x[i + half]) * s[i];
+            for (int64_t i = half; i < Hd; i++) o[i] = x[i] * c[i] + x[i - half] * s[i];
+        }
+        const int64_t slot = slots[t];
+        memcpy(k_cache + slot * K * Hd, qk_out + (t * (H + K) + H) * Hd,
+               sizeof(float) * (size_t)(K * Hd));
+        memcpy(v_cache + slot * K * Hd, row + (H + K) * Hd, sizeof(float) * (size_t)(K * Hd));
+    }
+}
