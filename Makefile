@@ -65,7 +65,7 @@ $(CHECKOV_VENV)/bin/checkov:
 	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
 
 test: system-deps lint typecheck $(CHECKOV_VENV)/bin/checkov
-	MOEFLOW_CHECKOV=$(CHECKOV_VENV)/bin/checkov $(BIN)/pytest $(PYTEST_ARGS)
+	MOEFLOW_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(BIN)/pytest $(PYTEST_ARGS)
 
 check: test
 

@@ -22,7 +22,7 @@ VALUE_SETS = {"defaults": {}, "everything-on": EVERYTHING_ON}
 def checkov() -> Path:
     """$MOEFLOW_CHECKOV (what `make test` sets: a venv of its own), else one next to Python."""
     configured = os.environ.get("MOEFLOW_CHECKOV")
-    found = Path(configured) if configured else Path(sys.executable).parent / "checkov"
+    found = (Path(configured) if configured else Path(sys.executable).parent / "checkov").absolute()
     if not found.exists():
         pytest.fail(f"checkov not found at {found}: run the tests with `make test`, which "
                     "installs it (see docs/security.md)")
