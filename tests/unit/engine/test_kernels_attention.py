@@ -16,6 +16,8 @@ import torch.nn.functional as F
 from moeflow.engine.kernels import native
 from moeflow.engine.models.attention import decode_gather
 
+AVX2_BUILD = ("-mno-avx512f",)
+
 
 @dataclass
 class Case:
@@ -54,10 +56,13 @@ def _run(kernels: native.NativeKernels, case: Case, q: torch.Tensor, scale: floa
                                           case.lens, case.block_size, scale)
 
 
-@pytest.fixture(scope="module")
-def kernels() -> native.NativeKernels:
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def kernels(request: pytest.FixtureRequest) -> native.NativeKernels:
+    """The build for this CPU, and one without AVX-512 (the AVX2 paths some hosts run)."""
+    if request.param == "avx2":
+        return native.load(AVX2_BUILD)
     lib = native.library()
-    assert lib is not None, "the test machine has a C compiler: the kernel must build"
+    assert lib is not None, "the test machine has a C compiler: the kernels must build"
     return lib
 
 

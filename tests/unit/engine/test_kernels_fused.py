@@ -11,9 +11,14 @@ import torch
 from moeflow.engine.kernels import native
 from moeflow.engine.models.decoder import fused_kernels, rms_norm, rotate_half
 
+AVX2_BUILD = ("-mno-avx512f",)
 
-@pytest.fixture(scope="module")
-def kernels() -> native.NativeKernels:
+
+@pytest.fixture(scope="module", params=["native", "avx2"])
+def kernels(request: pytest.FixtureRequest) -> native.NativeKernels:
+    """The build for this CPU, and one without AVX-512 (the AVX2 paths some hosts run)."""
+    if request.param == "avx2":
+        return native.load(AVX2_BUILD)
     lib = native.library()
     assert lib is not None, "the test machine has a C compiler: the kernels must build"
     return lib

@@ -3,6 +3,7 @@ pickling, ``torch.save``/``torch.load(mmap=True)`` and another machine's layout.
 
 from __future__ import annotations
 
+import ctypes
 import pickle
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch.nn.functional as F
 
 from moeflow.engine.kernels import Linear, native, packing_available
 from moeflow.engine.kernels import linear as linear_module
-from moeflow.engine.kernels.linear import SMALL_M, blocked64_rows
+from moeflow.engine.kernels.linear import blocked64_rows
 
 
 def test_the_pinned_torch_packs() -> None:
@@ -96,15 +97,16 @@ def test_a_state_of_another_format_is_refused() -> None:
 
 def test_few_rows_run_the_c_loop_on_the_packed_bytes() -> None:
     kernels = native.library()
-    assert kernels is not None and kernels.has_packed_linear, "this machine builds the loop"
+    assert kernels is not None and kernels.packed_linear_rows >= 8, "this machine builds it"
+    rows = kernels.packed_linear_rows
     w = _weight(100, 37)  # a partial 64-row block, K not a multiple of 16
     layer = Linear(w)
     assert layer._kp == 48
-    x = torch.randn(SMALL_M, 37)
+    x = torch.randn(rows, 37)
     y = layer(x)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
     # a row's result does not depend on the rows computed beside it
-    for m in (1, 3, 5, SMALL_M):
+    for m in (1, 3, 5, rows):
         assert torch.equal(layer(x[:m]), y[:m])
     # non-contiguous rows (a view with a leading stride) read correctly
     wide = torch.randn(4, 50)
@@ -118,3 +120,30 @@ def test_the_layout_check_rejects_other_layouts() -> None:
     shuffled = layer.storage.view(torch.float32).flip(0).contiguous().view(torch.uint8)
     assert blocked64_rows(w, shuffled) is None
     assert blocked64_rows(w.to(torch.bfloat16), Linear(w.to(torch.bfloat16)).storage) is None
+
+
+@pytest.mark.parametrize("build", [(), ("-mno-avx512f",)], ids=["native", "avx2"])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 12])
+def test_c_loop_builds_read_the_packed_layout(build: tuple[str, ...], m: int) -> None:
+    kernels = native.load(build)
+    assert kernels.packed_linear_rows > 0
+    w = _weight(150, 37)  # blocks of 64 rows: two whole and a partial one
+    layer = Linear(w)
+    assert layer._kp is not None
+    x = torch.randn(m, 37)
+    y = kernels.packed_linear(x, layer.storage, 150, 37, layer._kp)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(100, 37), (128, 64), (3, 200)])
+def test_direct_packing_writes_the_bytes_onednn_would(shape: tuple[int, int]) -> None:
+    # Linear writes the blocked layout itself (one copy) and patches the descriptor: both must
+    # be exactly what oneDNN's own reorder produces
+    w = _weight(*shape)
+    layer = Linear(w)
+    reference = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    nbytes = int(torch.ops.mkldnn._nbytes(reference))
+    theirs = torch.empty(nbytes, dtype=torch.uint8)
+    ctypes.memmove(theirs.data_ptr(), int(torch.ops.mkldnn.data_ptr(reference)), nbytes)
+    assert torch.equal(layer.storage, theirs)
+    assert layer._md == linear_module._serialized_md(reference)

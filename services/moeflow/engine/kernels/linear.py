@@ -17,12 +17,14 @@ The layout oneDNN picks depends on the torch build and the CPU (its ISA). ``sign
 records both; bytes packed under another signature are still read correctly (the descriptor
 says how) and are re-packed for this machine when loaded.
 
-Who computes: up to ``SMALL_M`` rows (decode), the C loop of ``csrc/packed_linear.c`` over the
-same packed bytes when they are float32 in oneDNN's AVX-512 layout (64-row blocks, verified on
-the values at packing) and the C kernels are built: oneDNN reads a weight at about half the
-memory's pace at M = 1 (measured 11 vs 22 GB/s on one core). Larger products (batches of 32,
-prefill) run oneDNN. Where oneDNN or the shim is missing (or for other dtypes), the weight
-stays dense ``[N, K]`` and the product is ``F.linear``.
+Who computes: up to ``packed_linear_rows`` rows (decode; 12 with AVX-512, 8 with AVX2), the C
+loop of ``csrc/packed_linear.c`` over the same packed bytes when they are float32 in the 64-row
+block layout oneDNN uses for fp32 here (written by ``blocked64_bytes`` and described to oneDNN
+with a descriptor patched from a probe's, checked with one product per shape; or recognised on
+the values after a oneDNN reorder) and the C kernels are built: oneDNN reads a weight at about
+half the memory's pace at M = 1 (measured 11 vs 22 GB/s on one core). Larger products (batches
+of 32, prefill) run oneDNN. Where oneDNN or the shim is missing (or for other dtypes), the
+weight stays dense ``[N, K]`` and the product is ``F.linear``.
 """
 
 from __future__ import annotations
@@ -44,9 +46,6 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 2
 """Bump when what ``Linear`` pickles changes meaning."""
 
-SMALL_M = 12
-"""Products with at most this many rows run the C loop over the packed bytes
-(``csrc/packed_linear.c``) when the layout is the one it reads; larger ones run oneDNN."""
 
 _PACKED_DTYPES = (torch.float32, torch.bfloat16)
 _LINEAR_POINTWISE: Any = getattr(getattr(torch.ops.mkldnn, "_linear_pointwise", None), "default",
@@ -113,6 +112,16 @@ def packing_available(dtype: torch.dtype) -> bool:
     return dtype in _PACKED_DTYPES and _shim() is not None
 
 
+_UNPACKED: set[torch.dtype] = set()
+
+
+def _warn_unpacked(dtype: torch.dtype, exc: Exception) -> None:
+    if dtype not in _UNPACKED:  # once per dtype, not once per weight
+        _UNPACKED.add(dtype)
+        logger.warning("oneDNN cannot pack %s weights here (%s): products use F.linear",
+                       dtype, exc)
+
+
 def _serialized_md(packed: torch.Tensor) -> bytes:
     return bytes(torch.ops.mkldnn._get_mkldnn_serialized_md(packed).numpy().tobytes())
 
@@ -141,6 +150,74 @@ def blocked64_rows(dense: torch.Tensor, data: torch.Tensor) -> int | None:
     if not torch.equal(packed[ns // 64, ks, ns % 64], dense[ns, ks]):
         return None
     return int(kp)
+
+
+def blocked64_bytes(weight: torch.Tensor) -> torch.Tensor:
+    """float32 ``weight`` [N, K] as the bytes of 64-row blocks ``[Kp][64]`` (Kp = K rounded up
+    to 16, padding zeroed), the layout ``blocked64_rows`` recognises."""
+    n, k = weight.shape
+    blocks, kp, full = (n + 63) // 64, (k + 15) // 16 * 16, n // 64
+    data = torch.empty(blocks * kp * 64 * 4, dtype=torch.uint8)
+    packed = data.view(torch.float32).view(blocks, kp, 64)
+    if full:
+        packed[:full, :k].copy_(weight[: full * 64].view(full, 64, k).transpose(1, 2))
+    if n > full * 64:
+        packed[full, :k, : n - full * 64].copy_(weight[full * 64 :].t())
+        packed[full, :, n - full * 64 :].zero_()
+    if kp > k:
+        packed[:, k:].zero_()
+    return data
+
+
+@functools.cache
+def _md_template() -> tuple[bytes, tuple[int, ...]] | None:
+    """oneDNN's descriptor of a probe weight packed in 64-row blocks, and where its shape
+    fields sit (dims, padded dims, the block stride), to describe any shape the same way
+    without asking oneDNN to reorder it; None when this oneDNN packs otherwise."""
+    n, k = 130, 40
+    probe = torch.arange(n * k, dtype=torch.float32).view(n, k)
+    packed = torch.ops.mkldnn._reorder_linear_weight(probe, None)
+    nbytes = int(torch.ops.mkldnn._nbytes(packed))
+    data = torch.empty(nbytes, dtype=torch.uint8)
+    ctypes.memmove(data.data_ptr(), int(torch.ops.mkldnn.data_ptr(packed)), nbytes)
+    if blocked64_rows(probe, data) != 48:
+        return None
+    md = _serialized_md(packed)
+    words = memoryview(md)[: len(md) // 8 * 8].cast("q").tolist()
+    fields = []
+    for value in (n, k, 192, 48, 48 * 64):  # dims, padded dims, stride of a 64-row block
+        where = [i for i, word in enumerate(words) if word == value]
+        if len(where) != 1:
+            return None
+        fields.append(where[0])
+    return md, tuple(fields)
+
+
+def _blocked64_md(n: int, k: int) -> bytes | None:
+    template = _md_template()
+    if template is None:
+        return None
+    md, fields = template
+    kp = (k + 15) // 16 * 16
+    out = bytearray(md)
+    for index, value in zip(fields, (n, k, (n + 63) // 64 * 64, kp, kp * 64), strict=True):
+        out[8 * index : 8 * index + 8] = value.to_bytes(8, "little", signed=True)
+    return bytes(out)
+
+
+_AGREED: dict[tuple[int, int], bool] = {}
+
+
+def _agrees_once(shape: tuple[int, int], op: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether oneDNN reads a descriptor made by ``_blocked64_md`` as the layout we wrote:
+    checked with one product per shape and process (it is the same for every weight)."""
+    if shape not in _AGREED:
+        x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(0))
+        y = _LINEAR_POINTWISE(x, op, None, "none", [], "")
+        _AGREED[shape] = bool(torch.allclose(y, F.linear(x, weight), rtol=1e-4, atol=1e-4))
+        if not _AGREED[shape]:
+            logger.warning("oneDNN reads a %s weight otherwise: packing it with oneDNN", shape)
+    return _AGREED[shape]
 
 
 @functools.cache
@@ -173,19 +250,34 @@ class Linear:
         self._op: torch.Tensor = weight.contiguous()
         self._data: torch.Tensor = self._op
         if pack and packing_available(weight.dtype):
-            self._pack(self._op)
+            try:
+                self._pack(self._op)
+            except RuntimeError as exc:  # e.g. bf16 on a CPU without AVX-512 BF16 support
+                _warn_unpacked(weight.dtype, exc)
+                self._md = self._signature = self._kp = None
+                self._op = self._data = weight.contiguous()
 
     def _pack(self, weight: torch.Tensor) -> None:
         shim = _shim()
         assert shim is not None
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), None)
+        weight = weight.contiguous()
+        self._signature = signature()
+        md = _blocked64_md(*self.shape) if self.dtype == torch.float32 else None
+        if md is not None:
+            # the layout oneDNN picks here, written straight into our own buffer: one copy
+            data = blocked64_bytes(weight)
+            op = shim.wrap(data, self.shape, self.dtype, md)
+            if _agrees_once(self.shape, op, weight):
+                self._md, self._data, self._op = md, data, op
+                self._kp = (self.shape[1] + 15) // 16 * 16
+                return
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         nbytes = int(torch.ops.mkldnn._nbytes(packed))
         # own the bytes in an ordinary tensor (what pickling carries), and compute on a
         # oneDNN view of them, exactly as after unpickling
         data = torch.empty(nbytes, dtype=torch.uint8)
         ctypes.memmove(data.data_ptr(), int(torch.ops.mkldnn.data_ptr(packed)), nbytes)
         self._md = _serialized_md(packed)
-        self._signature = signature()
         self._data = data
         self._op = shim.wrap(data, self.shape, self.dtype, self._md)
         self._kp = blocked64_rows(weight, data)
@@ -213,10 +305,10 @@ class Linear:
             return F.linear(x, self._op)
         if x.shape[0] == 0:
             return x.new_empty((0, self.shape[0]))
-        if (self._kp is not None and x.shape[0] <= SMALL_M and x.stride(1) == 1
-                and x.dtype == torch.float32):
+        if self._kp is not None and x.stride(1) == 1 and x.dtype == torch.float32:
+            # few rows: the C loop over the same bytes (up to where oneDNN overtakes it)
             kernels = native.library()
-            if kernels is not None and kernels.has_packed_linear:
+            if kernels is not None and x.shape[0] <= kernels.packed_linear_rows:
                 return kernels.packed_linear(x, self._data, self.shape[0], self.shape[1],
                                              self._kp)
         y: torch.Tensor = _LINEAR_POINTWISE(x, self._op, None, "none", [], "")

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 ENV_SWITCH = "MOEFLOW_NATIVE_KERNELS"
 """``0`` turns the C kernels off (the torch paths run instead)."""
+ENV_EXTRA_FLAGS = "MOEFLOW_NATIVE_KERNELS_CFLAGS"
+"""Extra compiler flags, space-separated, e.g. ``-mno-avx512f`` to build and measure the AVX2
+paths on an AVX-512 machine (part of the build key)."""
 ABI = 3
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("paged_attention.c", "packed_linear.c", "fused.c"))
@@ -54,15 +57,16 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
-def build_key() -> str:
-    digest = hashlib.sha256(f"{ABI}|{' '.join(FLAGS)}|{platform.machine()}|".encode())
+def build_key(extra_flags: tuple[str, ...] = ()) -> str:
+    flags = " ".join((*FLAGS, *extra_flags))
+    digest = hashlib.sha256(f"{ABI}|{flags}|{platform.machine()}|".encode())
     digest.update(_cpu_flags().encode())
     for source in SOURCES:
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def _compile(dest: Path) -> None:
+def _compile(dest: Path, extra_flags: tuple[str, ...]) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise FileNotFoundError("no C compiler (cc, gcc or $CC)")
@@ -71,7 +75,7 @@ def _compile(dest: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, f"-DMOEFLOW_KERNELS_ABI={ABI}", "-o", tmp,
+        subprocess.run([compiler, *FLAGS, *extra_flags, f"-DMOEFLOW_KERNELS_ABI={ABI}", "-o", tmp,
                         *map(str, SOURCES), "-lm"], check=True,
                        capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, dest)
@@ -89,8 +93,9 @@ class NativeKernels:
         lib.moeflow_kernels_abi.restype = ctypes.c_int
         if lib.moeflow_kernels_abi() != ABI:
             raise RuntimeError("the cached kernel library has another ABI")
-        lib.moeflow_packed_linear_supported.restype = ctypes.c_int
-        self.has_packed_linear = bool(lib.moeflow_packed_linear_supported())
+        lib.moeflow_packed_linear_rows.restype = ctypes.c_int
+        self.packed_linear_rows = int(lib.moeflow_packed_linear_rows())
+        """Products of up to this many rows run ``packed_linear`` (0: this build has none)."""
         linear = lib.moeflow_packed_linear
         linear.restype = ctypes.c_int
         linear.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
@@ -187,19 +192,25 @@ class NativeKernels:
         return qk
 
 
+def load(extra_flags: tuple[str, ...] = ()) -> NativeKernels:
+    """Build (once per key) and load the kernels; raises when they cannot be built."""
+    path = (resolve_home(os.environ) / "kernels"
+            / f"moeflow-kernels-{build_key(extra_flags)}.so")
+    if not path.exists():
+        started = time.perf_counter()
+        _compile(path, extra_flags)
+        logger.info("compiled the C kernels into %s in %.2f s", path,
+                    time.perf_counter() - started)
+    return NativeKernels(ctypes.CDLL(str(path)))
+
+
 @functools.cache
 def library() -> NativeKernels | None:
     """The compiled kernels for this machine (built on first use), or None when unavailable."""
     if os.environ.get(ENV_SWITCH, "1") == "0":
         return None
-    path = resolve_home(os.environ) / "kernels" / f"moeflow-kernels-{build_key()}.so"
     try:
-        if not path.exists():
-            started = time.perf_counter()
-            _compile(path)
-            logger.info("compiled the C kernels into %s in %.2f s", path,
-                        time.perf_counter() - started)
-        return NativeKernels(ctypes.CDLL(str(path)))
+        return load(tuple(os.environ.get(ENV_EXTRA_FLAGS, "").split()))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("C kernels unavailable (%s): the torch paths run instead", exc)
         return None

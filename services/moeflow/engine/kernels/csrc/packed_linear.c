@@ -12,20 +12,26 @@
  *
  * Tiling: rows in groups of up to 4 (16 accumulators); a block's panel is read from memory by
  * the first group and from cache by the others. Past ~12 rows oneDNN's blocking wins (the
- * caller switches: kernels/linear.py SMALL_M).
+ * caller switches at moeflow_packed_linear_rows()). Without AVX-512, an AVX2 tile of one row x 64
+ * columns reads the same layout (16 vector registers only).
  */
 #include <stdint.h>
 #include <string.h>
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#define HAVE_PACKED_LINEAR 1
 #endif
 
 #define R_MAX 4
 
-int moeflow_packed_linear_supported(void)
+/* Up to how many rows this build beats oneDNN on the same bytes (measured crossovers: 12-16
+ * with AVX-512, 8-10 with AVX2); 0 when it has no packed linear. */
+int moeflow_packed_linear_rows(void)
 {
 #if defined(__AVX512F__)
-    return 1;
+    return 12;
+#elif defined(HAVE_PACKED_LINEAR)
+    return 8;
 #else
     return 0;
 #endif
@@ -71,6 +77,42 @@ typedef void (*tile_fn)(float *restrict, int64_t, const float *restrict, int64_t
                         const float *restrict, int64_t, int64_t, int64_t);
 
 static const tile_fn TILES[R_MAX + 1] = {NULL, tile_1_4, tile_2_4, tile_3_4, tile_4_4};
+#define COLS_PER_PASS 64
+#elif defined(HAVE_PACKED_LINEAR)
+/* AVX2 (16 vector registers): one row at a time over a block's 64 columns (8 accumulators,
+ * the weights as memory operands). The first row streams the panel from memory into cache,
+ * the other rows re-read it from there. (Two passes of 32 columns instead would each fetch
+ * half of every 256-byte row and leave the other half to a second trip to memory.) */
+#undef R_MAX
+#define R_MAX 1
+static void tile8_1(float *restrict y, int64_t ldy, const float *restrict x, int64_t ldx,
+                    const float *restrict panel, int64_t K, int64_t c0, int64_t ncols)
+{
+    (void)ldy, (void)ldx, (void)c0;
+    __m256 acc[8];
+    for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+    const float *p = panel;
+    for (int64_t k = 0; k < K; k++, p += 64) {
+        const __m256 xb = _mm256_broadcast_ss(x + k);
+        for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(p + 8 * c), acc[c]);
+    }
+    for (int c = 0; c < 8; c++) {
+        const int64_t left = ncols - 8 * c;
+        if (left >= 8) {
+            _mm256_storeu_ps(y + 8 * c, acc[c]);
+        } else if (left > 0) {
+            float tmp[8];
+            _mm256_storeu_ps(tmp, acc[c]);
+            memcpy(y + 8 * c, tmp, sizeof(float) * (size_t)left);
+        }
+    }
+}
+
+typedef void (*tile_fn)(float *restrict, int64_t, const float *restrict, int64_t,
+                        const float *restrict, int64_t, int64_t, int64_t);
+
+static const tile_fn TILES[R_MAX + 1] = {NULL, tile8_1};
+#define COLS_PER_PASS 64
 #endif
 
 /* y [M, N] (row-major, contiguous) = x [M, K] (leading dimension ldx) @ W^T. Returns 0, or -1
@@ -79,7 +121,7 @@ int moeflow_packed_linear(float *restrict y, const float *restrict x, int64_t M,
                           const float *restrict packed, int64_t N, int64_t K, int64_t Kp,
                           int num_threads)
 {
-#if defined(__AVX512F__)
+#if defined(HAVE_PACKED_LINEAR)
     const int64_t blocks = (N + 63) / 64;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t nb = 0; nb < blocks; nb++) {
@@ -87,7 +129,7 @@ int moeflow_packed_linear(float *restrict y, const float *restrict x, int64_t M,
         const int64_t cols = N - nb * 64 < 64 ? N - nb * 64 : 64;
         for (int64_t r0 = 0; r0 < M; r0 += R_MAX) {
             const int64_t rows = M - r0 < R_MAX ? M - r0 : R_MAX;
-            for (int64_t c0 = 0; c0 * 16 < cols; c0 += 4) {
+            for (int64_t c0 = 0; c0 * 16 < cols; c0 += COLS_PER_PASS / 16) {
                 TILES[rows](y + r0 * N + nb * 64 + c0 * 16, N, x + r0 * ldx, ldx, panel, K, c0,
                             cols - c0 * 16);
             }

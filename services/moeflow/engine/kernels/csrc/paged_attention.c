@@ -16,7 +16,8 @@
  * With AVX-512 and a head dim of 32, 64 or 128, the query heads of one KV group (up to 4 at a
  * time) run together with their q, the K/V row chunks and the output accumulators in vector
  * registers, and the softmax exponentials are computed 16 at a time (a Cephes-style expf,
- * within 2 ulp of libm's). Other shapes take the portable loop.
+ * within 2 ulp of libm's). With AVX2 only, head dims 32 and 64 run one query head per pass
+ * the same way. Other shapes take the portable loop.
  *
  * Layouts (float32, row-major):
  *   q            [D, H, Hd], token stride q_stride (floats), heads and dims contiguous
@@ -61,6 +62,7 @@ static inline float dot(const float *restrict a, const float *restrict b, int64_
 }
 
 #if defined(__AVX512F__)
+#define HAVE_GROUP_PASS 1
 /* exp(x) for x <= 0 (scores minus their max): Cody-Waite reduction by ln 2, Cephes' degree-6
  * polynomial, 2^n applied with scalef (which also flushes very negative x to 0). */
 static inline __m512 exp_nonpositive(__m512 x)
@@ -196,6 +198,121 @@ static group_fn group_pass(int64_t head_dim, int64_t heads, int64_t *taken)
     default: *taken = heads; return NULL;
     }
 }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define HAVE_GROUP_PASS 1
+/* AVX2 (16 vector registers): one query head per pass, head dims 32 and 64; exp as in the
+ * AVX-512 path, with 2^n built in the exponent bits (x is clamped at -87: exp(-87) ~ 1.6e-38,
+ * a weight of nothing next to the max's 1). */
+static inline __m256 exp_nonpositive8(__m256 x)
+{
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
+    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    const __m256i e = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+static inline float hsum8(__m256 v)
+{
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_movehdup_ps(x));
+    return _mm_cvtss_f32(x);
+}
+
+static inline __m256i tail_mask8(int64_t left)
+{
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)left),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+static inline float softmax_numerators(float *restrict sc, int64_t len)
+{
+    __m256 vmax = _mm256_set1_ps(-INFINITY);
+    int64_t t = 0;
+    for (; t + 8 <= len; t += 8) vmax = _mm256_max_ps(vmax, _mm256_loadu_ps(sc + t));
+    float m = -INFINITY;
+    float lanes[8];
+    _mm256_storeu_ps(lanes, vmax);
+    for (int i = 0; i < 8; i++) m = lanes[i] > m ? lanes[i] : m;
+    for (int64_t u = t; u < len; u++) m = sc[u] > m ? sc[u] : m;
+    const __m256 vm = _mm256_set1_ps(m);
+    __m256 vsum = _mm256_setzero_ps();
+    for (t = 0; t + 8 <= len; t += 8) {
+        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_loadu_ps(sc + t), vm));
+        _mm256_storeu_ps(sc + t, e);
+        vsum = _mm256_add_ps(vsum, e);
+    }
+    if (t < len) {
+        const __m256i mask = tail_mask8(len - t);
+        const __m256 e = exp_nonpositive8(_mm256_sub_ps(_mm256_maskload_ps(sc + t, mask), vm));
+        _mm256_maskstore_ps(sc + t, mask, e);
+        vsum = _mm256_add_ps(vsum, _mm256_and_ps(e, _mm256_castsi256_ps(mask)));
+    }
+    return hsum8(vsum);
+}
+
+#define DEFINE_GROUP_PASS8(HD8)                                                              \
+    static void group8_##HD8(float *restrict out, const float *restrict q,                  \
+                             const float *restrict k_cache, const float *restrict v_cache,  \
+                             const int32_t *restrict table, int64_t len, int64_t kv_offset, \
+                             int64_t row, int64_t block_size, float scale,                  \
+                             float *restrict scores)                                         \
+    {                                                                                        \
+        __m256 qv[HD8];                                                                      \
+        for (int c = 0; c < HD8; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);                    \
+        for (int64_t b = 0, t = 0; t < len; b++) {                                           \
+            const int64_t n = len - t < block_size ? len - t : block_size;                   \
+            const float *kr = k_cache + (int64_t)table[b] * block_size * row + kv_offset;    \
+            for (int64_t j = 0; j < n; j++, t++, kr += row) {                                \
+                __m256 d = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));                        \
+                for (int c = 1; c < HD8; c++)                                                \
+                    d = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kr + 8 * c), d);              \
+                scores[t] = hsum8(d) * scale;                                                \
+            }                                                                                \
+        }                                                                                    \
+        const float inv = 1.0f / softmax_numerators(scores, len);                           \
+        __m256 acc[HD8];                                                                     \
+        for (int c = 0; c < HD8; c++) acc[c] = _mm256_setzero_ps();                          \
+        for (int64_t b = 0, t = 0; t < len; b++) {                                           \
+            const int64_t n = len - t < block_size ? len - t : block_size;                   \
+            const float *vr = v_cache + (int64_t)table[b] * block_size * row + kv_offset;    \
+            for (int64_t j = 0; j < n; j++, t++, vr += row) {                                \
+                const __m256 p = _mm256_set1_ps(scores[t]);                                  \
+                for (int c = 0; c < HD8; c++)                                                \
+                    acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), acc[c]);        \
+            }                                                                                \
+        }                                                                                    \
+        const __m256 s = _mm256_set1_ps(inv);                                                \
+        for (int c = 0; c < HD8; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], s)); \
+    }
+
+DEFINE_GROUP_PASS8(4)
+DEFINE_GROUP_PASS8(8)
+
+typedef void (*group_fn)(float *restrict, const float *restrict, const float *restrict,
+                         const float *restrict, const int32_t *restrict, int64_t, int64_t,
+                         int64_t, int64_t, float, float *restrict);
+
+static group_fn group_pass(int64_t head_dim, int64_t heads, int64_t *taken)
+{
+    *taken = heads < 1 ? heads : 1;
+    switch (head_dim) {
+    case 32: return group8_4;
+    case 64: return group8_8;
+    default: *taken = heads; return NULL;
+    }
+}
 #endif
 
 /* Heads [h0, h0 + nh) of one sequence (whole KV groups). The context's rows come block by
@@ -207,7 +324,7 @@ static void attend(float *restrict og, const float *restrict qg, const float *re
                    int64_t block_size, float scale, float *restrict scores,
                    float *restrict acc, float *restrict sums)
 {
-#if defined(__AVX512F__)
+#if defined(HAVE_GROUP_PASS)
     int64_t taken = 0;
     if (group_pass(head_dim, group, &taken) != NULL) {
         for (int64_t h = 0; h < nh; h += taken) {
