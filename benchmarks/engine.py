@@ -39,14 +39,18 @@ from moeflow.engine.llm_engine import LLMEngine
 def weight_tensors(engine: LLMEngine) -> list[torch.Tensor]:
     """The tensors one decode step reads (the embedding table only via its tied LM head)."""
     model = engine.runner.model
-    tensors: list[torch.Tensor] = [model.final_norm, model.lm_head.storage]
+    def weight(linear: Linear) -> torch.Tensor:
+        # packed bytes read as the weight's dtype (a uint8 sum would measure integer adds)
+        return linear.storage.view(linear.dtype)
+
+    tensors: list[torch.Tensor] = [model.final_norm, weight(model.lm_head)]
 
     def collect(obj: object) -> None:
         for value in vars(obj).values():
             if isinstance(value, torch.Tensor):
                 tensors.append(value)
             elif isinstance(value, Linear):
-                tensors.append(value.storage)
+                tensors.append(weight(value))
             elif hasattr(value, "__dict__"):
                 collect(value)
 

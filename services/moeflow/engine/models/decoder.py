@@ -1,9 +1,11 @@
 """The decoder-only transformer shared by every supported family, as plain tensor code.
 
-Weights are plain tensors (no nn.Module call overhead on the hot path). Each op mirrors the
-Hugging Face implementation's order of floating-point operations, which is what makes float32
-greedy output token-identical to ``transformers``. Index legend: T tokens, E hidden size,
-H heads, K KV heads, Hd head dim, X experts, k top-k.
+Weights are plain tensors and ``kernels.Linear`` products (no nn.Module call overhead on the
+hot path). Each op computes what the Hugging Face implementation computes, in the same order of
+operations; where a faster kernel runs (the products, decode attention, the fused RMSNorm) only
+the order of a sum differs (last-bit differences; tests/integration/engine pins float32 greedy
+tokens against ``transformers``). Index legend: T tokens, E hidden size, H heads, K KV heads,
+Hd head dim, X experts, k top-k.
 """
 
 from __future__ import annotations
