@@ -1,7 +1,8 @@
 """Turns a ``StepPlan`` into tensors, runs the model, and samples (the only torch user).
 
 Owns the KV cache tensor [layers, 2, slots, K, Hd] and the model weights. Decoding sequences
-are laid out first in the flattened token batch so their attention runs as one padded batch.
+are laid out first in the flattened token batch so their attention runs as one batch (the C
+kernel reads their contexts through the block tables; the torch path gathers a padded copy).
 """
 
 from __future__ import annotations
