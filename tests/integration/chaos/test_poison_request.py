@@ -5,8 +5,6 @@ exactly, and the gateway tries the poison on at most two instances."""
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -14,14 +12,13 @@ from typing import Any
 
 import openai
 import pytest
-import uvicorn
 
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.scheduler import StepPlan
 from moeflow.gateway.app import build_app
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.text.tokenizer import TextTokenizer
-from tests.integration.engine.engine_kit import serve
+from tests.integration.engine.engine_kit import serve, serve_app
 from tests.platform_process import free_port
 from tests.reference import make_engine
 
@@ -32,19 +29,8 @@ POISON = "poison pill"
 def gateway(urls: list[str]) -> Iterator[str]:
     settings = GatewaySettings(port=free_port(), engine_urls=tuple(urls),
                                stats_poll_interval_s=0.2)
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1",
-                                           port=settings.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{settings.port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_app(build_app(settings)) as url:
+        yield f"{url}/v1"
 
 
 def poisoned(engine: LLMEngine, marker: tuple[int, ...], hits: list[str]) -> None:

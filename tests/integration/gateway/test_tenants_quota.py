@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import logging
 import re
-import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -17,14 +15,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from moeflow.gateway.app import build_app
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.gateway.tenants import TenantSpec, hash_key, write_tenants_file
 from moeflow.gateway.tenants_cli import main as tenants_main
 from moeflow.xccl.redis_server import start_local_redis
-from tests.integration.engine.engine_kit import serve
+from tests.integration.engine.engine_kit import serve, serve_app
 from tests.platform_process import free_port
 from tests.reference import make_engine
 
@@ -35,19 +32,8 @@ MAX_TOKENS = 8
 
 @contextmanager
 def gateway(settings: GatewaySettings) -> Iterator[str]:
-    server = uvicorn.Server(uvicorn.Config(build_app(settings), host="127.0.0.1",
-                                           port=settings.port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "gateway did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{settings.port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+    with serve_app(build_app(settings)) as url:
+        yield f"{url}"
 
 
 @pytest.fixture(scope="module")

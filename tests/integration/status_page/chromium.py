@@ -9,7 +9,9 @@ profile. The protocol runs over a websocket (the `websocket-client` package, whi
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -84,7 +86,10 @@ def open_page(url: str, timeout_s: float = 30.0) -> Iterator[Page]:
     if binary is None:
         raise AssertionError(f"headless Chromium is needed for this test: {INSTALL_HINT}")
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="moeflow-chromium-") as profile:
+    # Chromium's helpers (renderer, crashpad) may still write into the profile for a moment
+    # after the browser process exits, so the cleanup must not fail the test over it.
+    with tempfile.TemporaryDirectory(prefix="moeflow-chromium-",
+                                     ignore_cleanup_errors=True) as profile:
         log = Path(profile) / "chromium.log"
         argv = [binary, *FLAGS, f"--user-data-dir={profile}/data",
                 f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
@@ -100,12 +105,28 @@ def open_page(url: str, timeout_s: float = 30.0) -> Iterator[Page]:
         finally:
             if ws is not None:
                 ws.close()
-            process.terminate()
+            _stop_group(process)
+
+
+def _stop_group(process: subprocess.Popen[bytes]) -> None:
+    """Stop Chromium and every helper it forked (they share its new session's group)."""
+    for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            process.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + wait_s  # the helpers outlive the browser briefly
+        while time.monotonic() < deadline:
             try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+                os.killpg(process.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
+    process.wait()
 
 
 def _page_socket(port: int, process: subprocess.Popen[bytes], log: Path, timeout_s: float
