@@ -66,6 +66,20 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 TARGETS = {"ours_vs_vllm_min": 1.5, "batch1_fraction_of_bound_min": 0.8}
 
 
+def portable(value: Any) -> Any:
+    """The same result with this machine's paths written as `<repo>/...` and `~/...`.
+
+    Results are committed; the checkout's location and the user's home say nothing about the
+    run and would only tie the files to one machine."""
+    if isinstance(value, str):
+        return value.replace(str(ROOT), "<repo>").replace(str(Path.home()), "~")
+    if isinstance(value, dict):
+        return {k: portable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable(v) for v in value]
+    return value
+
+
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
@@ -1153,7 +1167,9 @@ def main() -> None:
     if argv[:1] == ["report"]:  # re-render plots, the markdown and docs from a result JSON
         path = Path(argv[1])
         result = json.loads(path.read_text())
-        result["plots"] = make_plots(result, path)
+        result["plots"] = make_plots(result, path) or result.get("plots", [])
+        result = portable(result)
+        path.write_text(json.dumps(result, indent=1))
         md = markdown(result)
         path.with_suffix(".md").write_text(md)
         update_docs(result, md)
@@ -1174,10 +1190,11 @@ def main() -> None:
         sys.exit(130)
     RESULTS.mkdir(parents=True, exist_ok=True)
     json_path = RESULTS / f"serving-{args.suite}.json"
-    json_path.write_text(json.dumps(result, indent=1))
+    json_path.write_text(json.dumps(result, indent=1))  # a plotting venv reads it from here
     if not args.no_plots:
         result["plots"] = make_plots(result, json_path)
-        json_path.write_text(json.dumps(result, indent=1))
+    result = portable(result)
+    json_path.write_text(json.dumps(result, indent=1))
     md = markdown(result)
     (RESULTS / f"serving-{args.suite}.md").write_text(md)
     if not args.no_docs:
