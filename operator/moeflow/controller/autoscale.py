@@ -115,14 +115,18 @@ def first_memory(replicas: int, now_s: float) -> RoleMemory:
 
 def observe(memory: RoleMemory, *, replicas: int, tasks: RoleTasks,
             stats: Sequence[EngineStats], now_s: float) -> tuple[RoleObservation, RoleMemory]:
-    """This round's observation of a role, and the memory for the next round."""
+    """This round's observation of a role, and the memory for the next round.
+
+    ``stats`` are the answers of ``tasks.ready``; a ready engine without an answer (down,
+    slow, or refusing) counts as unobserved and as active: silence is not idleness."""
     last_scale, last_active = memory.last_scale_s, memory.last_active_s
     if replicas != memory.replicas:  # someone else scaled it (a user, the gateway)
         last_scale = last_active = now_s
     counters = {s.instance_id: s.num_prompt_tokens_total for s in stats}
     moved = any(memory.prompt_tokens.get(i, total) != total for i, total in counters.items())
     busy = any(s.num_running + s.num_waiting > 0 for s in stats)
-    if moved or busy or tasks.num_starting > 0:
+    num_unobserved = max(0, len(tasks.ready) - len(stats))
+    if moved or busy or tasks.num_starting > 0 or num_unobserved > 0:
         last_active = now_s
     num_waiting = sum(s.num_waiting for s in stats)
     cold_start = max(tasks.cold_starts_s) if tasks.cold_starts_s else memory.cold_start_s
@@ -134,6 +138,7 @@ def observe(memory: RoleMemory, *, replicas: int, tasks: RoleTasks,
         cold_start_s=cold_start,
         seconds_since_last_request=max(0.0, now_s - last_active),
         seconds_since_last_scale=max(0.0, now_s - last_scale),
+        num_unobserved=num_unobserved,
     )
     return observation, RoleMemory(
         replicas=replicas, last_active_s=last_active, last_scale_s=last_scale,

@@ -98,6 +98,9 @@ class RoleObservation:
     """Measured time from starting a replica to its first ready answer."""
     seconds_since_last_request: float = 0.0
     seconds_since_last_scale: float = math.inf
+    num_unobserved: int = 0
+    """Ready instances whose stats did not come back this round. Their load is unknown, so
+    it may be anything: the policy never scales down or idles on a partial view."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -166,6 +169,9 @@ def decide(obs: RoleObservation, policy: ScalePolicy) -> Decision:
                *pressure]
         return result(needed, "up", "scale up: " + "; ".join(why))
 
+    if obs.num_unobserved > 0:
+        return result(current, "hold", f"{obs.num_unobserved} ready instance(s) gave no "
+                                       "stats: not scaling down on a partial view")
     idle = policy.idle_window_s
     if load == 0 and idle is not None and obs.seconds_since_last_request >= idle:
         if current > low:

@@ -178,8 +178,13 @@ class LocalScaler:
         held = held if now - held_at < _HELD_FRESH_S else 0
         stats: list[EngineStats] = []
         is_active = held > 0
+        num_unobserved = 0
         for slot in self._slots:
-            if not slot.is_ready or (s := self._stats(slot)) is None:
+            if not slot.is_ready:
+                continue
+            if (s := self._stats(slot)) is None:
+                num_unobserved += 1  # silence is not idleness
+                is_active = True
                 continue
             stats.append(s)
             counted = slot.last_prompt_tokens
@@ -199,6 +204,7 @@ class LocalScaler:
             waiting_growth_per_s=growth, cold_start_s=self.cold_start_s,
             seconds_since_last_request=now - self._last_request,
             seconds_since_last_scale=now - self._last_scale,
+            num_unobserved=num_unobserved,
         ), self.policy)
         if decision.desired_replicas > current and now - self._failed_at >= _START_BACKOFF_S:
             logger.info("autoscaler: %d -> %d (%s)", current, decision.desired_replicas,

@@ -122,6 +122,16 @@ def test_scale_down_is_one_step_after_the_cooldown_and_keeps_one_replica() -> No
     assert decide(one, POLICY).desired_replicas == 1
 
 
+def test_an_instance_without_stats_blocks_scale_down_and_idling_but_not_scale_up() -> None:
+    quiet = observe(3, stats(), stats(), seconds_since_last_scale=1e6,
+                    seconds_since_last_request=1e6, num_unobserved=1)
+    d = decide(quiet, POLICY)
+    assert (d.desired_replicas, d.action) == (3, "hold")
+    assert "1 ready instance(s) gave no stats" in d.reason
+    busy = observe(1, stats(waiting=9), seconds_since_last_scale=1e6, num_unobserved=1)
+    assert decide(busy, POLICY).action == "up"
+
+
 def test_hysteresis_keeps_replicas_when_the_load_only_just_fits() -> None:
     # 6 requests fit in 2 replicas at the target of 4 (no scale-up from 2), but not at 70% of
     # it, so 3 replicas stay 3: the band between the two thresholds is what stops flapping

@@ -80,6 +80,21 @@ def test_an_idle_role_goes_to_zero_after_the_window_and_counters_count_as_activi
     assert obs.cold_start_s == 3.0 and obs.seconds_since_last_scale == 9.0
 
 
+def test_a_ready_engine_that_gives_no_stats_is_neither_idle_nor_scaled_down() -> None:
+    spec = parse_model_spec(COLOCATED)
+    two = autoscale.read_tasks([task(0), task(1, ip="10.0.0.2")], replicas=2)
+    memory = autoscale.first_memory(2, now_s=0.0)
+    # Only one of two ready engines answers, long after the last request: its silence may
+    # hide a queue, so the role stays active and keeps its replicas.
+    obs, memory = autoscale.observe(memory, replicas=2, tasks=two, stats=[stats()], now_s=500.0)
+    assert obs.num_unobserved == 1 and obs.seconds_since_last_request == 0.0
+    assert decide(obs, ScalePolicy.for_role(spec, Role.COLOCATED)).desired_replicas == 2
+    obs, _ = autoscale.observe(memory, replicas=2, tasks=two,
+                               stats=[stats(), stats("m-colocated-1")], now_s=540.0)
+    assert obs.num_unobserved == 0
+    assert decide(obs, ScalePolicy.for_role(spec, Role.COLOCATED)).action == "idle"
+
+
 def test_a_starting_replica_or_someone_elses_scale_keeps_the_role_active() -> None:
     memory = autoscale.first_memory(0, now_s=0.0)
     woken = autoscale.read_tasks([task(0, ready=False)], replicas=1)
