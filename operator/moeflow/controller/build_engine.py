@@ -29,6 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from moeflow.controller.build_hub import hub_cache_volume, hub_env, hub_security_context
 from moeflow.controller.build_security import internal_token_env
 from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
@@ -94,6 +95,8 @@ def build_task(job_name: str, namespace: str, job: JobSpec, rank: int) -> Obj:
 def _model_volume(task: TaskSpec, settings: OperatorSettings) -> tuple[Obj, Obj]:
     """The weights volume and its mount, per source scheme (see Source)."""
     source = task.template.source
+    if source.scheme == "hf":  # no weights volume: the engine downloads into its cache
+        return hub_cache_volume(source.hub_settings)
     mount: Obj = {"name": "model", "readOnly": True}
     if source.scheme == "store":
         volume: Obj = {"name": "model", "hostPath": {"path": settings.model_store_host_path,
@@ -151,6 +154,13 @@ def _env(template: TaskTemplate, task: TaskSpec, task_name: str,
     ]
     if kind is TransportKind.REDIS and template.transport.redis_url:
         env.append({"name": "MOEFLOW_REDIS_URL", "value": template.transport.redis_url})
+    password = template.transport.redis_password_secret_ref
+    if kind is TransportKind.REDIS and password is not None:
+        # not optional: an engine that cannot AUTH would only fail later, at its first transfer
+        env.append({"name": "MOEFLOW_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {
+            "name": password.name, "key": password.key}}})
+    if template.source.scheme == "hf":
+        env += hub_env(template.source.hub_settings)
     env += [{"name": k, "value": v} for k, v in template.engine.engine_env().items()]
     env += [wire(var) for var in template.env]
     return env
@@ -223,6 +233,9 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
         "containers": [container],
         "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *dram_volumes],
     }
+    if template.source.scheme == "hf" and (
+            security := hub_security_context(template.source.hub_settings)):
+        pod_spec["securityContext"] = security
     if template.node_selector:
         pod_spec["nodeSelector"] = dict(template.node_selector)
     if template.tolerations:

@@ -176,6 +176,16 @@ class FineTuneSpec(_Spec):
     resources: Resources = Resources()
     backoff_limit: int = Field(2, ge=0, le=10)
 
+    @field_validator("base_model")
+    @classmethod
+    def _check_base_scheme(cls, source: Source) -> Source:
+        # the trainer mounts its base model; it has no Hub cache (the CRD's pattern agrees)
+        if source.scheme == "hf":
+            raise ValueError(f"{source.uri!r}: a FineTune's base model is mounted, not fetched;"
+                             " fix: `moeflow models pull` it into the node store and use"
+                             " store://<name>, or use pvc:// or file://")
+        return source
+
 
 def parse_finetune_spec(raw: Mapping[str, Any] | None) -> FineTuneSpec:
     return parse_spec(FineTuneSpec, raw)

@@ -143,7 +143,9 @@ def balancer_argv(*, served_model_name: str, num_experts: int, discovery: str,
 def model_path_for(model: str, source: Source, model_root: str = DEFAULT_MODEL_ROOT) -> str:
     """Where the weights appear inside an engine container. The node model store is mounted
     at `model_root` (so `store://x` is `<root>/x`); a PVC or node directory is mounted at
-    `<root>/<model>`."""
+    `<root>/<model>`. An hf:// source is no path: the engine fetches the uri itself."""
+    if source.scheme == "hf":
+        return source.uri
     if source.scheme == "store":
         return f"{model_root}/{source.location.strip('/')}"
     return f"{model_root}/{model}"

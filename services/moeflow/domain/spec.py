@@ -44,7 +44,13 @@ class CompletionApi(StrEnum):
 
 # 40 leaves room for the longest child name, "<model>-attention-<rank>", in a 63-char DNS label.
 MAX_MODEL_NAME_LENGTH = 40
-SOURCE_SCHEMES = ("store", "pvc", "file")
+SOURCE_SCHEMES = ("store", "pvc", "file", "hf")
+# hf://org/name[@revision]: a repo id as huggingface_hub takes it (the CRD's pattern agrees)
+_HUB_URI = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^@\s]+)?$")
+HUB_ENV = frozenset({"HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HOME", "HF_HUB_CACHE"})
+"""Variables the operator sets on engines of an hf:// Model (from `spec.source.hub`)."""
+TOKEN_ENV = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
+"""Never a literal `value` in `spec.env`: a token comes from a Secret."""
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 
@@ -90,12 +96,58 @@ class RoleSpec(_Spec):
         return self
 
 
+class SecretKeyRef(_Spec):
+    """One key of a Secret in the Model's namespace (read by the kubelet, never by us)."""
+
+    name: str = Field(min_length=1)
+    key: str = Field("HF_TOKEN", min_length=1)
+
+
+class HubCache(_Spec):
+    """Where engines keep the Hub download (HF_HOME): a PersistentVolumeClaim by name, shared
+    by the Model's engines and kept across restarts, or else an emptyDir per Pod."""
+
+    claim_name: str | None = Field(None, min_length=1)
+    size_limit: str | None = Field(None, pattern=_QUANTITY)
+    """emptyDir only: its sizeLimit."""
+
+    @model_validator(mode="after")
+    def _check_one_kind(self) -> HubCache:
+        if self.claim_name and self.size_limit:
+            raise ValueError("sizeLimit applies to the emptyDir cache only; fix: drop sizeLimit"
+                             " (the claim's own size bounds it) or claimName")
+        return self
+
+
+class HubSource(_Spec):
+    """How engines reach the Hub for an `hf://` source (huggingface_hub's variables)."""
+
+    endpoint: str | None = Field(None, pattern=r"^https?://.+")
+    """HF_ENDPOINT (a mirror or a private hub); unset: huggingface.co."""
+    offline: bool = False
+    """HF_HUB_OFFLINE=1: only the cache, which must then be a claim that holds the model."""
+    token_secret_ref: SecretKeyRef | None = None
+    """HF_TOKEN from this Secret key (gated or private repos)."""
+    cache: HubCache = HubCache()
+
+    @model_validator(mode="after")
+    def _check_offline(self) -> HubSource:
+        if self.offline and not self.cache.claim_name:
+            raise ValueError("offline needs cache.claimName: an offline engine reads only its"
+                             " cache, and an emptyDir starts empty; fix: set cache.claimName to a"
+                             " PVC holding the model, or drop offline")
+        return self
+
+
 class Source(_Spec):
     """Where the weights are. `store://<name>`: the node model store (host path);
-    `pvc://<claim>[/<sub/path>]`: a PersistentVolumeClaim; `file:///<dir>`: a node directory."""
+    `pvc://<claim>[/<sub/path>]`: a PersistentVolumeClaim; `file:///<dir>`: a node directory;
+    `hf://org/name[@revision]`: the Hugging Face Hub, fetched by each engine through
+    huggingface_hub (KServe's `storageUri: hf://` habit), configured by `hub`."""
 
     uri: str
     architecture: str | None = None
+    hub: HubSource | None = None
 
     @field_validator("uri")
     @classmethod
@@ -104,9 +156,19 @@ class Source(_Spec):
         if not sep or scheme not in SOURCE_SCHEMES or not rest:
             raise ValueError(
                 f"{uri!r} is not a supported source; fix: use store://<name>,"
-                " pvc://<claim>[/<path>] or file:///<dir>"
+                " pvc://<claim>[/<path>], file:///<dir> or hf://<org>/<name>[@<revision>]"
             )
+        if scheme == "hf" and (not _HUB_URI.match(uri) or ".." in uri):
+            raise ValueError(f"{uri!r} is not a Hub model; fix: write hf://<org>/<name> or"
+                             " hf://<org>/<name>@<revision>")
         return uri
+
+    @model_validator(mode="after")
+    def _check_hub(self) -> Source:
+        if self.hub is not None and self.scheme != "hf":
+            raise ValueError(f"hub applies to hf:// sources only, not {self.uri!r}; fix:"
+                             " drop spec.source.hub or use an hf:// uri")
+        return self
 
     @property
     def scheme(self) -> str:
@@ -116,12 +178,26 @@ class Source(_Spec):
     def location(self) -> str:
         return self.uri.split("://", 1)[1]
 
+    @property
+    def hub_settings(self) -> HubSource:
+        """`hub`, or its defaults (an hf:// source without `hub`)."""
+        return self.hub or HubSource()
+
+
+class RedisPasswordRef(_Spec):
+    """The key of a Secret in the Model's namespace that holds the Redis password."""
+
+    name: str = Field(min_length=1, max_length=253)
+    key: str = Field("password", min_length=1)
+
 
 class Transport(_Spec):
     """XCCL backend between instances. Unset kind: shm when colocated, redis otherwise."""
 
     kind: TransportKind | None = None
     redis_url: str | None = Field(None, pattern=r"^rediss?://.+")
+    redis_password_secret_ref: RedisPasswordRef | None = None
+    """Engines get it as MOEFLOW_REDIS_PASSWORD (secretKeyRef), so the URL needs none."""
 
 
 class Resources(_Spec):
@@ -210,6 +286,7 @@ class EngineArgs(_Spec):
 RESERVED_ENV = frozenset({
     "MOEFLOW_TRANSPORT", "MOEFLOW_TASK", "MOEFLOW_NAMESPACE", "MOEFLOW_POD_IP",
     "MOEFLOW_ENGINE_DRAIN_TIMEOUT_S", "MOEFLOW_INTERNAL_TOKEN", "MOEFLOW_REDIS_URL",
+    "MOEFLOW_REDIS_PASSWORD",
 })
 """Variables the operator sets on every engine container; `spec.env` may not override them."""
 
@@ -345,11 +422,24 @@ class ModelSpec(_Spec):
                 raise ValueError(
                     f"env: {var.name} is set by the operator (or by spec.engine); fix: remove it"
                     " from spec.env (engine settings go in spec.engine)")
+            if var.name in HUB_ENV and self.source.scheme == "hf":
+                raise ValueError(
+                    f"env: {var.name} is set by the operator for an hf:// source; fix: remove it"
+                    " from spec.env and set spec.source.hub instead")
+            if var.name in TOKEN_ENV and var.value is not None:
+                raise ValueError(
+                    f"env: {var.name} must not be a literal token in the spec; fix: put it in a"
+                    " Secret and name it in spec.source.hub.tokenSecretRef (or env valueFrom)")
         if self.transport_kind is TransportKind.REDIS and not self.transport.redis_url:
             raise ValueError(
                 "transport.redisUrl: is required when the transport is redis (the default for"
                 " disaggregated modes); fix: set spec.transport.redisUrl to redis://host:6379/0"
             )
+        if (self.transport.redis_password_secret_ref is not None
+                and self.transport_kind is not TransportKind.REDIS):
+            raise ValueError(
+                "transport.redisPasswordSecretRef: only the redis transport uses it, and this"
+                f" Model's transport is {self.transport_kind.value}; fix: remove it")
         if (
             self.mode is not Mode.COLOCATED
             and self.transport.kind is TransportKind.SHM

@@ -119,7 +119,8 @@ def test_model_engine_fields_reach_every_template() -> None:
     model = openapi_schema(CRDS["Model"])["properties"]["spec"]["properties"]
     for kind in ("RoleGroup", "EngineInstance"):
         template = openapi_schema(CRDS[kind])["properties"]["spec"]["properties"]["template"]
-        for field in ("engine", "env", "nodeSelector", "tolerations", "affinity", "podTemplate"):
+        for field in ("source", "engine", "env", "nodeSelector", "tolerations", "affinity",
+                      "podTemplate"):
             assert template["properties"][field] == model[field], (kind, field)
 
 
@@ -166,6 +167,9 @@ def test_model_printer_columns_show_mode_and_ready_per_role() -> None:
     ({"roles": {"everything": {}}}, "everything"),
     ({"gateway": {"replicas": 1, "tls": True}}, "tls"),
     ({"resources": {"cpu": "lots"}}, "cpu"),
+    ({"source": {"uri": "hf://no-org"}}, "uri"),
+    ({"source": {"uri": "hf://org/name", "hub": {"token": "hf_literal"}}}, "token"),
+    ({"source": {"uri": "hf://org/name", "hub": {"tokenSecretRef": {"key": "k"}}}}, "name"),
 ])
 def test_schema_refuses_bad_models(crd_validator: CrdValidator, bad: dict[str, Any],
                                    field: str) -> None:
@@ -196,6 +200,11 @@ def test_crd_defaults_are_the_operators_defaults(crd_validator: CrdValidator) ->
     assert parse_spec(RequestSpec, defaulted) == parse_spec(RequestSpec, request["spec"])
     role = crd_validator.defaulted(minimal_model(roles={"colocated": {}}))
     assert role["spec"]["roles"]["colocated"] == {"replicas": 1, "minReplicas": 0}
+    hub_source = {"uri": "hf://org/name@v1", "hub": {"tokenSecretRef": {"name": "s"}}}
+    hub = crd_validator.defaulted(minimal_model(source=hub_source))
+    assert hub["spec"]["source"]["hub"] == {"offline": False, "cache": {},
+                                            "tokenSecretRef": {"name": "s", "key": "HF_TOKEN"}}
+    assert parse_model_spec(hub["spec"]) == ModelSpec.model_validate({"source": hub_source})
 
 
 def _cel_messages(schema: dict[str, Any]) -> list[str]:
@@ -225,12 +234,17 @@ CEL_CASES: dict[str, dict[str, Any] | None] = {
     "metadata.name must be at most 40": None,  # check_model_name, unit-tested
     "maxNumBatchedTokens must be >= maxNumSeqs":
         {"engine": {"maxNumSeqs": 64, "maxNumBatchedTokens": 32}},
+    "source.hub applies to hf:// sources only": {"source": {"uri": "store://m", "hub": {}}},
+    "offline needs cache.claimName": {"source": {"uri": "hf://a/b", "hub": {"offline": True}}},
+    "sizeLimit applies to the emptyDir cache only": {"source": {"uri": "hf://a/b", "hub": {
+        "cache": {"claimName": "c", "sizeLimit": "1Gi"}}}},
 }
 
 
 def test_every_cel_rule_is_also_checked_by_the_operator(crd_validator: CrdValidator) -> None:
     messages = _cel_messages(openapi_schema(CRDS["Model"]))
-    assert len(messages) == 3 * 5 + 5 + 1 + 1  # per role (x5 roles), spec-level, root, engine
+    # per role (x5 roles), spec-level, root, engine, source (source, hub, hub cache)
+    assert len(messages) == 3 * 5 + 5 + 1 + 1 + 3
     for message in messages:
         (bad,) = [case for prefix, case in CEL_CASES.items() if message.startswith(prefix)]
         if bad is None:
