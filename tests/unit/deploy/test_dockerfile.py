@@ -62,6 +62,11 @@ def test_multi_stage_build_then_a_runtime_that_copies_only_the_venv(
     assert not [i for i in runtime if i["instruction"] == "ADD"]
     runtime_runs = " ".join(i["value"] for i in runtime if i["instruction"] == "RUN")
     assert "apt-get" not in runtime_runs and "pip " not in runtime_runs  # nothing to compile
+    # The C kernels are compiled in the build stage, portable (no -march=native), into the
+    # venv that is copied, and the runtime points the engine at them.
+    assert "-m moeflow.engine.kernels.prebuild --portable /opt/moeflow/kernels" in build_runs
+    assert build_runs.index("pip install .") < build_runs.index("kernels.prebuild")
+    assert parsed.envs["MOEFLOW_KERNELS_PREBUILT"] == "/opt/moeflow/kernels"
 
 
 def test_runtime_runs_moeflow_as_a_numeric_non_root_user(parsed: DockerfileParser) -> None:

@@ -4,8 +4,14 @@ The library is built with the system C compiler (``$CC``, else ``cc``) for this 
 (``-march=native``) into ``$MOEFLOW_HOME/kernels/moeflow-kernels-<key>.so``; the key hashes the
 sources, the flags and the CPU's feature flags, so a changed source or another CPU gets its own
 build and a cached build is never stale. The first start on a machine compiles (about a second,
-logged); every later start only maps the cached file. Without a compiler, or with
-``MOEFLOW_NATIVE_KERNELS=0``, ``library()`` is None and callers use their torch path.
+logged); every later start only maps the cached file.
+
+Where no compiler is (the container image's runtime stage), prebuilt portable variants are
+used: ``python -m moeflow.engine.kernels.prebuild DIR`` compiles one library per x86-64
+micro-architecture level (v4: AVX-512, v3: AVX2/FMA) into DIR, and ``$MOEFLOW_KERNELS_PREBUILT``
+names that folder at run time; the best level this CPU supports is loaded. Without a compiler
+and without a fitting prebuilt variant, or with ``MOEFLOW_NATIVE_KERNELS=0``, ``library()`` is
+None and callers use their torch path.
 
 The library uses OpenMP and links ``libgomp.so.1``, the soname of the runtime torch loads, so it
 runs on torch's thread pool (and stays fork-safe exactly as torch's own parallel ops are).
@@ -36,12 +42,19 @@ ENV_SWITCH = "MOEFLOW_NATIVE_KERNELS"
 ENV_EXTRA_FLAGS = "MOEFLOW_NATIVE_KERNELS_CFLAGS"
 """Extra compiler flags, space-separated, e.g. ``-mno-avx512f`` to build and measure the AVX2
 paths on an AVX-512 machine (part of the build key)."""
+ENV_PREBUILT = "MOEFLOW_KERNELS_PREBUILT"
+"""A folder of prebuilt portable variants (see ``prebuild``), used when nothing can compile."""
 ABI = 3
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("paged_attention.c", "packed_linear.c", "fused.c"))
 # ISO C and no contraction: a * b + c stays two roundings, as in torch's separate ops
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-std=c11", "-ffp-contract=off", "-shared",
-         "-fPIC")
+PORTABLE_FLAGS = ("-O3", "-fopenmp", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC")
+FLAGS = ("-march=native", *PORTABLE_FLAGS)
+VARIANTS: dict[str, tuple[str, ...]] = {
+    # x86-64 micro-architecture levels, best first: the CPU flags each needs (/proc/cpuinfo)
+    "x86-64-v4": ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl", "avx2", "fma"),
+    "x86-64-v3": ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
+}
 COMPILE_TIMEOUT_S = 120.0
 
 
@@ -66,7 +79,29 @@ def build_key(extra_flags: tuple[str, ...] = ()) -> str:
     return digest.hexdigest()[:16]
 
 
-def _compile(dest: Path, extra_flags: tuple[str, ...]) -> None:
+def source_key() -> str:
+    """What a prebuilt variant is keyed by: the ABI, the portable flags and the sources."""
+    digest = hashlib.sha256(f"{ABI}|{' '.join(PORTABLE_FLAGS)}|".encode())
+    for source in SOURCES:
+        digest.update(source.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def variant_path(folder: Path, variant: str) -> Path:
+    return folder / f"moeflow-kernels-{variant}-{source_key()}.so"
+
+
+def best_variant(cpu_flags: str, available: tuple[str, ...] = tuple(VARIANTS)) -> str | None:
+    """The best level of ``available`` whose instructions are all in ``cpu_flags``."""
+    have = set(cpu_flags.split())
+    for variant, needs in VARIANTS.items():
+        if variant in available and have.issuperset(needs):
+            return variant
+    return None
+
+
+def _compile(dest: Path, extra_flags: tuple[str, ...],
+             flags: tuple[str, ...] = FLAGS) -> None:
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if compiler is None:
         raise FileNotFoundError("no C compiler (cc, gcc or $CC)")
@@ -75,7 +110,7 @@ def _compile(dest: Path, extra_flags: tuple[str, ...]) -> None:
     fd, tmp = tempfile.mkstemp(prefix=dest.name + ".", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, *extra_flags, f"-DMOEFLOW_KERNELS_ABI={ABI}", "-o", tmp,
+        subprocess.run([compiler, *flags, *extra_flags, f"-DMOEFLOW_KERNELS_ABI={ABI}", "-o", tmp,
                         *map(str, SOURCES), "-lm"], check=True,
                        capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         os.replace(tmp, dest)
@@ -89,7 +124,9 @@ def _compile(dest: Path, extra_flags: tuple[str, ...]) -> None:
 class NativeKernels:
     """Typed entry points of the compiled library."""
 
-    def __init__(self, lib: ctypes.CDLL) -> None:
+    def __init__(self, lib: ctypes.CDLL, variant: str = "native") -> None:
+        self.variant = variant
+        """``native`` (built on this machine) or the prebuilt level that was loaded."""
         lib.moeflow_kernels_abi.restype = ctypes.c_int
         if lib.moeflow_kernels_abi() != ABI:
             raise RuntimeError("the cached kernel library has another ABI")
@@ -192,13 +229,42 @@ class NativeKernels:
         return qk
 
 
+def build_prebuilt(folder: Path, variants: tuple[str, ...] = tuple(VARIANTS)) -> list[Path]:
+    """Compile the portable variants into ``folder`` (for images built on another CPU)."""
+    built = []
+    for variant in variants:
+        path = variant_path(folder, variant)
+        _compile(path, (), (f"-march={variant}", *PORTABLE_FLAGS))
+        built.append(path)
+    return built
+
+
+def load_prebuilt(folder: Path) -> NativeKernels:
+    """The best prebuilt variant in ``folder`` for this CPU; raises when none fits."""
+    available = tuple(v for v in VARIANTS if variant_path(folder, v).exists())
+    variant = best_variant(_cpu_flags(), available)
+    if variant is None:
+        raise FileNotFoundError(f"no prebuilt kernel variant in {folder} fits this CPU "
+                                f"(found: {', '.join(available) or 'none'})")
+    return NativeKernels(ctypes.CDLL(str(variant_path(folder, variant))), variant)
+
+
 def load(extra_flags: tuple[str, ...] = ()) -> NativeKernels:
-    """Build (once per key) and load the kernels; raises when they cannot be built."""
+    """Build (once per key) and load the kernels; without a compiler, the prebuilt variant
+    named by ``$MOEFLOW_KERNELS_PREBUILT``; raises when neither is possible."""
     path = (resolve_home(os.environ) / "kernels"
             / f"moeflow-kernels-{build_key(extra_flags)}.so")
     if not path.exists():
         started = time.perf_counter()
-        _compile(path, extra_flags)
+        try:
+            _compile(path, extra_flags)
+        except FileNotFoundError:
+            prebuilt = os.environ.get(ENV_PREBUILT)
+            if not prebuilt or extra_flags:
+                raise
+            kernels = load_prebuilt(Path(prebuilt))
+            logger.info("no C compiler: loaded the prebuilt %s kernels", kernels.variant)
+            return kernels
         logger.info("compiled the C kernels into %s in %.2f s", path,
                     time.perf_counter() - started)
     return NativeKernels(ctypes.CDLL(str(path)))
