@@ -7,7 +7,7 @@ build and a cached build is never stale. The first start on a machine compiles (
 logged); every later start only maps the cached file.
 
 Where no compiler is (the container image's runtime stage), prebuilt portable variants are
-used: ``python -m moeflow.engine.kernels.prebuild DIR`` compiles one library per x86-64
+used: ``python -m moeflow.engine.kernels.prebuild --portable DIR`` compiles one library per x86-64
 micro-architecture level (v4: AVX-512, v3: AVX2/FMA) into DIR, and ``$MOEFLOW_KERNELS_PREBUILT``
 names that folder at run time; the best level this CPU supports is loaded. Without a compiler
 and without a fitting prebuilt variant, or with ``MOEFLOW_NATIVE_KERNELS=0``, ``library()`` is
