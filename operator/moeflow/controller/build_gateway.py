@@ -42,17 +42,48 @@ from moeflow.domain.plan import GatewayPlan, ModelPlan
 
 Obj = dict[str, Any]
 
+TENANTS_DIR = "/etc/moeflow/tenants"
+"""Where a gateway sees the tenants Secret: the whole Secret, not a subPath, so the kubelet's
+refreshes reach the file (a subPath mount never changes)."""
+
+
+def gateway_tenancy(settings: OperatorSettings) -> tuple[list[Obj], list[Obj], list[Obj]]:
+    """Env, volumes and mounts that give a Model's gateway the tenants file and the quota
+    Redis of the operator's settings, as the chart gives its shared gateway. The password
+    comes by secretKeyRef (never a literal); both Secrets must exist in the Model's namespace
+    and are not optional: a gateway waits for them rather than serve without keys."""
+    env: list[Obj] = []
+    volumes: list[Obj] = []
+    mounts: list[Obj] = []
+    if settings.gateway_tenants_secret:
+        env.append({"name": "MOEFLOW_GATEWAY_TENANTS_FILE",
+                    "value": f"{TENANTS_DIR}/{settings.gateway_tenants_secret_key}"})
+        volumes.append({"name": "tenants", "secret": {
+            "secretName": settings.gateway_tenants_secret, "defaultMode": 0o444}})
+        mounts.append({"name": "tenants", "mountPath": TENANTS_DIR, "readOnly": True})
+    if settings.quota_redis_url:
+        env.append({"name": "MOEFLOW_GATEWAY_QUOTA_REDIS_URL",
+                    "value": settings.quota_redis_url})
+        if settings.quota_redis_password_secret:
+            env.append({"name": "MOEFLOW_REDIS_PASSWORD", "valueFrom": {"secretKeyRef": {
+                "name": settings.quota_redis_password_secret,
+                "key": settings.quota_redis_password_secret_key}}})
+        env.append({"name": "MOEFLOW_GATEWAY_QUOTA_ON_REDIS_FAILURE",
+                    "value": settings.quota_on_redis_failure})
+    return env, volumes, mounts
+
 
 def build_gateway_deployment(model: str, namespace: str, gateway: GatewayPlan,
                              settings: OperatorSettings) -> Obj:
     labels = naming.model_labels(model, naming.COMPONENT_GATEWAY)
+    tenancy_env, volumes, mounts = gateway_tenancy(settings)
     container: Obj = {
         "name": "gateway",
         "image": settings.image,
         "imagePullPolicy": settings.image_pull_policy,
         "command": list(gateway.argv),
         "ports": [{"name": "http", "containerPort": gateway.port, "protocol": "TCP"}],
-        "env": [internal_token_env(model)],
+        "env": [internal_token_env(model), *tenancy_env],
         "resources": {
             "requests": {"cpu": settings.gateway_cpu, "memory": settings.gateway_memory},
             "limits": {"memory": settings.gateway_memory},
@@ -64,6 +95,11 @@ def build_gateway_deployment(model: str, namespace: str, gateway: GatewayPlan,
         "readinessProbe": http_probe("http", READY_PATH, period_s=5, failure_threshold=3),
         "livenessProbe": http_probe("http", LIVE_PATH, period_s=10, failure_threshold=3),
     }
+    pod_spec: Obj = {"serviceAccountName": gateway.name, "enableServiceLinks": False,
+                     "containers": [container]}
+    if volumes:
+        container["volumeMounts"] = mounts
+        pod_spec["volumes"] = volumes
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": {"name": gateway.name, "namespace": namespace, "labels": labels},
@@ -74,8 +110,7 @@ def build_gateway_deployment(model: str, namespace: str, gateway: GatewayPlan,
                          "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
             "template": {
                 "metadata": {"labels": labels},
-                "spec": {"serviceAccountName": gateway.name, "enableServiceLinks": False,
-                         "containers": [container]},
+                "spec": pod_spec,
             },
         },
     }

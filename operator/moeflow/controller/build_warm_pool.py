@@ -147,6 +147,9 @@ def claim_refusal(task: TaskSpec) -> str | None:
     if task.role is Role.DECODE:
         return ("decode instances call prefill instances with the Model's internal token,"
                 " which a warm Pod (made before any Model claims it) does not hold")
+    if task.template.transport.redis_password_secret_ref is not None:
+        return ("the Redis password comes from a Secret by env, fixed at container start; a"
+                " warm Pod (made before any Model claims it) does not hold it")
     if task.template.source.scheme != "store":
         return (f"source {task.template.source.uri}: warm Pods mount only the node model store"
                 " (store://)")

@@ -45,6 +45,23 @@ class OperatorSettings(BaseSettings):
     gateway_cpu: str = "500m"
     gateway_memory: str = "512Mi"
 
+    gateway_tenants_secret: str | None = Field(None, min_length=1)
+    """Secret (in each Model's namespace) holding the tenants file of every Model's gateway:
+    mounted read-only and re-read when the kubelet refreshes it (keys rotate without a
+    restart). Not optional in the Pod: a gateway waits for it rather than serve without keys.
+    Unset: the gateways get no tenants file."""
+    gateway_tenants_secret_key: str = Field("tenants.yaml", min_length=1)
+
+    quota_redis_url: str | None = Field(None, pattern=r"^rediss?://.+")
+    """Redis that Models' gateways keep tenants' quota counters in, shared by their replicas
+    (no password in it: see `quota_redis_password_secret`). Unset: per-replica counters."""
+    quota_redis_password_secret: str | None = Field(None, min_length=1)
+    """Secret (in each Model's namespace) with that Redis' password, given to the gateways
+    as MOEFLOW_REDIS_PASSWORD by secretKeyRef."""
+    quota_redis_password_secret_key: str = Field("password", min_length=1)
+    quota_on_redis_failure: str = Field("open", pattern="^(open|closed)$")
+    """The gateways' policy while that Redis is unreachable (docs/security.md)."""
+
     startup_timeout_s: int = Field(600, ge=10)
     """How long an engine may take to answer /health after start (weight loading) before the
     kubelet restarts it: startupProbe failureThreshold x period."""

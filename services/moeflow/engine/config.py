@@ -92,6 +92,10 @@ class EngineOptions(BaseSettings):
     redis_url: str | None = Field(None, validation_alias=AliasChoices(
         "MOEFLOW_ENGINE_REDIS_URL", "MOEFLOW_REDIS_URL"))
     """Redis of ``transport`` redis (Pods get ``MOEFLOW_REDIS_URL`` from the operator)."""
+    redis_password: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "MOEFLOW_ENGINE_REDIS_PASSWORD", "MOEFLOW_REDIS_PASSWORD"))
+    """Password of that Redis when its URL has none (Pods get ``MOEFLOW_REDIS_PASSWORD`` from
+    the Secret in ``spec.transport.redisPasswordSecretRef``); never logged."""
     kv_transfer_timeout_s: float = Field(60.0, gt=0)
     """Longest a decode instance waits for a prompt's KV (includes the prefill itself)."""
 
@@ -104,6 +108,11 @@ class EngineOptions(BaseSettings):
     expert_timeout_s: float = Field(30.0, gt=0)
     """Attention role: longest wait for an expert instance's answer before it counts as
     dead (its pairs then go to another replica, or the step's requests fail)."""
+
+    @property
+    def redis_password_value(self) -> str | None:
+        """The Redis password in clear (for the XCCL Redis client), or None."""
+        return self.redis_password.get_secret_value() if self.redis_password else None
 
     def resolved_num_threads(self) -> int:
         """`num_threads`, or when 0 the container's CPU limit (``cpu_limit_threads``)."""
@@ -119,10 +128,6 @@ class EngineOptions(BaseSettings):
             raw = getattr(self, name)
             # the child needs the secret itself, not the dump's mask
             value = raw.get_secret_value() if isinstance(raw, SecretStr) else values[name]
-    redis_password: SecretStr | None = Field(None, validation_alias=AliasChoices(
-        "MOEFLOW_ENGINE_REDIS_PASSWORD", "MOEFLOW_REDIS_PASSWORD"))
-    """Password of that Redis when its URL has none (Pods get ``MOEFLOW_REDIS_PASSWORD`` from
-    the Secret in ``spec.transport.redisPasswordSecretRef``); never logged."""
             text = (None if value is None else ("true" if value else "false")
                     if isinstance(value, bool) else str(value))
             names = [f"MOEFLOW_ENGINE_{name.upper()}"]
@@ -136,11 +141,6 @@ class EngineSettings(EngineOptions):
     """Every limit of one engine instance: the shared options plus its identity."""
 
     model_path: Path
-    @property
-    def redis_password_value(self) -> str | None:
-        """The Redis password in clear (for the XCCL Redis client), or None."""
-        return self.redis_password.get_secret_value() if self.redis_password else None
-
     """Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer.json)."""
     served_model_name: str = ""
     """Name clients use in ``model``; defaults to the folder name."""

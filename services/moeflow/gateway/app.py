@@ -59,6 +59,8 @@ def build_app(
                      admin_keys=[k.get_secret_value() for k in settings.admin_api_keys],
                      reload_interval_s=settings.tenants_reload_interval_s),
         Quota(redis_url.get_secret_value() if redis_url else None,
+              password=(settings.quota_redis_password.get_secret_value()
+                        if settings.quota_redis_password else None),
               prefix=settings.quota_key_prefix,
               on_redis_failure=settings.quota_on_redis_failure,
               lease_s=settings.request_timeout_s + 60,

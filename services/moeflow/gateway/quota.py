@@ -169,11 +169,14 @@ class _LocalCounters:
 class Quota:
     """Admission, token charges and usage of tenants (see the module docstring)."""
 
-    def __init__(self, redis_url: str | None, *, prefix: str = "moeflow:quota:",
+    def __init__(self, redis_url: str | None, *, password: str | None = None,
+                 prefix: str = "moeflow:quota:",
                  on_redis_failure: Literal["open", "closed"] = "open", lease_s: float = 600.0,
                  retry_s: float = 5.0, timeout_s: float = 0.5, retention_days: int = 35,
                  on_backend: Callable[[str], None] | None = None) -> None:
-        self._redis = (aioredis.Redis.from_url(redis_url, socket_timeout=timeout_s,
+        # `password` applies when the URL has none (redis-py: the URL's own wins)
+        self._redis = (aioredis.Redis.from_url(redis_url, password=password,
+                                               socket_timeout=timeout_s,
                                                socket_connect_timeout=timeout_s)
                        if redis_url else None)
         self.prefix = prefix
@@ -210,21 +213,33 @@ class Quota:
             return None
         try:
             result = await op()
+        except redis.exceptions.AuthenticationError as exc:
+            # a wrong or missing password will not heal by itself: say so plainly, once per retry
+            logger.error("quota store refused the password (%s); set MOEFLOW_REDIS_PASSWORD or"
+                         " the URL's password; %s for %.0f s", exc,
+                         "serving with this replica's counters"
+                         if self.on_redis_failure == "open" else "refusing requests",
+                         self.retry_s)
+            self._fell_back()
+            return None
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError) as exc:
             logger.warning("quota store unreachable (%s); %s for %.0f s", type(exc).__name__,
                            "serving with this replica's counters"
                            if self.on_redis_failure == "open" else "refusing requests",
                            self.retry_s)
-            self._down_until = time.monotonic() + self.retry_s
-            if self.on_backend is not None:
-                self.on_backend("local")
-            if self.on_redis_failure == "closed":
-                raise QuotaUnavailableError(
-                    "rate limiting is unavailable; try again shortly") from None
+            self._fell_back()
             return None
         if self.on_backend is not None:
             self.on_backend("redis")
         return result
+
+    def _fell_back(self) -> None:
+        """Redis just failed: local counters for ``retry_s``, or 503 when ``closed``."""
+        self._down_until = time.monotonic() + self.retry_s
+        if self.on_backend is not None:
+            self.on_backend("local")
+        if self.on_redis_failure == "closed":
+            raise QuotaUnavailableError("rate limiting is unavailable; try again shortly")
 
     async def admit(self, tenant: Tenant) -> Lease:
         """Count one request against requests per minute and take a concurrency slot; raises

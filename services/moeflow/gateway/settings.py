@@ -62,7 +62,11 @@ class GatewaySettings(BaseSettings):
     """How often, at most, the tenants file is checked for changes (on the request path)."""
     quota_redis_url: SecretStr | None = None
     """Redis that holds the tenants' counters, shared by every replica
-    (``redis://:password@host:6379/0``); unset: counters in this replica's memory."""
+    (``redis://host:6379/0``); unset: counters in this replica's memory."""
+    quota_redis_password: SecretStr | None = Field(None, validation_alias=AliasChoices(
+        "MOEFLOW_GATEWAY_QUOTA_REDIS_PASSWORD", "MOEFLOW_REDIS_PASSWORD"))
+    """Its password when the URL has none (a password in the URL wins); on a cluster from a
+    Secret by ``secretKeyRef`` (env ``MOEFLOW_REDIS_PASSWORD``, as engines)."""
     quota_on_redis_failure: Literal["open", "closed"] = "open"
     """Redis unreachable: ``open`` enforces limits per replica (local counters), ``closed``
     refuses /v1 requests with 503 until it is back."""

@@ -6,7 +6,7 @@ for a backend they never load.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -72,6 +72,9 @@ class RedisConfig:
 
     url: str
     """redis://host:port/db, rediss://..., or unix:///path/redis.sock?db=N."""
+    password: str | None = field(default=None, repr=False)
+    """Password (`AUTH`) when the URL carries none; a password in the URL wins. Kept out of
+    the URL so that it can come from a Secret (MOEFLOW_REDIS_PASSWORD) and never be logged."""
     chunk_num_bytes: int = 4 * _MIB
     """Payloads are split into values of this size and pipelined. Reads bypass redis-py's parser
     (redis_bulk.py), so bigger chunks cost nothing there; on the redis-py fallback (TLS) values

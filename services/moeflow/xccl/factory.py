@@ -24,13 +24,16 @@ def make_transport(
     rank: str,
     *,
     redis_url: str | None = None,
+    redis_password: str | None = None,
     shm_config: ShmConfig | None = None,
     redis_config: RedisConfig | None = None,
     memory_hub: MemoryHub | None = None,
 ) -> Transport:
     """Open the endpoint `rank` of `group` on the backend `kind`.
 
-    For "redis", give `redis_url` or a `redis_config` (which carries the URL), not both.
+    For "redis", give `redis_url` (and `redis_password` when the URL has none) or a
+    `redis_config` (which carries both), not both. Other kinds ignore `redis_password` (an
+    engine passes what its environment holds, whatever the transport).
     For "memory", endpoints meet in `memory_hub` (default: one hub per process).
     Raises ValueError for inconsistent arguments and XcclError subclasses (`RankInUse`,
     `BackendUnavailable`) when the endpoint cannot be opened.
@@ -59,5 +62,6 @@ def make_transport(
             )
         from moeflow.xccl.redis_backend import RedisTransport
 
-        return RedisTransport(group, rank, redis_config or RedisConfig(url=str(redis_url)))
+        return RedisTransport(group, rank, redis_config or RedisConfig(
+            url=str(redis_url), password=redis_password))
     raise ValueError(f"unknown transport kind {kind!r}: use 'shm', 'redis' or 'memory'")

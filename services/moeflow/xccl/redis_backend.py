@@ -87,6 +87,11 @@ def _as_bytes(value: object) -> bytes:
 def _redis_errors(what: str) -> Iterator[None]:
     try:
         yield
+    except redis.exceptions.AuthenticationError as exc:
+        # a wrong or missing password: say where it comes from, never what it is
+        raise BackendUnavailable(
+            f"redis {what} failed: authentication refused ({exc}); the password comes from the"
+            " URL or MOEFLOW_REDIS_PASSWORD") from exc
     except redis.exceptions.RedisError as exc:
         raise BackendUnavailable(f"redis {what} failed: {exc}") from exc
 
@@ -110,6 +115,7 @@ class RedisTransport(EndpointBase):
             # 1 MiB reads: the default 64 KiB makes the pure-Python parser copy big values often.
             self._client = redis.Redis.from_url(
                 config.url,
+                password=config.password,
                 socket_timeout=config.socket_timeout_s,
                 socket_read_size=1 << 20,
                 socket_connect_timeout=config.socket_timeout_s,
@@ -323,7 +329,8 @@ class RedisTransport(EndpointBase):
             is_reused = self._bulk is not None
             try:
                 self._bulk = self._bulk or BulkConnection.open(
-                    self._config.url, self._config.socket_timeout_s
+                    self._config.url, self._config.socket_timeout_s,
+                    password=self._config.password,
                 )
                 return self._bulk.getdel_into(keys, slots)
             except (OSError, BackendUnavailable) as exc:

@@ -45,8 +45,10 @@ class BulkConnection:
         self._start = self._end = 0
 
     @classmethod
-    def open(cls, url: str, timeout_s: float) -> BulkConnection:
-        """Connect to a redis:// or unix:// URL, AUTH and SELECT as the URL says."""
+    def open(cls, url: str, timeout_s: float, *, password: str | None = None
+             ) -> BulkConnection:
+        """Connect to a redis:// or unix:// URL, AUTH and SELECT as the URL says; `password`
+        when the URL has none (as redis-py does)."""
         parts = urlsplit(url)
         query = parse_qs(parts.query)
         address: str | tuple[str, int]
@@ -63,9 +65,10 @@ class BulkConnection:
         try:
             sock.settimeout(timeout_s)
             sock.connect(address)
-            if parts.password:
+            secret = unquote(parts.password) if parts.password else password
+            if secret:
                 user = [unquote(parts.username)] if parts.username else []
-                connection._call("AUTH", *user, unquote(parts.password))
+                connection._call("AUTH", *user, secret)
             if db:
                 connection._call("SELECT", db)
         except (OSError, BackendUnavailable) as exc:

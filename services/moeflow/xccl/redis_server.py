@@ -65,7 +65,8 @@ def _ping(address: str | tuple[str, int], timeout_s: float) -> bool:
             sock.settimeout(timeout_s)
             sock.connect(address)
             sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            # NOAUTH: a server with requirepass, up and answering
+            return sock.recv(64).startswith((b"+PONG", b"-NOAUTH"))
     except OSError:
         return False
 
@@ -76,8 +77,11 @@ def start_local_redis(
     *,
     ready_timeout_s: float = 10.0,
     executable: str = "redis-server",
+    requirepass: str | None = None,
 ) -> LocalRedis:
     """Start redis-server with its files in `dir`; Unix socket when `port` is None.
+    `requirepass`: clients must AUTH with it (the URL stays without it; it is on the
+    command line, so for tests and single-user machines only).
 
     Raises LocalRedisError when the executable is missing (naming the apt package), when it
     exits early (with the tail of its log), or when it is not ready within `ready_timeout_s`.
@@ -101,6 +105,8 @@ def start_local_redis(
         "--daemonize",
         "no",
     ]
+    if requirepass:
+        args += ["--requirepass", requirepass]
     address: str | tuple[str, int]
     if port is None:
         sock_path = dir / "redis.sock"

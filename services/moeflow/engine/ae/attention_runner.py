@@ -154,7 +154,8 @@ def build_attention_runner(
         raise ValueError(f"{num_instances} expert instances for {arch.num_experts} experts: "
                          "some would host nothing")
     transport = make_transport(settings.transport, settings.xccl_group, settings.instance_name,
-                               redis_url=settings.redis_url)
+                               redis_url=settings.redis_url,
+                               redis_password=settings.redis_password_value)
     expert_map = ExpertMap(round_robin_hosted(arch.num_experts, num_instances), arch.num_experts)
     client = ExpertClient(transport, expert_map, arch.moe_layer_ids,
                           timeout_s=settings.expert_timeout_s)

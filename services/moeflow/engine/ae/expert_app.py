@@ -71,7 +71,8 @@ def build_expert_worker(settings: EngineSettings,
     rank = expert_rank(settings.rank)
     if transport is None:
         transport = make_transport(settings.transport, settings.xccl_group, rank,
-                                   redis_url=settings.redis_url)
+                                   redis_url=settings.redis_url,
+                                   redis_password=settings.redis_password_value)
     initial = round_robin_hosted(arch.num_experts, settings.num_expert_instances)[settings.rank]
     peers = [f"attention-{i}" for i in range(settings.num_attention_instances)]
     loader = checkpoint_loader(settings.model_path, arch, DTYPES[settings.dtype])
@@ -83,7 +84,8 @@ def build_expert_app(settings: EngineSettings) -> FastAPI:
     torch.set_num_threads(settings.num_threads or 1)
     started = time.perf_counter()
     transport = make_transport(settings.transport, settings.xccl_group,
-                               expert_rank(settings.rank), redis_url=settings.redis_url)
+                               expert_rank(settings.rank), redis_url=settings.redis_url,
+                               redis_password=settings.redis_password_value)
     worker = build_expert_worker(settings, transport)
     logger.info("%s ready: experts %s loaded in %.2f s", worker.rank, sorted(worker.hosted),
                 time.perf_counter() - started)
