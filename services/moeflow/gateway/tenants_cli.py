@@ -27,38 +27,48 @@ from moeflow.gateway.tenants import (
     write_tenants_file,
 )
 
-_LIMITS = ("requests_per_minute", "tokens_per_minute", "concurrent_requests", "max_tokens")
+_LIMITS = {"requests_per_minute": "requests per minute",
+           "tokens_per_minute": "prompt + completion tokens per minute",
+           "concurrent_requests": "requests in flight at once",
+           "max_tokens": "ceiling of one request's max_tokens"}
+# Unset flags leave a tenant as it is (a new one gets the defaults), so that is the default.
+_UNCHANGED = "default: unchanged; a new tenant: 0"
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moeflow tenants", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_limits(p: argparse.ArgumentParser) -> None:
-        for name in _LIMITS:
+        for name, what in _LIMITS.items():
             p.add_argument("--" + name.replace("_", "-"), dest=name, type=int, default=None,
-                           help="0 = no limit")
+                           help=f"{what}, 0 = no limit ({_UNCHANGED})")
         p.add_argument("--model", dest="models", action="append", default=None,
-                       help="a model the tenant may use (repeat; default: every model)")
-        p.add_argument("--admin", action="store_true", default=None)
+                       help="a model the tenant may use (repeat; default: unchanged; a new"
+                            " tenant: every model)")
+        p.add_argument("--admin", action="store_true", default=None,
+                       help="may read /metrics, /status and /admin/usage (default:"
+                            " unchanged; a new tenant: not admin)")
+
+    def file_and_tenant(p: argparse.ArgumentParser) -> None:
+        p.add_argument("file", type=Path, help="the tenants YAML file (created by add-key)")
+        p.add_argument("tenant", help="the tenant's name")
 
     add = sub.add_parser("add-key", help="make a key, print it once, store its hash")
-    add.add_argument("file", type=Path)
-    add.add_argument("tenant")
+    file_and_tenant(add)
     with_limits(add)
     revoke = sub.add_parser("revoke-key", help="remove a key (by the key or its hash)")
-    revoke.add_argument("file", type=Path)
-    revoke.add_argument("tenant")
+    file_and_tenant(revoke)
     which = revoke.add_mutually_exclusive_group(required=True)
-    which.add_argument("--key")
-    which.add_argument("--hash")
+    which.add_argument("--key", help="the key itself (required: this or --hash)")
+    which.add_argument("--hash", help="its digest, sha256:... as `list` shows it (required:"
+                                      " this or --key)")
     limits = sub.add_parser("set-limits", help="change a tenant's limits")
-    limits.add_argument("file", type=Path)
-    limits.add_argument("tenant")
+    file_and_tenant(limits)
     with_limits(limits)
     listing = sub.add_parser("list", help="tenants, limits and key digests")
-    listing.add_argument("file", type=Path)
+    listing.add_argument("file", type=Path, help="the tenants YAML file")
     return parser
 
 
@@ -71,7 +81,7 @@ def _updated(spec: TenantSpec, args: argparse.Namespace) -> TenantSpec:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     path: Path = args.file
     specs = read_tenants_file(path) if path.exists() else {}
     if args.command == "list":

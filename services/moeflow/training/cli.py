@@ -47,13 +47,35 @@ def _flag(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _hyper_help(info: Any) -> str:
+# What each hyper-parameter does (the FineTune CRD's descriptions, in the CLI's words).
+_HYPER_HELP = {
+    "lora_rank": "LoRA rank r (adapter width)",
+    "lora_alpha": "LoRA alpha; the update is scaled by alpha / rank",
+    "lora_dropout": "dropout on the LoRA input, in [0, 0.9]",
+    "target_modules": "comma-separated names of the linear layers that get an adapter (matched"
+                      " against the end of module names), or all-linear",
+    "learning_rate": "peak learning rate (AdamW), after warm-up; decays linearly to 0",
+    "epochs": "passes over the dataset (unless --max-steps is set)",
+    "max_steps": "optimizer steps to run; 0: as many as the epochs take",
+    "batch_size": "records per micro-batch",
+    "gradient_accumulation_steps": "micro-batches per optimizer step",
+    "max_length": "tokens per record; longer records keep their first MAX_LENGTH tokens",
+    "seed": "seed of the LoRA init, dropout and record order (same seed, same run)",
+    "warmup_steps": "steps of linear learning-rate warm-up",
+    "weight_decay": "AdamW weight decay",
+    "max_grad_norm": "gradient clipping norm; 0: no clipping",
+    "checkpoint_every": "steps between checkpoints; a rerun resumes from the newest",
+    "dtype": "base model weights dtype (the adapter trains in float32)",
+}
+
+
+def _hyper_help(field: str, info: Any) -> str:
     default = info.default
     if isinstance(default, tuple):
         default = ",".join(default)
     elif isinstance(default, StrEnum):
         default = default.value
-    return f"(default {default})"
+    return f"{_HYPER_HELP[field]} (default {default})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,12 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="LoRA supervised fine-tuning (PEFT); prints the adapter directory",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
-                        help="base model: a Hugging Face checkpoint folder or a cached name")
+                        help="base model: a Hugging Face checkpoint folder or a cached name"
+                             " (required)")
     parser.add_argument("--data", required=True,
                         help="JSONL records: {\"messages\": [...]} or {\"prompt\", \"completion\"}"
-                             " ('toy': the small chat set shipped with moeflow)")
+                             " ('toy': the small chat set shipped with moeflow) (required)")
     parser.add_argument("--output", required=True, type=Path,
-                        help="directory for the adapter (and checkpoints while it trains)")
+                        help="directory for the adapter (and checkpoints while it trains)"
+                             " (required)")
     parser.add_argument("--format", choices=[f.value for f in DataFormat], default="auto",
                         help="record format (default: auto, per line)")
     hyper = parser.add_argument_group("hyper-parameters")
@@ -78,24 +102,32 @@ def build_parser() -> argparse.ArgumentParser:
             choices = [e.value for e in annotation]
         hyper.add_argument(_flag(field), dest=f"hp_{field}", default=None, choices=choices,
                            metavar=None if choices else field.upper(),
-                           help=_hyper_help(info))
+                           help=_hyper_help(field, info))
     run = parser.add_argument_group("run")
-    run.add_argument("--device", default="auto", help="auto (cuda if present), cpu, cuda, cuda:N")
-    run.add_argument("--num-threads", type=int, default=None, help="torch CPU threads")
+    run.add_argument("--device", default="auto",
+                     help="auto (cuda if present), cpu, cuda, cuda:N (default: auto)")
+    run.add_argument("--num-threads", type=int, default=None,
+                     help="torch CPU threads (default: torch's own, the usable cores)")
     run.add_argument("--no-resume", dest="resume", action="store_false",
-                     help="drop checkpoints found in --output and start over")
+                     help="drop checkpoints found in --output and start over (default: resume"
+                          " from the newest)")
     run.add_argument("--progress", choices=["auto", "bar", "log", "none"], default="auto",
                      help="a bar on a terminal, log lines otherwise (default: auto)")
     run.add_argument("--base-model-name", default=None,
-                     help="what training_result.json records as the base model")
+                     help="what training_result.json records as the base model (default: the"
+                          " --model folder)")
     cluster = parser.add_argument_group("cluster (set by the operator)")
     cluster.add_argument("--report-to-finetune", metavar="NAMESPACE/NAME", default=None,
-                         help="patch this FineTune's status.progress as training goes")
-    cluster.add_argument("--report-interval-s", type=float, default=5.0)
+                         help="patch this FineTune's status.progress as training goes"
+                              " (default: none)")
+    cluster.add_argument("--report-interval-s", type=float, default=5.0,
+                         help="seconds between status patches (default: %(default)s)")
     cluster.add_argument("--kubeconfig", default=None,
-                         help="out of cluster: kubeconfig for --report-to-finetune")
+                         help="out of cluster: kubeconfig for --report-to-finetune (default:"
+                              " in-cluster, else KUBECONFIG or ~/.kube/config)")
     cluster.add_argument("--termination-log", type=Path, default=None,
-                         help="write the outcome here (the Pod's terminationMessagePath)")
+                         help="write the outcome here (the Pod's terminationMessagePath;"
+                              " default: none)")
     return parser
 
 

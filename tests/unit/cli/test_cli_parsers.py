@@ -1,27 +1,31 @@
 """Every flag of every `moeflow` subcommand has help and shows its default (or says required).
 
-Walks the real parsers: the top-level one with all its subcommands, and the parsers of the
-delegated commands (store, device-plugin, warm-pool), rendering each help string with the
-parser's own formatter, as `--help` does.
+Walks the real parsers: the top-level one with all its subcommands, and the parsers of every
+delegated command (`DELEGATED`: store, device-plugin, warm-pool, finetune, tenants, ...), with
+their own subcommands, rendering each help string with the parser's own formatter, as `--help`
+does.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 
 import pytest
 
 from moeflow.cli import DELEGATED, build_parser, contradictions, main, walk_parsers
-from moeflow.coldstart import store_cli, warm_pool_cli
-from moeflow.deviceplugin import __main__ as device_plugin_cli
+from moeflow.coldstart import store_cli
 
 _NO_HELP_NEEDED = (argparse._HelpAction, argparse._VersionAction, argparse._SubParsersAction)
 
 
 def _roots() -> dict[str, argparse.ArgumentParser]:
-    return {"moeflow": build_parser(), "store": store_cli.build_parser(),
-            "device-plugin": device_plugin_cli.build_parser(),
-            "warm-pool": warm_pool_cli.build_parser()}
+    """The top-level parser and each delegated command's own: a new DELEGATED entry is walked
+    too (its module must have `build_parser()`)."""
+    roots = {"moeflow": build_parser()}
+    for name, (module, _) in DELEGATED.items():
+        roots[name] = importlib.import_module(module).build_parser()
+    return roots
 
 
 def _rendered(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
@@ -35,10 +39,12 @@ def test_the_walk_reaches_every_subcommand() -> None:
                  "models upcycle", "models make-tiny", "models list"):
         assert f"moeflow {name}" in progs, name
     assert {"moeflow store add", "moeflow store agent", "moeflow device-plugin",
-            "moeflow warm-pool"} <= progs
+            "moeflow warm-pool", "moeflow finetune", "moeflow tenants add-key",
+            "moeflow tenants revoke-key", "moeflow tenants set-limits",
+            "moeflow tenants list"} <= progs
 
 
-@pytest.mark.parametrize("root", ["moeflow", "store", "device-plugin", "warm-pool"])
+@pytest.mark.parametrize("root", ["moeflow", *DELEGATED])
 def test_every_flag_has_help_and_shows_its_default(root: str) -> None:
     missing: list[str] = []
     for parser in walk_parsers(_roots()[root]):
@@ -62,6 +68,10 @@ def test_defaults_are_the_real_values() -> None:
     assert "[default 'colocated'; env MOEFLOW_UP_MODE]" in " ".join(help_text.split())
     store = store_cli.build_parser().format_help()
     assert "(default: 16.0; env MOEFLOW_STORE_BUDGET_GB)" in " ".join(store.split())
+    finetune = " ".join(_roots()["finetune"].format_help().split())
+    assert "--lora-rank LORA_RANK LoRA rank r (adapter width) (default 8)" in finetune
+    assert "(default q_proj,k_proj,v_proj,o_proj)" in finetune
+    assert "seconds between status patches (default: 5.0)" in finetune
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
