@@ -74,6 +74,10 @@ class EngineOptions(BaseSettings):
     """Most sequences running in one step (decode batch size)."""
     max_num_batched_tokens: int = Field(512, ge=16)
     """Token budget of one step; long prompts are prefilled in chunks of at most this many."""
+    prefill_max_wait_s: float = Field(2.0, ge=0)
+    """Prefill goes to the shortest remaining prompts first; one that has waited this long
+    since it arrived goes before all others (so a long prompt is never starved). 0: arrival
+    order."""
     max_num_waiting: int = Field(256, ge=1)
     """Bounded admission queue; past it, new requests get 429 Overloaded."""
     enable_prefix_caching: bool = True

@@ -135,6 +135,7 @@ class LLMEngine:
             self.block_manager,
             max_num_seqs=settings.max_num_seqs,
             max_num_batched_tokens=settings.max_num_batched_tokens,
+            prefill_max_wait_s=settings.prefill_max_wait_s,
         )
         eos = set(self.arch.eos_token_ids)
         if self.tokenizer.eos_token and (eos_id := self.tokenizer.token_to_id(
@@ -313,7 +314,11 @@ class LLMEngine:
         if req is None:
             return None
         seq = req.seq
-        self.runner.write_kv(seq.block_table, kv)
+        # full blocks that came from the prefix cache (a sibling's prompt: ``n`` > 1) hold this
+        # KV already and may be read by others: only the blocks past them are written
+        shared = seq.num_computed_tokens // self.block_manager.block_size
+        self.runner.write_kv(seq.block_table[shared:],
+                             kv[:, :, shared * self.block_manager.block_size:])
         self.scheduler.kv_arrived(seq)
         seq.num_cached_tokens = num_cached_tokens
         seq.append_token(first_token_id)

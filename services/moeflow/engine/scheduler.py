@@ -1,19 +1,27 @@
 """Continuous batching with chunked prefill (pure: plain data in, a step plan out).
 
 Each step spends a token budget (``max_num_batched_tokens``): first one token for every running
-sequence that is decoding, then the next chunk of any prompt still being prefilled, then new
-sequences from the bounded waiting queue, oldest first. When decode needs a block and none is
-free, the newest running sequence is preempted (its blocks freed; it recomputes later), which
-keeps the oldest requests moving. A sequence's tokens never change with the company it keeps:
-batching decides *when* a token is computed, never *what* it is.
+sequence that is decoding, then prompt tokens: the chunks of prompts being prefilled and new
+sequences from the bounded waiting queue share the rest, shortest remaining prefill first, and
+a prompt that has waited ``prefill_max_wait_s`` goes before all others, oldest first
+(``prefill_policy.prefill_order``), so short prompts do not queue behind a long one and a long
+one is never starved. A waiting prompt whose leading full blocks another sequence is computing
+now (the ``n`` choices of one request) waits for them and takes them from the prefix cache
+(``prefill_policy.waits_for_shared_prefix``). When decode needs a block and none is free, the
+newest running sequence is preempted (its blocks freed; it recomputes later), which keeps the
+oldest requests moving. A sequence's tokens never change with the company it keeps: batching
+decides *when* a token is computed, never *what* it is.
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from moeflow.engine.block_manager import BlockManager
+from moeflow.engine.prefill_policy import PrefillCandidate, prefill_order, waits_for_shared_prefix
 from moeflow.engine.sequence import Sequence, SequenceStatus
 
 
@@ -55,8 +63,13 @@ class Scheduler:
         *,
         max_num_seqs: int,
         max_num_batched_tokens: int,
+        prefill_max_wait_s: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.block_manager = block_manager
+        self.prefill_max_wait_s = prefill_max_wait_s
+        self.clock = clock
+        """Seconds, on the clock of ``Sequence.arrival_s``; tests pass their own."""
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -121,43 +134,58 @@ class Scheduler:
             plan.scheduled.append(ScheduledSeq(seq, 1))
             budget -= 1
             i += 1
-        # 2. Prompts already admitted but not fully prefilled.
-        for seq in self.running:
+        # 2. Prompts: those being prefilled and waiting ones share what is left of the budget,
+        # shortest remaining prefill first with aging (prefill_policy). A remote-prefill
+        # sequence only reserves its blocks here (the decode side's back-pressure: the prefill
+        # instance is asked for KV only once there is room for it); it computes nothing.
+        self._schedule_prefills(plan, budget)
+        return plan
+
+    def _schedule_prefills(self, plan: StepPlan, budget: int) -> None:
+        candidates = [s for s in self.running if s.num_uncomputed_tokens > 1]
+        candidates += self.waiting
+        order = prefill_order(
+            [PrefillCandidate(0 if _is_fresh_remote(s) else s.num_uncomputed_tokens,
+                              s.arrival_s) for s in candidates],
+            now_s=self.clock(), max_wait_s=self.prefill_max_wait_s)
+        # prompts whose KV is being computed or fetched now (see waits_for_shared_prefix)
+        computing = [(s.token_ids, s.num_computed_tokens) for s in candidates
+                     if s.status is SequenceStatus.RUNNING]
+        computing += [(s.token_ids, s.num_computed_tokens) for s in self.awaiting_kv]
+        share = self.block_manager.enable_prefix_caching
+        admitting = True
+        for seq in (candidates[i] for i in order):
             if budget <= 0:
                 break
-            if seq.num_uncomputed_tokens > 1:
+            if seq.status is SequenceStatus.RUNNING:
                 chunk = min(seq.num_uncomputed_tokens, budget)
                 plan.scheduled.append(ScheduledSeq(seq, chunk))
                 budget -= chunk
-        # 3. Admit new sequences while memory, batch slots and budget allow. A remote-prefill
-        # sequence only reserves its blocks here (this is the decode side's back-pressure: the
-        # prefill instance is asked for KV only once there is room for it).
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) + len(self.awaiting_kv) < self.max_num_seqs
-        ):
-            seq = self.waiting[0]
-            if seq.is_remote_prefill and seq.num_computed_tokens == 0 and not seq.output_token_ids:
-                if not self.block_manager.allocate_prompt(seq, use_prefix_cache=False):
-                    self._note_memory_wait(seq)
-                    break
-                self.waiting.popleft()
-                seq.num_computed_tokens = 0
+                continue
+            if not admitting or len(self.running) + len(self.awaiting_kv) >= self.max_num_seqs:
+                continue
+            if share and waits_for_shared_prefix(seq.token_ids, computing,
+                                                 self.block_manager.block_size):
+                continue
+            remote = _is_fresh_remote(seq)
+            if not self.block_manager.allocate_prompt(seq):
+                self._note_memory_wait(seq)
+                admitting = False  # no admission passes a prompt that waits for memory
+                continue
+            self.waiting.remove(seq)
+            computing.append((seq.token_ids, seq.num_computed_tokens))
+            if remote:
+                # blocks from the prefix cache (a sibling's prompt) stay; the KV that arrives
+                # fills the rest (LLMEngine.attach_kv)
                 seq.status = SequenceStatus.AWAITING_KV
                 self.awaiting_kv.append(seq)
                 plan.kv_pulls.append(seq)
                 continue
-            if not self.block_manager.allocate_prompt(seq):
-                self._note_memory_wait(seq)
-                break
-            self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             chunk = min(seq.num_uncomputed_tokens, budget)
             plan.scheduled.append(ScheduledSeq(seq, chunk))
             budget -= chunk
-        return plan
 
     def _schedule_alone(self, seq: Sequence) -> StepPlan:
         """A plan that computes only ``seq`` (its next prompt chunk or its next token)."""
@@ -241,3 +269,10 @@ class Scheduler:
             seq.finish_reason = reason  # type: ignore[assignment]
         self.block_manager.free(seq)
 
+
+
+def _is_fresh_remote(seq: Sequence) -> bool:
+    """A waiting sequence whose prompt KV is to come from a prefill instance (not one that
+    was preempted after its KV arrived: that one recomputes here)."""
+    return (seq.status is SequenceStatus.WAITING and seq.is_remote_prefill
+            and seq.num_computed_tokens == 0 and not seq.output_token_ids)

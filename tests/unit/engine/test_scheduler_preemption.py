@@ -197,12 +197,13 @@ def test_remote_prefill_sequences_reserve_blocks_then_wait_for_kv_without_runnin
     scheduler = Scheduler(manager, max_num_seqs=8, max_num_batched_tokens=64)
     sampling = SamplingParams(max_tokens=4, temperature=0.0)
 
-    def remote(rid: str, n: int) -> Sequence:
-        return Sequence(rid, list(range(1, n + 1)), sampling, frozenset(), 0.0,
+    def remote(rid: str, n: int, start: int) -> Sequence:
+        # distinct prompts: equal ones would share blocks (tests/unit/engine/test_n_sharing.py)
+        return Sequence(rid, list(range(start, start + n)), sampling, frozenset(), 0.0,
                         is_remote_prefill=True)
 
-    first, second = remote("a", 8), remote("b", 8)  # 2 blocks each; 5 blocks in all
-    third = remote("c", 8)
+    first, second = remote("a", 8, 1), remote("b", 8, 20)  # 2 blocks each; 5 blocks in all
+    third = remote("c", 8, 40)
     for seq in (first, second, third):
         scheduler.add(seq)
     plan = scheduler.schedule()
