@@ -282,6 +282,9 @@ def _run_gateway(args: argparse.Namespace) -> int:
     return 0
 
 
+_MODEL_REF_HELP = ("a checkpoint folder, hf://org/name[@rev] or org/name (Hugging Face Hub),"
+                   " store://NAME or a cached name")
+
 # Subcommands that parse their own flags (--help included): name -> (module with
 # `main(argv) -> int`, help). Imported only when used, so grpc and the store stay out of the rest.
 DELEGATED: dict[str, tuple[str, str]] = {
@@ -448,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(name, add_help=False, help=help_text)
 
     engine = sub.add_parser("engine", help="run one engine instance (HTTP)")
-    engine.add_argument("--model", required=True, help="cached model name or checkpoint folder")
+    engine.add_argument("--model", required=True, help=f"{_MODEL_REF_HELP} (required)")
     _flag(engine, "--served-model-name", to="engine.served_model_name",
           shown_default="the folder name")
     _flag(engine, "--role", to="engine.role", choices=[r.value for r in Role])
@@ -508,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     balancer.set_defaults(func=_run_balancer)
 
     up = sub.add_parser("up", help="run the whole platform locally (gateway + engine processes)")
-    _flag(up, "--model", to="up.model", help="cached model name or checkpoint folder")
+    _flag(up, "--model", to="up.model", help=_MODEL_REF_HELP)
     _flag(up, "--served-model-name", to="up.served_model_name",
           shown_default="the last part of --model")
     _flag(up, "--engine-port", to="up.engine_port", type=int,
