@@ -1,9 +1,9 @@
 """``n`` choices of one prompt: n engine requests, opened together.
 
 Each choice is its own engine request, so each has its own sampling state. They are opened
-back to back; on one instance the prefix cache then shares the prompt's full KV blocks
-between them whenever a later choice is admitted after an earlier one's prefill finished
-(choices admitted into the very same step each compute the prompt). A request
+back to back; on one instance the engine computes the prompt once: the other choices wait for
+the first one's full prompt blocks and share them through the prefix cache
+(``moeflow.engine.prefill_policy.waits_for_shared_prefix``). A request
 with a ``seed`` gives choice ``i`` the seed ``seed + i``: equal seeds would give n equal
 choices, which no client asking for n wants.
 """
