@@ -113,12 +113,15 @@ def test_unsupported_architectures_are_refused_before_the_weights(hub: LocalHub)
     assert up.returncode == 1 and "is not supported" in up.stderr.strip().splitlines()[-1]
 
 
-def test_up_serves_a_local_folder_and_a_hub_model_like_transformers(
+def test_up_serves_a_local_folder_a_hub_model_and_a_pulled_one_like_transformers(
         hub: LocalHub, tiny_dirs: dict[str, Path]) -> None:
     model_dir = tiny_dirs["llama"]
     prompt_ids = hf_chat_ids(model_dir, QUESTION)
     expected = TextTokenizer.from_dir(model_dir).decode(hf_greedy(model_dir, prompt_ids, 8))
-    for model, served in ((str(model_dir), model_dir.name), ("hf://tiny/llama@main", "llama")):
+    pulled = _moeflow("models", "pull", "tiny/llama", "--name", "pulled-llama")
+    assert pulled.returncode == 0, pulled.stderr
+    for model, served in ((str(model_dir), model_dir.name), ("hf://tiny/llama@main", "llama"),
+                          ("pulled-llama", "pulled-llama")):  # `models pull` of a repo id
         platform = start_platform(model)
         try:
             client = openai.OpenAI(base_url=platform.base_url, api_key="x", max_retries=0)
