@@ -1,5 +1,5 @@
-"""Fixtures: the emulated API server (kmock + shim) over real HTTP, a kubeconfig pointing at
-it for both kopf and the operator's own client, and the real operator."""
+"""Fixtures: the emulated API server (kmock + shim) over real HTTP with a kubeconfig for kopf
+and the operator's own client (emulated_api.py), and the real operator."""
 
 from __future__ import annotations
 
@@ -7,16 +7,13 @@ import pathlib
 import sys
 from collections.abc import AsyncIterator
 
-import kmock
-import kubernetes
 import pytest
-import yaml
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 from cluster_kit import Cluster, OperatorRunner  # noqa: E402
-from crd_schema import CRD_DIR, CrdValidator, load_crds  # noqa: E402
-from kube_emulator import ClusterEmulator  # noqa: E402
+from crd_schema import CrdValidator, load_crds  # noqa: E402
+from emulated_api import emulated_api  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -27,25 +24,9 @@ def crd_validator() -> CrdValidator:
 @pytest.fixture
 async def cluster(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch,
                   crd_validator: CrdValidator) -> AsyncIterator[Cluster]:
-    async with ClusterEmulator() as emulator, kmock.Server(emulator) as server:
-        emulator.declare_crds(CRD_DIR)
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(yaml.safe_dump({
-            "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
-            "clusters": [{"name": "emulator",
-                          "cluster": {"server": str(server.url).rstrip("/")}}],
-            "users": [{"name": "test", "user": {"token": "test-token"}}],
-            "contexts": [{"name": "emulator",
-                          "context": {"cluster": "emulator", "user": "test"}}],
-        }))
-        # kopf logs in through the kubernetes client's default kubeconfig location, which the
-        # client reads from $KUBECONFIG at import time; the operator's own client uses this.
-        monkeypatch.setattr(kubernetes.config.kube_config, "KUBE_CONFIG_DEFAULT_LOCATION",
-                            str(kubeconfig))
-        monkeypatch.setenv("MOEFLOW_OPERATOR_KUBECONFIG", str(kubeconfig))
+    async with emulated_api(tmp_path, monkeypatch, crd_validator) as (cluster, _):
         monkeypatch.setenv("MOEFLOW_OPERATOR_BATCH_PROGRESS_INTERVAL_S", "0.1")
-        monkeypatch.setenv("MOEFLOW_OPERATOR_RETRY_BACKOFF_S", "0.2")
-        yield Cluster(emulator, server.client, crd_validator)
+        yield cluster
 
 
 @pytest.fixture
