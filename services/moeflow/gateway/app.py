@@ -29,7 +29,7 @@ from moeflow.gateway.middleware import (
     RequestCountMiddleware,
     TenantGate,
 )
-from moeflow.gateway.quota import Quota
+from moeflow.gateway.quota import quota_from_settings
 from moeflow.gateway.quota_service import MeteredGenerationService, TenantMetrics
 from moeflow.gateway.registry import ModelRegistry
 from moeflow.gateway.routes import chat, completions, health, models, responses, tokenize, usage
@@ -52,19 +52,12 @@ def build_app(
     turns on scale from zero (``moeflow.gateway.scale_from_zero``). Kubernetes discovery
     without ``scale_up`` wakes its Model itself (``kube_scale_from_zero``, default on)."""
 
-    redis_url = settings.quota_redis_url
     gate = TenantGate(
         TenantSource(settings.tenants_file,
                      flat_keys=[k.get_secret_value() for k in settings.api_keys],
                      admin_keys=[k.get_secret_value() for k in settings.admin_api_keys],
                      reload_interval_s=settings.tenants_reload_interval_s),
-        Quota(redis_url.get_secret_value() if redis_url else None,
-              password=(settings.quota_redis_password.get_secret_value()
-                        if settings.quota_redis_password else None),
-              prefix=settings.quota_key_prefix,
-              on_redis_failure=settings.quota_on_redis_failure,
-              lease_s=settings.request_timeout_s + 60,
-              retention_days=settings.usage_retention_days),
+        quota_from_settings(settings),
     )
 
     @asynccontextmanager

@@ -34,13 +34,16 @@ import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import redis.asyncio as aioredis
 import redis.exceptions
 
 from moeflow.domain.errors import BackendUnavailableError, OverloadedError
 from moeflow.gateway.tenants import Tenant
+
+if TYPE_CHECKING:
+    from moeflow.gateway.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -381,3 +384,15 @@ class Quota:
 
 def _ceil(seconds: float) -> int:
     return max(1, int(-(-seconds // 1)))
+
+
+def quota_from_settings(settings: GatewaySettings) -> Quota:
+    """The gateway's quota store: its Redis (password apart from the URL), failure policy,
+    leases that outlive the longest request."""
+    url, password = settings.quota_redis_url, settings.quota_redis_password
+    return Quota(url.get_secret_value() if url else None,
+                 password=password.get_secret_value() if password else None,
+                 prefix=settings.quota_key_prefix,
+                 on_redis_failure=settings.quota_on_redis_failure,
+                 lease_s=settings.request_timeout_s + 60,
+                 retention_days=settings.usage_retention_days)

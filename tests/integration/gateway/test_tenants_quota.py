@@ -1,7 +1,7 @@
-"""Tenants on two gateway replicas sharing one real Redis, in front of one real engine: a tenant
-over its tokens per minute gets 429 from either replica (the other tenant is untouched), usage
-and the per-tenant metrics equal what the clients received, keys rotate without a restart, and
-/metrics and /admin/usage need an admin key."""
+"""Tenants on two gateway replicas sharing one real Redis (with a password), in front of one
+real engine: a tenant over its tokens per minute gets 429 from either replica (the other tenant
+is untouched), usage and the per-tenant metrics equal what the clients received, keys rotate
+without a restart, and /metrics and /admin/usage need an admin key."""
 
 from __future__ import annotations
 
@@ -48,13 +48,16 @@ def replicas(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactor
         "ops": TenantSpec(keys=(hash_key("sk-ops"),), admin=True),
     })
     with ExitStack() as stack:
-        redis = stack.enter_context(start_local_redis(tmp, port=free_port()))
+        # as the chart's Redis: a password, given apart from the URL
+        redis = stack.enter_context(start_local_redis(tmp, port=free_port(),
+                                                      requirepass="chart-redis-password"))
         engine = stack.enter_context(serve(make_engine(tiny_dirs["llama"],
                                                        served_model_name=MODEL)))
         prefix = f"test-{uuid.uuid4().hex[:8]}:"
         urls = [stack.enter_context(gateway(GatewaySettings(
             port=free_port(), engine_urls=(engine.url,), tenants_file=path,
-            tenants_reload_interval_s=0, quota_redis_url=redis.url, quota_key_prefix=prefix,
+            tenants_reload_interval_s=0, quota_redis_url=redis.url,
+            quota_redis_password="chart-redis-password", quota_key_prefix=prefix,
             stats_poll_interval_s=0.2))) for _ in range(2)]
         yield urls, path
 

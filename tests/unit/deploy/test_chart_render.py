@@ -125,7 +125,9 @@ def literal_env(container: Obj) -> dict[str, str]:
 
 
 def test_operator_env_is_exactly_operator_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    container = operator_container()
+    # the chart's Redis and a tenants Secret: the settings of Models' gateways are rendered too
+    container = operator_container({"redis": {"enabled": True},
+                                    "gateway": {"tenantsSecret": {"name": "moeflow-tenants"}}})
     # The operator's own namespace comes from the downward API; the rest are literals.
     (namespace,) = [e for e in container["env"] if "valueFrom" in e]
     assert namespace == {"name": "MOEFLOW_OPERATOR_NAMESPACE",
@@ -193,7 +195,7 @@ def test_shared_gateway_sends_the_token_and_probes_live_and_ready() -> None:
     assert env == {"MOEFLOW_API_KEYS": {"name": "moeflow-api-keys", "key": "api-keys"},
                    naming.INTERNAL_TOKEN_ENV: {"name": "tiny-internal-token",
                                                "key": naming.INTERNAL_TOKEN_KEY},
-                   "REDIS_PASSWORD": {"name": "moeflow-redis-auth", "key": "password"}}
+                   "MOEFLOW_REDIS_PASSWORD": {"name": "moeflow-redis-auth", "key": "password"}}
     probes = {p: container[p]["httpGet"] for p in ("startupProbe", "readinessProbe",
                                                    "livenessProbe")}
     assert probes == {"startupProbe": {"path": "/health/live", "port": "http"},
@@ -532,3 +534,41 @@ def test_operator_pods_carry_the_labels_engines_policies_admit() -> None:
             and d["metadata"]["name"].endswith("-operator")))
         labels = operator["spec"]["template"]["metadata"]["labels"]
         assert naming.operator_selector().items() <= labels.items()
+
+
+def test_every_models_gateway_gets_the_tenants_and_the_quota_redis_from_the_operator() -> None:
+    """The operator's settings, as the chart renders them, make per-Model gateways like the
+    shared one: the same tenants Secret, the same Redis, its password by secretKeyRef."""
+    values = {**EVERYTHING_ON, "gateway": {**EVERYTHING_ON["gateway"],
+                                          "tenantsSecret": {"name": "moeflow-tenants"},
+                                          "quota": {"onRedisFailure": "closed"}}}
+    docs = render_objects(values)
+    (operator,) = find(docs, "Deployment",
+                       "moeflow-operator")["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e["value"] for e in operator["env"] if "value" in e}
+    settings = OperatorSettings(**{
+        name.removeprefix("MOEFLOW_OPERATOR_").lower(): value for name, value in env.items()
+        if name.startswith(("MOEFLOW_OPERATOR_GATEWAY_TENANTS", "MOEFLOW_OPERATOR_QUOTA"))})
+    assert settings.gateway_tenants_secret == "moeflow-tenants"
+    assert settings.quota_redis_password_secret == "moeflow-redis-auth"
+    assert settings.quota_on_redis_failure == "closed"
+    plan = plan_model("tiny", parse_model_spec({"source": {"uri": "store://tiny"}}))
+    per_model = build_gateway_deployment("tiny", NAMESPACE, plan.gateway, settings)
+    shared = find(docs, "Deployment", "moeflow-gateway")["spec"]["template"]["spec"]
+    for pod in (per_model["spec"]["template"]["spec"], shared):
+        (container,) = pod["containers"]
+        by_name = {e["name"]: e for e in container["env"]}
+        assert by_name["MOEFLOW_GATEWAY_QUOTA_REDIS_URL"]["value"] == (
+            "redis://moeflow-redis.moeflow.svc.cluster.local:6379/0")
+        assert by_name["MOEFLOW_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": "moeflow-redis-auth", "key": "password"}
+        assert by_name["MOEFLOW_GATEWAY_TENANTS_FILE"]["value"] == (
+            "/etc/moeflow/tenants/tenants.yaml")
+        (volume,) = [v for v in pod["volumes"] if v["name"] == "tenants"]
+        assert volume["secret"]["secretName"] == "moeflow-tenants"
+    # without the chart's Redis and a tenants Secret: nothing of it
+    (bare,) = find(render_objects({}), "Deployment",
+                   "moeflow-operator")["spec"]["template"]["spec"]["containers"]
+    assert not {e["name"] for e in bare["env"]} & {
+        "MOEFLOW_OPERATOR_GATEWAY_TENANTS_SECRET", "MOEFLOW_OPERATOR_QUOTA_REDIS_URL",
+        "MOEFLOW_OPERATOR_QUOTA_REDIS_PASSWORD_SECRET"}
