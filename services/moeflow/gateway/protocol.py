@@ -40,6 +40,7 @@ __all__ = [
     "ChatFinishReason",
     "ChatLogprobs",
     "DeltaToolCall",
+    "DeltaToolCallFunction",
     "ToolCall",
     "ToolCallFunction",
     "ChatTokenLogprob",
@@ -65,6 +66,7 @@ __all__ = [
     "find_lone_surrogate",
     "make_usage",
     "now_unix",
+    "inline_defs",
     "sse_responses",
 ]
 
@@ -323,8 +325,20 @@ class ToolCall(BaseModel):
     function: ToolCallFunction
 
 
-class DeltaToolCall(ToolCall):
+class DeltaToolCallFunction(BaseModel):
+    name: Annotated[str | None, _OMITTED_WHEN_NONE] = None
+    arguments: Annotated[str | None, _OMITTED_WHEN_NONE] = None
+    """A fragment of the arguments' JSON text; the fragments of one call concatenate to it."""
+
+
+class DeltaToolCall(BaseModel):
+    """A streamed call: the first entry of an ``index`` has its id, type and name, the
+    following ones only fragments of its arguments."""
+
     index: int
+    id: Annotated[str | None, _OMITTED_WHEN_NONE] = None
+    type: Annotated[Literal["function"] | None, _OMITTED_WHEN_NONE] = None
+    function: Annotated[DeltaToolCallFunction | None, _OMITTED_WHEN_NONE] = None
 
 
 class AssistantMessage(BaseModel):
@@ -452,7 +466,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
-def _inline(schema: dict[str, Any]) -> dict[str, Any]:
+def inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
     """``schema`` with its ``$defs`` substituted in place (response models are not recursive), so
     it can stand alone inside an OpenAPI document."""
     defs: dict[str, Any] = schema.pop("$defs", {})
@@ -478,7 +492,7 @@ def sse_responses(json_model: type[BaseModel], chunk: type[BaseModel]) -> dict[i
         200: {
             "description": f"A {json_model.__name__}; with \"stream\": true, server-sent events "
                            f"whose data are {chunk.__name__} objects, then [DONE]",
-            "content": {"text/event-stream": {"schema": _inline(chunk.model_json_schema())}},
+            "content": {"text/event-stream": {"schema": inline_defs(chunk.model_json_schema())}},
         },
         **ERROR_RESPONSES,
     }

@@ -8,10 +8,13 @@ import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import jsonschema
 import openai
 import pytest
+from pydantic import TypeAdapter
 
+from moeflow.gateway.responses_protocol import Response, ResponseStreamEvent
 from moeflow.text.tokenizer import TextTokenizer
 from tests.platform_process import Platform, start_platform
 from tests.reference import hf_chat_ids, hf_greedy
@@ -86,3 +89,43 @@ def test_text_format_tools_and_refusals(roomy: Platform) -> None:
     with pytest.raises(openai.BadRequestError) as stateful:
         c.responses.create(model=MODEL, input="x", previous_response_id="resp_1")
     assert stateful.value.param == "previous_response_id"
+
+
+def test_streamed_function_call_and_typed_schema(roomy: Platform) -> None:
+    """A forced call streams as its item, then argument fragments; every event parses as the
+    typed events the OpenAPI description lists, and the JSON answer as its Response."""
+    tool = {"type": "function", "name": "ping",
+            "parameters": {"type": "object", "properties": {"word": {"type": "string",
+                                                                      "maxLength": 8}},
+                           "required": ["word"], "additionalProperties": False}}
+    c = client(roomy)
+    events = list(c.responses.create(model=MODEL, input="ping", tools=[tool],  # type: ignore[list-item]
+                                     tool_choice="required", parallel_tool_calls=False,
+                                     max_output_tokens=60, temperature=1.0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[-1] == "response.completed"
+    added = [e for e in events if e.type == "response.output_item.added"]
+    assert len(added) == 1 and added[0].item.type == "function_call"
+    fragments = [e.delta for e in events if e.type == "response.function_call_arguments.delta"]
+    assert len(fragments) > 1
+    done = next(e for e in events if e.type == "response.function_call_arguments.done")
+    assert done.arguments == "".join(fragments)
+    jsonschema.validate(json.loads(done.arguments), tool["parameters"])
+    final = events[-1].response  # type: ignore[union-attr]
+    assert final.output[0].type == "function_call"
+    assert final.output[0].arguments == done.arguments  # type: ignore[union-attr]
+    # the wire events parse as our typed stream events; the JSON answer as our Response
+    raw = httpx.post(f"{roomy.base_url}/responses", timeout=60, json={
+        "model": MODEL, "input": "hi", "max_output_tokens": 4, "stream": True})
+    adapter = TypeAdapter(ResponseStreamEvent)
+    data = [line.removeprefix("data: ") for line in raw.text.splitlines()
+            if line.startswith("data: ")]
+    assert [adapter.validate_json(d).type for d in data][-1] == "response.incomplete"
+    whole = httpx.post(f"{roomy.base_url}/responses", timeout=60, json={
+        "model": MODEL, "input": "hi", "max_output_tokens": 4})
+    Response.model_validate_json(whole.text)
+    spec = httpx.get(f"{roomy.root_url}/openapi.json", timeout=10).json()
+    answers = spec["paths"]["/v1/responses"]["post"]["responses"]["200"]["content"]
+    assert answers["application/json"]["schema"]["$ref"].endswith("/Response")
+    stream_schema = json.dumps(answers["text/event-stream"]["schema"])
+    assert "response.function_call_arguments.delta" in stream_schema

@@ -60,19 +60,46 @@ def test_required_gives_schema_valid_calls(platform: Platform, parallel: bool) -
 
 
 def test_named_choice_streams_delta_tool_calls(platform: Platform) -> None:
-    stream = client(platform).chat.completions.create(
+    """A call streams as OpenAI streams it: the first delta has the index, id, type and name,
+    the next ones fragments of the arguments; the openai client's stream helper reassembles
+    them into the call."""
+    with client(platform).chat.completions.stream(
         model=MODEL, messages=ASK, tools=TOOLS, max_tokens=60, temperature=0,  # type: ignore[arg-type]
         tool_choice={"type": "function", "function": {"name": "get_time"}},
-        parallel_tool_calls=False, stream=True)
-    calls = []
+        parallel_tool_calls=False) as stream:
+        deltas = [d for event in stream if event.type == "chunk"
+                  for ch in event.chunk.choices for d in ch.delta.tool_calls or []]
+        final = stream.get_final_completion()
+    assert deltas[0].id and deltas[0].id.startswith("call_") and deltas[0].type == "function"
+    assert deltas[0].function is not None and deltas[0].function.name == "get_time"
+    fragments = [d.function.arguments for d in deltas[1:] if d.function is not None]
+    assert len(fragments) > 1 and all(d.id is None and d.index == 0 for d in deltas[1:])
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    calls = choice.message.tool_calls or []
+    assert len(calls) == 1 and calls[0].id == deltas[0].id
+    fn = calls[0].function  # type: ignore[union-attr]
+    assert fn.name == "get_time" and fn.arguments == "".join(f or "" for f in fragments)
+    jsonschema.validate(json.loads(fn.arguments), TIME)
+
+
+def test_parallel_calls_stream_with_their_own_indexes(platform: Platform) -> None:
+    """Accumulating the raw deltas by index, as clients without the helper do."""
+    stream = client(platform).chat.completions.create(
+        model=MODEL, messages=ASK, tools=TOOLS, tool_choice="required",  # type: ignore[arg-type]
+        max_tokens=200, temperature=1.0, seed=5, stream=True)
+    calls: dict[int, dict[str, str]] = {}
     finish = None
     for chunk in stream:
         for ch in chunk.choices:
-            calls += ch.delta.tool_calls or []
+            for d in ch.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += (d.function.name or "") if d.function else ""
+                entry["arguments"] += (d.function.arguments or "") if d.function else ""
             finish = ch.finish_reason or finish
-    assert finish == "tool_calls" and len(calls) == 1
-    assert calls[0].function is not None and calls[0].function.name == "get_time"
-    jsonschema.validate(json.loads(calls[0].function.arguments or ""), TIME)
+    assert finish == "tool_calls" and sorted(calls) == list(range(len(calls))) != []
+    for call in calls.values():
+        jsonschema.validate(json.loads(call["arguments"]), SCHEMAS[call["name"]])
 
 
 def test_a_conversation_with_calls_and_results_renders(platform: Platform) -> None:

@@ -27,7 +27,6 @@ from moeflow.gateway.protocol import (
     ChatDelta,
     ChatFinishReason,
     ChatLogprobs,
-    DeltaToolCall,
     ToolCall,
     Usage,
     make_usage,
@@ -43,6 +42,7 @@ from moeflow.gateway.streaming import (
     sse_stream,
 )
 from moeflow.gateway.structured import response_format_grammar
+from moeflow.gateway.tool_stream import ToolCallStream
 from moeflow.gateway.tools import ToolPlan, parse_calls, plan_tools, template_messages
 
 router = APIRouter()
@@ -108,22 +108,27 @@ async def create_chat_completion(
             return ChatCompletionChunk(id=request_id, created=created, model=model.name,
                                        choices=choices, usage=usage)
 
-        held: dict[int, list[str]] = {}
+        tool_streams: dict[int, ToolCallStream] = {}
 
         def event(index: int, chunk: TokenChunk) -> ChatCompletionChunk | None:
             if plan is not None:
-                # with tools, a choice is sent whole when it ends: text that turns out to be
-                # a call must not have gone out as content
-                held.setdefault(index, []).append(chunk.text)
-                if chunk.finish_reason is None:
+                # content goes out as it comes, calls as they are written (tool_stream);
+                # text that may still turn into a call is held back
+                calls_stream = tool_streams.setdefault(index, ToolCallStream(plan))
+                content, deltas = calls_stream.feed(chunk.text)
+                if chunk.finish_reason is not None:
+                    content += calls_stream.finish()
+                if not (content or deltas or chunk.logprobs) and chunk.finish_reason is None:
                     return None
-                content, calls = parse_calls("".join(held.pop(index)), plan)
+                finish: ChatFinishReason | None = chunk.finish_reason
+                if finish == "stop" and calls_stream.num_calls:
+                    finish = "tool_calls"
                 return chunk_of([ChatChunkChoice(
                     index=index,
-                    delta=ChatDelta(content=content, tool_calls=[
-                        DeltaToolCall(index=i, **c.model_dump()) for i, c in enumerate(calls)
-                    ] or None),
-                    finish_reason=_finish(chunk.finish_reason, calls))])
+                    delta=ChatDelta(content=content or None, tool_calls=deltas or None),
+                    logprobs=chat_logprobs(tokenizer, chunk.logprobs) if chunk.logprobs
+                    else None,
+                    finish_reason=finish)])
             if not chunk.text and chunk.finish_reason is None and not chunk.logprobs:
                 return None
             delta = ChatDelta(content=chunk.text) if chunk.text else ChatDelta()

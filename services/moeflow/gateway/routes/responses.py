@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.sse import EventSourceResponse
 
 from moeflow.domain.errors import InvalidRequestError, MoeflowError
 from moeflow.domain.messages import TokenChunk
@@ -26,14 +26,41 @@ from moeflow.gateway.deps import ServiceDep
 from moeflow.gateway.generation import until_disconnected
 from moeflow.gateway.middleware import request_record
 from moeflow.gateway.protocol import (
-    ERROR_RESPONSES,
     ChatCompletionRequest,
+    DeltaToolCall,
     ResponsesRequest,
     ToolCall,
     now_unix,
 )
+from moeflow.gateway.responses_protocol import (
+    ContentPartAddedEvent,
+    ContentPartDoneEvent,
+    ErrorEvent,
+    FunctionCallArgumentsDeltaEvent,
+    FunctionCallArgumentsDoneEvent,
+    FunctionCallItem,
+    IncompleteDetails,
+    InputTokensDetails,
+    ItemStatus,
+    MessageItem,
+    OutputItemAddedEvent,
+    OutputItemDoneEvent,
+    OutputText,
+    OutputTextDeltaEvent,
+    OutputTextDoneEvent,
+    Response,
+    ResponseCompletedEvent,
+    ResponseCreatedEvent,
+    ResponseEvent,
+    ResponseIncompleteEvent,
+    ResponseInProgressEvent,
+    ResponseStatus,
+    ResponseUsage,
+    responses_openapi,
+)
 from moeflow.gateway.routes.chat import prepare_chat
 from moeflow.gateway.streaming import collect_choice, event_stream
+from moeflow.gateway.tool_stream import ToolCallStream
 from moeflow.gateway.tools import ToolPlan, parse_calls
 
 router = APIRouter()
@@ -106,28 +133,26 @@ def as_chat(body: ResponsesRequest) -> ChatCompletionRequest:
         "response_format": response_format, "user": body.user})
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    return {"type": "message", "id": item_id, "status": status, "role": "assistant",
-            "content": [{"type": "output_text", "text": text, "annotations": []}]}
+def _message_item(item_id: str, text: str, status: ItemStatus) -> MessageItem:
+    return MessageItem(id=item_id, status=status, content=[OutputText(text=text)])
 
 
-def _call_item(call: ToolCall) -> dict[str, Any]:
-    return {"type": "function_call", "id": f"fc_{call.id.removeprefix('call_')}",
-            "call_id": call.id, "name": call.function.name,
-            "arguments": call.function.arguments, "status": "completed"}
+def _call_item(call_id: str, name: str, arguments: str, status: ItemStatus) -> FunctionCallItem:
+    return FunctionCallItem(id=f"fc_{call_id.removeprefix('call_')}", call_id=call_id, name=name,
+                            arguments=arguments, status=status)
 
 
-def _usage(last: TokenChunk) -> dict[str, Any]:
-    return {"input_tokens": last.num_prompt_tokens,
-            "input_tokens_details": {"cached_tokens": last.num_cached_tokens},
-            "output_tokens": last.num_output_tokens,
-            "output_tokens_details": {"reasoning_tokens": 0},
-            "total_tokens": last.num_prompt_tokens + last.num_output_tokens}
+def _usage(last: TokenChunk) -> ResponseUsage:
+    return ResponseUsage(
+        input_tokens=last.num_prompt_tokens,
+        input_tokens_details=InputTokensDetails(cached_tokens=last.num_cached_tokens),
+        output_tokens=last.num_output_tokens,
+        total_tokens=last.num_prompt_tokens + last.num_output_tokens)
 
 
-@router.post("/v1/responses", responses=ERROR_RESPONSES)
+@router.post("/v1/responses", response_model=Response, responses=responses_openapi())
 async def create_response(body: ResponsesRequest, request: Request,
-                          service: ServiceDep) -> Any:
+                          service: ServiceDep) -> Response | EventSourceResponse:
     model = service.registry.get(body.model)
     record = request_record(request.scope)
     record.model = model.name
@@ -137,98 +162,146 @@ async def create_response(body: ResponsesRequest, request: Request,
     message_id = f"msg_{uuid.uuid4().hex}"
     created = now_unix()
 
-    def response(status: str, output: list[dict[str, Any]],
-                 last: TokenChunk | None) -> dict[str, Any]:
+    def response(status: ResponseStatus, output: list[MessageItem | FunctionCallItem],
+                 last: TokenChunk | None) -> Response:
         incomplete = last is not None and last.finish_reason == "length"
-        return {
-            "id": response_id, "object": "response", "created_at": created,
-            "status": "incomplete" if incomplete and status == "completed" else status,
-            "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
-            "instructions": body.instructions, "max_output_tokens": body.max_output_tokens,
-            "model": model.name, "output": output,
-            "parallel_tool_calls": body.parallel_tool_calls, "previous_response_id": None,
-            "temperature": body.temperature, "top_p": body.top_p,
-            "tool_choice": body.tool_choice or ("auto" if body.tools else "none"),
-            "tools": body.tools or [], "text": body.text or {"format": {"type": "text"}},
-            "metadata": body.metadata or {}, "store": False,
-            "usage": _usage(last) if last is not None else None,
-        }
-
-    def outputs(text: str, plan: ToolPlan | None) -> list[dict[str, Any]]:
-        content: str | None = text
-        calls: list[ToolCall] = []
-        if plan is not None:
-            content, calls = parse_calls(text, plan)
-        items = [_message_item(message_id, content, "completed")] if content else []
-        return items + [_call_item(c) for c in calls]
+        return Response(
+            id=response_id, created_at=created,
+            status="incomplete" if incomplete and status == "completed" else status,
+            incomplete_details=IncompleteDetails(reason="max_output_tokens") if incomplete
+            else None,
+            instructions=body.instructions, max_output_tokens=body.max_output_tokens,
+            model=model.name, output=output, parallel_tool_calls=body.parallel_tool_calls,
+            temperature=body.temperature, top_p=body.top_p,
+            tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
+            tools=body.tools or [], text=body.text or {"format": {"type": "text"}},
+            metadata=body.metadata or {}, usage=_usage(last) if last is not None else None)
 
     stream = await service.open(model, "responses", response_id, prompt_ids, sampling,
                                 request.is_disconnected)
     if not body.stream:
         result = await until_disconnected(request.is_disconnected, collect_choice(stream))
-        return JSONResponse(response("completed", outputs(result.text, plan), result.last))
+        content: str | None = result.text
+        calls: list[ToolCall] = []
+        if plan is not None:
+            content, calls = parse_calls(result.text, plan)
+        items: list[MessageItem | FunctionCallItem] = (
+            [_message_item(message_id, content, "completed")] if content else [])
+        items += [_call_item(c.id, c.function.name, c.function.arguments, "completed")
+                  for c in calls]
+        return response("completed", items, result.last)
+    return event_stream(_events(stream, plan, message_id, response, record.failed))
 
-    async def events() -> AsyncIterator[str]:
-        seq = 0
 
-        def event(kind: str, **fields: Any) -> str:
-            nonlocal seq
-            data = json.dumps({"type": kind, "sequence_number": seq, **fields})
-            seq += 1
-            return f"event: {kind}\ndata: {data}\n\n"
+def _events(stream: AsyncIterator[TokenChunk], plan: ToolPlan | None, message_id: str,
+            response: Callable[[ResponseStatus, list[MessageItem | FunctionCallItem],
+                                TokenChunk | None], Response],
+            on_error: Callable[[MoeflowError], Any]) -> AsyncIterator[str]:
+    """The Responses event sequence: text deltas as the text comes, a function call's item
+    as soon as its name is written and its arguments in fragments (``tool_stream``), then
+    each item's done events and the final response."""
+    seq = 0
 
-        yield event("response.created", response=response("in_progress", [], None))
-        yield event("response.in_progress", response=response("in_progress", [], None))
-        parts: list[str] = []
+    def frame(event: ResponseEvent) -> str:
+        nonlocal seq
+        seq += 1
+        kind = getattr(event, "type", "")  # every event class sets its type
+        return f"event: {kind}\ndata: {event.model_dump_json()}\n\n"
+
+    def n() -> int:
+        return seq
+
+    async def run() -> AsyncIterator[str]:
+        yield frame(ResponseCreatedEvent(sequence_number=n(),
+                                         response=response("in_progress", [], None)))
+        yield frame(ResponseInProgressEvent(sequence_number=n(),
+                                            response=response("in_progress", [], None)))
+        tools = ToolCallStream(plan) if plan is not None else None
+        text: list[str] = []
+        message_index: int | None = None
+        calls: dict[int, FunctionCallItem] = {}  # delta index -> item
+        order: list[FunctionCallItem | None] = []  # None: the message
         last: TokenChunk | None = None
-        started = False
+
+        def content_events(piece: str) -> list[ResponseEvent]:
+            nonlocal message_index
+            if not piece:
+                return []
+            out: list[ResponseEvent] = []
+            if message_index is None:
+                message_index = len(order)
+                order.append(None)
+                out += [OutputItemAddedEvent(
+                            sequence_number=0, output_index=message_index,
+                            item=MessageItem(id=message_id, status="in_progress", content=[])),
+                        ContentPartAddedEvent(sequence_number=0, item_id=message_id,
+                                              output_index=message_index, content_index=0,
+                                              part=OutputText(text=""))]
+            text.append(piece)
+            out.append(OutputTextDeltaEvent(sequence_number=0, item_id=message_id,
+                                            output_index=message_index, content_index=0,
+                                            delta=piece))
+            return out
+
+        def call_events(deltas: list[DeltaToolCall]) -> list[ResponseEvent]:
+            out: list[ResponseEvent] = []
+            for d in deltas:
+                fn = d.function
+                if d.id is not None and fn is not None and fn.name is not None:
+                    item = _call_item(d.id, fn.name, "", "in_progress")
+                    calls[d.index] = item
+                    out.append(OutputItemAddedEvent(sequence_number=0, output_index=len(order),
+                                                    item=item))
+                    order.append(item)
+                elif fn is not None and fn.arguments:
+                    item = calls[d.index]
+                    item.arguments += fn.arguments
+                    out.append(FunctionCallArgumentsDeltaEvent(
+                        sequence_number=0, item_id=item.id, output_index=order.index(item),
+                        delta=fn.arguments))
+            return out
+
         try:
             async for chunk in stream:
                 last = chunk
-                parts.append(chunk.text)
-                if plan is not None or not chunk.text:
-                    continue  # with tools, the output is sorted into items at the end
-                if not started:
-                    started = True
-                    yield event("response.output_item.added", output_index=0,
-                                item={**_message_item(message_id, "", "in_progress"),
-                                      "content": []})
-                    yield event("response.content_part.added", item_id=message_id,
-                                output_index=0, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": []})
-                yield event("response.output_text.delta", item_id=message_id, output_index=0,
-                            content_index=0, delta=chunk.text)
+                if tools is None:
+                    events = content_events(chunk.text)
+                else:
+                    piece, deltas = tools.feed(chunk.text)
+                    if chunk.finish_reason is not None:
+                        piece += tools.finish()
+                    events = content_events(piece) + call_events(deltas)
+                for event in events:
+                    event.sequence_number = n()
+                    yield frame(event)
         except MoeflowError as exc:
-            record.failed(exc)
-            yield event("error", code=exc.code, message=exc.message, param=None)
+            on_error(exc)
+            yield frame(ErrorEvent(sequence_number=n(), code=exc.code, message=exc.message))
             return
-        text = "".join(parts)
-        items = outputs(text, plan)
-        for index, item in enumerate(items):
-            if item["type"] == "message":
-                if not started:
-                    yield event("response.output_item.added", output_index=index,
-                                item={**item, "status": "in_progress", "content": []})
-                    yield event("response.content_part.added", item_id=message_id,
-                                output_index=index, content_index=0,
-                                part={"type": "output_text", "text": "", "annotations": []})
-                    yield event("response.output_text.delta", item_id=message_id,
-                                output_index=index, content_index=0,
-                                delta=item["content"][0]["text"])
-                yield event("response.output_text.done", item_id=message_id,
-                            output_index=index, content_index=0,
-                            text=item["content"][0]["text"])
-                yield event("response.content_part.done", item_id=message_id,
-                            output_index=index, content_index=0, part=item["content"][0])
+        items: list[MessageItem | FunctionCallItem] = []
+        for index, entry in enumerate(order):
+            if entry is None:
+                message = _message_item(message_id, "".join(text), "completed")
+                part = message.content[0]
+                yield frame(OutputTextDoneEvent(sequence_number=n(), item_id=message_id,
+                                                output_index=index, content_index=0,
+                                                text=part.text))
+                yield frame(ContentPartDoneEvent(sequence_number=n(), item_id=message_id,
+                                                 output_index=index, content_index=0,
+                                                 part=part))
+                items.append(message)
             else:
-                yield event("response.output_item.added", output_index=index,
-                            item={**item, "status": "in_progress"})
-                yield event("response.function_call_arguments.done", item_id=item["id"],
-                            output_index=index, arguments=item["arguments"])
-            yield event("response.output_item.done", output_index=index, item=item)
+                entry.status = "completed"
+                yield frame(FunctionCallArgumentsDoneEvent(
+                    sequence_number=n(), item_id=entry.id, output_index=index,
+                    arguments=entry.arguments))
+                items.append(entry)
+            yield frame(OutputItemDoneEvent(sequence_number=n(), output_index=index,
+                                            item=items[-1]))
         final = response("completed", items, last)
-        kind = "response.completed" if final["status"] == "completed" else "response.incomplete"
-        yield event(kind, response=final)
+        if final.status == "completed":
+            yield frame(ResponseCompletedEvent(sequence_number=n(), response=final))
+        else:
+            yield frame(ResponseIncompleteEvent(sequence_number=n(), response=final))
 
-    return event_stream(events())
+    return run()
