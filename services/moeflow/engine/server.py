@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 def _metrics(engine: LLMEngine) -> CollectorRegistry:
     registry = CollectorRegistry()
-    labels = {"instance": engine.settings.instance_name, "role": engine.settings.role}
+    labels = {"engine": engine.settings.instance_name, "role": engine.settings.role}
 
     def gauge(name: str, doc: str, fn: object) -> None:
         g = Gauge(name, doc, list(labels), registry=registry)
@@ -126,7 +126,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
     settings = engine.settings
     state: dict[str, object] = {}
     registry.register(_HealthCollector(
-        async_engine, state, {"instance": settings.instance_name, "role": settings.role}))
+        async_engine, state, {"engine": settings.instance_name, "role": settings.role}))
     token = settings.internal_token_value
     # vLLM's model-server metrics (the endpoint picker's), per-token counters, process_*
     meter = add_model_server_metrics(registry, engine.stats, model_name=settings.name,

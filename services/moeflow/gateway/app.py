@@ -69,7 +69,7 @@ def build_app(
             headers=internal_headers(token.get_secret_value() if token else None),
         )
         registry = ModelRegistry(client)
-        metrics = GatewayMetrics(registry)
+        metrics = GatewayMetrics(registry, settings.request_timeout_s)
         gate.metrics = tenant_metrics = TenantMetrics(metrics.registry)
         tenant_metrics.set_backend(gate.quota.backend if gate.quota else "local")
         if gate.quota is not None:

@@ -257,6 +257,7 @@ class GenerationService:
         first_s: float | None = None
         last_s = started_s
         last: TokenChunk | None = None
+        counted = _TokenCount()
         try:
             while True:
                 num_resumed = len(job.output_token_ids)
@@ -276,6 +277,7 @@ class GenerationService:
                         job.output_token_ids.extend(chunk.token_ids)
                         job.num_emitted_chars += len(chunk.text)
                         last = chunk
+                        counted.observe(m, name, chunk)
                         yield chunk
                         if chunk.finish_reason is not None:
                             return
@@ -301,9 +303,6 @@ class GenerationService:
             m.requests_by_mode.labels(name, attempt.mode).inc()
             if last is not None:
                 m.e2e.labels(name).observe(last_s - started_s)
-                m.prompt_tokens.labels(name).inc(last.num_prompt_tokens)
-                m.generation_tokens.labels(name).inc(last.num_output_tokens)
-                m.cached_prompt_tokens.labels(name).inc(last.num_cached_tokens)
                 if first_s is not None and last.num_output_tokens > 1:
                     tpot_s = (last_s - first_s) / (last.num_output_tokens - 1)
                     m.tpot.labels(name).observe(tpot_s)
@@ -403,11 +402,30 @@ def _as_continuation(chunk: TokenChunk, job: _Job, num_resumed: int) -> TokenChu
     })
 
 
+@dataclass
+class _TokenCount:
+    """What one request already added to the token counters: prompt tokens at its first
+    chunk, generated tokens as each chunk streams (``num_output_tokens`` is cumulative, and
+    counts the resumed part after a failover), so tokens/s moves while streams run."""
+
+    num_output: int = 0
+    has_prompt: bool = False
+
+    def observe(self, m: GatewayMetrics, name: str, chunk: TokenChunk) -> None:
+        if not self.has_prompt:
+            self.has_prompt = True
+            m.prompt_tokens.labels(name).inc(chunk.num_prompt_tokens)
+            m.cached_prompt_tokens.labels(name).inc(chunk.num_cached_tokens)
+        if chunk.num_output_tokens > self.num_output:
+            m.generation_tokens.labels(name).inc(chunk.num_output_tokens - self.num_output)
+            self.num_output = chunk.num_output_tokens
+
+
 def _observe_kv(m: GatewayMetrics, name: str, chunk: TokenChunk, ttft_ms: float) -> None:
     if chunk.kv_bytes:
         m.kv_transfer_bytes.labels(name).observe(chunk.kv_bytes)
         m.kv_transfer_seconds.labels(name).observe(chunk.kv_transfer_ms / 1000)
-        m.kv_transfer_ttft_share.labels(name).observe(
+        m.kv_transfer_ttft_ratio.labels(name).observe(
             min(1.0, chunk.kv_transfer_ms / max(ttft_ms, 1e-6))
         )
 

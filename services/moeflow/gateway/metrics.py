@@ -3,12 +3,20 @@
 Latency definitions follow vLLM's benchmark: TTFT is request arrival to the first generated
 token; TPOT is (end-to-end - TTFT) / (output tokens - 1) per request; ITL is the gap between
 consecutive streamed chunks.
+
+Names follow Prometheus conventions (units in names, ``_ratio``, ``_total``). Per-engine gauges
+re-exported here are labelled ``engine`` (the engine's ``host:port``), never ``instance``:
+Prometheus sets ``instance`` to the scraped target (this gateway) and would rename ours to
+``exported_instance``; an engine's ``host:port`` is also the ``instance`` its own Pod's scrape
+gets, so the two series join on it. Token counters advance with each streamed chunk, not once a
+request ends, so tokens/s is smooth while long streams run.
 """
 
 from __future__ import annotations
 
 import time
 from collections import deque
+from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -18,6 +26,23 @@ _LATENCY_BUCKETS_S = (
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0,
     60.0,
 )
+_LONG_BUCKETS_S = (
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0,
+    600.0,
+)
+
+
+def request_buckets_s(request_timeout_s: float) -> tuple[float, ...]:
+    """Buckets for whole-request times (end to end, time to first token): the fixed ones up to
+    the gateway's request timeout, then the timeout itself, so that every request the settings
+    let run lands in a finite bucket (a request cut at the timeout is seen there too)."""
+    below = tuple(b for b in _LONG_BUCKETS_S if b < request_timeout_s)
+    return (*below, float(request_timeout_s))
+
+
+def engine_label(url: str) -> str:
+    """The ``engine`` label of an engine URL: its ``host:port``."""
+    return urlsplit(url).netloc or url
 
 
 class RecentLatencies:
@@ -42,7 +67,8 @@ class RecentLatencies:
 
 
 class GatewayMetrics:
-    def __init__(self, registry_of_models: ModelRegistry) -> None:
+    def __init__(self, registry_of_models: ModelRegistry, request_timeout_s: float = 600.0
+                 ) -> None:
         self.recent = RecentLatencies()
         self.registry = CollectorRegistry()
         r = self.registry
@@ -52,9 +78,10 @@ class GatewayMetrics:
             "(model is empty until the request named a served model; 499: the client left)",
             ["model", "endpoint", "status"], registry=r,
         )
+        long_buckets = request_buckets_s(request_timeout_s)
         self.ttft = Histogram(
             "moeflow_time_to_first_token_seconds", "Time to first token", ["model"],
-            buckets=_LATENCY_BUCKETS_S, registry=r,
+            buckets=long_buckets, registry=r,
         )
         self.tpot = Histogram(
             "moeflow_time_per_output_token_seconds", "Mean time per output token after the first",
@@ -66,13 +93,15 @@ class GatewayMetrics:
         )
         self.e2e = Histogram(
             "moeflow_e2e_request_latency_seconds", "Request latency end to end", ["model"],
-            buckets=_LATENCY_BUCKETS_S, registry=r,
+            buckets=long_buckets, registry=r,
         )
         self.prompt_tokens = Counter(
-            "moeflow_prompt_tokens", "Prompt tokens processed", ["model"], registry=r
+            "moeflow_prompt_tokens", "Prompt tokens processed, counted at the first token",
+            ["model"], registry=r
         )
         self.generation_tokens = Counter(
-            "moeflow_generation_tokens", "Tokens generated", ["model"], registry=r
+            "moeflow_generation_tokens", "Tokens generated, counted as each chunk streams",
+            ["model"], registry=r
         )
         self.cached_prompt_tokens = Counter(
             "moeflow_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache",
@@ -90,8 +119,8 @@ class GatewayMetrics:
             "moeflow_kv_transfer_seconds", "KV transfer time (prefill send + decode receive)",
             ["model"], buckets=_LATENCY_BUCKETS_S, registry=r,
         )
-        self.kv_transfer_ttft_share = Histogram(
-            "moeflow_kv_transfer_ttft_share", "Share of TTFT spent getting the prompt's KV",
+        self.kv_transfer_ttft_ratio = Histogram(
+            "moeflow_kv_transfer_ttft_ratio", "Share of TTFT spent getting the prompt's KV",
             ["model"], buckets=(0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0),
             registry=r,
         )
@@ -109,7 +138,7 @@ class GatewayMetrics:
             "Requests held while their model scales up from zero", ["model"], registry=r,
         )
         self._models = registry_of_models
-        labels = ["model", "instance", "role"]
+        labels = ["model", "engine", "role"]
         self._queue_depth = Gauge(
             "moeflow_queue_depth", "Requests waiting in an instance's queue", labels, registry=r
         )
@@ -122,8 +151,13 @@ class GatewayMetrics:
         )
 
     def refresh_instance_gauges(self) -> None:
+        # rebuilt at each scrape: an engine that left must not stay charted at its last value
+        gauges = (self._queue_depth, self._running, self._kv_usage)
+        for gauge in gauges:
+            gauge.clear()
         for model in self._models.models.values():
             for url, stats in model.stats.items():
-                self._queue_depth.labels(model.name, url, stats.role).set(stats.num_waiting)
-                self._running.labels(model.name, url, stats.role).set(stats.num_running)
-                self._kv_usage.labels(model.name, url, stats.role).set(stats.kv_usage_ratio)
+                labels = (model.name, engine_label(url), stats.role)
+                self._queue_depth.labels(*labels).set(stats.num_waiting)
+                self._running.labels(*labels).set(stats.num_running)
+                self._kv_usage.labels(*labels).set(stats.kv_usage_ratio)

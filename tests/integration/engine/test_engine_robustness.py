@@ -148,7 +148,7 @@ def test_a_step_that_fails_once_loses_no_request_and_the_engine_goes_on(
         assert get(served, "/health/ready").status_code == 200
         wait_until(lambda: all_blocks_free(served), what="blocks freed")
         metrics = get(served, "/metrics").text
-        assert 'moeflow_engine_step_isolations_total{instance="colocated-0",role="colocated"} 1.0' \
+        assert 'moeflow_engine_step_isolations_total{engine="colocated-0",role="colocated"} 1.0' \
             in metrics
 
 

@@ -107,7 +107,7 @@ async def test_split_equals_transformers_before_and_after_a_live_rebalance(
     assert tuple(hosted) == report.hosted  # break after make: unplaced replicas dropped
     metrics = httpx.get(f"{attention_url}/metrics").text
     assert "moeflow_expert_imbalance_ratio" in metrics
-    assert 'moeflow_expert_exchange_ms{instance="attention-0",layer="0",leg="a2e"}' in metrics
+    assert 'moeflow_expert_exchange_seconds{engine="attention-0",layer="0",leg="a2e"}' in metrics
 
 
 async def test_killed_expert_instance_fails_clearly_then_heals(tiny_dirs: dict[str, Path]) -> None:

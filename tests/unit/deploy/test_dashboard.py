@@ -107,11 +107,16 @@ def test_gateway_errors_are_5xx_and_4xx_is_charted_apart() -> None:
     assert any('status=~"4.."' in e for e in classes) and any('status=~"5.."' in e for e in classes)
 
 
+ENGINE_LABELS: dict[str, set[str]] = {}
+"""Family -> label names seen on a real engine's /metrics (filled by the fixture below)."""
+
+
 def _sample_names(text: str, names: dict[str, str]) -> None:
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if not sample.name.endswith("_created"):
                 names[sample.name] = family.name
+                ENGINE_LABELS.setdefault(family.name, set()).update(sample.labels)
 
 
 @pytest.fixture(scope="module")
@@ -166,3 +171,14 @@ def test_engine_dashboard_reads_histograms_by_quantile_and_counters_as_rates() -
             assert "histogram_quantile(" in expr and "sum by (le" in expr, expr
         if re.search(r"(?:vllm:|moeflow_)[a-z0-9_]+(?:_total|_sum|_count)\b", expr):
             assert "rate(" in expr, f"counters are charted as rates: {expr}"
+
+
+def test_names_carry_base_units_and_no_reserved_label(
+        exported: dict[str, str], engine_exported: dict[str, str]) -> None:
+    """Prometheus conventions: seconds, not ms, in names; `instance` is the scrape target's
+    label (Prometheus would rename ours to exported_instance), so engines say `engine`."""
+    families = set(exported.values()) | set(engine_exported.values())
+    assert not [f for f in families if re.search(r"_ms(?:_|$)", f)]
+    assert "moeflow_expert_exchange_seconds" in families
+    assert ENGINE_LABELS and not [f for f, labels in ENGINE_LABELS.items() if "instance" in labels]
+    assert "engine" in ENGINE_LABELS["moeflow_expert_exchange_seconds"]

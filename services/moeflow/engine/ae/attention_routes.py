@@ -29,33 +29,35 @@ class _ExpertMetrics(Collector):
         me = self._instance
         routed = CounterMetricFamily(
             "moeflow_expert_routed_tokens", "Top-k hits per expert, all MoE layers",
-            labels=["instance", "expert"])
+            labels=["engine", "expert"])
         for expert, count in enumerate(s.routed_tokens_per_expert):
             routed.add_metric([me, str(expert)], count)
         pairs = CounterMetricFamily(
             "moeflow_expert_instance_pairs", "(token, expert) pairs sent per expert instance",
-            labels=["instance", "expert_instance"])
+            labels=["engine", "expert_instance"])
         for index, count in enumerate(s.pairs_per_instance):
             pairs.add_metric([me, f"expert-{index}"], count)
         ratio = GaugeMetricFamily(
             "moeflow_expert_imbalance_ratio",
-            "max/mean pairs per live expert instance since the last placement", labels=["instance"])
+            "max/mean pairs per live expert instance since the last placement", labels=["engine"])
         ratio.add_metric([me], s.imbalance_ratio)
         version = GaugeMetricFamily("moeflow_expert_placement_version",
-                                    "Expert placement version in use", labels=["instance"])
+                                    "Expert placement version in use", labels=["engine"])
         version.add_metric([me], s.placement.version)
+        # a mean since the instance started (the client keeps sums, not samples): a gauge
         latency = GaugeMetricFamily(
-            "moeflow_expert_exchange_ms", "Mean A2E/E2A latency and expert compute per MoE layer",
-            labels=["instance", "layer", "leg"])
+            "moeflow_expert_exchange_seconds",
+            "Mean A2E/E2A latency and expert compute per MoE layer",
+            labels=["engine", "layer", "leg"])
         for layer, a2e, e2a, compute in zip(self._client.moe_layer_ids, s.a2e_ms_per_layer,
                                             s.e2a_ms_per_layer, s.expert_compute_ms_per_layer,
                                             strict=True):
-            latency.add_metric([me, str(layer), "a2e"], a2e)
-            latency.add_metric([me, str(layer), "e2a"], e2a)
-            latency.add_metric([me, str(layer), "compute"], compute)
+            latency.add_metric([me, str(layer), "a2e"], a2e / 1000)
+            latency.add_metric([me, str(layer), "e2a"], e2a / 1000)
+            latency.add_metric([me, str(layer), "compute"], compute / 1000)
         redispatched = CounterMetricFamily(
             "moeflow_expert_redispatched_pairs", "Pairs re-sent after an expert instance failed",
-            labels=["instance"])
+            labels=["engine"])
         redispatched.add_metric([me], s.num_redispatches_total)
         yield from (routed, pairs, ratio, version, latency, redispatched)
 

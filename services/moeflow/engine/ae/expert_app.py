@@ -50,11 +50,11 @@ class _Metrics(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self._worker.stats()
         tokens = CounterMetricFamily("moeflow_expert_tokens", "Pairs computed per expert",
-                                     labels=["instance", "expert"])
+                                     labels=["engine", "expert"])
         for expert, count in enumerate(s.tokens_per_expert):
             tokens.add_metric([s.rank, str(expert)], count)
         hosted = GaugeMetricFamily("moeflow_expert_hosted", "Experts hosted here",
-                                   labels=["instance"])
+                                   labels=["engine"])
         hosted.add_metric([s.rank], len(s.hosted))
         yield from (tokens, hosted)
 
