@@ -108,6 +108,8 @@ class GenerateRequest(_Message):
     """Set by the gateway for a split request: the decode instance pulls the prompt's KV."""
     resume: ResumeState | None = None
     """Set by the gateway when it moves a request whose instance failed mid-stream."""
+    adapter: str | None = Field(None, min_length=1, max_length=128)
+    """The LoRA adapter to serve it with (its name on the instance); None: the base model."""
 
     @property
     def context_token_ids(self) -> tuple[int, ...]:
@@ -223,6 +225,10 @@ class EngineStats(_Message):
     """False while the instance's XCCL transport (e.g. its Redis) is unreachable."""
     is_draining: bool = False
     """True after POST /v1/drain or SIGTERM: in-flight requests finish, new ones go elsewhere."""
+    adapters: tuple[str, ...] = ()
+    """LoRA adapters the instance serves (requests may name them)."""
+    resident_adapters: tuple[str, ...] = ()
+    """Those of ``adapters`` whose weights are in memory now (the rest are read on use)."""
 
     @property
     def kv_usage_ratio(self) -> float:

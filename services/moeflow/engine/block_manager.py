@@ -8,6 +8,10 @@ chained over all tokens before it, so equal keys mean equal prompt prefixes and 
 radix tree over token blocks and this chained-hash map answer the same question (longest cached
 prefix); the map keeps each lookup O(blocks) without pointer chasing. Blocks whose last owner is
 gone stay cached (``evictable``, LRU) until their memory is needed.
+
+A sequence served with a LoRA adapter computes other K/V for the same tokens, so its chain
+starts from a root of its adapter (``root_hash``): prefixes are shared only between sequences
+of the same adapter, never between an adapter and the base model or another adapter.
 """
 
 from __future__ import annotations
@@ -27,6 +31,11 @@ class CachedBlock:
 
 def chain_hash(parent_hash: int | None, tokens: tuple[int, ...]) -> int:
     return hash((parent_hash, tokens))
+
+
+def root_hash(adapter_id: int) -> int | None:
+    """The parent of a chain's first block: None for the base model, else the adapter's."""
+    return None if adapter_id == 0 else hash(("lora", adapter_id))
 
 
 def num_blocks_for(num_tokens: int, block_size: int) -> int:
@@ -59,7 +68,7 @@ class BlockManager:
     def can_allocate(self, num_blocks: int) -> bool:
         return num_blocks <= self.num_free_blocks
 
-    def match_prefix(self, token_ids: Seq[int]) -> list[int]:
+    def match_prefix(self, token_ids: Seq[int], adapter_id: int = 0) -> list[int]:
         """Cache blocks holding the longest indexed prefix of ``token_ids`` (full blocks only).
 
         At least one token is always left uncached so the caller can compute logits for it.
@@ -67,7 +76,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         block_ids: list[int] = []
-        parent: int | None = None
+        parent = root_hash(adapter_id)
         max_blocks = (len(token_ids) - 1) // self.block_size
         for i in range(max_blocks):
             tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
@@ -84,7 +93,8 @@ class BlockManager:
 
         Returns False (and changes nothing) when there is not enough free memory.
         """
-        cached_ids = self.match_prefix(seq.token_ids) if use_prefix_cache else []
+        cached_ids = (self.match_prefix(seq.token_ids, seq.adapter_id) if use_prefix_cache
+                      else [])
         num_needed = num_blocks_for(seq.num_tokens, self.block_size) - len(cached_ids)
         num_reclaimable = sum(1 for b in cached_ids if self._ref_counts[b] == 0)
         if num_needed > self.num_free_blocks - num_reclaimable:
@@ -119,7 +129,7 @@ class BlockManager:
         while len(hashes) < num_full:
             i = len(hashes)
             tokens = tuple(token_ids[i * self.block_size : (i + 1) * self.block_size])
-            key = chain_hash(hashes[-1] if hashes else None, tokens)
+            key = chain_hash(hashes[-1] if hashes else root_hash(seq.adapter_id), tokens)
             hashes.append(key)
             block_id = seq.block_table[i]
             if key not in self._index and block_id not in self._hash_of_block:

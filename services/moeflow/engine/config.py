@@ -9,6 +9,7 @@ which are the only defaults (docs/configuration.md).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from pathlib import Path
@@ -82,6 +83,26 @@ class EngineOptions(BaseSettings):
     """Bounded admission queue; past it, new requests get 429 Overloaded."""
     enable_prefix_caching: bool = True
 
+    # -- LoRA adapters (engine.lora, docs/finetuning.md "Serving adapters") --
+    lora_adapters: dict[str, Path] = Field(default_factory=dict)
+    """Adapters to load at start, name -> PEFT folder (``--lora NAME=PATH``, repeatable)."""
+    lora_memory_bytes: int = Field(256 * 1024 * 1024, ge=0)
+    """Memory for resident adapters; past it the least recently used idle ones are evicted."""
+
+    @field_validator("lora_adapters", mode="before")
+    @classmethod
+    def _name_equals_path(cls, value: object) -> object:
+        # the CLI's repeated --lora NAME=PATH arrives as a list of strings
+        if isinstance(value, list | tuple):
+            pairs = {}
+            for item in value:
+                name, sep, path = str(item).partition("=")
+                if not sep or not name or not path:
+                    raise ValueError(f"--lora takes NAME=PATH, got {item!r}")
+                pairs[name] = path
+            return pairs
+        return value
+
     # -- cold start (moeflow.coldstart, docs/coldstart.md) --
     model_store: Path | None = None
     """Node model store (e.g. /dev/shm/moeflow-store): weights are mapped from it when it holds
@@ -133,7 +154,8 @@ class EngineOptions(BaseSettings):
             # the child needs the secret itself, not the dump's mask
             value = raw.get_secret_value() if isinstance(raw, SecretStr) else values[name]
             text = (None if value is None else ("true" if value else "false")
-                    if isinstance(value, bool) else str(value))
+                    if isinstance(value, bool) else json.dumps(value)
+                    if isinstance(value, dict) else str(value))
             names = [f"MOEFLOW_ENGINE_{name.upper()}"]
             if isinstance(field.validation_alias, AliasChoices):
                 names += [a for a in field.validation_alias.choices if isinstance(a, str)]

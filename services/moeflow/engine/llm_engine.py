@@ -19,6 +19,7 @@ from moeflow.domain.errors import (
     ContextLengthExceededError,
     ExpertsUnavailableError,
     InvalidRequestError,
+    ModelNotFoundError,
     MoeflowError,
     OverloadedError,
 )
@@ -30,6 +31,7 @@ from moeflow.domain.messages import (
     TokenLogprob,
 )
 from moeflow.domain.roles import Role
+from moeflow.engine.adapter_store import adapter_applied, build_store
 from moeflow.engine.block_manager import BlockManager, num_blocks_for
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.constraints import GrammarCompiler
@@ -128,6 +130,8 @@ class LLMEngine:
             0.0 if preloaded else getattr(self.runner, "weight_load_s", self.weight_load_s)
         )
         self.cold_start.mark_load_done(time.monotonic() - self.weight_load_s + runner_load_s)
+        self.adapters = build_store(settings, self.arch, self.runner.dtype)
+        self.runner.adapters = self.adapters
         self.block_manager = BlockManager(
             num_blocks, settings.block_size, enable_prefix_caching=settings.enable_prefix_caching
         )
@@ -191,6 +195,9 @@ class LLMEngine:
             raise InvalidRequestError(f"duplicate request id {request.request_id!r}")
         if request.sampling.grammar is not None:
             self.grammars.check(request.sampling.grammar)
+        if request.adapter is not None and not self.adapters.has(request.adapter):
+            raise ModelNotFoundError(
+                f"the adapter {request.adapter!r} is not loaded on this instance", param="model")
         if request.kv_source is not None and self.settings.role is not Role.DECODE:
             raise InvalidRequestError(
                 f"this instance's role is {self.settings.role!r}: only decode instances take "
@@ -211,7 +218,9 @@ class LLMEngine:
             for token_id in request.resume.output_token_ids if request.resume else ():
                 bound.state.accept(token_id)
             sampling = bound
+        adapter_id = self.adapters.acquire(request.adapter) if request.adapter else 0
         seq = Sequence(
+            adapter_id=adapter_id,
             request_id=request.request_id,
             prompt_token_ids=list(request.context_token_ids),
             sampling=sampling,
@@ -227,10 +236,16 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
-        if self._requests.pop(request_id, None) is not None:
+        if (req := self._requests.pop(request_id, None)) is not None:
             self.scheduler.abort(request_id)
             self.runner.forget(request_id)
+            self._release_adapter(req.seq)
         self.exported_kv.pop(request_id, None)
+
+    def _release_adapter(self, seq: Sequence) -> None:
+        if seq.adapter_id:
+            self.adapters.release(seq.adapter_id)
+            seq.adapter_id = 0  # released once, however it ends
 
     def close(self) -> None:
         """Release what the runner holds outside this process (XCCL endpoints)."""
@@ -341,15 +356,17 @@ class LLMEngine:
             if seq.sampling.logprobs is not None:
                 if logprob is None:
                     # sampled on a prefill instance, whose logits stayed there: recompute
-                    logprob = next_token_logprob(
-                        self.runner.model, self.runner.kv_cache.dtype,
-                        seq.token_ids[:-1], token_id, seq.sampling.logprobs)
+                    with adapter_applied(self.runner.model, self.adapters, seq.adapter_id):
+                        logprob = next_token_logprob(
+                            self.runner.model, self.runner.kv_cache.dtype,
+                            seq.token_ids[:-1], token_id, seq.sampling.logprobs)
                 logprobs = (logprob,)
         prompt_lps: tuple[TokenLogprob, ...] = ()
         k = seq.sampling.prompt_logprobs
         if k is not None and len(seq.output_token_ids) == 1:
-            prompt_lps = prompt_logprobs(self.runner.model, self.runner.kv_cache.dtype,
-                                         seq.prompt_token_ids, k)
+            with adapter_applied(self.runner.model, self.adapters, seq.adapter_id):
+                prompt_lps = prompt_logprobs(self.runner.model, self.runner.kv_cache.dtype,
+                                             seq.prompt_token_ids, k)
         text = req.detokenizer.append([token_id])
         if req.detokenizer.is_stopped and not seq.is_finished:
             self.scheduler.finish_early(seq)
@@ -357,6 +374,7 @@ class LLMEngine:
             text += req.detokenizer.finish()
             del self._requests[seq.request_id]
             self.runner.forget(seq.request_id)
+            self._release_adapter(seq)
         return TokenChunk(
             request_id=seq.request_id,
             token_ids=(token_id,),
@@ -382,6 +400,8 @@ class LLMEngine:
             num_prompt_tokens_total=self.num_prompt_tokens_total,
             num_preemptions_total=self.scheduler.num_preemptions_total,
             num_memory_waits_total=self.scheduler.num_memory_waits_total,
+            adapters=self.adapters.names(),
+            resident_adapters=self.adapters.resident_names(),
         )
 
     def model_info(self) -> ModelInfo:

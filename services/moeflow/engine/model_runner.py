@@ -13,7 +13,9 @@ from pathlib import Path
 
 import torch
 
+from moeflow.engine.adapter_store import AdapterStore
 from moeflow.engine.lazy_memory import lazy_zeros
+from moeflow.engine.lora import AdapterWeights, LoraBatch
 from moeflow.engine.models.arch import ArchConfig
 from moeflow.engine.models.attention import (
     AttentionMetadata,
@@ -29,6 +31,13 @@ from moeflow.engine.scheduler import ScheduledSeq, StepPlan
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def row_order(plan: StepPlan) -> tuple[list[ScheduledSeq], list[ScheduledSeq]]:
+    """The step's decodes, then its prefills: the order of their rows in the token batch."""
+    decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
+    prefills = [s for s in plan.scheduled if s.num_new_tokens > 1]
+    return decodes, prefills
 
 
 class ModelRunner:
@@ -57,6 +66,8 @@ class ModelRunner:
             arch.num_layers, 2, num_slots, arch.num_kv_heads, arch.head_dim, dtype=self.dtype
         )
         self._generators: dict[str, torch.Generator | None] = {}
+        self.adapters: AdapterStore | None = None
+        """The engine's LoRA adapters (set by ``LLMEngine``); sequences name theirs by id."""
         # built (first start on a machine) or mapped (every later one) now, not in a step
         self._decode_kernel = decode_kernel(self.dtype)
 
@@ -80,8 +91,7 @@ class ModelRunner:
     def _prepare(
         self, plan: StepPlan
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, list[ScheduledSeq], list[int]]:
-        decodes = [s for s in plan.scheduled if s.num_new_tokens == 1]
-        prefills = [s for s in plan.scheduled if s.num_new_tokens > 1]
+        decodes, prefills = row_order(plan)
         ordered = decodes + prefills
         input_ids: list[int] = []
         positions: list[int] = []
@@ -155,8 +165,24 @@ class ModelRunner:
     def execute(self, plan: StepPlan) -> dict[str, int]:
         """Run one step; return request_id -> sampled token for sequences that completed."""
         input_ids, positions, meta, sampled_items, sample_rows = self._prepare(plan)
-        hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
+        self.model.lora = self.lora_batch(plan)
+        try:
+            hidden = self.model.forward(input_ids, positions, meta, self.kv_cache)
+        finally:
+            self.model.lora = None
         return self._sample(hidden[sample_rows], sampled_items)
+
+    def lora_batch(self, plan: StepPlan) -> LoraBatch | None:
+        """Which rows use which adapter this step; None (nothing to add) without adapters."""
+        if self.adapters is None or not any(s.seq.adapter_id for s in plan.scheduled):
+            return None
+        store = self.adapters
+        rows: list[AdapterWeights | None] = []
+        for items in row_order(plan):
+            for item in items:
+                uid = item.seq.adapter_id
+                rows.extend([store.weights(uid) if uid else None] * item.num_new_tokens)
+        return LoraBatch.for_rows(rows)
 
     def _sample(self, hidden: torch.Tensor, sampled_items: list[ScheduledSeq]) -> dict[str, int]:
         """Sample one token for each of sampled_items from its final hidden row."""

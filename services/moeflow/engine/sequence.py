@@ -35,6 +35,8 @@ class Sequence:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0
     finish_reason: FinishReason | None = None
+    adapter_id: int = 0
+    """The LoRA adapter it is served with (``AdapterStore`` id), 0 for the base model."""
     is_remote_prefill: bool = False
     """Decode role: the prompt's KV comes from a prefill instance, not from computing it."""
     exports_kv: bool = False

@@ -39,6 +39,7 @@ from moeflow.domain.messages import (
     TokenChunk,
 )
 from moeflow.domain.roles import Role
+from moeflow.engine.adapter_routes import add_adapter_routes
 from moeflow.engine.ae.attention_routes import add_attention_routes
 from moeflow.engine.ae.attention_runner import AttentionRunner
 from moeflow.engine.async_engine import AsyncEngine, KVExport, KVPullReady
@@ -182,6 +183,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
     app.state.async_engine = async_engine
     app.add_middleware(InternalTokenMiddleware, token=token)
     add_coldstart_routes(app, engine.cold_start, registry)  # GET /v1/coldstart, histograms
+    add_adapter_routes(app, engine.adapters)  # LoRA adapters: load, unload, list
     if isinstance(engine.runner, AttentionRunner):
         add_attention_routes(app, engine.runner.client, registry, settings.instance_name)
 

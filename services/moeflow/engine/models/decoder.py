@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from moeflow.engine.kernels import Linear
 from moeflow.engine.kernels.native import NativeKernels, library
+from moeflow.engine.lora import LoraBatch
 from moeflow.engine.models.arch import ArchConfig
 from moeflow.engine.models.attention import AttentionMetadata, paged_attention
 
@@ -152,6 +153,8 @@ class DecoderModel:
         self.cos = self.cos.to(embed.dtype)
         self.sin = self.sin.to(embed.dtype)
         self.scale = arch.head_dim**-0.5
+        self.lora: LoraBatch | None = None
+        """This forward's LoRA adapters (set by the runner around a step), or None."""
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin [T, 1, Hd] for the tokens at ``positions``."""
@@ -186,6 +189,9 @@ class DecoderModel:
         qkv = layer.qkv(h)
         if layer.qkv_bias is not None:
             qkv = qkv + layer.qkv_bias
+        lora = self.lora
+        if lora is not None:
+            qkv = lora.add(i, "qkv", h, qkv)
         kernels = fused_kernels(qkv.dtype) if layer.q_norm is None else None
         if kernels is not None:
             # RoPE and the K/V cache writes in one call, the same arithmetic as below
@@ -210,7 +216,10 @@ class DecoderModel:
         q, k = qk.split(heads[:2], dim=1)
         attn = paged_attention(q, k, v, kv_cache[i, 0], kv_cache[i, 1], meta, self.scale,
                                stored=stored)
-        return layer.o_proj(attn.reshape(num_tokens, -1))
+        attn = attn.reshape(num_tokens, -1)
+        if lora is not None:
+            return lora.add(i, "o_proj", attn, layer.o_proj(attn))
+        return layer.o_proj(attn)
 
     def attention_block(
         self,
@@ -241,8 +250,19 @@ class DecoderModel:
             x, h = self.add_norm(x, self.attention(i, h, cos, sin, meta, kv_cache),
                                  layer.post_norm)
             following = layers[i + 1].input_norm if i + 1 < len(layers) else self.final_norm
-            x, h = self.add_norm(x, layer.mlp(h), following)
+            lora = self.lora
+            mlp = layer.mlp
+            out = (layer.mlp(h) if lora is None or not isinstance(mlp, DenseMLP)
+                   else self._lora_mlp(lora, i, mlp, h))
+            x, h = self.add_norm(x, out, following)
         return h
+
+    @staticmethod
+    def _lora_mlp(lora: LoraBatch, i: int, mlp: DenseMLP, h: torch.Tensor) -> torch.Tensor:
+        """``DenseMLP.__call__`` with layer i's adapter updates added to both products."""
+        gate, up = lora.add(i, "gate_up", h, mlp.gate_up(h)).chunk(2, dim=-1)
+        act = F.silu(gate) * up
+        return lora.add(i, "down", act, mlp.down(act))
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()
