@@ -26,6 +26,7 @@ from moeflow.checkpoints.cli import HelpFormatter
 from moeflow.checkpoints.store import resolve_home
 from moeflow.controller import cli as operator_cli
 from moeflow.domain.roles import Role
+from moeflow.domain.spec import quantity_bytes
 from moeflow.engine.config import EngineOptions, EngineSettings
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.runtime.settings import (
@@ -139,13 +140,25 @@ def _mib(text: str) -> int:
     return int(text) * _MIB
 
 
+def _quantity(text: str) -> int:
+    """A Kubernetes byte quantity ("2Gi") in bytes, as the Model's kvCacheMemory is read."""
+    try:
+        return quantity_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     """``EngineOptions``: what every instance of a deployment shares."""
     _flag(p, "--dtype", to="engine.dtype", choices=["float32", "bfloat16"])
     _flag(p, "--num-threads", to="engine.num_threads", type=int,
-          help="torch threads (0: all cores)")
+          help="torch threads (0: the container's CPU limit, else every core)")
     _flag(p, "--kv-cache-mb", to="engine.kv_cache_bytes", type=_mib, metavar="MIB",
           help="KV-cache memory in MiB", shown_default="512")
+    _flag(p, "--kv-cache-memory", to="engine.kv_cache_bytes", type=_quantity,
+          metavar="QUANTITY", help="KV-cache memory as a Model's spec.engine.kvCacheMemory "
+          "says it (2Gi, 512Mi, 1G)", shown_default="512Mi")
+    _flag(p, "--block-size", to="engine.block_size", type=int, help="tokens per KV block")
     _flag(p, "--max-model-len", to="engine.max_model_len", type=int,
           help="context length (0: model's)")
     _flag(p, "--max-num-seqs", to="engine.max_num_seqs", type=int)
@@ -153,6 +166,9 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
     _flag(p, "--max-num-waiting", to="engine.max_num_waiting", type=int)
     _flag(p, "--no-prefix-caching", to="engine.enable_prefix_caching", action="store_const",
           const=False, help="turn the prefix cache off", shown_default="on")
+    _flag(p, "--enable-prefix-caching", to="engine.enable_prefix_caching",
+          action="store_const", const=True, help="turn the prefix cache on (over the variable)",
+          shown_default="on")
     _flag(p, "--transport", to="engine.transport", choices=["shm", "redis"],
           help="XCCL backend between instances (KV transfer, expert dispatch)")
     _flag(p, "--redis-url", to="engine.redis_url",
