@@ -16,6 +16,9 @@ The gateway holds the Model's internal token (MOEFLOW_INTERNAL_TOKEN from
 probes: readiness on /health/ready (503 while no served model can be served: the Pod leaves
 the Service, nothing restarts), liveness on /health/live (the process answering; it does not
 depend on engines, so a gateway waiting for its engines is never restarted).
+
+Tenants and quotas (`gateway_tenancy`): from the operator's settings, every Model's gateway gets
+the tenants Secret as a file and the quota Redis with its password, like the chart's shared one.
 """
 
 from __future__ import annotations
