@@ -56,3 +56,10 @@ def peft_greedy(model_dir: Path, adapter_dir: Path, prompt_ids: Sequence[int],
             attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
         )
     return [int(t) for t in out[0, len(prompt_ids):]]
+
+
+def two_adapters(model_dir: Path, root: Path) -> dict[str, Path]:
+    """"a" on the attention projections (r 4), "b" on every projection (r 8)."""
+    return {"a": make_adapter(model_dir, root / "a", seed=1, targets=ATTENTION),
+            "b": make_adapter(model_dir, root / "b", seed=2, targets=ALL_LINEAR, rank=8,
+                              alpha=16)}

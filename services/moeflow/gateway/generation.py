@@ -234,6 +234,7 @@ class GenerationService:
             sampling=sampling,
             kv_source=kv_source,
             resume=resume,
+            adapter=model.adapter,
         )
         prefill_url = placement.prefill.url if placement.prefill is not None else None
         try:

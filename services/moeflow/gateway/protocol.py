@@ -449,6 +449,8 @@ class Model(BaseModel):
     created: int
     owned_by: str = "moeflow"
     max_model_len: int | None = None
+    parent: str | None = None
+    """A LoRA adapter's base model (None for a base model)."""
 
 
 class ModelList(BaseModel):

@@ -17,7 +17,14 @@ from moeflow.domain.errors import BackendUnavailableError, ModelNotFoundError
 from moeflow.domain.messages import EngineStats, ModelInfo
 from moeflow.gateway.discovery import Discovery
 from moeflow.gateway.engine_client import EngineClient
-from moeflow.gateway.routing import InstanceView, Placement, PrefixTracker, place, prefix_keys
+from moeflow.gateway.routing import (
+    InstanceView,
+    Placement,
+    PrefixTracker,
+    adapter_instances,
+    place,
+    prefix_keys,
+)
 from moeflow.text.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
@@ -30,10 +37,28 @@ class ServedModel:
     instances: list[InstanceView] = field(default_factory=list)
     stats: dict[str, EngineStats] = field(default_factory=dict)
     prefixes: PrefixTracker = field(default_factory=PrefixTracker)
+    adapter: str | None = None
+    """A request's view of the model with one of its LoRA adapters (``with_adapter``)."""
 
     @property
     def name(self) -> str:
+        """The base model's name: what limits, metrics and scale from zero are keyed by."""
         return self.info.served_model_name
+
+    @property
+    def public_name(self) -> str:
+        """The name a response reports: the adapter's, or the base model's."""
+        return self.adapter or self.name
+
+    @property
+    def adapters(self) -> list[str]:
+        """The LoRA adapters some instance of this model serves."""
+        return sorted({a for i in self.instances for a in i.adapters})
+
+    def with_adapter(self, adapter: str) -> ServedModel:
+        """This model, for requests of ``adapter`` (its instances and state are shared)."""
+        return ServedModel(info=self.info, tokenizer=self.tokenizer, instances=self.instances,
+                           stats=self.stats, prefixes=self.prefixes, adapter=adapter)
 
 
 def instance_state(stats: EngineStats) -> str:
@@ -54,13 +79,21 @@ class ModelRegistry:
         self.models: dict[str, ServedModel] = {}
 
     def get(self, name: str) -> ServedModel:
+        """The model ``name`` names: a base model, ``base:adapter``, or an adapter's own name
+        (a view of its base model with ``adapter`` set)."""
         model = self.models.get(name)
-        if model is None:
-            known = ", ".join(sorted(self.models)) or "none"
-            raise ModelNotFoundError(
-                f"the model {name!r} does not exist; served models: {known}", param="model"
-            )
-        return model
+        if model is not None:
+            return model
+        base, sep, adapter = name.partition(":")
+        if sep and base in self.models and adapter in self.models[base].adapters:
+            return self.models[base].with_adapter(adapter)
+        for candidate in self.models.values():
+            if name in candidate.adapters:
+                return candidate.with_adapter(name)
+        known = ", ".join(sorted(self.models)) or "none"
+        raise ModelNotFoundError(
+            f"the model {name!r} does not exist; served models: {known} (GET /v1/models "
+            "lists them with their adapters)", param="model")
 
     def is_awake(self, name: str) -> bool:
         """False only for a known model with no healthy instance (one to scale up from zero);
@@ -77,17 +110,19 @@ class ModelRegistry:
         self, model: ServedModel, prompt_token_ids: list[int], max_tokens: int,
         min_prompt_tokens_for_split: int,
     ) -> Placement:
-        keys = prefix_keys(prompt_token_ids)
-        matches = {i.url: model.prefixes.match_blocks(i.url, keys) for i in model.instances}
+        keys = prefix_keys(prompt_token_ids, adapter=model.adapter)
+        instances = adapter_instances(model.instances, model.adapter)
+        matches = {i.url: model.prefixes.match_blocks(i.url, keys) for i in instances}
         placement = place(
-            model.instances,
+            instances,
             num_prompt_tokens=len(prompt_token_ids),
             max_tokens=max_tokens,
             min_prompt_tokens_for_split=min_prompt_tokens_for_split,
             prefix_blocks=matches,
         )
         if placement is None:
-            raise BackendUnavailableError(f"no healthy instance serves {model.name!r} right now")
+            raise BackendUnavailableError(
+                f"no healthy instance serves {model.public_name!r} right now")
         computes_prompt = placement.prefill or placement.colocated
         if computes_prompt is not None:
             model.prefixes.record(computes_prompt.url, keys)
@@ -147,7 +182,8 @@ class ModelRegistry:
         """
         wanted = set(urls)
         for model in self.models.values():
-            model.instances = [i for i in model.instances if i.url in wanted]
+            # in place: requests' adapter views share the list
+            model.instances[:] = [i for i in model.instances if i.url in wanted]
             for url in list(model.stats):
                 if url not in wanted:
                     del model.stats[url]
@@ -186,6 +222,8 @@ class ModelRegistry:
                 instance.num_waiting = stats.num_waiting
                 instance.num_running = stats.num_running
                 instance.kv_usage_ratio = stats.kv_usage_ratio
+                instance.adapters = frozenset(stats.adapters)
+                instance.resident_adapters = frozenset(stats.resident_adapters)
                 model.stats[instance.url] = stats
 
     async def poll_stats(self, interval_s: float) -> None:

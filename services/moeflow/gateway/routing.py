@@ -10,6 +10,11 @@ DeepServe's Algorithm 1, as implemented here:
 2. Which instance: among instances whose load is within ``load_tolerance`` of the least loaded,
    take the one with the longest cached prefix of this prompt (as the gateway remembers what it
    routed where); if none has any, take the least loaded. Ties break by URL for determinism.
+
+A request for a LoRA adapter first narrows the instances to those that serve it
+(``adapter_instances``): those holding its weights in memory when any is healthy, else those
+that know it (they read it back on use). Its prefix keys start from the adapter's own root,
+as the engine's do, so prefix affinity never mixes adapters either.
 """
 
 from __future__ import annotations
@@ -35,6 +40,10 @@ class InstanceView:
     num_running: int = 0
     num_in_flight: int = 0
     kv_usage_ratio: float = 0.0
+    adapters: frozenset[str] = frozenset()
+    """LoRA adapters the instance serves (from its stats)."""
+    resident_adapters: frozenset[str] = frozenset()
+    """Those whose weights it holds in memory now."""
 
     @property
     def load(self) -> int:
@@ -54,10 +63,12 @@ class Placement:
         return self.decode is not None
 
 
-def prefix_keys(token_ids: Sequence[int], max_blocks: int = 64) -> list[int]:
-    """Chained keys of the prompt's full 16-token blocks (same idea as the engine's index)."""
+def prefix_keys(token_ids: Sequence[int], max_blocks: int = 64,
+                adapter: str | None = None) -> list[int]:
+    """Chained keys of the prompt's full 16-token blocks (same idea as the engine's index),
+    from a root of their own for an adapter's prompts."""
     keys: list[int] = []
-    parent = 0
+    parent = 0 if adapter is None else hash(("lora", adapter))
     size = PREFIX_BLOCK_TOKENS
     for i in range(min(len(token_ids) // size, max_blocks)):
         parent = hash((parent, tuple(token_ids[i * size : (i + 1) * size])))
@@ -90,6 +101,23 @@ class PrefixTracker:
                 break
             num += 1
         return num
+
+
+def adapter_instances(instances: Sequence[InstanceView], adapter: str | None
+                      ) -> list[InstanceView]:
+    """The instances a request for ``adapter`` (None: the base model) may go to: every one for
+    the base model; for an adapter, the healthy instances of each role that hold it in memory,
+    or, for a role where none does, those that know it."""
+    if adapter is None:
+        return list(instances)
+    chosen: list[InstanceView] = []
+    roles = dict.fromkeys(Role(i.role).routes_as for i in instances)
+    for role in roles:
+        knowing = [i for i in instances
+                   if Role(i.role).routes_as == role and adapter in i.adapters]
+        holding = [i for i in knowing if i.is_healthy and adapter in i.resident_adapters]
+        chosen.extend(holding or knowing)
+    return chosen
 
 
 def least_loaded(instances: Sequence[InstanceView]) -> InstanceView | None:

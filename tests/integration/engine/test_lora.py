@@ -13,7 +13,7 @@ import pytest
 from moeflow.domain.errors import InvalidRequestError, ModelNotFoundError
 from moeflow.domain.messages import GenerateRequest, SamplingParams
 from moeflow.engine.llm_engine import LLMEngine
-from tests.lora_kit import ALL_LINEAR, ATTENTION, make_adapter, peft_greedy
+from tests.lora_kit import peft_greedy, two_adapters
 from tests.reference import hf_greedy, make_engine
 
 MAX_TOKENS = 10
@@ -23,10 +23,7 @@ PROMPTS = [[5, 6, 7, 8, 9, 10] * 3, [11, 12, 13, 14, 15], list(range(20, 60))]
 @pytest.fixture(scope="module")
 def adapters(tiny_dirs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
              ) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("adapters")
-    model = tiny_dirs["llama"]
-    return {"a": make_adapter(model, root / "a", seed=1, targets=ATTENTION),
-            "b": make_adapter(model, root / "b", seed=2, targets=ALL_LINEAR, rank=8, alpha=16)}
+    return two_adapters(tiny_dirs["llama"], tmp_path_factory.mktemp("adapters"))
 
 
 def _run(engine: LLMEngine, jobs: list[tuple[str, list[int], str | None]]

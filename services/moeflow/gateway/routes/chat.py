@@ -105,7 +105,7 @@ async def create_chat_completion(
 
         def chunk_of(choices: list[ChatChunkChoice], usage: Usage | None = None) -> (
                 ChatCompletionChunk):
-            return ChatCompletionChunk(id=request_id, created=created, model=model.name,
+            return ChatCompletionChunk(id=request_id, created=created, model=model.public_name,
                                        choices=choices, usage=usage)
 
         tool_streams: dict[int, ToolCallStream] = {}
@@ -172,7 +172,7 @@ async def create_chat_completion(
     return ChatCompletion(
         id=request_id,
         created=created,
-        model=model.name,
+        model=model.public_name,
         choices=[
             _choice(i, r, plan, chat_logprobs(tokenizer, r.logprobs)
                     if sampling.logprobs is not None else None)

@@ -127,7 +127,7 @@ async def create_completion(
         exclude = None if include_usage else {"usage"}
 
         def chunk_of(choices: list[CompletionChoice]) -> CompletionChunk:
-            return CompletionChunk(id=request_id, created=created, model=model.name,
+            return CompletionChunk(id=request_id, created=created, model=model.public_name,
                                    choices=choices)
 
         async def events(streams: list[AsyncGenerator[TokenChunk, None]]) -> AsyncIterator[str]:
@@ -170,7 +170,7 @@ async def create_completion(
                 return
             if include_usage:
                 yield sse_event(CompletionChunk(id=request_id, created=created,
-                                                model=model.name, choices=[],
+                                                model=model.public_name, choices=[],
                                                 usage=_usage(finals, n)))
             yield SSE_DONE
 
@@ -205,7 +205,7 @@ async def create_completion(
     return Completion(
         id=request_id,
         created=created,
-        model=model.name,
+        model=model.public_name,
         choices=choices,
         usage=_usage({i: r.last for i, r in enumerate(results)}, n),
     )

@@ -171,7 +171,7 @@ async def create_response(body: ResponsesRequest, request: Request,
             incomplete_details=IncompleteDetails(reason="max_output_tokens") if incomplete
             else None,
             instructions=body.instructions, max_output_tokens=body.max_output_tokens,
-            model=model.name, output=output, parallel_tool_calls=body.parallel_tool_calls,
+            model=model.public_name, output=output, parallel_tool_calls=body.parallel_tool_calls,
             temperature=body.temperature, top_p=body.top_p,
             tool_choice=body.tool_choice or ("auto" if body.tools else "none"),
             tools=body.tools or [], text=body.text or {"format": {"type": "text"}},
