@@ -149,9 +149,8 @@ class Scheduler:
                               s.arrival_s) for s in candidates],
             now_s=self.clock(), max_wait_s=self.prefill_max_wait_s)
         # prompts whose KV is being computed or fetched now (see waits_for_shared_prefix)
-        computing = [(s.token_ids, s.num_computed_tokens) for s in candidates
-                     if s.status is SequenceStatus.RUNNING]
-        computing += [(s.token_ids, s.num_computed_tokens) for s in self.awaiting_kv]
+        computing = [s for s in candidates if s.status is SequenceStatus.RUNNING]
+        computing += self.awaiting_kv
         share = self.block_manager.enable_prefix_caching
         admitting = True
         for seq in (candidates[i] for i in order):
@@ -164,8 +163,12 @@ class Scheduler:
                 continue
             if not admitting or len(self.running) + len(self.awaiting_kv) >= self.max_num_seqs:
                 continue
-            if share and waits_for_shared_prefix(seq.token_ids, computing,
-                                                 self.block_manager.block_size):
+            if share and waits_for_shared_prefix(
+                    seq.token_ids,
+                    # another adapter's K/V differs: its blocks are never shared (block_manager)
+                    [(c.token_ids, c.num_computed_tokens) for c in computing
+                     if c.adapter_id == seq.adapter_id],
+                    self.block_manager.block_size):
                 continue
             remote = _is_fresh_remote(seq)
             if not self.block_manager.allocate_prompt(seq):
@@ -173,7 +176,7 @@ class Scheduler:
                 admitting = False  # no admission passes a prompt that waits for memory
                 continue
             self.waiting.remove(seq)
-            computing.append((seq.token_ids, seq.num_computed_tokens))
+            computing.append(seq)
             if remote:
                 # blocks from the prefix cache (a sibling's prompt) stay; the KV that arrives
                 # fills the rest (LLMEngine.attach_kv)

@@ -102,6 +102,15 @@ def test_unrelated_prompts_and_no_prefix_cache_never_wait() -> None:
         assert len(sched.schedule().scheduled) == 2
 
 
+def test_the_same_prompt_with_another_lora_adapter_does_not_wait() -> None:
+    sched = make_scheduler(64, max_num_batched_tokens=64, prefix_caching=True)
+    base, tuned = make_seq("base", PROMPT), make_seq("tuned", PROMPT)
+    tuned.adapter_id = 1  # other K/V for the same tokens: nothing to share
+    sched.add(base)
+    sched.add(tuned)
+    assert [s.seq.request_id for s in sched.schedule().scheduled] == ["base", "tuned"]
+
+
 def test_a_sibling_whose_leader_is_aborted_computes_the_prompt_itself() -> None:
     sched = make_scheduler(64, max_num_batched_tokens=64, prefix_caching=True)
     a, b = make_seq("a", PROMPT), make_seq("b", PROMPT)
