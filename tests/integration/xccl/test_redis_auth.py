@@ -15,14 +15,13 @@ import torch
 from moeflow.engine.config import EngineOptions
 from moeflow.xccl import BackendUnavailable, make_transport
 from moeflow.xccl.redis_server import LocalRedis, start_local_redis
+from tests.platform_process import free_port
 
 PASSWORD = "s3cret: with spaces & @/ signs"  # nothing a URL could carry unquoted
 
 
 @pytest.fixture(scope="module")
 def locked_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalRedis]:
-    from tests.integration.xccl.conftest import free_port
-
     folder: Path = tmp_path_factory.mktemp("redis-auth")
     with start_local_redis(folder, port=free_port(), requirepass=PASSWORD) as server:
         yield server
