@@ -30,6 +30,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from moeflow.controller.build_hub import hub_cache_volume, hub_env, hub_security_context
+from moeflow.controller.build_openai_sidecar import build_openai_sidecar
 from moeflow.controller.build_security import internal_token_env
 from moeflow.controller.settings import OperatorSettings
 from moeflow.domain import naming
@@ -61,6 +62,7 @@ def task_template(spec: ModelSpec, model_path: str, settings: OperatorSettings) 
         dram_preload=spec.dram_preload,
         engine=spec.engine, env=spec.env, node_selector=spec.node_selector,
         tolerations=spec.tolerations, affinity=spec.affinity, pod_template=spec.pod_template,
+        openai_sidecar=spec.openai_sidecar,
     )
 
 
@@ -233,6 +235,10 @@ def build_pod(task_name: str, namespace: str, task: TaskSpec, settings: Operator
         "containers": [container],
         "volumes": [volume, {"name": "dshm", "emptyDir": {"medium": "Memory"}}, *dram_volumes],
     }
+    if template.openai_sidecar is not None:
+        pod_spec["containers"].append(build_openai_sidecar(
+            task.model, template.openai_sidecar, image=template.image, engine_port=template.port,
+            settings=settings))
     if template.source.scheme == "hf" and (
             security := hub_security_context(template.source.hub_settings)):
         pod_spec["securityContext"] = security

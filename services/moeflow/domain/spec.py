@@ -374,6 +374,16 @@ class GatewaySpec(_Spec):
     replicas: int = Field(1, ge=0)
 
 
+class OpenAISidecar(_Spec):
+    """An OpenAI-speaking front in every engine Pod, for a Gateway API Inference Extension
+    `InferencePool` (docs/inference-extension.md): the MoEFlow gateway with this Pod's engine
+    as its only instance, on `port`. Engines themselves speak only the internal /v1/generate."""
+
+    port: int = Field(8000, ge=1, le=65535)
+    """The OpenAI port (`openai`), the one the InferencePool's targetPorts names; not the
+    engine's own port (8001)."""
+
+
 class Slo(_Spec):
     ttft_ms: int | None = Field(None, ge=1)
     tpot_ms: int | None = Field(None, ge=1)
@@ -403,6 +413,7 @@ class ModelSpec(_Spec):
     tolerations: list[Toleration] = Field(default_factory=list)
     affinity: dict[str, Any] = Field(default_factory=dict)
     pod_template: PodTemplateOverlay = PodTemplateOverlay()
+    openai_sidecar: OpenAISidecar | None = None
 
     @model_validator(mode="after")
     def _check_cross_fields(self, info: ValidationInfo) -> ModelSpec:
@@ -430,6 +441,11 @@ class ModelSpec(_Spec):
                 raise ValueError(
                     f"env: {var.name} must not be a literal token in the spec; fix: put it in a"
                     " Secret and name it in spec.source.hub.tokenSecretRef (or env valueFrom)")
+        if self.openai_sidecar is not None and self.mode is not Mode.COLOCATED:
+            raise ValueError(
+                f"openaiSidecar serves one engine on its own, which mode {self.mode.value!r}"
+                " splits over several roles; fix: remove spec.openaiSidecar or use mode"
+                " colocated (route split Models through their gateway)")
         if self.transport_kind is TransportKind.REDIS and not self.transport.redis_url:
             raise ValueError(
                 "transport.redisUrl: is required when the transport is redis (the default for"
@@ -489,11 +505,14 @@ class TaskTemplate(_Spec):
     tolerations: list[Toleration] = Field(default_factory=list)
     affinity: dict[str, Any] = Field(default_factory=dict)
     pod_template: PodTemplateOverlay = PodTemplateOverlay()
+    openai_sidecar: OpenAISidecar | None = None
+    """The Model's `openaiSidecar`: engine Pods get the OpenAI front container."""
 
     @property
     def customizes_pod(self) -> bool:
         """True when the Model shapes its engine Pods beyond what a warm Pod can match."""
         return bool(self.engine.engine_env() or self.env or self.node_selector
+                    or self.openai_sidecar is not None
                     or self.tolerations or self.affinity or self.pod_template.spec
                     or self.pod_template.metadata.labels
                     or self.pod_template.metadata.annotations)

@@ -238,13 +238,15 @@ CEL_CASES: dict[str, dict[str, Any] | None] = {
     "offline needs cache.claimName": {"source": {"uri": "hf://a/b", "hub": {"offline": True}}},
     "sizeLimit applies to the emptyDir cache only": {"source": {"uri": "hf://a/b", "hub": {
         "cache": {"claimName": "c", "sizeLimit": "1Gi"}}}},
+    "openaiSidecar serves one engine on its own": {
+        "mode": "pd-disaggregated", "transport": {"redisUrl": "redis://r"}, "openaiSidecar": {}},
 }
 
 
 def test_every_cel_rule_is_also_checked_by_the_operator(crd_validator: CrdValidator) -> None:
     messages = _cel_messages(openapi_schema(CRDS["Model"]))
     # per role (x5 roles), spec-level, root, engine, source (source, hub, hub cache)
-    assert len(messages) == 3 * 5 + 5 + 1 + 1 + 3
+    assert len(messages) == 3 * 5 + 6 + 1 + 1 + 3
     for message in messages:
         (bad,) = [case for prefix, case in CEL_CASES.items() if message.startswith(prefix)]
         if bad is None:
