@@ -112,3 +112,28 @@ def test_split_responses_api_streams(pd: Platform) -> None:
     assert events[-1].type in ("response.completed", "response.incomplete")
     text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert text == whole.output_text != ""
+
+
+def test_split_n_choices_share_the_prompt_and_match_separate_requests(
+    pd: Platform, tiny_dirs: dict[str, Path]
+) -> None:
+    """n > 1 under a split: the prefill instance computes the prompt once (the other choices
+    take its full 16-token blocks from the prefix cache), and every choice is what the same
+    request alone gives (greedy: transformers' tokens; seeded: choice j = seed + j)."""
+    prompt = list(range(300, 341))  # 41 tokens, seen by no other test: 2 full blocks each
+    c = openai.OpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    hits_before = pd.metric("moeflow_prefix_cache_hit_tokens_total") or 0.0
+    greedy = c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=0, n=4)
+    hits = (pd.metric("moeflow_prefix_cache_hit_tokens_total") or 0.0) - hits_before
+    # three choices took the first one's two full blocks (on a tiny model the prefill can end
+    # before the next choice arrives anyway: tests/integration/engine/
+    # test_n_choices_share_prompt.py pins the decision itself, choices arriving together)
+    assert hits >= 3 * 32, hits
+    expected = TextTokenizer.from_dir(tiny_dirs["llama"]).decode(
+        hf_greedy(tiny_dirs["llama"], prompt, 6))
+    assert [ch.text for ch in sorted(greedy.choices, key=lambda ch: ch.index)] == [expected] * 4
+    seeded = c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0,
+                                  seed=11, n=3)
+    alone = [c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0,
+                                  seed=11 + j).choices[0].text for j in range(3)]
+    assert [ch.text for ch in sorted(seeded.choices, key=lambda ch: ch.index)] == alone
