@@ -1,8 +1,14 @@
-"""The LRU choice of adapters to evict (pure)."""
+"""The LRU choice of adapters to evict (pure), and the adapter settings."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
 from moeflow.engine.adapter_store import choose_evictions
+from moeflow.engine.config import EngineOptions
 
 
 def test_nothing_evicted_when_it_fits() -> None:
@@ -19,3 +25,17 @@ def test_oldest_idle_go_first_and_only_as_many_as_needed() -> None:
 def test_adapters_in_use_are_never_evicted() -> None:
     assert choose_evictions([(1, 10), (2, 10)], {1, 2}, 5, 20) is None
     assert choose_evictions([(1, 10)], set(), 25, 20) is None  # larger than the budget
+
+
+def test_lora_flags_reach_engine_children_through_the_environment(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = EngineOptions(lora_adapters=["toy=/adapters/toy", "b=/x=y"],
+                            lora_memory_bytes=1 << 20)
+    assert options.lora_adapters == {"toy": Path("/adapters/toy"), "b": Path("/x=y")}
+    for name, value in options.as_env().items():
+        if value is not None:
+            monkeypatch.setenv(name, value)
+    assert EngineOptions() == options  # what `moeflow up` hands each engine process
+    with pytest.raises(ValidationError, match="NAME=PATH"):
+        EngineOptions(lora_adapters=["no-path"])
