@@ -1,11 +1,14 @@
 """Structured-output overhead: batch-1 decode with a json_schema constraint vs without.
 
-One engine (default SmolLM2-135M-Instruct, float32, CPU), rounds interleaved (plain,
-constrained, plain, ...). Each request decodes ``--new-tokens`` after a short prompt; the
-per-token decode time excludes the first token (prefill). The constrained request uses a
-schema whose JSON must run long (at least 64 free strings), so it does not end early; its
-per-token time includes the llguidance mask (computed, unpacked, applied) and the grammar
-advance. Also reports the mask step alone, timed on the same grammar state.
+One engine (default SmolLM2-135M-Instruct, float32, CPU), rounds interleaved A B A B (plain,
+constrained, plain, ...). Each request decodes ``--new-tokens`` after a short prompt; a
+request's decode time per token is the median of its engine steps after the first token
+(prefill), which a passing burst of load on a shared machine moves less than a mean. The
+constrained request uses a schema whose JSON must run long (at least 64 free strings), so it
+does not end early; its steps include the llguidance mask (computed, unpacked, applied) and
+the grammar advance. Reported: the medians over rounds, their ranges, the overhead of the
+medians and the median of the per-round (paired) ratios, the mask step alone (timed on the
+same grammar), and the load average before and after (the machine may be shared).
 
 Usage: python benchmarks/structured_output.py [--model smollm2-135m-instruct] [--rounds 5]
 Last line: RESULT {json}
@@ -38,19 +41,23 @@ SCHEMA = {
 
 def decode_ms_per_token(engine: LLMEngine, rid: str, sampling: SamplingParams) -> tuple[
         float, int]:
+    """The median decode step (ms; batch 1: one token a step) and the tokens produced."""
     prompt = tuple(engine.tokenizer.encode("Write a long list of notes about rivers as JSON."))
     engine.add_request(GenerateRequest(request_id=rid, prompt_token_ids=prompt,
                                        sampling=sampling))
-    first_s: float | None = None
+    steps_ms: list[float] = []
     n = 0
     while engine.has_work:
-        for chunk in engine.step():
-            n += len(chunk.token_ids)
-            if first_s is None:
-                first_s = time.perf_counter()
-    end_s = time.perf_counter()
-    assert first_s is not None
-    return 1000 * (end_s - first_s) / max(1, n - 1), n
+        started = time.perf_counter()
+        produced = sum(len(chunk.token_ids) for chunk in engine.step())
+        if n and produced:  # the first token is the prefill's
+            steps_ms.append(1000 * (time.perf_counter() - started) / produced)
+        n += produced
+    return statistics.median(steps_ms), n
+
+
+def spread(values: list[float]) -> list[float]:
+    return [round(min(values), 3), round(max(values), 3)]
 
 
 def main() -> None:
@@ -60,6 +67,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
+    load_before = os.getloadavg()
     model_dir: Path = resolve_model(args.model, resolve_home(os.environ))
     engine = LLMEngine(EngineSettings(model_path=model_dir, num_threads=args.threads,
                                       kv_cache_bytes=256 * 2**20, max_model_len=512))
@@ -86,17 +94,24 @@ def main() -> None:
         constraint.mask_(row)
     mask_ms = 1000 * (time.perf_counter() - started) / num_masks
     p, c = statistics.median(plain_ms), statistics.median(constrained_ms)
+    paired = [100 * (ci - pi) / pi for pi, ci in zip(plain_ms, constrained_ms, strict=True)]
     result = {
         "model": args.model,
         "threads": args.threads,
         "vocab_size": engine.arch.vocab_size,
         "plain_decode_ms_per_token": round(p, 3),
         "json_schema_decode_ms_per_token": round(c, 3),
+        "plain_range_ms": spread(plain_ms),
+        "json_schema_range_ms": spread(constrained_ms),
         "overhead_pct": round(100 * (c - p) / p, 2),
+        "paired_overhead_pct_median": round(statistics.median(paired), 2),
+        "paired_overhead_pct_range": spread(paired),
         "mask_ms_per_token": round(mask_ms, 4),
         "mask_pct_of_plain_token": round(100 * mask_ms / p, 2),
         "constrained_tokens_per_request": constrained_tokens,
         "rounds": args.rounds,
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
     print("RESULT " + json.dumps(result))
 
