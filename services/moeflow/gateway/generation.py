@@ -30,7 +30,7 @@ from moeflow.domain.messages import (
     TokenChunk,
 )
 from moeflow.gateway.engine_client import EngineClient, EngineStream, InstanceFailedError
-from moeflow.gateway.metrics import GatewayMetrics
+from moeflow.gateway.metrics import GatewayMetrics, RequestMeter
 from moeflow.gateway.protocol import _SamplingFields
 from moeflow.gateway.registry import ModelRegistry, ServedModel
 from moeflow.gateway.routing import InstanceView
@@ -258,7 +258,7 @@ class GenerationService:
         first_s: float | None = None
         last_s = started_s
         last: TokenChunk | None = None
-        counted = _TokenCount()
+        counted = RequestMeter()
         try:
             while True:
                 num_resumed = len(job.output_token_ids)
@@ -279,6 +279,10 @@ class GenerationService:
                         job.num_emitted_chars += len(chunk.text)
                         last = chunk
                         counted.observe(m, name, chunk)
+                        if chunk.finish_reason is not None:
+                            # before the last yield: a consumer that stops at the finishing
+                            # chunk resumes this generator only when it is closed, maybe late
+                            counted.observe_end(m, name, started_s, first_s, last_s, chunk)
                         yield chunk
                         if chunk.finish_reason is not None:
                             return
@@ -303,11 +307,7 @@ class GenerationService:
             self._release_job()
             m.requests_by_mode.labels(name, attempt.mode).inc()
             if last is not None:
-                m.e2e.labels(name).observe(last_s - started_s)
-                if first_s is not None and last.num_output_tokens > 1:
-                    tpot_s = (last_s - first_s) / (last.num_output_tokens - 1)
-                    m.tpot.labels(name).observe(tpot_s)
-                    m.recent.record_tpot(tpot_s)
+                counted.observe_end(m, name, started_s, first_s, last_s, last)
 
     def _release_job(self) -> None:
         self.num_in_flight -= 1
@@ -401,25 +401,6 @@ def _as_continuation(chunk: TokenChunk, job: _Job, num_resumed: int) -> TokenChu
         "kv_bytes": 0,
         "kv_transfer_ms": 0.0,
     })
-
-
-@dataclass
-class _TokenCount:
-    """What one request already added to the token counters: prompt tokens at its first
-    chunk, generated tokens as each chunk streams (``num_output_tokens`` is cumulative, and
-    counts the resumed part after a failover), so tokens/s moves while streams run."""
-
-    num_output: int = 0
-    has_prompt: bool = False
-
-    def observe(self, m: GatewayMetrics, name: str, chunk: TokenChunk) -> None:
-        if not self.has_prompt:
-            self.has_prompt = True
-            m.prompt_tokens.labels(name).inc(chunk.num_prompt_tokens)
-            m.cached_prompt_tokens.labels(name).inc(chunk.num_cached_tokens)
-        if chunk.num_output_tokens > self.num_output:
-            m.generation_tokens.labels(name).inc(chunk.num_output_tokens - self.num_output)
-            self.num_output = chunk.num_output_tokens
 
 
 def _observe_kv(m: GatewayMetrics, name: str, chunk: TokenChunk, ttft_ms: float) -> None:

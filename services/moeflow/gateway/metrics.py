@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from moeflow.domain.messages import TokenChunk
 from moeflow.gateway.registry import ModelRegistry
 
 _LATENCY_BUCKETS_S = (
@@ -161,3 +163,36 @@ class GatewayMetrics:
                 self._queue_depth.labels(*labels).set(stats.num_waiting)
                 self._running.labels(*labels).set(stats.num_running)
                 self._kv_usage.labels(*labels).set(stats.kv_usage_ratio)
+
+
+@dataclass
+class RequestMeter:
+    """What one request already added to the gateway's metrics: prompt tokens at its first
+    chunk, generated tokens as each chunk streams (``num_output_tokens`` is cumulative, and
+    counts the resumed part after a failover), so tokens/s moves while streams run; end to end
+    and TPOT once, when it finishes or breaks."""
+
+    num_output: int = 0
+    has_prompt: bool = False
+    has_ended: bool = False
+
+    def observe(self, m: GatewayMetrics, name: str, chunk: TokenChunk) -> None:
+        if not self.has_prompt:
+            self.has_prompt = True
+            m.prompt_tokens.labels(name).inc(chunk.num_prompt_tokens)
+            m.cached_prompt_tokens.labels(name).inc(chunk.num_cached_tokens)
+        if chunk.num_output_tokens > self.num_output:
+            m.generation_tokens.labels(name).inc(chunk.num_output_tokens - self.num_output)
+            self.num_output = chunk.num_output_tokens
+
+    def observe_end(self, m: GatewayMetrics, name: str, started_s: float,
+                    first_s: float | None, last_s: float, last: TokenChunk) -> None:
+        """End to end and TPOT, once per request (at its finishing chunk, or where it broke)."""
+        if self.has_ended:
+            return
+        self.has_ended = True
+        m.e2e.labels(name).observe(last_s - started_s)
+        if first_s is not None and last.num_output_tokens > 1:
+            tpot_s = (last_s - first_s) / (last.num_output_tokens - 1)
+            m.tpot.labels(name).observe(tpot_s)
+            m.recent.record_tpot(tpot_s)

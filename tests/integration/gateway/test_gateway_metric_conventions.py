@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 import re
+import threading
+import time
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -54,22 +56,34 @@ def test_generated_tokens_are_counted_while_the_stream_runs(platform: Platform) 
                      if s.endswith("_total") and labels["model"] == MODEL)
         return tokens, in_flight
 
-    before, _ = generated_and_in_flight()
+    before, idle = generated_and_in_flight()
+    assert idle == 0
+    samples: list[tuple[float, float]] = []
+    done = threading.Event()
+
+    def scrape() -> None:  # a scraper that never stops while the stream runs
+        while not done.is_set():
+            samples.append(generated_and_in_flight())
+
+    scraper = threading.Thread(target=scrape, daemon=True)
+    scraper.start()
     max_tokens = 200
     body = {"model": MODEL, "prompt": "The river", "max_tokens": max_tokens, "stream": True,
             "ignore_eos": True, "temperature": 0}
-    with httpx.stream("POST", f"{platform.base_url}/completions", json=body,
-                      timeout=60) as response:
-        lines = response.iter_lines()
-        events = 0
-        while events < 6:
-            if next(lines).startswith("data: "):
-                events += 1
-        mid_stream, in_flight = generated_and_in_flight()
-        rest = [line for line in lines if line.startswith("data: ")]
-    assert rest[-1] == "data: [DONE]"
-    # the request was still being served when the counter was read, and had already counted
-    # at least the tokens the client had seen (counting at the end would show 0 here)
-    assert in_flight == 1, "the stream ended before the read; make it longer"
-    assert 6 <= mid_stream - before < max_tokens, mid_stream - before
-    assert generated_and_in_flight()[0] - before == max_tokens
+    try:
+        with httpx.stream("POST", f"{platform.base_url}/completions", json=body,
+                          timeout=60) as response:
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    finally:
+        done.set()
+        scraper.join(timeout=10)
+    assert events[-1] == "data: [DONE]"
+    # scrapes while the request was held: counting at the end would show none of its tokens
+    during = [tokens - before for tokens, in_flight in samples if in_flight == 1]
+    assert during, "no scrape landed while the stream ran"
+    assert any(0 < n < max_tokens for n in during), during
+    assert during == sorted(during)  # a counter: it only moves up
+    deadline = time.monotonic() + 5  # the gateway lets the request go just after [DONE]
+    while (after := generated_and_in_flight())[1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert after == (before + max_tokens, 0)
