@@ -36,7 +36,7 @@ choice can be re-judged.
 KV metrics of the split runs are scraped from the gateway's /metrics before and after the load
 (differences, so warm-up is excluded): ``moeflow_kv_transfer_bytes``,
 ``moeflow_kv_transfer_seconds`` (XCCL time: the prefill's send + the decode's receive and copy)
-and ``moeflow_kv_transfer_ttft_share``. From their sums: bytes and milliseconds per request, GB/s,
+and ``moeflow_kv_transfer_ttft_ratio``. From their sums: bytes and milliseconds per request, GB/s,
 and KV-transfer efficiency = that GB/s / one-core memcpy GB/s at the same size, measured here
 (targets: >= 0.5 for shm, >= 0.1 for Redis). Per-request quantiles come from
 the histogram buckets and are coarse below 5 ms.
@@ -344,7 +344,7 @@ def kv_delta(before: list[Sample], after: list[Sample]) -> dict[str, Any]:
 
     bytes_sum, bytes_n = delta("moeflow_kv_transfer_bytes")
     secs_sum, secs_n = delta("moeflow_kv_transfer_seconds")
-    share_sum, share_n = delta("moeflow_kv_transfer_ttft_share")
+    share_sum, share_n = delta("moeflow_kv_transfer_ttft_ratio")
     p50_s = q("moeflow_kv_transfer_seconds", 0.5)
     p99_s = q("moeflow_kv_transfer_seconds", 0.99)
     return {
@@ -356,7 +356,7 @@ def kv_delta(before: list[Sample], after: list[Sample]) -> dict[str, Any]:
         "seconds_p99_ms": None if p99_s is None else 1000 * p99_s,
         "gb_per_s": bytes_sum / secs_sum / 1e9 if secs_sum > 0 else None,
         "ttft_share_mean": share_sum / share_n if share_n else None,
-        "ttft_share_p50": q("moeflow_kv_transfer_ttft_share", 0.5),
+        "ttft_share_p50": q("moeflow_kv_transfer_ttft_ratio", 0.5),
     }
 
 
