@@ -181,12 +181,16 @@ def _add_engine_flags(p: argparse.ArgumentParser) -> None:
           help="attention role: wait this long for an expert instance's answer")
     _flag(p, "--model-store", to="engine.model_store", type=Path,
           help="node model store (DRAM pre-load), e.g. /dev/shm/moeflow-store")
-    _flag(p, "--lora", to="engine.lora_adapters", action="append", metavar="NAME=PATH",
+    _flag(p, "--lora", "--lora-adapters", to="engine.lora_adapters", action="append",
+          metavar="NAME=PATH",
           help="serve the PEFT LoRA adapter in folder PATH as model NAME (repeatable)",
           shown_default="none")
     _flag(p, "--lora-memory-mb", to="engine.lora_memory_bytes", type=_mib, metavar="MIB",
           help="memory for resident LoRA adapters; idle ones are evicted past it (LRU)",
           shown_default="256")
+    _flag(p, "--lora-memory", to="engine.lora_memory_bytes", type=_quantity,
+          metavar="QUANTITY", help="--lora-memory-mb as a Model's spec.engine.loraMemory says "
+          "it (1Gi, 256Mi)", shown_default="256Mi")
 
 
 def _supported_architectures() -> frozenset[str]:

@@ -13,6 +13,7 @@ Contract:
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from enum import StrEnum
@@ -219,6 +220,10 @@ _DECIMAL_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
 _BYTES = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
 
 
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+"""A LoRA adapter's name, as the engine accepts it (``engine.adapter_store``)."""
+
+
 def quantity_bytes(quantity: str) -> int:
     """A Kubernetes memory quantity ("512Mi", "2G", "1073741824") as bytes; ValueError else."""
     match = _BYTES.match(quantity)
@@ -249,6 +254,30 @@ class EngineArgs(_Spec):
     enable_prefix_caching: bool | None = None
     num_threads: int | None = Field(None, ge=1, le=1024)
     """torch threads; unset: the container's CPU limit (cgroup), never the node's cores."""
+    lora_adapters: dict[str, str] | None = None
+    """PEFT LoRA adapters served beside the base model: name -> absolute folder in the engine
+    container (a store:// model sees the node store under its model mount, /models)."""
+    lora_memory: str | None = None
+    """Memory for resident adapters per instance, a byte quantity (engine default 256Mi)."""
+
+    @field_validator("lora_adapters")
+    @classmethod
+    def _check_adapters(cls, value: dict[str, str] | None) -> dict[str, str] | None:
+        for name, path in (value or {}).items():
+            if not _ADAPTER_NAME.match(name):
+                raise ValueError(f"adapter name {name!r}: 1-128 letters, digits, '.', '_' or "
+                                 "'-', starting with a letter or digit")
+            if not path.startswith("/"):
+                raise ValueError(f"adapter {name!r}: {path!r} is not an absolute folder of the "
+                                 "engine container; fix: e.g. /models/<adapter>")
+        return value
+
+    @field_validator("lora_memory")
+    @classmethod
+    def _check_lora_memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            quantity_bytes(value)
+        return value
 
     @field_validator("kv_cache_memory")
     @classmethod
@@ -276,6 +305,10 @@ class EngineArgs(_Spec):
                 continue
             if name == "kv_cache_memory":
                 env["MOEFLOW_ENGINE_KV_CACHE_BYTES"] = str(quantity_bytes(value))
+            elif name == "lora_memory":
+                env["MOEFLOW_ENGINE_LORA_MEMORY_BYTES"] = str(quantity_bytes(value))
+            elif name == "lora_adapters":
+                env["MOEFLOW_ENGINE_LORA_ADAPTERS"] = json.dumps(value, sort_keys=True)
             elif isinstance(value, bool):
                 env[f"MOEFLOW_ENGINE_{name.upper()}"] = "true" if value else "false"
             else:

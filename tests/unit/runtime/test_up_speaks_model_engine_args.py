@@ -5,6 +5,7 @@ operator would put in the engine container, give the same engine settings."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,6 +18,7 @@ MODEL_ENGINE = EngineArgs.model_validate({
     "dtype": "bfloat16", "kvCacheMemory": "96Mi", "maxModelLen": 200, "maxNumSeqs": 3,
     "maxNumBatchedTokens": 64, "maxNumWaiting": 9, "blockSize": 32,
     "enablePrefixCaching": False, "numThreads": 1,
+    "loraAdapters": {"toy": "/models/toy", "b": "/adapters/b"}, "loraMemory": "64Mi",
 })
 
 
@@ -38,6 +40,9 @@ def up_flags(args: EngineArgs) -> list[str]:
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             flags.append(flag if value else flag.replace("--enable-", "--no-"))
+        elif isinstance(value, dict):  # repeated NAME=VALUE
+            for key, item in value.items():
+                flags += [flag, f"{key}={item}"]
         else:
             flags += [flag, str(value)]
     return flags
@@ -53,6 +58,8 @@ def test_every_model_engine_arg_is_an_up_flag_and_lands_in_the_settings() -> Non
         200, 3, 64)
     assert (engine.max_num_waiting, engine.block_size, engine.num_threads) == (9, 32, 1)
     assert engine.enable_prefix_caching is False
+    assert engine.lora_adapters == {"toy": Path("/models/toy"), "b": Path("/adapters/b")}
+    assert engine.lora_memory_bytes == 64 * 2**20
     assert engine != EngineOptions()
 
 
