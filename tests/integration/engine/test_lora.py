@@ -1,6 +1,6 @@
 """LoRA adapters in the engine: greedy tokens with each adapter equal transformers + PEFT's
 (unmerged), with base requests and two adapters in one batch; the prefix cache never shares
-blocks across adapters; the memory budget evicts idle adapters only."""
+blocks across adapters; the memory budget evicts idle adapters only; logprobs use the adapter."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 from moeflow.domain.errors import InvalidRequestError, ModelNotFoundError
 from moeflow.domain.messages import GenerateRequest, SamplingParams
 from moeflow.engine.llm_engine import LLMEngine
-from tests.lora_kit import peft_greedy, two_adapters
+from tests.lora_kit import peft_greedy, peft_model, two_adapters
 from tests.reference import hf_greedy, make_engine
 
 MAX_TOKENS = 10
@@ -128,3 +129,25 @@ def test_bad_adapters_are_refused_with_the_reason(tiny_dirs: dict[str, Path],
         engine.check_admission(GenerateRequest(
             request_id="r", prompt_token_ids=(1, 2), adapter="nope",
             sampling=SamplingParams(max_tokens=2)))
+
+
+def test_logprobs_are_the_adapters(tiny_dirs: dict[str, Path], adapters: dict[str, Path]
+                                   ) -> None:
+    """Prompt logprobs come from a forward outside the step: it applies the adapter too."""
+    model = tiny_dirs["llama"]
+    engine = make_engine(model, lora_adapters=adapters)
+    prompt = PROMPTS[1]
+    sampling = SamplingParams(max_tokens=2, temperature=0.0, logprobs=1, prompt_logprobs=0)
+    engine.add_request(GenerateRequest(request_id="r", prompt_token_ids=tuple(prompt),
+                                       sampling=sampling, adapter="b"))
+    chunks = []
+    while engine.has_work:
+        chunks.extend(engine.step())
+    with torch.inference_mode():
+        logits = peft_model(model, adapters["b"])(torch.tensor([prompt])).logits[0]
+    expected = torch.log_softmax(logits.float(), dim=-1)
+    got = [lp.logprob for lp in chunks[0].prompt_logprobs[1:]]
+    want = [float(expected[i, t]) for i, t in enumerate(prompt[1:])]
+    assert got == pytest.approx(want, abs=1e-4)
+    first = chunks[0].logprobs[0]
+    assert first.logprob == pytest.approx(float(expected[-1].max()), abs=1e-4)
