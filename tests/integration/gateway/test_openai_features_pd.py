@@ -137,3 +137,18 @@ def test_split_n_choices_share_the_prompt_and_match_separate_requests(
     alone = [c.completions.create(model=MODEL, prompt=prompt, max_tokens=6, temperature=1.0,
                                   seed=11 + j).choices[0].text for j in range(3)]
     assert [ch.text for ch in sorted(seeded.choices, key=lambda ch: ch.index)] == alone
+
+
+def test_split_n_choices(pd: Platform, tiny_dirs: dict[str, Path]) -> None:
+    """n choices through prefill + decode: greedy choices equal transformers' answer, seeded
+    sampled choices differ (seed + index), usage counts the prompt once."""
+    c = openai.OpenAI(base_url=pd.base_url, api_key="x", max_retries=0)
+    expected = TextTokenizer.from_dir(tiny_dirs["llama"]).decode(
+        hf_greedy(tiny_dirs["llama"], PROMPT, 4))
+    greedy = c.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, n=2, temperature=0)
+    assert [ch.text for ch in greedy.choices] == [expected, expected]
+    assert greedy.usage is not None and greedy.usage.prompt_tokens == len(PROMPT)
+    sampled = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                        max_tokens=6, n=3, temperature=1.0, seed=7)
+    assert [ch.index for ch in sampled.choices] == [0, 1, 2]
+    assert len({ch.message.content for ch in sampled.choices}) > 1
