@@ -173,15 +173,17 @@ class LoraBatch:
     @classmethod
     def for_rows(cls, row_weights: list[AdapterWeights | None]) -> LoraBatch | None:
         """From each row's adapter (None: the base model); None when no row has one."""
-        by_name: dict[str, tuple[AdapterWeights, list[int]]] = {}
+        # by object, not name: an adapter unloaded while in use and one loaded again under its
+        # name can both be in a step
+        by_weights: dict[int, tuple[AdapterWeights, list[int]]] = {}
         for row, weights in enumerate(row_weights):
             if weights is not None:
-                by_name.setdefault(weights.name, (weights, []))[1].append(row)
-        if not by_name:
+                by_weights.setdefault(id(weights), (weights, []))[1].append(row)
+        if not by_weights:
             return None
         groups = [LoraGroup(w, None if len(rows) == len(row_weights)
                             else torch.tensor(rows, dtype=torch.long))
-                  for w, rows in by_name.values()]
+                  for w, rows in by_weights.values()]
         return cls(groups)
 
     def add(self, layer: int, slot: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

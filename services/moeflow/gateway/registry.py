@@ -152,7 +152,14 @@ class ModelRegistry:
             model = ServedModel(info=info, tokenizer=tokenizer)
             self.models[info.served_model_name] = model
         if all(i.url != url for i in model.instances):
-            model.instances.append(InstanceView(url=url, role=info.role, rank_name=info.xccl_rank))
+            view = InstanceView(url=url, role=info.role, rank_name=info.xccl_rank)
+            try:  # its LoRA adapters now, not at the next stats poll: a request may name one
+                stats = await self._client.stats(url)
+                view.adapters = frozenset(stats.adapters)
+                view.resident_adapters = frozenset(stats.resident_adapters)
+            except Exception as exc:  # the poller fills them in
+                logger.info("instance %s: no stats yet (%s)", url, type(exc).__name__)
+            model.instances.append(view)
         logger.info("serving %s from %s (%s)", info.served_model_name, url, info.role)
 
     async def discover(self, urls: Sequence[str], timeout_s: float) -> None:

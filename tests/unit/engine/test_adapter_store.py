@@ -1,14 +1,16 @@
-"""The LRU choice of adapters to evict (pure), and the adapter settings."""
+"""The LRU choice of adapters to evict (pure), the adapter settings, and row grouping."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from pydantic import ValidationError
 
 from moeflow.engine.adapter_store import choose_evictions
 from moeflow.engine.config import EngineOptions
+from moeflow.engine.lora import AdapterWeights, LoraBatch, LoraPair
 
 
 def test_nothing_evicted_when_it_fits() -> None:
@@ -39,3 +41,16 @@ def test_lora_flags_reach_engine_children_through_the_environment(
     assert EngineOptions() == options  # what `moeflow up` hands each engine process
     with pytest.raises(ValidationError, match="NAME=PATH"):
         EngineOptions(lora_adapters=["no-path"])
+
+
+def test_rows_are_grouped_by_adapter_object_not_name() -> None:
+    def weights(value: float) -> AdapterWeights:
+        pair = LoraPair(torch.ones(1, 2), torch.full((2, 1), value))
+        return AdapterWeights("same-name", 1.0, 1, {(0, "o_proj"): pair}, 0)
+
+    old, new = weights(1.0), weights(10.0)  # unloaded while in use, then loaded again
+    batch = LoraBatch.for_rows([old, None, new])
+    assert batch is not None and len(batch.groups) == 2
+    out = batch.add(0, "o_proj", torch.ones(3, 2), torch.zeros(3, 2))
+    assert out.tolist() == [[2.0, 2.0], [0.0, 0.0], [20.0, 20.0]]
+    assert LoraBatch.for_rows([None, None]) is None
