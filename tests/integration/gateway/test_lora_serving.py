@@ -167,3 +167,30 @@ def test_pd_split_applies_the_adapter_on_both_sides(
         assert (p.metric("moeflow_requests_by_mode_total", mode="split") or 0) >= 9
     finally:
         assert p.stop() == 0, p.log()[-3000:]
+
+
+async def test_adapter_requests_go_to_the_instance_that_has_it(
+    tiny_dirs: dict[str, Path], adapters: dict[str, Path]
+) -> None:
+    """Two instances, the adapter loaded on one at run time: every request for it lands there
+    (the other would answer 404), base requests still use both."""
+    model_dir = tiny_dirs["llama"]
+    p = start_platform(model_dir, ["--served-model-name", MODEL, "--instances", "2",
+                                   "--max-model-len", "256"])
+    try:
+        out = subprocess.run(["pgrep", "-a", "-P", str(p.process.pid), "-f", "role colocated"],
+                             capture_output=True, text=True, check=False).stdout.splitlines()
+        urls = sorted(f"http://127.0.0.1:{line.split()[line.split().index('--port') + 1]}"
+                      for line in out)
+        assert len(urls) == 2
+        async with httpx.AsyncClient(timeout=30) as http:
+            loaded = await http.post(f"{urls[0]}/v1/adapters/load", headers=p.engine_headers(),
+                                     json={"name": "a", "path": str(adapters["a"])})
+            assert loaded.status_code == 200, loaded.text
+        _wait_listed(p, {MODEL: None, "a": MODEL})
+        prompt = _prompts(model_dir)[1]
+        texts = await _serve_all(p, [(prompt, "a")] * 6 + [(prompt, MODEL)] * 6)
+        assert set(texts[:6]) == {_expected(model_dir, adapters, prompt, "a")}
+        assert set(texts[6:]) == {_expected(model_dir, adapters, prompt, MODEL)}
+    finally:
+        assert p.stop() == 0, p.log()[-3000:]
