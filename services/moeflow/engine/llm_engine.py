@@ -358,15 +358,13 @@ class LLMEngine:
                     # sampled on a prefill instance, whose logits stayed there: recompute
                     with adapter_applied(self.runner.model, self.adapters, seq.adapter_id):
                         logprob = next_token_logprob(
-                            self.runner.model, self.runner.kv_cache.dtype,
-                            seq.token_ids[:-1], token_id, seq.sampling.logprobs)
+                            self.runner, seq.token_ids[:-1], token_id, seq.sampling.logprobs)
                 logprobs = (logprob,)
         prompt_lps: tuple[TokenLogprob, ...] = ()
         k = seq.sampling.prompt_logprobs
         if k is not None and len(seq.output_token_ids) == 1:
             with adapter_applied(self.runner.model, self.adapters, seq.adapter_id):
-                prompt_lps = prompt_logprobs(self.runner.model, self.runner.kv_cache.dtype,
-                                             seq.prompt_token_ids, k)
+                prompt_lps = prompt_logprobs(self.runner, seq.prompt_token_ids, k)
         text = req.detokenizer.append([token_id])
         if req.detokenizer.is_stopped and not seq.is_finished:
             self.scheduler.finish_early(seq)

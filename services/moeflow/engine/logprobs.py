@@ -11,31 +11,33 @@ The same forward gives a split request's first-token logprob on the decode insta
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
 
 import torch
 
 from moeflow.domain.messages import TokenLogprob
-from moeflow.engine.models.attention import AttentionMetadata, PrefillSpan
 from moeflow.engine.models.decoder import DecoderModel
 from moeflow.engine.sampler import top_logprobs
 
 
+class ScratchForward(Protocol):
+    """What the logprob helpers need of a model runner."""
+
+    model: DecoderModel
+
+    def forward_scratch(self, ids: list[int]) -> torch.Tensor: ...
+
+
 @torch.inference_mode()
-def _all_logprobs(model: DecoderModel, kv_dtype: torch.dtype, ids: list[int],
-                  rows: slice) -> torch.Tensor:
+def _all_logprobs(runner: ScratchForward, ids: list[int], rows: slice) -> torch.Tensor:
     """Log-softmax of the logits at positions ``rows`` of ``ids``, from one forward over a
-    scratch KV cache."""
-    n = len(ids)
-    a = model.arch
-    scratch = torch.zeros(a.num_layers, 2, n, a.num_kv_heads, a.head_dim, dtype=kv_dtype)
-    meta = AttentionMetadata(slot_mapping=torch.arange(n))
-    meta.prefills.append(PrefillSpan(q_start=0, q_end=n))
-    hidden = model.forward(torch.tensor(ids), torch.arange(n), meta, scratch)
-    return torch.log_softmax(model.logits(hidden[rows]).float(), dim=-1)
+    scratch KV cache (the runner's: in attention/expert mode it reaches the experts too)."""
+    hidden = runner.forward_scratch(ids)
+    return torch.log_softmax(runner.model.logits(hidden[rows]).float(), dim=-1)
 
 
 def prompt_logprobs(
-    model: DecoderModel, kv_dtype: torch.dtype, prompt_token_ids: Sequence[int], k: int
+    runner: ScratchForward, prompt_token_ids: Sequence[int], k: int
 ) -> tuple[TokenLogprob, ...]:
     """One entry per prompt token: its log-probability given the tokens before it, with the
     ``k`` most likely alternatives; the first token has ``logprob`` None (no context)."""
@@ -43,7 +45,7 @@ def prompt_logprobs(
     first = TokenLogprob(token_id=ids[0], logprob=None)
     if len(ids) < 2:
         return (first,)
-    logprobs = _all_logprobs(model, kv_dtype, ids, slice(0, -1))
+    logprobs = _all_logprobs(runner, ids, slice(0, -1))
     out = [first]
     for pos in range(1, len(ids)):
         row = logprobs[pos - 1]
@@ -54,11 +56,10 @@ def prompt_logprobs(
 
 
 def next_token_logprob(
-    model: DecoderModel, kv_dtype: torch.dtype, context_token_ids: Sequence[int],
-    token_id: int, k: int,
+    runner: ScratchForward, context_token_ids: Sequence[int], token_id: int, k: int
 ) -> TokenLogprob:
     """The logprob of ``token_id`` right after ``context_token_ids``: for a first token that
     a prefill instance sampled (its logits stayed there); one more prefill of the context."""
-    row = _all_logprobs(model, kv_dtype, list(context_token_ids), slice(-1, None))[0]
+    row = _all_logprobs(runner, list(context_token_ids), slice(-1, None))[0]
     return TokenLogprob(token_id=token_id, logprob=float(row[token_id]),
                         top=top_logprobs(row, k))

@@ -172,6 +172,19 @@ class ModelRunner:
             self.model.lora = None
         return self._sample(hidden[sample_rows], sampled_items)
 
+    @torch.inference_mode()
+    def forward_scratch(self, ids: list[int]) -> torch.Tensor:
+        """Final hidden states of ``ids`` from one forward over a scratch KV cache: the
+        engine's cache, shared through the prefix cache, is never written. For prompt
+        logprobs, which need every position's logits (``model.lora`` applies, if set)."""
+        n = len(ids)
+        a = self.arch
+        scratch = torch.zeros(a.num_layers, 2, n, a.num_kv_heads, a.head_dim,
+                              dtype=self.kv_cache.dtype)
+        meta = AttentionMetadata(slot_mapping=torch.arange(n))
+        meta.prefills.append(PrefillSpan(q_start=0, q_end=n))
+        return self.model.forward(torch.tensor(ids), torch.arange(n), meta, scratch)
+
     def lora_batch(self, plan: StepPlan) -> LoraBatch | None:
         """Which rows use which adapter this step; None (nothing to add) without adapters."""
         if self.adapters is None or not any(s.seq.adapter_id for s in plan.scheduled):

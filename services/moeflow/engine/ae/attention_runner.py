@@ -25,7 +25,7 @@ from moeflow.engine.ae.expert_map import ExpertMap, round_robin_hosted
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import ArchConfig
-from moeflow.engine.models.attention import AttentionMetadata
+from moeflow.engine.models.attention import AttentionMetadata, PrefillSpan
 from moeflow.engine.models.decoder import MoE, rms_norm
 from moeflow.engine.scheduler import ScheduledSeq, StepPlan
 from moeflow.xccl import make_transport
@@ -103,10 +103,24 @@ class AttentionRunner(ModelRunner):
         items: list[ScheduledSeq] = [item for part in parts for item in part[3]]
         return self._sample(torch.cat(rows), items)
 
+    @torch.inference_mode()
+    def forward_scratch(self, ids: list[int]) -> torch.Tensor:
+        """As the colocated runner's, with the MoE layers at the expert instances (the XCCL
+        client is idle: this runs on the engine thread between steps)."""
+        n = len(ids)
+        a = self.arch
+        scratch = torch.zeros(a.num_layers, 2, n, a.num_kv_heads, a.head_dim,
+                              dtype=self.kv_cache.dtype)
+        meta = AttentionMetadata(slot_mapping=torch.arange(n))
+        meta.prefills.append(PrefillSpan(q_start=0, q_end=n))
+        return self._forward([(torch.tensor(ids), torch.arange(n), meta)], scratch)[0]
+
     def _forward(
-        self, parts: list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]]
+        self, parts: list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]],
+        kv_cache: torch.Tensor | None = None,
     ) -> list[torch.Tensor]:
         model = self.model
+        cache = self.kv_cache if kv_cache is None else kv_cache
         eps = self.arch.rms_norm_eps
         batches = []
         for input_ids, positions, meta in parts:
@@ -115,7 +129,7 @@ class AttentionRunner(ModelRunner):
         for i, layer in enumerate(model.layers):
             for mb in batches:
                 self._collect(mb)
-                mb.x = model.attention_block(i, mb.x, mb.cos, mb.sin, mb.meta, self.kv_cache)
+                mb.x = model.attention_block(i, mb.x, mb.cos, mb.sin, mb.meta, cache)
                 h = rms_norm(mb.x, layer.post_norm, eps)
                 if isinstance(layer.mlp, MoE):
                     expert_ids, mb.weights = layer.mlp.route(h)
