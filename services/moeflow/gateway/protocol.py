@@ -344,6 +344,8 @@ class DeltaToolCall(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    refusal: None = None
+    """Required (nullable) in OpenAI's schema; the model never refuses by itself here."""
     tool_calls: Annotated[list[ToolCall] | None, _OMITTED_WHEN_NONE] = None
 
 

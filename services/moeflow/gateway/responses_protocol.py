@@ -22,6 +22,8 @@ class OutputText(BaseModel):
     type: Literal["output_text"] = "output_text"
     text: str
     annotations: list[Any] = Field(default_factory=list)
+    logprobs: list[Any] = Field(default_factory=list)
+    """Required in OpenAI's schema; token logprobs are not offered on /v1/responses."""
 
 
 class MessageItem(BaseModel):
