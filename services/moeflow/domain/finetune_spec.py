@@ -24,7 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from moeflow.domain import naming
 from moeflow.domain.spec import Resources, Source, SpecError, parse_spec
-from moeflow.domain.spec import _Spec as _SpecBase
+from moeflow.domain.spec_base import SpecModel as _SpecBase
 
 KIND = "FineTune"
 PLURAL = "finetunes"

@@ -9,28 +9,46 @@ Contract:
 - Every failure is a `SpecError` whose message names the field path (`spec.roles.decode...`)
   and the fix. Cross-field rules that the CRD states in CEL (`x-kubernetes-validations`) are
   checked here too, because a cluster without CEL (or the emulator) would let them through.
+
+The Model's pieces live beside it (`spec_base`: the base model, SpecError, quantities;
+`spec_source`: where the weights come from; `spec_pod`: how engine Pods are shaped) and are
+re-exported here, so `moeflow.domain.spec` stays the one import.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from enum import StrEnum
 from typing import Any, TypeVar
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-from pydantic.alias_generators import to_camel
+from pydantic import Field, ValidationError, ValidationInfo, model_validator
 
 from moeflow.domain.roles import ROLES_BY_MODE, Mode, Role
+from moeflow.domain.spec_base import QUANTITY_PATTERN as QUANTITY_PATTERN
+from moeflow.domain.spec_base import SpecError as SpecError
+from moeflow.domain.spec_base import SpecModel as SpecModel
+from moeflow.domain.spec_base import quantity_bytes as quantity_bytes
+from moeflow.domain.spec_pod import ENGINE_CONTAINER as ENGINE_CONTAINER
+from moeflow.domain.spec_pod import OWNED_ENGINE_CONTAINER_FIELDS as OWNED_ENGINE_CONTAINER_FIELDS
+from moeflow.domain.spec_pod import OWNED_POD_FIELDS as OWNED_POD_FIELDS
+from moeflow.domain.spec_pod import RESERVED_ENV as RESERVED_ENV
+from moeflow.domain.spec_pod import DType as DType
+from moeflow.domain.spec_pod import EngineArgs as EngineArgs
+from moeflow.domain.spec_pod import EnvVar as EnvVar
+from moeflow.domain.spec_pod import PodTemplateMetadata as PodTemplateMetadata
+from moeflow.domain.spec_pod import PodTemplateOverlay as PodTemplateOverlay
+from moeflow.domain.spec_pod import Resources as Resources
+from moeflow.domain.spec_pod import TaintEffect as TaintEffect
+from moeflow.domain.spec_pod import Toleration as Toleration
+from moeflow.domain.spec_pod import TolerationOperator as TolerationOperator
+from moeflow.domain.spec_source import HUB_ENV as HUB_ENV
+from moeflow.domain.spec_source import SOURCE_SCHEMES as SOURCE_SCHEMES
+from moeflow.domain.spec_source import TOKEN_ENV as TOKEN_ENV
+from moeflow.domain.spec_source import HubCache as HubCache
+from moeflow.domain.spec_source import HubSource as HubSource
+from moeflow.domain.spec_source import SecretKeyRef as SecretKeyRef
+from moeflow.domain.spec_source import Source as Source
 
 
 class TransportKind(StrEnum):
@@ -45,32 +63,8 @@ class CompletionApi(StrEnum):
 
 # 40 leaves room for the longest child name, "<model>-attention-<rank>", in a 63-char DNS label.
 MAX_MODEL_NAME_LENGTH = 40
-SOURCE_SCHEMES = ("store", "pvc", "file", "hf")
-# hf://org/name[@revision]: a repo id as huggingface_hub takes it (the CRD's pattern agrees)
-_HUB_URI = re.compile(r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[^@\s]+)?$")
-HUB_ENV = frozenset({"HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_HOME", "HF_HUB_CACHE"})
-"""Variables the operator sets on engines of an hf:// Model (from `spec.source.hub`)."""
-TOKEN_ENV = frozenset({"HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"})
-"""Never a literal `value` in `spec.env`: a token comes from a Secret."""
 _DNS_LABEL = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
-_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
-
-
-class SpecError(ValueError):
-    """An invalid spec. `problems` holds one "field: what is wrong; fix: what to do" per issue."""
-
-    def __init__(self, problems: list[str]) -> None:
-        super().__init__("; ".join(problems) if len(problems) == 1 else " | ".join(problems))
-        self.problems = problems
-
-
-class _Spec(BaseModel):
-    model_config = ConfigDict(
-        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
-    )
-
-
-class RoleSpec(_Spec):
+class RoleSpec(SpecModel):
     """Replicas of one role. `replicas` is the desired count; min/max bound the autoscaler."""
 
     replicas: int = Field(1, ge=0)
@@ -97,102 +91,14 @@ class RoleSpec(_Spec):
         return self
 
 
-class SecretKeyRef(_Spec):
-    """One key of a Secret in the Model's namespace (read by the kubelet, never by us)."""
-
-    name: str = Field(min_length=1)
-    key: str = Field("HF_TOKEN", min_length=1)
-
-
-class HubCache(_Spec):
-    """Where engines keep the Hub download (HF_HOME): a PersistentVolumeClaim by name, shared
-    by the Model's engines and kept across restarts, or else an emptyDir per Pod."""
-
-    claim_name: str | None = Field(None, min_length=1)
-    size_limit: str | None = Field(None, pattern=_QUANTITY)
-    """emptyDir only: its sizeLimit."""
-
-    @model_validator(mode="after")
-    def _check_one_kind(self) -> HubCache:
-        if self.claim_name and self.size_limit:
-            raise ValueError("sizeLimit applies to the emptyDir cache only; fix: drop sizeLimit"
-                             " (the claim's own size bounds it) or claimName")
-        return self
-
-
-class HubSource(_Spec):
-    """How engines reach the Hub for an `hf://` source (huggingface_hub's variables)."""
-
-    endpoint: str | None = Field(None, pattern=r"^https?://.+")
-    """HF_ENDPOINT (a mirror or a private hub); unset: huggingface.co."""
-    offline: bool = False
-    """HF_HUB_OFFLINE=1: only the cache, which must then be a claim that holds the model."""
-    token_secret_ref: SecretKeyRef | None = None
-    """HF_TOKEN from this Secret key (gated or private repos)."""
-    cache: HubCache = HubCache()
-
-    @model_validator(mode="after")
-    def _check_offline(self) -> HubSource:
-        if self.offline and not self.cache.claim_name:
-            raise ValueError("offline needs cache.claimName: an offline engine reads only its"
-                             " cache, and an emptyDir starts empty; fix: set cache.claimName to a"
-                             " PVC holding the model, or drop offline")
-        return self
-
-
-class Source(_Spec):
-    """Where the weights are. `store://<name>`: the node model store (host path);
-    `pvc://<claim>[/<sub/path>]`: a PersistentVolumeClaim; `file:///<dir>`: a node directory;
-    `hf://org/name[@revision]`: the Hugging Face Hub, fetched by each engine through
-    huggingface_hub (KServe's `storageUri: hf://` habit), configured by `hub`."""
-
-    uri: str
-    architecture: str | None = None
-    hub: HubSource | None = None
-
-    @field_validator("uri")
-    @classmethod
-    def _check_scheme(cls, uri: str) -> str:
-        scheme, sep, rest = uri.partition("://")
-        if not sep or scheme not in SOURCE_SCHEMES or not rest:
-            raise ValueError(
-                f"{uri!r} is not a supported source; fix: use store://<name>,"
-                " pvc://<claim>[/<path>], file:///<dir> or hf://<org>/<name>[@<revision>]"
-            )
-        if scheme == "hf" and (not _HUB_URI.match(uri) or ".." in uri):
-            raise ValueError(f"{uri!r} is not a Hub model; fix: write hf://<org>/<name> or"
-                             " hf://<org>/<name>@<revision>")
-        return uri
-
-    @model_validator(mode="after")
-    def _check_hub(self) -> Source:
-        if self.hub is not None and self.scheme != "hf":
-            raise ValueError(f"hub applies to hf:// sources only, not {self.uri!r}; fix:"
-                             " drop spec.source.hub or use an hf:// uri")
-        return self
-
-    @property
-    def scheme(self) -> str:
-        return self.uri.split("://", 1)[0]
-
-    @property
-    def location(self) -> str:
-        return self.uri.split("://", 1)[1]
-
-    @property
-    def hub_settings(self) -> HubSource:
-        """`hub`, or its defaults (an hf:// source without `hub`)."""
-        return self.hub or HubSource()
-
-
-class RedisPasswordRef(_Spec):
+class RedisPasswordRef(SpecModel):
     """The key of a Secret in the Model's namespace that holds the Redis password."""
 
     name: str = Field(min_length=1, max_length=253)
     key: str = Field("password", min_length=1)
 
 
-class Transport(_Spec):
+class Transport(SpecModel):
     """XCCL backend between instances. Unset kind: shm when colocated, redis otherwise."""
 
     kind: TransportKind | None = None
@@ -201,213 +107,11 @@ class Transport(_Spec):
     """Engines get it as MOEFLOW_REDIS_PASSWORD (secretKeyRef), so the URL needs none."""
 
 
-class Resources(_Spec):
-    """Per engine instance; requests equal limits. Quantities as in Kubernetes ("2", "500m")."""
-
-    cpu: str | None = Field(None, pattern=_QUANTITY)
-    memory: str | None = Field(None, pattern=_QUANTITY)
-
-    @field_validator("cpu", "memory", mode="before")
-    @classmethod
-    def _number_as_quantity(cls, value: object) -> object:
-        # YAML `cpu: 2` arrives as an int; the CRD allows int-or-string like Kubernetes does.
-        is_number = isinstance(value, int | float) and not isinstance(value, bool)
-        return str(value) if is_number else value
-
-
-_BINARY_SUFFIXES = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
-_DECIMAL_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
-_BYTES = re.compile(r"^([0-9]+)(Ki|Mi|Gi|Ti|k|M|G|T)?$")
-
-
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-"""A LoRA adapter's name, as the engine accepts it (``engine.adapter_store``)."""
-
-
-def quantity_bytes(quantity: str) -> int:
-    """A Kubernetes memory quantity ("512Mi", "2G", "1073741824") as bytes; ValueError else."""
-    match = _BYTES.match(quantity)
-    if match is None:
-        raise ValueError(f"{quantity!r} is not a byte quantity; fix: write e.g. 512Mi or 2Gi")
-    number, suffix = int(match.group(1)), match.group(2) or ""
-    return number * (_BINARY_SUFFIXES.get(suffix) or _DECIMAL_SUFFIXES[suffix])
-
-
-class DType(StrEnum):
-    FLOAT32 = "float32"
-    BFLOAT16 = "bfloat16"
-
-
-class EngineArgs(_Spec):
-    """Engine arguments shared by every instance of the Model (vLLM's names where one exists).
-    Unset fields keep the engine's defaults (docs/configuration.md). Each set field becomes one
-    `MOEFLOW_ENGINE_<NAME>` variable of the engine container (`engine_env`)."""
-
-    dtype: DType | None = None
-    kv_cache_memory: str | None = None
-    """Memory of the paged KV cache per instance, a byte quantity ("2Gi")."""
-    max_model_len: int | None = Field(None, ge=1)
-    max_num_seqs: int | None = Field(None, ge=1)
-    max_num_batched_tokens: int | None = Field(None, ge=16)
-    max_num_waiting: int | None = Field(None, ge=1)
-    block_size: int | None = Field(None, ge=1, le=1024)
-    enable_prefix_caching: bool | None = None
-    num_threads: int | None = Field(None, ge=1, le=1024)
-    """torch threads; unset: the container's CPU limit (cgroup), never the node's cores."""
-    lora_adapters: dict[str, str] | None = None
-    """PEFT LoRA adapters served beside the base model: name -> absolute folder in the engine
-    container (a store:// model sees the node store under its model mount, /models)."""
-    lora_memory: str | None = None
-    """Memory for resident adapters per instance, a byte quantity (engine default 256Mi)."""
-
-    @field_validator("lora_adapters")
-    @classmethod
-    def _check_adapters(cls, value: dict[str, str] | None) -> dict[str, str] | None:
-        for name, path in (value or {}).items():
-            if not _ADAPTER_NAME.match(name):
-                raise ValueError(f"adapter name {name!r}: 1-128 letters, digits, '.', '_' or "
-                                 "'-', starting with a letter or digit")
-            if not path.startswith("/"):
-                raise ValueError(f"adapter {name!r}: {path!r} is not an absolute folder of the "
-                                 "engine container; fix: e.g. /models/<adapter>")
-        return value
-
-    @field_validator("lora_memory")
-    @classmethod
-    def _check_lora_memory(cls, value: str | None) -> str | None:
-        if value is not None:
-            quantity_bytes(value)
-        return value
-
-    @field_validator("kv_cache_memory")
-    @classmethod
-    def _check_kv(cls, value: str | None) -> str | None:
-        if value is not None and quantity_bytes(value) < 4096:
-            raise ValueError(f"{value!r} is below 4Ki; fix: give the KV cache at least 4Ki")
-        return value
-
-    @model_validator(mode="after")
-    def _check_budget(self) -> EngineArgs:
-        if (self.max_num_batched_tokens is not None and self.max_num_seqs is not None
-                and self.max_num_batched_tokens < self.max_num_seqs):
-            raise ValueError(
-                f"maxNumBatchedTokens ({self.max_num_batched_tokens}) must be >= maxNumSeqs"
-                f" ({self.max_num_seqs}): every running sequence needs a token per step; fix:"
-                " raise maxNumBatchedTokens or lower maxNumSeqs")
-        return self
-
-    def engine_env(self) -> dict[str, str]:
-        """`MOEFLOW_ENGINE_*` variable -> value for each set field (EngineOptions reads them)."""
-        env: dict[str, str] = {}
-        for name in type(self).model_fields:
-            value = getattr(self, name)
-            if value is None:
-                continue
-            if name == "kv_cache_memory":
-                env["MOEFLOW_ENGINE_KV_CACHE_BYTES"] = str(quantity_bytes(value))
-            elif name == "lora_memory":
-                env["MOEFLOW_ENGINE_LORA_MEMORY_BYTES"] = str(quantity_bytes(value))
-            elif name == "lora_adapters":
-                env["MOEFLOW_ENGINE_LORA_ADAPTERS"] = json.dumps(value, sort_keys=True)
-            elif isinstance(value, bool):
-                env[f"MOEFLOW_ENGINE_{name.upper()}"] = "true" if value else "false"
-            else:
-                env[f"MOEFLOW_ENGINE_{name.upper()}"] = str(value)
-        return env
-
-
-RESERVED_ENV = frozenset({
-    "MOEFLOW_TRANSPORT", "MOEFLOW_TASK", "MOEFLOW_NAMESPACE", "MOEFLOW_POD_IP",
-    "MOEFLOW_ENGINE_DRAIN_TIMEOUT_S", "MOEFLOW_INTERNAL_TOKEN", "MOEFLOW_REDIS_URL",
-    "MOEFLOW_REDIS_PASSWORD",
-})
-"""Variables the operator sets on every engine container; `spec.env` may not override them."""
-
-
-class EnvVar(_Spec):
-    """A container variable, as in a Pod: a literal `value` or a `valueFrom` source."""
-
-    name: str = Field(pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
-    value: str | None = None
-    value_from: dict[str, Any] | None = None
-
-    @model_validator(mode="after")
-    def _check_one_source(self) -> EnvVar:
-        if self.value is not None and self.value_from is not None:
-            raise ValueError(f"env {self.name}: value and valueFrom are exclusive; fix: keep one")
-        return self
-
-
-class TolerationOperator(StrEnum):
-    EXISTS = "Exists"
-    EQUAL = "Equal"
-
-
-class TaintEffect(StrEnum):
-    NO_SCHEDULE = "NoSchedule"
-    PREFER_NO_SCHEDULE = "PreferNoSchedule"
-    NO_EXECUTE = "NoExecute"
-
-
-class Toleration(_Spec):
-    """As in a Pod's `tolerations`."""
-
-    key: str | None = None
-    operator: TolerationOperator | None = None
-    value: str | None = None
-    effect: TaintEffect | None = None
-    toleration_seconds: int | None = None
-
-    @model_validator(mode="after")
-    def _check_exists(self) -> Toleration:
-        if self.operator is TolerationOperator.EXISTS and self.value:
-            raise ValueError("toleration: operator Exists takes no value; fix: drop value")
-        return self
-
-
-class PodTemplateMetadata(_Spec):
-    labels: dict[str, str] = Field(default_factory=dict)
-    annotations: dict[str, str] = Field(default_factory=dict)
-
-
-# What the operator owns in an engine Pod: names, DNS identity and how the engine starts.
-OWNED_POD_FIELDS = frozenset({"hostname", "subdomain", "restartPolicy"})
-OWNED_ENGINE_CONTAINER_FIELDS = frozenset({"command", "args", "image", "ports"})
-ENGINE_CONTAINER = "engine"
-
-
-class PodTemplateOverlay(_Spec):
-    """Merged over every engine Pod the operator builds (`build_engine.overlay_pod`): labels
-    and annotations are added (the operator's keys win), `spec` objects merge recursively,
-    lists are appended (`containers` merge by name: a container named `engine` adds to the
-    engine container, others run beside it), other values replace the operator's."""
-
-    metadata: PodTemplateMetadata = PodTemplateMetadata()
-    spec: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("spec")
-    @classmethod
-    def _check_owned(cls, spec: dict[str, Any]) -> dict[str, Any]:
-        owned = sorted(OWNED_POD_FIELDS & set(spec))
-        if owned:
-            raise ValueError(f"spec.{owned[0]} is set by the operator; fix: remove it")
-        for container in spec.get("containers") or []:
-            if not isinstance(container, dict) or not container.get("name"):
-                raise ValueError("spec.containers: every container needs a name; fix: name it")
-            if container["name"] == ENGINE_CONTAINER:
-                clash = sorted(OWNED_ENGINE_CONTAINER_FIELDS & set(container))
-                if clash:
-                    raise ValueError(
-                        f"spec.containers[engine].{clash[0]} is set by the operator; fix:"
-                        " remove it (the image is spec.image, engine flags spec.engine)")
-        return spec
-
-
-class GatewaySpec(_Spec):
+class GatewaySpec(SpecModel):
     replicas: int = Field(1, ge=0)
 
 
-class OpenAISidecar(_Spec):
+class OpenAISidecar(SpecModel):
     """An OpenAI-speaking front in every engine Pod, for a Gateway API Inference Extension
     `InferencePool` (docs/inference-extension.md): the MoEFlow gateway with this Pod's engine
     as its only instance, on `port`. Engines themselves speak only the internal /v1/generate."""
@@ -417,12 +121,12 @@ class OpenAISidecar(_Spec):
     engine's own port (8001)."""
 
 
-class Slo(_Spec):
+class Slo(SpecModel):
     ttft_ms: int | None = Field(None, ge=1)
     tpot_ms: int | None = Field(None, ge=1)
 
 
-class ModelSpec(_Spec):
+class ModelSpec(SpecModel):
     """`Model.spec`: what to serve and how."""
 
     source: Source
@@ -516,7 +220,7 @@ class ModelSpec(_Spec):
         return TransportKind.SHM if self.mode is Mode.COLOCATED else TransportKind.REDIS
 
 
-class TaskTemplate(_Spec):
+class TaskTemplate(SpecModel):
     """What every EngineInstance of a RoleGroup runs; copied from the Model by the operator."""
 
     image: str = Field(min_length=1)
@@ -551,7 +255,7 @@ class TaskTemplate(_Spec):
                     or self.pod_template.metadata.annotations)
 
 
-class JobSpec(_Spec):
+class JobSpec(SpecModel):
     """`Job.spec`: one role group (the paper's TE group) of one Model."""
 
     model: str = Field(min_length=1)
@@ -560,7 +264,7 @@ class JobSpec(_Spec):
     template: TaskTemplate
 
 
-class TaskSpec(_Spec):
+class TaskSpec(SpecModel):
     """`Task.spec`: one engine instance."""
 
     model: str = Field(min_length=1)
@@ -571,17 +275,17 @@ class TaskSpec(_Spec):
     template: TaskTemplate
 
 
-class ConfigMapKeyRef(_Spec):
+class ConfigMapKeyRef(SpecModel):
     name: str = Field(min_length=1)
     key: str = "prompts.jsonl"
 
 
-class OutputRef(_Spec):
+class OutputRef(SpecModel):
     name: str | None = None
     key: str = "results.jsonl"
 
 
-class RequestSpec(_Spec):
+class RequestSpec(SpecModel):
     """`Request.spec`: a batch of prompts (JSONL in a ConfigMap) against one Model."""
 
     model: str = Field(min_length=1)
@@ -594,13 +298,13 @@ class RequestSpec(_Spec):
     endpoint: str | None = Field(None, pattern=r"^https?://.+")
 
 
-class WarmPoolSpec(_Spec):
+class WarmPoolSpec(SpecModel):
     size: int = Field(0, ge=0)
     devices_per_instance: int = Field(0, ge=0)
     image: str | None = None
 
 
-_SpecT = TypeVar("_SpecT", bound=_Spec)
+_SpecT = TypeVar("_SpecT", bound=SpecModel)
 
 
 def parse_spec(cls: type[_SpecT], raw: Mapping[str, Any] | None, *, prefix: str = "spec") -> _SpecT:
