@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from moeflow.cli import (
-    SECTIONS,
     InvalidSettings,
     build_parser,
     engine_settings,
@@ -16,6 +15,7 @@ from moeflow.cli import (
     gateway_settings,
     platform_settings,
 )
+from moeflow.cli.flags import SECTIONS
 from moeflow.engine.config import EngineOptions, EngineSettings
 from moeflow.runtime.settings import LocalPlatformSettings
 

@@ -16,17 +16,29 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TypeVar
-
-from pydantic import AliasChoices, ValidationError
-from pydantic_settings import BaseSettings
+from typing import Any
 
 from moeflow.checkpoints import cli as models_cli
 from moeflow.checkpoints.cli import HelpFormatter
 from moeflow.checkpoints.store import resolve_home
+from moeflow.cli.flags import (
+    DeprecatedAlias,
+    InvalidSettings,
+    UsageError,
+    add_autoscaling_flags,
+    add_engine_flags,
+    add_gateway_flags,
+    add_supervision_flags,
+    build_settings,
+    env_default,
+    env_help,
+    env_names,
+    flag,
+    given,
+    walk_parsers,
+)
 from moeflow.controller import cli as operator_cli
 from moeflow.domain.roles import Role
-from moeflow.domain.spec import quantity_bytes
 from moeflow.engine.config import EngineOptions, EngineSettings
 from moeflow.gateway.settings import GatewaySettings
 from moeflow.runtime.settings import (
@@ -35,26 +47,6 @@ from moeflow.runtime.settings import (
     LocalPlatformSettings,
     SupervisionSettings,
 )
-
-SECTIONS: dict[str, type[BaseSettings]] = {
-    "engine": EngineSettings,
-    "gateway": GatewaySettings,
-    "up": LocalPlatformSettings,
-    "autoscaling": AutoscalingSettings,
-    "supervision": SupervisionSettings,
-}
-"""Flag destinations are ``section.field``: the field of this settings class they set."""
-
-_MIB = 1024 * 1024
-_S = TypeVar("_S", bound=BaseSettings)
-
-
-class InvalidSettings(Exception):
-    """Flags or environment that do not make valid settings (exit code 2)."""
-
-
-class UsageError(Exception):
-    """Wrong input the user can fix: printed as one line ``moeflow CMD: error: ...``, exit 2."""
 
 
 def version_text() -> str:
@@ -67,130 +59,28 @@ def version_text() -> str:
         return "moeflow (not installed: running from a source tree)"
 
 
-def env_default(var: str, default: Any, cast: Any = str) -> Any:
-    """The default of a flag that has no settings class: ``var`` from the environment when set
-    (converted with ``cast``), else ``default`` (precedence flag > env > default)."""
-    raw = os.environ.get(var, "")
-    if raw == "":
-        return default
-    try:
-        return cast(raw)
-    except ValueError:
-        raise UsageError(f"{var}={raw!r} is not a valid value") from None
 
 
-def _env_help(text: str, var: str) -> str:
-    return f"{text} (default: %(default)s; env {var})"
 
 
 def _home() -> Path:
     return resolve_home(os.environ)
 
 
-def env_names(section: str, field: str) -> list[str]:
-    """The environment variables that set ``field`` of a section's settings."""
-    cls = SECTIONS[section]
-    alias = cls.model_fields[field].validation_alias
-    if isinstance(alias, AliasChoices):
-        return [a for a in alias.choices if isinstance(a, str) and a.startswith("MOEFLOW_")]
-    return [f"{cls.model_config.get('env_prefix', '')}{field}".upper()]
 
 
-def _flag(parser: Any, *names: str, to: str, help: str = "", shown_default: str | None = None,
-          **kwargs: Any) -> None:
-    """A flag that sets ``to`` ("section.field") when given; else the environment or the
-    settings' default applies (both named in the help)."""
-    section, field = to.split(".")
-    default = SECTIONS[section].model_fields[field].default
-    shown = shown_default if shown_default is not None else (
-        "unset" if default is None else repr(default) if isinstance(default, str) else default)
-    where = f"[default {shown}; env {' or '.join(env_names(section, field))}]"
-    if "choices" not in kwargs and kwargs.get("action") != "store_const":
-        kwargs.setdefault("metavar", field.upper())
-    parser.add_argument(*names, dest=to, default=None,
-                        help=f"{help} {where}" if help else where, **kwargs)
 
 
-def given(args: argparse.Namespace, section: str) -> dict[str, Any]:
-    """The flags of ``section`` that were given on the command line, by field."""
-    prefix = f"{section}."
-    return {k.removeprefix(prefix): v for k, v in vars(args).items()
-            if k.startswith(prefix) and v is not None}
 
 
-def _build(cls: type[_S], **values: Any) -> _S:
-    try:
-        return cls(**values)
-    except ValidationError as exc:
-        raise InvalidSettings(validation_line(exc)) from None
 
 
-def validation_line(exc: ValidationError) -> str:
-    """pydantic's multi-line report as one line: ``field: problem (got X); ...``."""
-    parts = []
-    for error in exc.errors(include_url=False):
-        where = ".".join(str(p) for p in error["loc"]) or "settings"
-        got = "" if "input" not in error or isinstance(error["input"], dict) else (
-            f" (got {error['input']!r})")
-        parts.append(f"{where}: {error['msg']}{got}")
-    return "; ".join(parts)
 
 
-def _mib(text: str) -> int:
-    return int(text) * _MIB
 
 
-def _quantity(text: str) -> int:
-    """A Kubernetes byte quantity ("2Gi") in bytes, as the Model's kvCacheMemory is read."""
-    try:
-        return quantity_bytes(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _add_engine_flags(p: argparse.ArgumentParser) -> None:
-    """``EngineOptions``: what every instance of a deployment shares."""
-    _flag(p, "--dtype", to="engine.dtype", choices=["float32", "bfloat16"])
-    _flag(p, "--num-threads", to="engine.num_threads", type=int,
-          help="torch threads (0: the container's CPU limit, else every core)")
-    _flag(p, "--kv-cache-mb", to="engine.kv_cache_bytes", type=_mib, metavar="MIB",
-          help="KV-cache memory in MiB", shown_default="512")
-    _flag(p, "--kv-cache-memory", to="engine.kv_cache_bytes", type=_quantity,
-          metavar="QUANTITY", help="KV-cache memory as a Model's spec.engine.kvCacheMemory "
-          "says it (2Gi, 512Mi, 1G)", shown_default="512Mi")
-    _flag(p, "--block-size", to="engine.block_size", type=int, help="tokens per KV block")
-    _flag(p, "--max-model-len", to="engine.max_model_len", type=int,
-          help="context length (0: model's)")
-    _flag(p, "--max-num-seqs", to="engine.max_num_seqs", type=int)
-    _flag(p, "--max-num-batched-tokens", to="engine.max_num_batched_tokens", type=int)
-    _flag(p, "--max-num-waiting", to="engine.max_num_waiting", type=int)
-    _flag(p, "--no-prefix-caching", to="engine.enable_prefix_caching", action="store_const",
-          const=False, help="turn the prefix cache off", shown_default="on")
-    _flag(p, "--enable-prefix-caching", to="engine.enable_prefix_caching",
-          action="store_const", const=True, help="turn the prefix cache on (over the variable)",
-          shown_default="on")
-    _flag(p, "--transport", to="engine.transport", choices=["shm", "redis"],
-          help="XCCL backend between instances (KV transfer, expert dispatch)")
-    _flag(p, "--redis-url", to="engine.redis_url",
-          help="Redis for --transport redis (moeflow up starts one if not given)")
-    _flag(p, "--num-micro-batches", to="engine.num_micro_batches", type=int,
-          help="attention role: micro-batches per step (overlap with the experts)")
-    _flag(p, "--micro-batch-min-tokens", to="engine.micro_batch_min_tokens", type=int,
-          help="attention role: split a step only if each micro-batch gets this many tokens")
-    _flag(p, "--expert-timeout-s", to="engine.expert_timeout_s", type=float,
-          help="attention role: wait this long for an expert instance's answer")
-    _flag(p, "--model-store", to="engine.model_store", type=Path,
-          help="node model store (DRAM pre-load), e.g. /dev/shm/moeflow-store")
-    _flag(p, "--lora", "--lora-adapters", to="engine.lora_adapters", action="append",
-          metavar="NAME=PATH",
-          help="serve the PEFT LoRA adapter in folder PATH as model NAME (repeatable)",
-          shown_default="none")
-    _flag(p, "--lora-memory-mb", to="engine.lora_memory_bytes", type=_mib, metavar="MIB",
-          help="memory for resident LoRA adapters; idle ones are evicted past it (LRU)",
-          shown_default="256")
-    _flag(p, "--lora-memory", to="engine.lora_memory_bytes", type=_quantity,
-          metavar="QUANTITY", help="--lora-memory-mb as a Model's spec.engine.loraMemory says "
-          "it (1Gi, 256Mi)", shown_default="256Mi")
 
 
 def _supported_architectures() -> frozenset[str]:
@@ -215,7 +105,7 @@ def engine_settings(args: argparse.Namespace, home: Path) -> EngineSettings:
     if "served_model_name" not in values and not any(
             os.environ.get(var) for var in env_names("engine", "served_model_name")):
         values["served_model_name"] = name  # a Hub snapshot folder is named by its commit
-    return _build(EngineSettings, model_path=folder, **values)
+    return build_settings(EngineSettings, model_path=folder, **values)
 
 
 def _run_engine(args: argparse.Namespace) -> int:
@@ -238,58 +128,26 @@ def _run_engine(args: argparse.Namespace) -> int:
 def gateway_settings(args: argparse.Namespace) -> GatewaySettings:
     """``moeflow gateway``'s settings: the given flags, then MOEFLOW_GATEWAY_* (and
     MOEFLOW_API_KEYS, MOEFLOW_INTERNAL_TOKEN), then defaults."""
-    return _build(GatewaySettings, **given(args, "gateway"))
+    return build_settings(GatewaySettings, **given(args, "gateway"))
 
 
 def platform_settings(args: argparse.Namespace) -> LocalPlatformSettings:
     """``moeflow up``'s settings: each part from its flags, then its variables, then defaults."""
-    return _build(
+    return build_settings(
         LocalPlatformSettings,
-        gateway=_build(GatewaySettings, **given(args, "gateway")),
-        engine=_build(EngineOptions, **given(args, "engine")),
-        autoscaling=_build(AutoscalingSettings, **given(args, "autoscaling")),
-        supervision=_build(SupervisionSettings, **given(args, "supervision")),
+        gateway=build_settings(GatewaySettings, **given(args, "gateway")),
+        engine=build_settings(EngineOptions, **given(args, "engine")),
+        autoscaling=build_settings(AutoscalingSettings, **given(args, "autoscaling")),
+        supervision=build_settings(SupervisionSettings, **given(args, "supervision")),
         log_level=args.log_level,
         **given(args, "up"),
     )
 
 
-def _add_autoscaling_flags(p: argparse.ArgumentParser) -> None:
-    """`moeflow up` autoscaling (moeflow.runtime.scaler); off unless one of the first three is
-    given, so a fixed --instances stays the default."""
-    g = p.add_argument_group("autoscaling (off unless --min/--max-replicas or --idle-window-s)")
-    _flag(g, "--min-replicas", to="autoscaling.min_replicas", type=int,
-          help="fewest engine instances; 0 allows scale to zero (when on: 1)")
-    _flag(g, "--max-replicas", to="autoscaling.max_replicas", type=int,
-          help="most engine instances (when on: --instances)")
-    _flag(g, "--idle-window-s", to="autoscaling.idle_window_s", type=float,
-          help="no request for this long: scale to --min-replicas (when on: 300)")
-    _flag(g, "--max-waiting-for-scale-up", to="gateway.max_waiting_for_scale_up", type=int,
-          help="requests held while the model scales up from zero; past it, 429")
-    _flag(g, "--slo-ttft-ms", to="autoscaling.slo_ttft_ms", type=float,
-          help="scale up when the recent p90 time to first token is above this")
-    _flag(g, "--slo-tpot-ms", to="autoscaling.slo_tpot_ms", type=float,
-          help="scale up when the recent p90 time per output token is above this")
-    _flag(g, "--scale-up-timeout-s", to="gateway.scale_up_timeout_s", type=float,
-          help="longest a request waits for a scale-up from zero; then 503")
 
 
-def _add_supervision_flags(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("supervision (dead processes are restarted on their port)")
-    _flag(g, "--max-start-failures", to="supervision.max_start_failures", type=int,
-          help="consecutive failed starts of one process before moeflow up gives up")
-    _flag(g, "--engine-start-timeout-s", to="supervision.engine_start_timeout_s", type=float,
-          help="longest an engine may take to answer /health")
 
 
-def _add_gateway_flags(p: argparse.ArgumentParser) -> None:
-    _flag(p, "--host", to="gateway.host")
-    _flag(p, "--port", to="gateway.port", type=int)
-    _flag(p, "--api-key", to="gateway.api_keys", action="append", metavar="KEY",
-          help="accepted API key (repeatable; replaces the variable's comma-separated list)",
-          shown_default="none")
-    _flag(p, "--max-in-flight", to="gateway.max_in_flight_requests", type=int)
-    _flag(p, "--max-body-bytes", to="gateway.max_body_bytes", type=int)
 
 
 def _run_gateway(args: argparse.Namespace) -> int:
@@ -469,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", type=str.upper,
                         choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
                         default=env_default("MOEFLOW_LOG_LEVEL", "INFO", str.upper),
-                        help=_env_help("log verbosity", "MOEFLOW_LOG_LEVEL"))
+                        help=env_help("log verbosity", "MOEFLOW_LOG_LEVEL"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     models_cli.register(sub, _home, _supported_architectures)
     _with_env(operator_cli.register(sub), OPERATOR_ENV).set_defaults(func=_run_operator)
@@ -478,30 +336,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     engine = sub.add_parser("engine", help="run one engine instance (HTTP)")
     engine.add_argument("--model", required=True, help=f"{_MODEL_REF_HELP} (required)")
-    _flag(engine, "--served-model-name", to="engine.served_model_name",
+    flag(engine, "--served-model-name", to="engine.served_model_name",
           shown_default="the folder name")
-    _flag(engine, "--role", to="engine.role", choices=[r.value for r in Role])
-    _flag(engine, "--rank", to="engine.rank", type=int)
-    _flag(engine, "--instance-id", to="engine.instance_id")
-    _flag(engine, "--group", to="engine.group", help="XCCL group",
+    flag(engine, "--role", to="engine.role", choices=[r.value for r in Role])
+    flag(engine, "--rank", to="engine.rank", type=int)
+    flag(engine, "--instance-id", to="engine.instance_id")
+    flag(engine, "--group", to="engine.group", help="XCCL group",
           shown_default="the served model name")
-    _flag(engine, "--host", to="engine.host")
-    _flag(engine, "--port", to="engine.port", type=int)
-    _flag(engine, "--num-expert-instances", to="engine.num_expert_instances", type=int,
+    flag(engine, "--host", to="engine.host")
+    flag(engine, "--port", to="engine.port", type=int)
+    flag(engine, "--num-expert-instances", to="engine.num_expert_instances", type=int,
           help="attention/expert roles: size of the expert fleet")
-    _flag(engine, "--num-attention-instances", to="engine.num_attention_instances", type=int,
+    flag(engine, "--num-attention-instances", to="engine.num_attention_instances", type=int,
           help="expert role: attention instances it serves")
-    _add_engine_flags(engine)
+    add_engine_flags(engine)
     engine.set_defaults(func=_run_engine)
 
     gateway = sub.add_parser("gateway", help="run the OpenAI-compatible gateway")
-    _flag(gateway, "--engine", to="gateway.engine_urls", action="append", metavar="URL",
+    flag(gateway, "--engine", to="gateway.engine_urls", action="append", metavar="URL",
           help="engine URL (repeatable)", shown_default="none")
-    _flag(gateway, "--discovery", to="gateway.discovery", choices=["static", "kubernetes"])
-    _flag(gateway, "--namespace", to="gateway.namespace")
-    _flag(gateway, "--served-model-name", to="gateway.served_model_name",
+    flag(gateway, "--discovery", to="gateway.discovery", choices=["static", "kubernetes"])
+    flag(gateway, "--namespace", to="gateway.namespace")
+    flag(gateway, "--served-model-name", to="gateway.served_model_name",
           help="kubernetes discovery: the Model to serve")
-    _add_gateway_flags(gateway)
+    add_gateway_flags(gateway)
     gateway.set_defaults(func=_run_gateway)
 
     balancer = sub.add_parser("balancer", help="expert load balancer of one attention/expert "
@@ -509,18 +367,18 @@ def build_parser() -> argparse.ArgumentParser:
     _b = "MOEFLOW_BALANCER_"
     balancer.add_argument("--discovery", choices=["static", "kubernetes"],
                           default=env_default(f"{_b}DISCOVERY", "static"),
-                          help=_env_help("static: the URLs below; kubernetes: the Model's Tasks",
+                          help=env_help("static: the URLs below; kubernetes: the Model's Tasks",
                                          f"{_b}DISCOVERY"))
     balancer.add_argument("--namespace", default=env_default(f"{_b}NAMESPACE", "default"),
-                          help=_env_help("kubernetes discovery: the Model's namespace",
+                          help=env_help("kubernetes discovery: the Model's namespace",
                                          f"{_b}NAMESPACE"))
     balancer.add_argument("--served-model-name",
                           default=env_default(f"{_b}SERVED_MODEL_NAME", ""),
-                          help=_env_help("kubernetes discovery: the Model to balance",
+                          help=env_help("kubernetes discovery: the Model to balance",
                                          f"{_b}SERVED_MODEL_NAME"))
     balancer.add_argument("--num-expert-instances", type=int,
                           default=env_default(f"{_b}NUM_EXPERT_INSTANCES", 0, int),
-                          help=_env_help("kubernetes discovery: expert ranks of the Model",
+                          help=env_help("kubernetes discovery: expert ranks of the Model",
                                          f"{_b}NUM_EXPERT_INSTANCES"))
     balancer.add_argument("--attention", action="append", default=[], metavar="URL",
                           help="static: attention instance URL (repeatable; default: none)")
@@ -529,66 +387,50 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: none)")
     balancer.add_argument("--interval-s", type=float,
                           default=env_default(f"{_b}INTERVAL_S", 30.0, float),
-                          help=_env_help("seconds between two rebalancing rounds",
+                          help=env_help("seconds between two rebalancing rounds",
                                          f"{_b}INTERVAL_S"))
     balancer.add_argument("--budget", type=int, default=env_default(f"{_b}BUDGET", -1, int),
-                          help=_env_help("extra replicas in total (-1: one per expert instance)",
+                          help=env_help("extra replicas in total (-1: one per expert instance)",
                                          f"{_b}BUDGET"))
     balancer.set_defaults(func=_run_balancer)
 
     up = sub.add_parser("up", help="run the whole platform locally (gateway + engine processes)")
-    _flag(up, "--model", to="up.model", help=_MODEL_REF_HELP)
-    _flag(up, "--served-model-name", to="up.served_model_name",
+    flag(up, "--model", to="up.model", help=_MODEL_REF_HELP)
+    flag(up, "--served-model-name", to="up.served_model_name",
           shown_default="the last part of --model")
-    _flag(up, "--engine-port", to="up.engine_port", type=int,
+    flag(up, "--engine-port", to="up.engine_port", type=int,
           help="first engine port (0: any free)")
-    _flag(up, "--mode", to="up.mode", choices=["colocated", "pd", "ae", *MODE_ALIASES],
+    flag(up, "--mode", to="up.mode", choices=["colocated", "pd", "ae", *MODE_ALIASES],
           help="pd: prefill/decode disaggregation; ae: attention/expert disaggregation (MoE "
           "models); both over XCCL; the Model CRD's names are accepted too")
-    _flag(up, "--instances", to="up.instances", type=int,
+    flag(up, "--instances", to="up.instances", type=int,
           help="colocated instances (--mode colocated)")
-    _flag(up, "--prefill", to="up.prefill", type=int, help="prefill instances (--mode pd)")
-    _flag(up, "--decode", to="up.decode", type=int, help="decode instances (--mode pd)")
-    _flag(up, "--attention", to="up.attention", type=int,
+    flag(up, "--prefill", to="up.prefill", type=int, help="prefill instances (--mode pd)")
+    flag(up, "--decode", to="up.decode", type=int, help="decode instances (--mode pd)")
+    flag(up, "--attention", to="up.attention", type=int,
           help="attention instances (--mode ae)")
-    _flag(up, "--expert-instances", to="up.experts", type=int,
+    flag(up, "--expert-instances", to="up.experts", type=int,
           help="expert instances (--mode ae); not experts per layer")
-    _flag(up, "--experts", to="up.experts", type=int, action=_DeprecatedAlias,
+    flag(up, "--experts", to="up.experts", type=int, action=DeprecatedAlias,
           help="deprecated alias of --expert-instances")
-    _flag(up, "--expert-budget", to="up.expert_budget", type=int,
+    flag(up, "--expert-budget", to="up.expert_budget", type=int,
           help="--mode ae: extra expert replicas in total (-1: one per expert instance)")
-    _flag(up, "--rebalance-interval-s", to="up.rebalance_interval_s", type=float,
+    flag(up, "--rebalance-interval-s", to="up.rebalance_interval_s", type=float,
           help="--mode ae: expert load balancing period (0: off)")
-    _flag(up, "--pd-min-prompt-tokens", to="gateway.pd_min_prompt_tokens", type=int,
+    flag(up, "--pd-min-prompt-tokens", to="gateway.pd_min_prompt_tokens", type=int,
           help="with both colocated and split instances, split prompts this long")
-    _add_engine_flags(up)
-    _add_gateway_flags(up)
-    _add_autoscaling_flags(up)
-    _add_supervision_flags(up)
+    add_engine_flags(up)
+    add_gateway_flags(up)
+    add_autoscaling_flags(up)
+    add_supervision_flags(up)
     up.set_defaults(func=_run_up)
     for child in walk_parsers(parser):
         child.formatter_class = HelpFormatter
     return parser
 
 
-def walk_parsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
-    """``parser`` and every subcommand parser under it, depth first."""
-    found = [parser]
-    for action in parser._actions:
-        if isinstance(action, argparse._SubParsersAction):
-            for child in dict.fromkeys(action.choices.values()):
-                found.extend(walk_parsers(child))
-    return found
 
 
-class _DeprecatedAlias(argparse.Action):
-    """A renamed flag: stores like its new name and warns once on stderr."""
-
-    def __call__(self, _parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: str | None = None) -> None:
-        sys.stderr.write(f"warning: {option_string} is deprecated (in `moeflow up` it counts "
-                         "expert instances, not experts per layer); use --expert-instances\n")
-        setattr(namespace, self.dest, values)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
