@@ -162,7 +162,7 @@ def prewarm_http(engine: LLMEngine | None = None) -> None:
     if engine is None:
         settings = EngineSettings.model_construct(model_path=Path("/"))
         stand_in = SimpleNamespace(settings=settings, cold_start=ColdStartRecord(0.0),
-                                   runner=None, stats=_no_stats)
+                                   runner=None, stats=_no_stats, adapters=None)
         engine = cast(LLMEngine, stand_in)
     app = build_engine_app(engine)
     uvicorn_config(app, engine.settings).load()

@@ -261,4 +261,15 @@ def test_schemathesis_over_openais_description_finds_no_5xx_and_answers_conform(
     assert num_cases >= MAX_EXAMPLES * 9 // 10, seen
     # the generated bodies reached the engine too, not only the validator
     served = seen.get("POST /chat/completions 200", 0) + seen.get("POST /completions 200", 0)
-    assert served > 0 and seen.get("POST /responses 200", 0) > 0, seen
+    assert served > 0, seen
+    # Generated Responses bodies are valid only by luck (the schema's unions are wide), so
+    # one valid request, streamed and not, is always checked the same way.
+    for stream in (False, True):
+        case = schema["/responses"]["POST"].Case(body={
+            "model": MODEL, "input": "Tell me a story.", "max_output_tokens": MAX_TOKENS,
+            "stream": stream})
+        answer = case.call(base_url=platform.base_url, session=session, timeout=30)
+        _check_conformance(case, answer)
+        _check_answer("POST /responses", case.body, answer.status_code,
+                      answer.headers.get("content-type", [""])[0], answer.content)
+        assert answer.status_code == 200, answer.content
