@@ -177,13 +177,17 @@ class ModelRunner:
         """Final hidden states of ``ids`` from one forward over a scratch KV cache: the
         engine's cache, shared through the prefix cache, is never written. For prompt
         logprobs, which need every position's logits (``model.lora`` applies, if set)."""
-        n = len(ids)
+        meta, scratch = self.scratch_prefill(len(ids))
+        return self.model.forward(torch.tensor(ids), torch.arange(len(ids)), meta, scratch)
+
+    def scratch_prefill(self, num_tokens: int) -> tuple[AttentionMetadata, torch.Tensor]:
+        """One prefill of ``num_tokens`` from position 0 and a zeroed KV cache of its own."""
         a = self.arch
-        scratch = torch.zeros(a.num_layers, 2, n, a.num_kv_heads, a.head_dim,
+        scratch = torch.zeros(a.num_layers, 2, num_tokens, a.num_kv_heads, a.head_dim,
                               dtype=self.kv_cache.dtype)
-        meta = AttentionMetadata(slot_mapping=torch.arange(n))
-        meta.prefills.append(PrefillSpan(q_start=0, q_end=n))
-        return self.model.forward(torch.tensor(ids), torch.arange(n), meta, scratch)
+        meta = AttentionMetadata(slot_mapping=torch.arange(num_tokens))
+        meta.prefills.append(PrefillSpan(q_start=0, q_end=num_tokens))
+        return meta, scratch
 
     def lora_batch(self, plan: StepPlan) -> LoraBatch | None:
         """Which rows use which adapter this step; None (nothing to add) without adapters."""

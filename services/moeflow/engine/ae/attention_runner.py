@@ -25,7 +25,7 @@ from moeflow.engine.ae.expert_map import ExpertMap, round_robin_hosted
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import ArchConfig
-from moeflow.engine.models.attention import AttentionMetadata, PrefillSpan
+from moeflow.engine.models.attention import AttentionMetadata
 from moeflow.engine.models.decoder import MoE, rms_norm
 from moeflow.engine.scheduler import ScheduledSeq, StepPlan
 from moeflow.xccl import make_transport
@@ -107,13 +107,8 @@ class AttentionRunner(ModelRunner):
     def forward_scratch(self, ids: list[int]) -> torch.Tensor:
         """As the colocated runner's, with the MoE layers at the expert instances (the XCCL
         client is idle: this runs on the engine thread between steps)."""
-        n = len(ids)
-        a = self.arch
-        scratch = torch.zeros(a.num_layers, 2, n, a.num_kv_heads, a.head_dim,
-                              dtype=self.kv_cache.dtype)
-        meta = AttentionMetadata(slot_mapping=torch.arange(n))
-        meta.prefills.append(PrefillSpan(q_start=0, q_end=n))
-        return self._forward([(torch.tensor(ids), torch.arange(n), meta)], scratch)[0]
+        meta, scratch = self.scratch_prefill(len(ids))
+        return self._forward([(torch.tensor(ids), torch.arange(len(ids)), meta)], scratch)[0]
 
     def _forward(
         self, parts: list[tuple[torch.Tensor, torch.Tensor, AttentionMetadata]],
