@@ -34,7 +34,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import re
+import secrets
 import statistics
 import subprocess
 import sys
@@ -120,7 +122,9 @@ def skewed_prompts() -> list[str]:
 
 
 async def attention_stats(url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=10) as client:
+    from moeflow.web.internal_auth import internal_headers, token_from_env
+
+    async with httpx.AsyncClient(timeout=10, headers=internal_headers(token_from_env())) as client:
         response = await client.get(f"{url}/v1/experts/stats")
         response.raise_for_status()
         stats: dict[str, Any] = response.json()
@@ -224,6 +228,9 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
+    # One internal token for every platform started here (moeflow up reads it, as does the
+    # in-process balancer and the stats reads): the instances' control routes need it.
+    os.environ.setdefault("MOEFLOW_INTERNAL_TOKEN", secrets.token_urlsafe(32))
     ensure_model()
     log_dir = Path(tempfile.mkdtemp(prefix="moe-bench-"))
     started = time.monotonic()
