@@ -35,7 +35,7 @@ import math
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -43,6 +43,9 @@ import torch
 
 from moeflow.xccl.errors import TransportClosed
 from moeflow.xccl.messages import check_name
+
+TensorSpec = tuple[torch.dtype, tuple[int, ...]]
+"""The dtype and shape of one tensor of a message that `send_into` fills in place."""
 
 
 class Transport(Protocol):
@@ -56,6 +59,18 @@ class Transport(Protocol):
 
     def send(self, peer: str, tag: str, tensors: Sequence[torch.Tensor], timeout_s: float) -> None:
         """Queue one message for `peer`. Raises XcclTimeout, PeerGone, TransportClosed."""
+        ...
+
+    def send_into(
+        self,
+        peer: str,
+        tag: str,
+        specs: Sequence[TensorSpec],
+        fill: Callable[[list[torch.Tensor]], None],
+        timeout_s: float,
+    ) -> None:
+        """`send` of tensors that `fill` writes in place, given their (dtype, shape): shm hands
+        `fill` views of the message's segment, so producing the payload is its only copy."""
         ...
 
     def recv(self, peer: str, tag: str, timeout_s: float) -> list[torch.Tensor]:
@@ -150,6 +165,31 @@ class EndpointBase(ABC):
     def send(self, peer: str, tag: str, tensors: Sequence[torch.Tensor], timeout_s: float) -> None:
         deadline = deadline_after(timeout_s)
         self._send_by(check_name("peer", peer), check_name("tag", tag), _listed(tensors), deadline)
+
+    def send_into(
+        self,
+        peer: str,
+        tag: str,
+        specs: Sequence[TensorSpec],
+        fill: Callable[[list[torch.Tensor]], None],
+        timeout_s: float,
+    ) -> None:
+        deadline = deadline_after(timeout_s)
+        self._send_into_by(check_name("peer", peer), check_name("tag", tag), list(specs), fill,
+                           deadline)
+
+    def _send_into_by(
+        self,
+        peer: str,
+        tag: str,
+        specs: list[TensorSpec],
+        fill: Callable[[list[torch.Tensor]], None],
+        deadline: float,
+    ) -> None:
+        """Fill private tensors, then send them; backends with writable buffers override this."""
+        tensors = [torch.empty(shape, dtype=dtype) for dtype, shape in specs]
+        fill(tensors)
+        self._send_by(peer, tag, tensors, deadline)
 
     def recv(self, peer: str, tag: str, timeout_s: float) -> list[torch.Tensor]:
         deadline = deadline_after(timeout_s)

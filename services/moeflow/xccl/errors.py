@@ -41,6 +41,13 @@ class MessageLost(XcclError):
     """A message was announced but its payload is gone (TTL expired or segment removed)."""
 
 
+class PayloadTooLarge(XcclError, ValueError):
+    """One message is bigger than the sender may ever buffer (shm: `ShmConfig.max_pool_bytes`).
+
+    Waiting cannot help: split the payload (the KV transfer sends one layer per message) or raise
+    the limit."""
+
+
 class BackendUnavailable(XcclError):
     """The medium itself failed: Redis unreachable, shared-memory directory unusable."""
 

@@ -21,6 +21,7 @@ import socket
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from moeflow.xccl.base import Backoff, EndpointBase
+from moeflow.xccl.base import Backoff, EndpointBase, TensorSpec
 from moeflow.xccl.config import ShmConfig
 from moeflow.xccl.errors import (
     BackendUnavailable,
@@ -40,6 +41,7 @@ from moeflow.xccl.errors import (
 )
 from moeflow.xccl.messages import (
     FrameHeader,
+    TensorMeta,
     decode_header,
     encode_header,
     payload_checksum,
@@ -47,7 +49,13 @@ from moeflow.xccl.messages import (
 )
 from moeflow.xccl.shm_names import PeerState, parse_name, probe, socket_path
 from moeflow.xccl.shm_segments import SEGMENT_HEADER_BYTES, MappingCache, SegmentPool
-from moeflow.xccl.tensors import layout_of, payload_from_numpy, views_of_payload, write_payload
+from moeflow.xccl.tensors import (
+    layout_of,
+    layout_of_specs,
+    payload_from_numpy,
+    views_of_payload,
+    write_payload,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +140,42 @@ class ShmTransport(EndpointBase):
     def _send_by(self, peer: str, tag: str, tensors: list[torch.Tensor], deadline: float) -> None:
         self.check_open()
         metas, num_bytes = layout_of(tensors)
+
+        def write(payload: torch.Tensor) -> None:
+            write_payload(payload, metas, tensors)
+
+        self._send_payload(peer, tag, metas, num_bytes, write, deadline)
+
+    def _send_into_by(
+        self,
+        peer: str,
+        tag: str,
+        specs: list[TensorSpec],
+        fill: Callable[[list[torch.Tensor]], None],
+        deadline: float,
+    ) -> None:
+        # The caller writes straight into the segment: no staging tensor, one copy in all.
+        self.check_open()
+        metas, num_bytes = layout_of_specs(specs)
+
+        def write(payload: torch.Tensor) -> None:
+            fill(views_of_payload(payload, metas))
+
+        self._send_payload(peer, tag, metas, num_bytes, write, deadline)
+
+    def _send_payload(
+        self,
+        peer: str,
+        tag: str,
+        metas: tuple[TensorMeta, ...],
+        num_bytes: int,
+        write: Callable[[torch.Tensor], None],
+        deadline: float,
+    ) -> None:
+        """`write` the payload into the datagram (small) or a pooled segment, then announce it."""
         if num_bytes <= self._config.inline_max_bytes:
             payload = torch.empty(num_bytes, dtype=torch.uint8)
-            write_payload(payload, metas, tensors)
+            write(payload)
             data = payload.numpy().tobytes()
             checksum = payload_checksum(data) if self._config.checksum else None
             header = FrameHeader(
@@ -144,7 +185,7 @@ class ShmTransport(EndpointBase):
             return
         segment = self._pool.acquire(num_bytes, peer, deadline, self.peer_state)
         try:
-            write_payload(segment.payload, metas, tensors)
+            write(segment.payload)
             checksum = None
             if self._config.checksum:
                 checksum = payload_checksum(segment.payload.numpy()[:num_bytes].data)

@@ -33,7 +33,13 @@ import torch
 
 from moeflow.xccl.base import Backoff
 from moeflow.xccl.config import ShmConfig
-from moeflow.xccl.errors import BackendUnavailable, FrameError, MessageLost, XcclTimeout
+from moeflow.xccl.errors import (
+    BackendUnavailable,
+    FrameError,
+    MessageLost,
+    PayloadTooLarge,
+    XcclTimeout,
+)
 from moeflow.xccl.shm_names import PREFIX, PeerState, parse_name, quote_name
 
 SEGMENT_HEADER_BYTES = 64
@@ -123,8 +129,10 @@ class SegmentPool:
         """A segment with room for `num_bytes`, marked SENT to `peer`; waits for releases."""
         capacity = capacity_for(num_bytes, self._config.min_segment_bytes)
         if capacity > self._config.max_pool_bytes:
-            raise ValueError(
-                f"message of {num_bytes} bytes exceeds max_pool_bytes={self._config.max_pool_bytes}"
+            raise PayloadTooLarge(
+                f"a message of {num_bytes} bytes (segment class {capacity}) cannot fit in this "
+                f"sender's segment pool of max_pool_bytes={self._config.max_pool_bytes}: send it "
+                "in smaller messages or raise ShmConfig.max_pool_bytes"
             )
         backoff = Backoff()
         while True:

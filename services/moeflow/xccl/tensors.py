@@ -45,6 +45,18 @@ def layout_of(tensors: Sequence[torch.Tensor]) -> tuple[tuple[TensorMeta, ...], 
     return plan_layout(specs)
 
 
+def layout_of_specs(
+    specs: Sequence[tuple[torch.dtype, Sequence[int]]],
+) -> tuple[tuple[TensorMeta, ...], int]:
+    """Payload layout for tensors given as (dtype, shape), as `layout_of` places them."""
+    named = []
+    for dtype, shape in specs:
+        if dtype not in _NAMES:
+            raise TypeError(f"unsupported dtype {dtype}; supported: {sorted(TORCH_DTYPES)}")
+        named.append((_NAMES[dtype], tuple(shape)))
+    return plan_layout(named)
+
+
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
     """A flat uint8 view of `t` (a contiguous copy first only when `t` is not contiguous)."""
     return t.detach().contiguous().reshape(-1).view(torch.uint8)

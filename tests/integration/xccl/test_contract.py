@@ -76,6 +76,34 @@ def test_a_64_mib_tensor_arrives_intact(open_endpoint: Open) -> None:
     assert_same(got, [big, big[:5]])
 
 
+def test_send_into_delivers_what_fill_wrote_in_the_given_layout(open_endpoint: Open) -> None:
+    a, b = open_endpoint("a"), open_endpoint("b")
+    for shapes in ([(2, 3)], [(2, 300, 4, 16), (0,), (5,)], []):  # inline, segment, empty
+        sent = [sample(torch.float32, shape, seed=i) for i, shape in enumerate(shapes)]
+        seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
+
+        def fill(views: list[torch.Tensor], sent: list[torch.Tensor] = sent) -> None:
+            seen.extend((v.dtype, tuple(v.shape)) for v in views)
+            for view, tensor in zip(views, sent, strict=True):
+                view.copy_(tensor)
+
+        a.send_into("b", "t", [(t.dtype, tuple(t.shape)) for t in sent], fill, timeout_s=10)
+        assert seen == [(t.dtype, tuple(t.shape)) for t in sent]
+        assert_same(b.recv("a", "t", timeout_s=10), sent)
+
+
+def test_a_send_into_whose_fill_raises_sends_nothing(open_endpoint: Open) -> None:
+    a, b = open_endpoint("a"), open_endpoint("b")
+
+    def fail(views: list[torch.Tensor]) -> None:
+        raise RuntimeError("fill failed")
+
+    with pytest.raises(RuntimeError, match="fill failed"):
+        a.send_into("b", "t", [(torch.float32, (300, 300))], fail, timeout_s=10)
+    a.send("b", "t", [torch.ones(3)], timeout_s=10)
+    assert_same(b.recv("a", "t", timeout_s=10), [torch.ones(3)])
+
+
 def test_messages_on_one_tag_arrive_in_send_order(open_endpoint: Open) -> None:
     a, b = open_endpoint("a"), open_endpoint("b")
     for i in range(40):

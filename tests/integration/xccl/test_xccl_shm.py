@@ -5,6 +5,8 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeflow.xccl import ShmConfig, XcclTimeout
+from moeflow.xccl import PayloadTooLarge, PeerGone, ShmConfig, XcclTimeout
 from moeflow.xccl.shm import ShmTransport
 from moeflow.xccl.shm_names import parse_name, remove_stale, socket_path
 
@@ -149,3 +151,86 @@ def test_a_new_endpoint_takes_over_the_rank_of_a_dead_one(group: str) -> None:
 def test_names_too_long_for_a_socket_path_are_refused() -> None:
     with pytest.raises(ValueError, match="shorter"):
         ShmTransport("g" * 60, "r" * 60)
+
+
+def test_send_into_writes_in_place_in_a_reused_segment_and_the_receiver_reads_it_there(
+    pair: tuple[ShmTransport, ShmTransport], group: str
+) -> None:
+    a, b = pair
+    addresses = set()
+    for i in range(10):
+        def fill(views: list[torch.Tensor], i: int = i) -> None:
+            addresses.add(views[0].data_ptr())
+            views[0].fill_(i)
+
+        a.send_into("b", "kv", [(torch.float32, (2, MIB // 16))], fill, timeout_s=5)
+        (got,) = b.recv("a", "kv", timeout_s=5)
+        assert int(got[1, -1]) == i
+        del got
+    assert len(addresses) == 1  # one segment of the ring, reused for every message
+    assert len([f for f in files_of(group) if f.endswith(".seg")]) == 1
+
+
+def test_a_message_bigger_than_the_pool_fails_at_once_with_what_to_change(
+    pair: tuple[ShmTransport, ShmTransport],
+) -> None:
+    a, b = pair
+    with pytest.raises(PayloadTooLarge, match="max_pool_bytes"):
+        a.send("b", "huge", [torch.zeros(9 * MIB, dtype=torch.uint8)], timeout_s=5)
+    a.send("b", "fits", [torch.zeros(4 * MIB, dtype=torch.uint8)], timeout_s=5)  # the fallback
+    assert b.recv("a", "fits", timeout_s=5)[0].numel() == 4 * MIB
+
+
+def test_a_full_ring_times_out_then_reuses_the_segment_a_receiver_released(
+    pair: tuple[ShmTransport, ShmTransport],
+) -> None:
+    a, b = pair
+    held = []
+    for i in range(4):  # 4 x 2 MiB fill the 8 MiB ring
+        a.send("b", "t", [torch.full((2 * MIB - 64,), i, dtype=torch.uint8)], timeout_s=5)
+        held.append(b.recv("a", "t", timeout_s=5)[0])
+    with pytest.raises(XcclTimeout, match="held by \\['b'\\]"):
+        a.send("b", "t", [torch.zeros(2 * MIB - 64, dtype=torch.uint8)], timeout_s=0.2)
+    del held[0]
+    gc.collect()
+    a.send("b", "t", [torch.full((2 * MIB - 64,), 9, dtype=torch.uint8)], timeout_s=5)
+    assert int(b.recv("a", "t", timeout_s=5)[0][0]) == 9
+    assert a._pool.num_bytes <= 8 * MIB
+
+
+def test_a_receiver_killed_while_holding_segments_gives_them_back_to_the_ring(
+    group: str, tmp_path: Path
+) -> None:
+    config = ShmConfig(max_pool_bytes=4 * MIB, max_idle_pool_bytes=4 * MIB, close_linger_s=0.5,
+                       liveness_interval_s=0.05)
+    script = tmp_path / "holder.py"
+    script.write_text(
+        "import sys, time\n"
+        "from moeflow.xccl.shm import ShmTransport\n"
+        f"b = ShmTransport({group!r}, 'b')\n"
+        "held = [b.recv('a', 't', 30)[0] for _ in range(2)]\n"
+        "print('holding', flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    child = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True,
+                             env=env)
+    try:
+        with ShmTransport(group, "a", config) as a:
+            for _ in range(2):  # 2 x 2 MiB: the whole ring, pinned by the child
+                a.send("b", "t", [torch.ones(2 * MIB - 64, dtype=torch.uint8)], timeout_s=20)
+            assert child.stdout is not None and child.stdout.readline().strip() == "holding"
+            child.kill()  # SIGKILL: its views are never dropped, its socket stays behind
+            child.wait()
+            with pytest.raises(PeerGone):
+                a.send("b", "t", [torch.ones(2 * MIB - 64, dtype=torch.uint8)], timeout_s=5)
+            # a restarted receiver of the same rank gets the reclaimed segments
+            with ShmTransport(group, "b") as reborn:
+                a.send("b", "t", [torch.full((2 * MIB - 64,), 7, dtype=torch.uint8)],
+                       timeout_s=5)
+                assert int(reborn.recv("a", "t", timeout_s=5)[0][-1]) == 7
+            assert a._pool.num_bytes <= 4 * MIB
+    finally:
+        child.kill()
+        child.wait()
+    assert files_of(group) == []
