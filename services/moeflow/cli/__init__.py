@@ -418,7 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     flag(up, "--rebalance-interval-s", to="up.rebalance_interval_s", type=float,
           help="--mode ae: expert load balancing period (0: off)")
     flag(up, "--pd-min-prompt-tokens", to="gateway.pd_min_prompt_tokens", type=int,
-          help="with both colocated and split instances, split prompts this long")
+          help="never split shorter prompts (they are computed where they are decoded)")
+    flag(up, "--pd-interference-weight", to="gateway.pd_interference_weight", type=float,
+          help="split a long prompt unless the prefill queue exceeds this weight x the prompt "
+          "x the requests decoding locally (routing.split_or_local)")
     add_engine_flags(up)
     add_gateway_flags(up)
     add_autoscaling_flags(up)

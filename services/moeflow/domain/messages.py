@@ -229,6 +229,9 @@ class EngineStats(_Message):
     """LoRA adapters the instance serves (requests may name them)."""
     resident_adapters: tuple[str, ...] = ()
     """Those of ``adapters`` whose weights are in memory now (the rest are read on use)."""
+    num_pending_prompt_tokens: int = 0
+    """Prompt tokens still to compute here (waiting and part-prefilled requests; not those
+    whose KV comes from a prefill instance): the gateway's measure of the prefill queue."""
 
     @property
     def kv_usage_ratio(self) -> float:

@@ -400,6 +400,7 @@ class LLMEngine:
             num_memory_waits_total=self.scheduler.num_memory_waits_total,
             adapters=self.adapters.names(),
             resident_adapters=self.adapters.resident_names(),
+            num_pending_prompt_tokens=self.scheduler.num_pending_prompt_tokens,
         )
 
     def model_info(self) -> ModelInfo:

@@ -88,6 +88,14 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    @property
+    def num_pending_prompt_tokens(self) -> int:
+        """Prompt (or recompute) tokens still to compute: the prefill queue, in tokens."""
+        waiting = sum(s.num_uncomputed_tokens for s in self.waiting if not s.is_remote_prefill)
+        prefilling = sum(s.num_uncomputed_tokens for s in self.running
+                         if s.num_uncomputed_tokens > 1)
+        return waiting + prefilling
+
     def abort(self, request_id: str) -> Sequence | None:
         """Remove a request wherever it is and free its blocks."""
         for seq in self.running:

@@ -210,7 +210,8 @@ class GenerationService:
             update={"max_tokens": job.sampling.max_tokens - len(job.output_token_ids)})
         try:
             placement = self.registry.place(
-                model, context, sampling.max_tokens, self.settings.pd_min_prompt_tokens
+                model, context, sampling.max_tokens, self.settings.pd_min_prompt_tokens,
+                self.settings.pd_interference_weight,
             )
         except BackendUnavailableError as exc:
             if not model.instances:
@@ -226,6 +227,8 @@ class GenerationService:
             )
         for instance in used:
             instance.num_in_flight += 1
+        # its prompt queues there until the first token comes back (routing counts it then)
+        prefilling = _Prefilling(placement.computes_prompt, len(context))
         # a failed instance may still hold the old id: each attempt gets its own
         suffix = f":{job.num_failures}" if job.num_failures else ""
         request = GenerateRequest(
@@ -241,12 +244,14 @@ class GenerationService:
             stream = await self.client.open_generate(target.url, request)
         except BackendUnavailableError as exc:
             _release_instances(used)
+            prefilling.done()
             raise _FailedBeforeStream(exc, target.url, prefill_url) from exc
         except BaseException:
             _release_instances(used)
+            prefilling.done()
             raise
         return _Attempt(stream, used, "split" if placement.is_split else "colocated",
-                        prefill_url)
+                        prefill_url, prefilling)
 
     async def _serve(self, job: _Job, attempt: _Attempt) -> AsyncGenerator[TokenChunk, None]:
         """Stream the job's chunks, failing over mid-stream: when the instance dies or reports
@@ -264,6 +269,7 @@ class GenerationService:
                 num_resumed = len(job.output_token_ids)
                 try:
                     async for chunk in attempt.stream:
+                        attempt.prefilling.done()
                         now = time.perf_counter()
                         if first_s is None:
                             first_s = now
@@ -354,18 +360,35 @@ def _backoff_s(num_failures: int) -> float:
     return min(1.0, 0.05 * 2.0 ** (num_failures - 1))
 
 
+class _Prefilling:
+    """One attempt's prompt, counted in its instance's ``num_in_flight_prompt_tokens`` from
+    placement until its first token (or the attempt's end), once."""
+
+    def __init__(self, instance: InstanceView, num_tokens: int) -> None:
+        self.instance: InstanceView | None = instance
+        self.num_tokens = num_tokens
+        instance.num_in_flight_prompt_tokens += num_tokens
+
+    def done(self) -> None:
+        if self.instance is not None:
+            self.instance.num_in_flight_prompt_tokens -= self.num_tokens
+            self.instance = None
+
+
 @dataclass
 class _Attempt:
     stream: EngineStream
     instances: list[InstanceView]
     mode: str
-    prefill_url: str | None = None
+    prefill_url: str | None
+    prefilling: _Prefilling
     is_closed: bool = False
 
     async def close(self) -> None:
         if not self.is_closed:
             self.is_closed = True
             _release_instances(self.instances)
+            self.prefilling.done()
             await self.stream.aclose()
 
 

@@ -108,7 +108,7 @@ class ModelRegistry:
 
     def place(
         self, model: ServedModel, prompt_token_ids: list[int], max_tokens: int,
-        min_prompt_tokens_for_split: int,
+        min_prompt_tokens_for_split: int, interference_weight: float = 1.0,
     ) -> Placement:
         keys = prefix_keys(prompt_token_ids, adapter=model.adapter)
         instances = adapter_instances(model.instances, model.adapter)
@@ -119,13 +119,12 @@ class ModelRegistry:
             max_tokens=max_tokens,
             min_prompt_tokens_for_split=min_prompt_tokens_for_split,
             prefix_blocks=matches,
+            interference_weight=interference_weight,
         )
         if placement is None:
             raise BackendUnavailableError(
                 f"no healthy instance serves {model.public_name!r} right now")
-        computes_prompt = placement.prefill or placement.colocated
-        if computes_prompt is not None:
-            model.prefixes.record(computes_prompt.url, keys)
+        model.prefixes.record(placement.computes_prompt.url, keys)
         return placement
 
     def mark_unhealthy(self, model: ServedModel, url: str, reason: str) -> None:
@@ -229,6 +228,7 @@ class ModelRegistry:
                 instance.num_waiting = stats.num_waiting
                 instance.num_running = stats.num_running
                 instance.kv_usage_ratio = stats.kv_usage_ratio
+                instance.num_pending_prompt_tokens = stats.num_pending_prompt_tokens
                 instance.adapters = frozenset(stats.adapters)
                 instance.resident_adapters = frozenset(stats.resident_adapters)
                 model.stats[instance.url] = stats

@@ -1,15 +1,26 @@
 """Where a request runs (pure: plain data in, a choice out).
 
-DeepServe's Algorithm 1, as implemented here:
-1. Colocated or split: with both kinds of instances available, a request is split across a
-   prefill and a decode instance when its prompt has at least ``min_prompt_tokens_for_split``
-   tokens and it asks for more than one output token (long prompts are what interfere with
-   decoding; a one-token answer gains nothing from a decode instance). With only one kind, that
-   kind serves everything. (The paper learns this boundary as a PD heat map from measurements;
-   a threshold is the one-parameter version, measured in benchmarks/pd.py.)
+DeepServe's Algorithm 1 with load, as implemented here:
+1. Split or not (``split_or_local``). A prompt is computed either on a prefill instance, whose
+   KV then moves to a decode instance (split), or where it will be decoded (local: a
+   colocated instance or, in a prefill+decode fleet, the decode instance itself; no KV moves).
+   - Short prompts (under ``min_prompt_tokens_for_split``) stay local: their prefill costs the
+     decode batch less than the split's extra hop and the prefill queue would cost them.
+   - A one-token answer gains nothing from a decode instance: with colocated instances it goes
+     there, in a prefill+decode fleet the prefill instance serves it whole (no KV moves).
+   - A long prompt splits unless the prefill queue would delay it more than computing it
+     locally costs. Both sides are counted in prompt tokens to compute first (same speed per
+     token on both sides): split waits for the prefill instance's pending prompt tokens;
+     local waits for the local instance's own pending prompt tokens and stalls each request
+     decoding there for the whole prompt, weighted by ``interference_weight`` (at least one
+     such request is assumed: decodes arrive while it runs). So a long prompt is computed
+     locally only when the prefill instance is backed up and the decode side is nearly idle.
+   The pending prompt tokens of an instance are the larger of what its stats last reported
+   and what this gateway sent it since and has not seen a first token of (stats are polled).
 2. Which instance: among instances whose load is within ``load_tolerance`` of the least loaded,
    take the one with the longest cached prefix of this prompt (as the gateway remembers what it
    routed where); if none has any, take the least loaded. Ties break by URL for determinism.
+   Decode instances are picked least loaded.
 
 A request for a LoRA adapter first narrows the instances to those that serve it
 (``adapter_instances``): those holding its weights in memory when any is healthy, else those
@@ -44,10 +55,19 @@ class InstanceView:
     """LoRA adapters the instance serves (from its stats)."""
     resident_adapters: frozenset[str] = frozenset()
     """Those whose weights it holds in memory now."""
+    num_pending_prompt_tokens: int = 0
+    """Prompt tokens it has still to compute, as its last stats reported."""
+    num_in_flight_prompt_tokens: int = 0
+    """Prompt tokens this gateway sent it to compute since, whose first token has not come."""
 
     @property
     def load(self) -> int:
         return max(self.num_waiting + self.num_running, self.num_in_flight)
+
+    @property
+    def pending_prompt_tokens(self) -> int:
+        """Prompt tokens queued ahead of a new one (the two counts overlap: take the larger)."""
+        return max(self.num_pending_prompt_tokens, self.num_in_flight_prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -55,12 +75,20 @@ class Placement:
     """Either ``colocated`` is set, or both ``prefill`` and ``decode`` are."""
 
     colocated: InstanceView | None = None
+    """Computes the prompt and decodes (a colocated instance, or a split fleet's instance
+    serving the request whole)."""
     prefill: InstanceView | None = None
     decode: InstanceView | None = None
 
     @property
     def is_split(self) -> bool:
         return self.decode is not None
+
+    @property
+    def computes_prompt(self) -> InstanceView:
+        instance = self.prefill or self.colocated
+        assert instance is not None
+        return instance
 
 
 def prefix_keys(token_ids: Sequence[int], max_blocks: int = 64,
@@ -138,6 +166,19 @@ def pick_instance(
     return best if prefix_blocks.get(best.url, 0) > 0 else least
 
 
+def split_or_local(
+    *, num_prompt_tokens: int, min_prompt_tokens_for_split: int,
+    prefill_pending_tokens: int, local_pending_tokens: int, local_load: int,
+    interference_weight: float = 1.0,
+) -> bool:
+    """True to split a prompt of more than one output token (step 1 of the module doc)."""
+    if num_prompt_tokens < min_prompt_tokens_for_split:
+        return False
+    local_cost = local_pending_tokens + interference_weight * num_prompt_tokens * max(
+        local_load, 1)
+    return prefill_pending_tokens <= local_cost
+
+
 def place(
     instances: Sequence[InstanceView],
     *,
@@ -146,22 +187,29 @@ def place(
     min_prompt_tokens_for_split: int,
     prefix_blocks: Mapping[str, int],
     load_tolerance: int = 2,
+    interference_weight: float = 1.0,
 ) -> Placement | None:
-    """Choose colocated vs split, then instances; None if no healthy instance can serve."""
+    """Choose split vs local, then instances; None if no healthy instance can serve."""
     by_role: dict[Role, list[InstanceView]] = {Role.COLOCATED: [], Role.PREFILL: [],
                                                Role.DECODE: []}
     for instance in instances:
         role = Role(instance.role).routes_as
         if instance.is_healthy and role in by_role:
             by_role[role].append(instance)
-    can_split = bool(by_role[Role.PREFILL] and by_role[Role.DECODE])
-    can_colocate = bool(by_role[Role.COLOCATED])
-    wants_split = num_prompt_tokens >= min_prompt_tokens_for_split and max_tokens > 1
-    if can_split and (wants_split or not can_colocate):
-        prefill = pick_instance(by_role[Role.PREFILL], prefix_blocks, load_tolerance)
-        decode = least_loaded(by_role[Role.DECODE])
+    colocated = pick_instance(by_role[Role.COLOCATED], prefix_blocks, load_tolerance)
+    decode = least_loaded(by_role[Role.DECODE])
+    prefill = pick_instance(by_role[Role.PREFILL], prefix_blocks, load_tolerance)
+    if prefill is None or decode is None:
+        return None if colocated is None else Placement(colocated=colocated)
+    if max_tokens <= 1 and num_prompt_tokens >= min_prompt_tokens_for_split:
+        return Placement(colocated=colocated or prefill)
+    local = colocated or decode
+    if split_or_local(
+        num_prompt_tokens=num_prompt_tokens,
+        min_prompt_tokens_for_split=min_prompt_tokens_for_split,
+        prefill_pending_tokens=prefill.pending_prompt_tokens,
+        local_pending_tokens=local.pending_prompt_tokens, local_load=local.load,
+        interference_weight=interference_weight,
+    ):
         return Placement(prefill=prefill, decode=decode)
-    if can_colocate:
-        return Placement(colocated=pick_instance(by_role[Role.COLOCATED], prefix_blocks,
-                                                 load_tolerance))
-    return None
+    return Placement(colocated=local)

@@ -94,7 +94,11 @@ class GatewaySettings(BaseSettings):
     max_stop_sequences: int = Field(16, ge=0)
     max_prompts_per_request: int = Field(64, ge=1)
     pd_min_prompt_tokens: int = Field(256, ge=0)
-    """With colocated and prefill/decode instances both present, split prompts this long."""
+    """Shorter prompts are never split: they are computed where they are decoded."""
+    pd_interference_weight: float = Field(1.0, ge=0)
+    """A long prompt is computed locally instead of split when the prefill queue (in prompt
+    tokens) exceeds the local queue plus this weight x the prompt x the requests decoding
+    locally (routing.split_or_local); 0: whenever the prefill queue is longer."""
     max_waiting_for_scale_up: int = Field(64, ge=0)
     """Requests held per model while it scales up from zero; past it, 429 with Retry-After."""
     scale_up_timeout_s: float = Field(300.0, gt=0)

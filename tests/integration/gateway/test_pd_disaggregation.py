@@ -1,7 +1,8 @@
 """Prefill/decode disaggregation through `moeflow up --mode pd`, over both XCCL backends.
 
-Greedy tokens through the split equal transformers' (and so colocated serving's); a decode
-instance out of KV memory makes prefill wait without losing anything; killing a decode
+Greedy tokens through the split equal transformers' (and so colocated serving's), and so do
+those of short prompts the gateway leaves on the decode instance (computed there, no KV moves);
+a decode instance out of KV memory makes prefill wait without losing anything; killing a decode
 instance mid-request fails its requests clearly, frees nothing twice, and the rest serves on.
 """
 
@@ -29,10 +30,11 @@ def _pd_platform(model_dir: Path, *args: str) -> Platform:
     )
 
 
-def _prompts(model_dir: Path, n: int) -> list[list[int]]:
+def _prompts(model_dir: Path, n: int, repeats: int = 1) -> list[list[int]]:
+    """``repeats`` 1: 34-100 tokens (short, never split); 8: 270-340 tokens (split-worthy)."""
     tokenizer = TextTokenizer.from_dir(model_dir)
     base = "Once upon a time there was a small town by a river, and every morning the baker "
-    return [tokenizer.encode(base * (1 + i % 3) + f" story {i}") for i in range(n)]
+    return [tokenizer.encode(base * (repeats + i % 3) + f" story {i}") for i in range(n)]
 
 
 def _children(platform: Platform, role: str) -> list[int]:
@@ -59,7 +61,9 @@ async def test_split_greedy_tokens_equal_transformers_and_colocated(
     pd_platform: Platform, tiny_dirs: dict[str, Path]
 ) -> None:
     model_dir = tiny_dirs["llama"]
-    prompts = _prompts(model_dir, 8)
+    prompts = _prompts(model_dir, 8, repeats=8)
+    assert min(len(p) for p in prompts) >= 256  # pd_min_prompt_tokens: worth splitting
+    split_before = pd_platform.metric("moeflow_requests_by_mode_total", mode="split") or 0
     tokenizer = TextTokenizer.from_dir(model_dir)
     colocated, _ = run_engine(make_engine(model_dir), prompts, max_tokens=16)
     c = openai.AsyncOpenAI(base_url=pd_platform.base_url, api_key="x", max_retries=0)
@@ -75,8 +79,43 @@ async def test_split_greedy_tokens_equal_transformers_and_colocated(
         assert result.usage is not None
         assert result.usage.completion_tokens == len(expected)
         assert result.usage.prompt_tokens == len(prompt)
-    assert (pd_platform.metric("moeflow_requests_by_mode_total", mode="split") or 0) >= 8
+    # 8 at once: the first splits; later ones may find the prefill queue long enough to be
+    # computed on an idle decode instance instead (routing.split_or_local); both are exact
+    split = (pd_platform.metric("moeflow_requests_by_mode_total", mode="split") or 0)
+    assert split - split_before >= 1
     assert (pd_platform.metric("moeflow_kv_transfer_bytes_sum") or 0) > 0
+
+
+async def test_short_prompts_are_computed_on_the_decode_instance_token_exact(
+    pd_platform: Platform, tiny_dirs: dict[str, Path]
+) -> None:
+    model_dir = tiny_dirs["llama"]
+    prompts = _prompts(model_dir, 6)
+    assert max(len(p) for p in prompts) < 256
+    tokenizer = TextTokenizer.from_dir(model_dir)
+
+    def counts() -> tuple[float, float, int]:
+        stats = httpx.get(f"{_engine_url(pd_platform, 'prefill')}/v1/stats",
+                          headers=pd_platform.engine_headers()).json()
+        return (pd_platform.metric("moeflow_requests_by_mode_total", mode="colocated") or 0,
+                pd_platform.metric("moeflow_kv_transfer_bytes_count") or 0,
+                stats["num_prompt_tokens_total"])
+
+    local_before, transfers_before, prefill_tokens_before = counts()
+    c = openai.AsyncOpenAI(base_url=pd_platform.base_url, api_key="x", max_retries=0)
+    results = await asyncio.gather(*(
+        c.completions.create(model=MODEL, prompt=p, max_tokens=16, temperature=0)
+        for p in prompts
+    ))
+    await c.close()
+    for prompt, result in zip(prompts, results, strict=True):
+        expected = hf_greedy(model_dir, prompt, 16)
+        assert result.choices[0].text == tokenizer.decode(expected)
+        assert result.usage is not None and result.usage.completion_tokens == len(expected)
+    local, transfers, prefill_tokens = counts()
+    assert local - local_before == len(prompts)  # not split ...
+    assert transfers == transfers_before  # ... no KV moved ...
+    assert prefill_tokens == prefill_tokens_before  # ... and the prefill instance computed none
 
 
 def test_split_streaming_chat_reports_usage(pd_platform: Platform) -> None:
@@ -94,7 +133,9 @@ async def test_full_decode_memory_makes_prefill_wait_and_loses_nothing(
 ) -> None:
     model_dir = tiny_dirs["llama"]
     # 1 MiB of KV = 2048 tokens of the tiny llama; 8 prompts of ~400 tokens cannot all fit
-    platform = _pd_platform(model_dir, "--prefill", "1", "--decode", "1", "--kv-cache-mb", "1")
+    # every prompt split (a huge interference weight), so they all reserve decode memory first
+    platform = _pd_platform(model_dir, "--prefill", "1", "--decode", "1", "--kv-cache-mb", "1",
+                            "--pd-interference-weight", "1000")
     try:
         tokenizer = TextTokenizer.from_dir(model_dir)
         text = "The baker opened his shop before the sun came up. " * 20

@@ -73,6 +73,20 @@ def test_a_long_prompt_is_prefilled_in_chunks_within_the_token_budget() -> None:
     assert seq.output_token_ids == [next_token(list(range(40)))]
 
 
+def test_pending_prompt_tokens_count_waiting_and_part_prefilled_prompts_not_decodes() -> None:
+    sched = make_scheduler(max_num_batched_tokens=16)
+    long, remote = make_seq("long", list(range(40))), make_seq("remote", list(range(30)))
+    remote.is_remote_prefill = True  # its KV comes from a prefill instance: not queued here
+    sched.add(long)
+    sched.add(remote)
+    assert sched.num_pending_prompt_tokens == 40
+    run_step(sched)
+    assert sched.num_pending_prompt_tokens == 24
+    while not long.output_token_ids:
+        run_step(sched)
+    assert sched.num_pending_prompt_tokens == 0  # decoding: one token a step is not a prompt
+
+
 def test_decodes_go_first_and_prefill_chunks_get_the_rest_of_the_budget() -> None:
     sched = make_scheduler(max_num_batched_tokens=16)
     short = make_seq("short", [1, 2, 3], max_tokens=10)
