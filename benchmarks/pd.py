@@ -70,7 +70,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,9 @@ MOEFLOW = [sys.executable, "-m", "moeflow.cli"]
 DECODE_HEAVY = "decode_heavy"
 PROMPT_HEAVY = "prompt_heavy"
 CLASSES = (DECODE_HEAVY, PROMPT_HEAVY)
+INTERFERENCE = "interference"
+DECODE_ONLY = "decode_only"
+MIXES = (INTERFERENCE, DECODE_ONLY)
 CONFIGS: dict[str, list[str]] = {
     "colocated": ["--instances", "2"],
     "split-shm": ["--mode", "pd", "--prefill", "1", "--decode", "1", "--transport", "shm"],
@@ -216,6 +219,17 @@ def running(platform_: Platform) -> Iterator[Platform]:
         if code not in (0, None):
             print(f"[pd] {platform_.name} exited with {code}; log {platform_.log_path}",
                   file=sys.stderr)
+
+
+def config_argv(config: str, args: argparse.Namespace) -> list[str]:
+    """``moeflow up`` flags of a configuration, with the PD placement flags for split ones."""
+    extra = list(CONFIGS[config])
+    if config != "colocated":
+        for flag, value in (("--pd-min-prompt-tokens", args.pd_min_prompt_tokens),
+                            ("--pd-interference-weight", args.pd_interference_weight)):
+            if value is not None:
+                extra += [flag, str(value)]
+    return extra
 
 
 # -- one cell: one configuration, one round -------------------------------------------------------
@@ -435,58 +449,82 @@ def analyse(
 
 
 async def run_cell(
-    config: str, round_index: int, args: argparse.Namespace, w: Workload,
-    specs: list[RequestSpec], token_range: tuple[int, int], log_dir: Path,
-) -> dict[str, Any]:
-    cell: dict[str, Any] = {"config": config, "round": round_index, "ok": False, "error": None}
-    cell["others_cores_before"] = await wait_quiet(args.quiet_cores, args.quiet_wait_s)
-    cell["loadavg_before"] = loadavg()
+    config: str, round_index: int, args: argparse.Namespace,
+    mixes: dict[str, tuple[Workload, list[RequestSpec]]], token_range: tuple[int, int],
+    log_dir: Path,
+) -> list[dict[str, Any]]:
+    """One platform start of ``config``; each mix's load in turn on it (one cell per mix)."""
+    shared: dict[str, Any] = {"config": config, "round": round_index}
     slos = class_slo(args)
-    platform_ = Platform(config, args.model, CONFIGS[config], log_dir)
+    platform_ = Platform(config, args.model, config_argv(config, args), log_dir)
     print(f"[pd] round {round_index} {config}: starting ({' '.join(platform_.argv[2:])})",
           file=sys.stderr)
+    cells: list[dict[str, Any]] = []
+    first_w = next(iter(mixes.values()))[0]
     with running(platform_):
         try:
             started = time.perf_counter()
             await wait_healthy(platform_.url, args.startup_timeout_s,
                                min_instances=NUM_INSTANCES, alive=platform_.is_alive)
-            cell["startup_s"] = round(time.perf_counter() - started, 2)
-            cell["unloaded"] = await unloaded(platform_.url, args.served_name, w, token_range,
-                                              calibrate=round_index == 0)
-            pgid = platform_.process.pid if platform_.process else None
-            async with httpx.AsyncClient() as client:
-                before = await scrape(client, f"{platform_.url}/metrics")
-                cpu_before = cpu_snapshot(pgid)
-                run = await run_open_loop(
-                    f"{platform_.url}/v1", args.served_name, specs,
-                    request_timeout_s=args.request_timeout_s, send_deadline_s=w.duration_s,
-                    drain_timeout_s=args.drain_timeout_s,
-                )
-                cell["cpu_during_load"] = cpu_usage(cpu_before, cpu_snapshot(pgid))
-                cell["noisy"] = cell["cpu_during_load"]["others_cores"] > NOISY_CORES
-                after = await scrape(client, f"{platform_.url}/metrics")
-            cell["loadavg_after"] = loadavg()
-            cell["server_alive_after"] = platform_.is_alive()
-        except Exception as exc:  # a broken cell is reported, never ends the run
-            cell["error"] = f"{type(exc).__name__}: {exc}"
-            cell["log_tail"] = platform_.log_tail()
-            print(f"[pd] {config} failed: {cell['error']}\n{cell['log_tail']}", file=sys.stderr)
-            return cell
+            shared["startup_s"] = round(time.perf_counter() - started, 2)
+            shared["unloaded"] = await unloaded(platform_.url, args.served_name, first_w,
+                                                token_range, calibrate=round_index == 0)
+        except Exception as exc:  # a broken start is reported, never ends the run
+            error = f"{type(exc).__name__}: {exc}"
+            print(f"[pd] {config} failed: {error}\n{platform_.log_tail()}", file=sys.stderr)
+            return [{**shared, "mix": mix, "ok": False, "error": error,
+                     "log_tail": platform_.log_tail()} for mix in mixes]
+        for mix, (w, specs) in mixes.items():
+            cells.append(await _run_mix(platform_, {**shared, "mix": mix}, args, w, specs,
+                                        slos))
+    return cells
+
+
+async def _run_mix(
+    platform_: Platform, cell: dict[str, Any], args: argparse.Namespace, w: Workload,
+    specs: list[RequestSpec], slos: dict[str, Slo],
+) -> dict[str, Any]:
+    cell.update(ok=False, error=None)
+    config, mix, round_index = cell["config"], cell["mix"], cell["round"]
+    cell["others_cores_before"] = await wait_quiet(args.quiet_cores, args.quiet_wait_s)
+    cell["loadavg_before"] = loadavg()
+    try:
+        pgid = platform_.process.pid if platform_.process else None
+        async with httpx.AsyncClient() as client:
+            before = await scrape(client, f"{platform_.url}/metrics")
+            cpu_before = cpu_snapshot(pgid)
+            run = await run_open_loop(
+                f"{platform_.url}/v1", args.served_name, specs,
+                request_timeout_s=args.request_timeout_s, send_deadline_s=w.duration_s,
+                drain_timeout_s=args.drain_timeout_s,
+            )
+            cell["cpu_during_load"] = cpu_usage(cpu_before, cpu_snapshot(pgid))
+            cell["noisy"] = cell["cpu_during_load"]["others_cores"] > NOISY_CORES
+            after = await scrape(client, f"{platform_.url}/metrics")
+        cell["loadavg_after"] = loadavg()
+        cell["server_alive_after"] = platform_.is_alive()
+    except Exception as exc:  # a broken cell is reported, never ends the run
+        cell["error"] = f"{type(exc).__name__}: {exc}"
+        cell["log_tail"] = platform_.log_tail()
+        print(f"[pd] {config} {mix} failed: {cell['error']}\n{cell['log_tail']}",
+              file=sys.stderr)
+        return cell
     try:
         cell.update(analyse(run, before, after, slos, with_kv=config != "colocated"), ok=True)
     except Exception as exc:  # a bug in the analysis must not lose the other cells
         cell["error"] = f"analysis failed: {type(exc).__name__}: {exc}"
-        print(f"[pd] {config}: {cell['error']}", file=sys.stderr)
+        print(f"[pd] {config} {mix}: {cell['error']}", file=sys.stderr)
         return cell
     overall = cell["overall"]
     dh, ph = cell["classes"][DECODE_HEAVY], cell["classes"][PROMPT_HEAVY]
-    print(f"[pd] round {round_index} {config}: {overall['num_ok']}/{overall['num_requests']} ok, "
-          f"goodput {overall['goodput_rps']:.3f} rps ({overall['num_good']} good), "
+    print(f"[pd] round {round_index} {config} {mix}: {overall['num_ok']}/"
+          f"{overall['num_requests']} ok, goodput {overall['goodput_rps']:.3f} rps "
+          f"({overall['num_good']} good), by mode {cell['by_mode']}, "
           f"decode-heavy TTFT p50/p99 {dh['ttft_ms']['p50']}/{dh['ttft_ms']['p99']} ms "
           f"TPOT p50/p99 {dh['tpot_ms']['p50']}/{dh['tpot_ms']['p99']} ms, "
           f"prompt-heavy TTFT p50/p99 {ph['ttft_ms']['p50']}/{ph['ttft_ms']['p99']} ms, "
-          f"{overall['output_tok_s']:.1f} out tok/s; cores busy {cell['cpu_during_load']}",
-          file=sys.stderr)
+          f"{overall['output_tok_s']:.1f} out tok/s; load avg {cell['loadavg_before']} -> "
+          f"{cell['loadavg_after']}; cores busy {cell['cpu_during_load']}", file=sys.stderr)
     return cell
 
 
@@ -533,6 +571,10 @@ HEADLINE: dict[str, Getter] = {
     "total_tok_s": _get("overall", "total_tok_s"),
     "num_failed": _get("overall", "num_failed"),
     "num_usage_mismatch": _get("overall", "num_usage_mismatch"),
+    "num_split": _get("by_mode", "split"),
+    "num_local": _get("by_mode", "colocated"),
+    "loadavg_before": _get("loadavg_before"),
+    "loadavg_after": _get("loadavg_after"),
     "kv_bytes_per_request_mean": _get("kv", "bytes_per_request_mean"),
     "kv_seconds_mean_ms": _get("kv", "seconds_mean_ms"),
     "kv_seconds_p99_ms": _get("kv", "seconds_p99_ms"),
@@ -540,7 +582,8 @@ HEADLINE: dict[str, Getter] = {
     "kv_ttft_share_mean": _get("kv", "ttft_share_mean"),
     "kv_ttft_share_p50": _get("kv", "ttft_share_p50"),
 }
-RATIO_METRICS = [k for k in HEADLINE if not k.startswith("kv_") and not k.startswith("num_")]
+RATIO_METRICS = [k for k in HEADLINE
+                 if not k.startswith(("kv_", "num_", "loadavg_"))]
 UNLOADED: dict[str, Getter] = {
     f"{c}_{m}": _get("unloaded", c, m) for c in CLASSES for m in ("ttft_ms", "tpot_ms", "e2e_ms")
 }
@@ -553,40 +596,50 @@ def spread(values: list[float]) -> dict[str, float] | None:
             "max": round(max(values), 4), "n": len(values)}
 
 
+def _cell_value(cells: list[dict[str, Any]], get: Getter, config: str, mix: str,
+                round_index: int) -> float | None:
+    return next((get(c) for c in cells if c["config"] == config and c["mix"] == mix
+                 and c["round"] == round_index), None)
+
+
 def aggregate(cells: list[dict[str, Any]], rounds: int) -> dict[str, Any]:
-    """Per configuration, the median [min, max] over rounds; ratios split/colocated per round."""
+    """Per mix and configuration, the median [min, max] over rounds; ratios split/colocated
+    per round (same mix, same round), then their median [min, max]."""
     ok = [c for c in cells if c.get("ok")]
-    summary: dict[str, dict[str, Any]] = {}
-    for config in CONFIGS:
-        mine = [c for c in ok if c["config"] == config]
-        summary[config] = {"rounds_ok": len(mine),
-                           "noisy_rounds": sum(1 for c in mine if c.get("noisy"))}
-        for name, get in HEADLINE.items():
-            s = spread([v for v in map(get, mine) if v is not None])
-            if s is not None:
-                summary[config][name] = s
-        first = next((c for c in mine if c.get("unloaded", {}).get(PROMPT_HEAVY)), None)
-        numbers = {name: get(first) for name, get in UNLOADED.items()} if first else {}
-        summary[config]["unloaded"] = {k: v for k, v in numbers.items() if v is not None}
-    ratios: dict[str, dict[str, Any]] = {}
-    for config in CONFIGS:
-        if config == "colocated":
-            continue
-        ratios[f"{config}/colocated"] = {}
-        for name in RATIO_METRICS:
-            get = HEADLINE[name]
-            per_round: list[float] = []
-            for r in range(rounds):
-                base = next((get(c) for c in ok if c["config"] == "colocated" and c["round"] == r),
-                            None)
-                mine_v = next((get(c) for c in ok if c["config"] == config and c["round"] == r),
-                              None)
-                if base is not None and mine_v is not None and base > 0:
-                    per_round.append(mine_v / base)
-            s = spread(per_round)
-            if s is not None:
-                s["crosses_1"] = s["min"] <= 1.0 <= s["max"]
-                ratios[f"{config}/colocated"][name] = s
+    summary: dict[str, dict[str, dict[str, Any]]] = {}
+    ratios: dict[str, dict[str, dict[str, Any]]] = {}
+    for mix in dict.fromkeys(c["mix"] for c in cells):
+        summary[mix], ratios[mix] = {}, {}
+        for config in CONFIGS:
+            mine = [c for c in ok if c["config"] == config and c["mix"] == mix]
+            if not mine:
+                continue
+            summary[mix][config] = {"rounds_ok": len(mine),
+                                    "noisy_rounds": sum(1 for c in mine if c.get("noisy"))}
+            for name, get in HEADLINE.items():
+                s = spread([v for v in map(get, mine) if v is not None])
+                if s is not None:
+                    summary[mix][config][name] = s
+            first = next((c for c in mine if c.get("unloaded", {}).get(PROMPT_HEAVY)), None)
+            numbers = {name: get(first) for name, get in UNLOADED.items()} if first else {}
+            summary[mix][config]["unloaded"] = {k: v for k, v in numbers.items()
+                                                if v is not None}
+        for config in CONFIGS:
+            if config == "colocated" or config not in summary[mix]:
+                continue
+            pair = ratios[mix][f"{config}/colocated"] = {}
+            for name in RATIO_METRICS:
+                get = HEADLINE[name]
+                per_round: list[float] = []
+                for r in range(rounds):
+                    base = _cell_value(ok, get, "colocated", mix, r)
+                    mine_v = _cell_value(ok, get, config, mix, r)
+                    if base is not None and mine_v is not None and base > 0:
+                        per_round.append(mine_v / base)
+                s = spread(per_round)
+                if s is not None:
+                    s["crosses_1"] = s["min"] <= 1.0 <= s["max"]
+                    pair[name] = s
     return {"summary": summary, "ratios": ratios}
 
 
@@ -641,7 +694,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: tiny random model, 1 round, 8 s of load per config")
     p.add_argument("--rounds", type=int, default=None, help="default 2 (1 with --quick)")
-    p.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", choices=list(CONFIGS),
+                   default=["colocated", "split-shm"])
+    p.add_argument("--mixes", nargs="+", choices=MIXES, default=list(MIXES),
+                   help="interference: prompt-heavy among decode-heavy; decode_only: no "
+                   "prompt-heavy requests (each on the same platform start, in turn)")
+    p.add_argument("--decode-only-rate", type=float, default=None,
+                   help="arrivals/s of the decode-only mix (default: --rate)")
+    p.add_argument("--pd-min-prompt-tokens", type=int, default=None,
+                   help="passed to the split configs' gateway (default: the gateway's)")
+    p.add_argument("--pd-interference-weight", type=float, default=None,
+                   help="passed to the split configs' gateway (default: the gateway's)")
     p.add_argument("--rate", type=float, default=None, help="arrivals/s (default 0.6; 3 quick)")
     p.add_argument("--duration", type=float, default=None,
                    help="send window in seconds (default 45; 8 quick)")
@@ -676,6 +739,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.served_name is None:
         args.served_name = args.model.rstrip("/").split("/")[-1]
+    if args.decode_only_rate is None:
+        args.decode_only_rate = args.rate
     if "colocated" not in args.configs:
         p.error("--configs must include colocated (the ratios are against it)")
     return args
@@ -688,20 +753,27 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         decode_output_tokens=(64, 128), prompt_heavy_prompt_tokens=(1000, 1500),
         prompt_heavy_output_tokens=8, seed=args.seed,
     )
+    workloads = {INTERFERENCE: w, DECODE_ONLY: replace(w, prompt_heavy_every=0,
+                                                       rate_rps=args.decode_only_rate)}
     vocab = model_vocab_size(args.model) or 512
     token_range = (min(100, vocab // 4), min(vocab, 20000))
-    specs = build_specs(w, token_range, args.seed)
-    count = {c: sum(1 for s in specs if s.label == c) for c in CLASSES}
-    print(f"[pd] {len(specs)} requests over {specs[-1].arrival_s if specs else 0:.1f} s "
-          f"({count}); configs {args.configs} x {args.rounds} rounds", file=sys.stderr)
+    mixes: dict[str, tuple[Workload, list[RequestSpec]]] = {}
+    for mix in args.mixes:
+        specs = build_specs(workloads[mix], token_range, args.seed)
+        mixes[mix] = (workloads[mix], specs)
+        count = {c: sum(1 for s in specs if s.label == c) for c in CLASSES}
+        print(f"[pd] {mix}: {len(specs)} requests over "
+              f"{specs[-1].arrival_s if specs else 0:.1f} s ({count})", file=sys.stderr)
+    print(f"[pd] configs {args.configs} x {args.rounds} rounds", file=sys.stderr)
     log_dir = Path(tempfile.mkdtemp(prefix="moeflow-pd-"))
     cells: list[dict[str, Any]] = []
     started = time.perf_counter()
     for r in range(args.rounds):
         for config in args.configs:
-            cells.append(await run_cell(config, r, args, w, specs, token_range, log_dir))
+            cells.extend(await run_cell(config, r, args, mixes, token_range, log_dir))
     slos = class_slo(args)
     agg = aggregate(cells, args.rounds)
+    first_mix = args.mixes[0]
     kv_bytes = [c["kv"]["bytes_per_request_mean"] for c in cells
                 if c.get("kv") and c["kv"].get("bytes_per_request_mean")]
     kv_floor: dict[str, Any] | None = None
@@ -712,15 +784,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         kv_floor = {"bytes": mean_bytes, "memcpy_gb_per_s": round(gbps, 2),
                     "memcpy_ms": round(1000 * mean_bytes / gbps / 1e9, 3)}
         for config in args.configs:
-            rate = agg["summary"].get(config, {}).get("kv_gb_per_s")
+            rate = agg["summary"][first_mix].get(config, {}).get("kv_gb_per_s")
             if rate is not None:
                 efficiency[config] = round(rate["median"] / gbps, 4)
-    colocated_unloaded = agg["summary"].get("colocated", {}).get("unloaded", {})
+    colocated_unloaded = agg["summary"][first_mix].get("colocated", {}).get("unloaded", {})
     hop: dict[str, Any] = {}
     for config in args.configs:
         if config == "colocated":
             continue
-        mine = agg["summary"].get(config, {}).get("unloaded", {})
+        mine = agg["summary"][first_mix].get(config, {}).get("unloaded", {})
         hop[config] = {
             f"{c}_ttft_delta_ms": round(mine[f"{c}_ttft_ms"] - colocated_unloaded[f"{c}_ttft_ms"],
                                         2)
@@ -733,10 +805,15 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         "model": args.model,
         "quick": args.quick,
         "cores": CORES_NOTE,
-        "configs": {c: " ".join(["moeflow up --num-threads 1", *CONFIGS[c]])
+        "configs": {c: " ".join(["moeflow up --num-threads 1", *config_argv(c, args)])
                     for c in args.configs},
-        "workload": {**asdict(w), "num_requests": len(specs), "by_class": count,
-                     "endpoint": "/v1/completions (token-id prompts, ignore_eos, include_usage)"},
+        "workload": {
+            mix: {**asdict(mw), "num_requests": len(mspecs),
+                  "by_class": {c: sum(1 for x in mspecs if x.label == c) for c in CLASSES}}
+            for mix, (mw, mspecs) in mixes.items()},
+        "endpoint": "/v1/completions (token-id prompts, ignore_eos, include_usage)",
+        "gateway": {"pd_min_prompt_tokens": args.pd_min_prompt_tokens,
+                    "pd_interference_weight": args.pd_interference_weight},
         "slo": {c: asdict(s) for c, s in slos.items()},
         "rounds": args.rounds,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -755,7 +832,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     "The unloaded TTFT delta split-colocated is the whole hop (extra HTTP "
                     "round trip, KV export/import, transfer) but is one noisy sample.",
         },
-        "failed_cells": [{k: c.get(k) for k in ("config", "round", "error")}
+        "failed_cells": [{k: c.get(k) for k in ("config", "mix", "round", "error")}
                          for c in cells if not c.get("ok")],
         "logs_dir": str(log_dir),
         "cells": cells,
@@ -773,17 +850,20 @@ def print_table(result: dict[str, Any]) -> None:
              "prompt_heavy_ttft_p99_ms", "goodput_rps", "slo_attainment", "output_tok_s",
              "num_failed", "kv_bytes_per_request_mean", "kv_seconds_mean_ms", "kv_gb_per_s",
              "kv_ttft_share_mean"]
-    configs = list(result["summary"])
+    names += ["num_split", "num_local", "loadavg_before", "loadavg_after"]
     width = 25
-    print(f"{'median [min-max] over rounds':<44}" + "".join(f"{c:>{width}}" for c in configs),
-          file=sys.stderr)
-    for name in names:
-        row = f"{name:<44}"
-        for config in configs:
-            s = result["summary"][config].get(name)
-            text = "-" if s is None else f"{_fmt(s['median'])} [{_fmt(s['min'])}-{_fmt(s['max'])}]"
-            row += f"{text:>{width}}"
-        print(row, file=sys.stderr)
+    for mix, summary in result["summary"].items():
+        configs = list(summary)
+        print(f"{mix + ': median [min-max] over rounds':<44}"
+              + "".join(f"{c:>{width}}" for c in configs), file=sys.stderr)
+        for name in names:
+            row = f"{name:<44}"
+            for config in configs:
+                s = summary[config].get(name)
+                text = ("-" if s is None
+                        else f"{_fmt(s['median'])} [{_fmt(s['min'])}-{_fmt(s['max'])}]")
+                row += f"{text:>{width}}"
+            print(row, file=sys.stderr)
 
 
 RESULT_METRICS = [
@@ -798,37 +878,51 @@ RESULT_METRICS = [
 ]
 RESULT_RATIOS = [
     "decode_heavy_ttft_p50_ms", "decode_heavy_ttft_p99_ms", "decode_heavy_tpot_p50_ms",
-    "decode_heavy_tpot_p99_ms", "prompt_heavy_ttft_p50_ms", "prompt_heavy_ttft_p99_ms",
-    "goodput_rps", "slo_attainment", "output_tok_s",
+    "decode_heavy_tpot_p99_ms", "decode_heavy_itl_p99_ms", "prompt_heavy_ttft_p50_ms",
+    "prompt_heavy_ttft_p99_ms", "goodput_rps", "slo_attainment", "output_tok_s",
 ]
+GOAL_RATIOS = {  # the issue's targets, split-shm/colocated per mix
+    "goodput": "goodput_rps", "decode_heavy_ttft_p50": "decode_heavy_ttft_p50_ms",
+    "decode_heavy_itl_p99": "decode_heavy_itl_p99_ms",
+    "decode_heavy_tpot_p50": "decode_heavy_tpot_p50_ms",
+    "decode_heavy_tpot_p99": "decode_heavy_tpot_p99_ms",
+}
 
 
 def compact(result: dict[str, Any]) -> dict[str, Any]:
-    """The RESULT line: headline numbers as [median, min, max] over rounds (pd.json has all)."""
+    """The RESULT line: per mix, the headline ratios (``goal``), then the numbers as
+    [median, min, max] over rounds (pd.json has all)."""
 
     def triple(s: dict[str, Any]) -> list[float]:
         return [float(f"{s[k]:.4g}") for k in ("median", "min", "max")]
 
+    goal = {
+        mix: {pair: {short: triple(d[name]) for short, name in GOAL_RATIOS.items() if name in d}
+              for pair, d in pairs.items()}
+        for mix, pairs in result["ratios"].items()
+    }
     summary = {
-        config: {"rounds_ok": d["rounds_ok"], "noisy_rounds": d["noisy_rounds"],
-                 "unloaded": d["unloaded"],
-                 **{m: triple(d[m]) for m in RESULT_METRICS if m in d}}
-        for config, d in result["summary"].items()
+        mix: {config: {"rounds_ok": d["rounds_ok"], "noisy_rounds": d["noisy_rounds"],
+                       **{m: triple(d[m]) for m in RESULT_METRICS if m in d}}
+              for config, d in configs.items()}
+        for mix, configs in result["summary"].items()
     }
     ratios = {
-        pair: {m: triple(d[m]) for m in RESULT_RATIOS if m in d}
-        | {"crosses_1": [m for m in RESULT_RATIOS if d.get(m, {}).get("crosses_1")]}
-        for pair, d in result["ratios"].items()
+        mix: {pair: {m: triple(d[m]) for m in RESULT_RATIOS if m in d}
+              | {"crosses_1": [m for m in RESULT_RATIOS if d.get(m, {}).get("crosses_1")]}
+              for pair, d in pairs.items()}
+        for mix, pairs in result["ratios"].items()
     }
-    keep = ("bench", "model", "quick", "cores", "configs", "slo", "rounds", "wall_s",
+    keep = ("bench", "model", "quick", "configs", "gateway", "slo", "rounds", "wall_s",
             "failed_cells")
-    workload = {k: v for k, v in result["workload"].items() if k != "endpoint"}
     kv = {k: v for k, v in result["kv"].items() if k != "note"}
-    noise = [[c["config"], c["round"], c.get("others_cores_before"),
-              (c.get("cpu_during_load") or {}).get("others_cores")] for c in result["cells"]]
-    return {**{k: result[k] for k in keep}, "workload": workload, "summary": summary,
-            "ratios": ratios, "ratio_note": result["ratio_note"], "kv": kv,
-            "others_cores_before_during": noise}
+    noise = [[c["config"], c.get("mix"), c["round"], c.get("loadavg_before"),
+              c.get("loadavg_after"), (c.get("cpu_during_load") or {}).get("others_cores")]
+             for c in result["cells"]]
+    return {"goal": goal, **{k: result[k] for k in keep}, "workload": result["workload"],
+            "summary": summary, "ratios": ratios, "ratio_note": result["ratio_note"], "kv": kv,
+            "loadavg_machine_start": result["machine"]["loadavg_at_start"],
+            "config_mix_round_loadavg_before_after_others_cores": noise}
 
 
 def main(argv: list[str] | None = None) -> int:
