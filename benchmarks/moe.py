@@ -174,7 +174,9 @@ async def balance_phase(log_dir: Path) -> dict[str, Any]:
     return out
 
 
-async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
+async def throughput_phase(rounds: int, log_dir: Path, spin_us: int,
+                           only: list[str] | None = None) -> dict[str, Any]:
+    ring = ["--ae-spin-us", str(spin_us)]
     configs = {
         "colocated": ["--num-threads", "2"],
         "split-shm": ["--mode", "ae", "--attention", "1", "--experts", "2",
@@ -182,9 +184,16 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
         "split-shm-2mb": ["--mode", "ae", "--attention", "1", "--experts", "2",
                           "--rebalance-interval-s", "0", "--num-threads", "1",
                           "--micro-batch-min-tokens", "1"],
+        "split-ring": ["--mode", "ae", "--attention", "1", "--experts", "2",
+                       "--rebalance-interval-s", "0", "--num-threads", "1", *ring],
+        "split-ring-2mb": ["--mode", "ae", "--attention", "1", "--experts", "2",
+                           "--rebalance-interval-s", "0", "--num-threads", "1",
+                           "--micro-batch-min-tokens", "1", *ring],
     }
+    if only:
+        configs = {name: configs[name] for name in ["colocated", *only]}
     rates: dict[str, dict[int, list[float]]] = {n: {8: [], 32: []} for n in configs}
-    latency: list[dict[str, Any]] = []
+    latency: dict[str, list[dict[str, Any]]] = {}
     for r in range(rounds):
         for name, extra in configs.items():
             platform = Platform(name, MODEL, ["--served-model-name", SERVED, *extra], log_dir)
@@ -195,11 +204,11 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
                     rates[name][c].append(rate)
                     print(f"[moe] round {r} {name} c{c}: {rate:.1f} tok/s (load {loadavg()})",
                           file=sys.stderr)
-                if name == "split-shm-2mb":
+                if name.endswith("2mb"):
                     [attention] = engine_urls(platform, "attention")
                     stats = await attention_stats(attention)
-                    latency.append({k: stats[k] for k in ("a2e_ms_per_layer",
-                                                          "e2a_ms_per_layer")})
+                    latency.setdefault(name, []).append(
+                        {k: stats[k] for k in ("a2e_ms_per_layer", "e2a_ms_per_layer")})
     out: dict[str, Any] = {}
     for c in (8, 32):
         for name in configs:
@@ -207,19 +216,20 @@ async def throughput_phase(rounds: int, log_dir: Path) -> dict[str, Any]:
             out[f"{name}_c{c}_tok_s"] = {"median": round(statistics.median(values), 1),
                                          "min": round(min(values), 1),
                                          "max": round(max(values), 1)}
-        for split in ("split-shm", "split-shm-2mb"):
+        for split in (n for n in configs if n != "colocated"):
             ratios = [s / b for s, b in zip(rates[split][c], rates["colocated"][c],
                                             strict=True)]
             key = f"{split.replace('-', '_')}_over_colocated_c{c}"
             out[key] = {"median": round(statistics.median(ratios), 3),
                         "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
-    if latency:
-        per_layer = list(zip(*(run["a2e_ms_per_layer"] for run in latency), strict=True))
-        out["decode_a2e_ms_median_per_layer"] = [round(statistics.median(v), 3)
-                                                 for v in per_layer]
-        per_layer = list(zip(*(run["e2a_ms_per_layer"] for run in latency), strict=True))
-        out["decode_e2a_ms_median_per_layer"] = [round(statistics.median(v), 3)
-                                                 for v in per_layer]
+    for name, runs in latency.items():  # per MoE layer: the median over rounds
+        for key in ("a2e", "e2a"):
+            per_layer = [statistics.median(v) for v in
+                         zip(*(run[f"{key}_ms_per_layer"] for run in runs), strict=True)]
+            out[f"{name}_decode_{key}_ms_per_layer"] = [round(v, 3) for v in per_layer]
+            out[f"{name}_decode_{key}_ms_median"] = round(statistics.median(per_layer), 3)
+            print(f"[moe] {name} {key} per MoE layer: median {statistics.median(per_layer):.2f} "
+                  f"ms", file=sys.stderr)
     return out
 
 
@@ -227,6 +237,11 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--skip-balance", action="store_true")
+    parser.add_argument("--spin-us", type=int, default=500,
+                        help="--ae-spin-us of the split-ring configurations")
+    parser.add_argument("--only", nargs="*", help="split configurations to run (beside "
+                        "colocated): split-shm split-shm-2mb split-ring split-ring-2mb")
     args = parser.parse_args()
     # One internal token for every platform started here (moeflow up reads it, as does the
     # in-process balancer and the stats reads): the instances' control routes need it.
@@ -235,12 +250,13 @@ async def main() -> None:
     log_dir = Path(tempfile.mkdtemp(prefix="moe-bench-"))
     started = time.monotonic()
     result: dict[str, Any] = {"model": MODEL, "rounds": args.rounds, "load_start": loadavg()}
-    result["balance"] = await balance_phase(log_dir)
-    b = result["balance"]
-    print(f"[moe] imbalance {b['imbalance_before']:.2f} -> {b['imbalance_after']:.2f} "
-          f"(predicted {b['predicted_before']} -> {b['predicted_after']})", file=sys.stderr)
+    if not args.skip_balance:
+        result["balance"] = b = await balance_phase(log_dir)
+        print(f"[moe] imbalance {b['imbalance_before']:.2f} -> {b['imbalance_after']:.2f} "
+              f"(predicted {b['predicted_before']} -> {b['predicted_after']})", file=sys.stderr)
     if not args.skip_throughput:
-        result["throughput"] = await throughput_phase(args.rounds, log_dir)
+        result["throughput"] = await throughput_phase(args.rounds, log_dir, args.spin_us,
+                                                      args.only)
     result["load_end"] = loadavg()
     result["wall_s"] = round(time.monotonic() - started, 1)
     result["command"] = "python -P benchmarks/moe.py " + " ".join(sys.argv[1:])

@@ -153,6 +153,9 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
           help="attention role: micro-batches per step (overlap with the experts)")
     flag(p, "--micro-batch-min-tokens", to="engine.micro_batch_min_tokens", type=int,
           help="attention role: split a step only if each micro-batch gets this many tokens")
+    flag(p, "--ae-spin-us", to="engine.ae_spin_us", type=int,
+          help="attention/expert roles, shm: exchange on polled rings, spinning this long (0: "
+          "datagrams)")
     flag(p, "--expert-timeout-s", to="engine.expert_timeout_s", type=float,
           help="attention role: wait this long for an expert instance's answer")
     flag(p, "--model-store", to="engine.model_store", type=Path,

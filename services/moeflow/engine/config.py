@@ -130,6 +130,12 @@ class EngineOptions(BaseSettings):
     """Attention role: split a step only when every micro-batch gets at least this many tokens.
     Each micro-batch makes the experts stream their weights again; with few tokens (decode)
     that costs more than the overlap gains (measured: benchmarks/moe.py)."""
+    ae_spin_us: int = Field(0, ge=0, le=1_000_000)
+    """Attention and expert roles on ``transport`` shm: > 0 moves the expert exchange onto
+    shared-memory rings (``moeflow.xccl.ring``) whose receivers poll this many microseconds
+    after each message (yielding the core between polls) before they block for a doorbell; 0
+    keeps every message on the transport (a datagram that wakes the receiver). Measured in
+    docs/benchmarks.md (MoE)."""
     expert_timeout_s: float = Field(30.0, gt=0)
     """Attention role: longest wait for an expert instance's answer before it counts as
     dead (its pairs then go to another replica, or the step's requests fail)."""

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from moeflow.engine.ae.expert_client import ExpertClient, Pending
+from moeflow.engine.ae.exchange import open_exchange
+from moeflow.engine.ae.expert_client import ExpertClient, Pending, expert_rank
 from moeflow.engine.ae.expert_map import ExpertMap, round_robin_hosted
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.model_runner import ModelRunner
@@ -166,8 +167,10 @@ def build_attention_runner(
                                redis_url=settings.redis_url,
                                redis_password=settings.redis_password_value)
     expert_map = ExpertMap(round_robin_hosted(arch.num_experts, num_instances), arch.num_experts)
+    exchange = open_exchange(transport, settings.transport, settings.ae_spin_us,
+                             [expert_rank(i) for i in range(num_instances)])
     client = ExpertClient(transport, expert_map, arch.moe_layer_ids,
-                          timeout_s=settings.expert_timeout_s)
+                          timeout_s=settings.expert_timeout_s, exchange=exchange)
     return AttentionRunner(
         settings.model_path, arch, dtype=settings.dtype, num_blocks=num_blocks,
         block_size=settings.block_size, max_model_len=max_model_len, client=client,

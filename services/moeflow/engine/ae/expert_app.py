@@ -29,6 +29,7 @@ from prometheus_client.registry import Collector
 from moeflow.domain.errors import InvalidRequestError
 from moeflow.domain.messages import ExpertInstanceStats, ExpertLoadRequest
 from moeflow.domain.roles import Role
+from moeflow.engine.ae.exchange import open_exchange
 from moeflow.engine.ae.expert_client import expert_rank
 from moeflow.engine.ae.expert_map import round_robin_hosted
 from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader
@@ -76,8 +77,9 @@ def build_expert_worker(settings: EngineSettings,
     initial = round_robin_hosted(arch.num_experts, settings.num_expert_instances)[settings.rank]
     peers = [f"attention-{i}" for i in range(settings.num_attention_instances)]
     loader = checkpoint_loader(settings.model_path, arch, DTYPES[settings.dtype])
+    exchange = open_exchange(transport, settings.transport, settings.ae_spin_us, peers)
     return ExpertWorker(transport, rank, peers, arch.num_experts, initial, loader,
-                        timeout_s=settings.expert_timeout_s)
+                        timeout_s=settings.expert_timeout_s, exchange=exchange)
 
 
 def build_expert_app(settings: EngineSettings) -> FastAPI:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moeflow.domain.messages import AttentionExpertStats, ExpertPlacement
+from moeflow.engine.ae.exchange import Exchange
 from moeflow.engine.ae.expert_map import ExpertMap
 from moeflow.engine.ae.wire import A2E_TAG, E2A_TAG, Combine, Dispatch, Status
 from moeflow.xccl import Transport
@@ -82,11 +83,16 @@ class ExpertClient:
         moe_layer_ids: Sequence[int],
         *,
         timeout_s: float,
+        exchange: Exchange | None = None,
     ) -> None:
+        """`exchange`: how messages travel (default: on `transport`; see exchange.py)."""
         self._transport = transport
+        self._exchange: Exchange = transport if exchange is None else exchange
         self.map = expert_map
         self._timeout_s = timeout_s
-        self._seq = 0
+        # Start past any sequence number a previous process of this rank used, so an answer to
+        # it still queued somewhere can never pass for one of ours.
+        self._seq = time.time_ns()
         self._early: dict[tuple[int, int], Combine] = {}
         self._waiting: set[tuple[int, int]] = set()
         self.moe_layer_ids = tuple(moe_layer_ids)
@@ -140,6 +146,7 @@ class ExpertClient:
         )
 
     def close(self) -> None:
+        self._exchange.close()
         self._transport.close()
 
     # -- data path (compute thread) ------------------------------------------------------
@@ -189,8 +196,8 @@ class ExpertClient:
                 message = Dispatch(seq, pending.layer, time.time_ns(), pending.x[unique_tokens],
                                    inverse, experts[rows])
                 try:
-                    self._transport.send(expert_rank(instance), A2E_TAG, message.to_tensors(),
-                                         self._timeout_s)
+                    self._exchange.send(expert_rank(instance), A2E_TAG, message.to_tensors(),
+                                        self._timeout_s)
                 except XcclError as exc:
                     logger.warning("expert-%d unreachable (%s): marking it dead", instance, exc)
                     self._mark_dead(instance)
@@ -213,8 +220,8 @@ class ExpertClient:
         key = (item.instance, item.seq)
         try:
             while key not in self._early:
-                tensors = self._transport.recv(expert_rank(item.instance), E2A_TAG,
-                                               self._timeout_s)
+                tensors = self._exchange.recv(expert_rank(item.instance), E2A_TAG,
+                                              self._timeout_s)
                 answer = Combine.from_tensors(tensors)
                 if (item.instance, answer.seq) in self._waiting:  # else: a stale answer
                     self._early[(item.instance, answer.seq)] = answer

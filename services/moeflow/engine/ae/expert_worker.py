@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moeflow.domain.messages import ExpertInstanceStats
+from moeflow.engine.ae.exchange import Exchange
 from moeflow.engine.ae.wire import A2E_TAG, E2A_TAG, Combine, Dispatch, Status
 from moeflow.engine.models.arch import ArchConfig
 from moeflow.engine.models.decoder import expert_mlp
@@ -64,8 +65,11 @@ class ExpertWorker:
         loader: Loader,
         *,
         timeout_s: float,
+        exchange: Exchange | None = None,
     ) -> None:
+        """`exchange`: how messages travel (default: on `transport`; see exchange.py)."""
         self._transport = transport
+        self._exchange: Exchange = transport if exchange is None else exchange
         self.rank = rank
         self._attention_ranks = tuple(attention_ranks)
         self._num_experts = num_experts
@@ -92,6 +96,8 @@ class ExpertWorker:
         self._stopping.set()
         for thread in self._threads:
             thread.join(timeout=_POLL_S * 4)
+        if self._exchange is not self._transport:
+            self._exchange.close()  # the transport is the app's to close
 
     # -- placement changes (HTTP thread) ---------------------------------------------------
     def load(self, experts: Sequence[int]) -> list[int]:
@@ -136,7 +142,7 @@ class ExpertWorker:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
             try:
-                tensors = self._transport.recv(peer, A2E_TAG, _POLL_S)
+                tensors = self._exchange.recv(peer, A2E_TAG, _POLL_S)
             except XcclTimeout:
                 continue
             except PeerGone:  # the attention instance restarts or went away: wait for it
@@ -176,6 +182,6 @@ class ExpertWorker:
         answer = Combine(message.seq, status, recv_ns, time.time_ns(),
                          time.perf_counter_ns() - started, out)
         try:
-            self._transport.send(peer, E2A_TAG, answer.to_tensors(), self._timeout_s)
+            self._exchange.send(peer, E2A_TAG, answer.to_tensors(), self._timeout_s)
         except XcclError as exc:
             logger.warning("answer to %s lost (%s); it re-sends or fails the step", peer, exc)
