@@ -15,13 +15,15 @@ model's initializer_range), float32. Every server is ``moeflow up`` on a free po
    expert has the message) and E2A (expert starts its answer -> attention has it in hand, which
    includes any time the answer waited while the attention instance computed the other
    micro-batch) per MoE layer, from the attention instance's /v1/experts/stats (wall clocks of
-   one host).
+   one host); and their *transfer* parts (from the later of the send and the receiver starting
+   to wait, to the receiver having it: the exchange itself, without queueing).
 3. Decode throughput at concurrency 8 and 32: ``colocated`` (one engine, 2 torch threads) vs
    ``split-shm`` (1 attention + 2 expert instances, 1 thread each; on 2 cores that is 3 threads:
    the split pays for its extra processes here; defaults, so decode steps of fewer than 2 x 64
    tokens run as one micro-batch), and ``split-shm-2mb`` (two micro-batches in every step:
    each micro-batch streams every hit expert's weights again, so at decode two micro-batches
-   double the experts' memory traffic). c requests start together
+   double the experts' memory traffic); ``split-ring`` and ``split-ring-2mb`` the same on
+   shared-memory rings (``--ae-spin-us``, ``--spin-us`` here). c requests start together
    (32-token random prompts, 64 output tokens, ignore_eos, streamed); decode tok/s = tokens
    streamed while all c are decoding / that window. Configurations interleave for ``--rounds``
    rounds; medians and ranges are reported.
@@ -165,8 +167,8 @@ async def balance_phase(log_dir: Path) -> dict[str, Any]:
             out["placement_after"] = report.hosted
             out["imbalance_after"], out["pairs_after"] = await run_workload()
             stats = await attention_stats(attention)
-            out["a2e_ms_per_layer"] = [round(v, 3) for v in stats["a2e_ms_per_layer"]]
-            out["e2a_ms_per_layer"] = [round(v, 3) for v in stats["e2a_ms_per_layer"]]
+            for key in ("a2e", "e2a", "a2e_transfer", "e2a_transfer"):
+                out[f"{key}_ms_per_layer"] = [round(v, 3) for v in stats[f"{key}_ms_per_layer"]]
             out["expert_compute_ms_per_layer"] = [
                 round(v, 3) for v in stats["expert_compute_ms_per_layer"]]
         finally:
@@ -208,7 +210,9 @@ async def throughput_phase(rounds: int, log_dir: Path, spin_us: int,
                     [attention] = engine_urls(platform, "attention")
                     stats = await attention_stats(attention)
                     latency.setdefault(name, []).append(
-                        {k: stats[k] for k in ("a2e_ms_per_layer", "e2a_ms_per_layer")})
+                        {k: stats[k] for k in ("a2e_ms_per_layer", "e2a_ms_per_layer",
+                                               "a2e_transfer_ms_per_layer",
+                                               "e2a_transfer_ms_per_layer")})
     out: dict[str, Any] = {}
     for c in (8, 32):
         for name in configs:
@@ -223,7 +227,7 @@ async def throughput_phase(rounds: int, log_dir: Path, spin_us: int,
             out[key] = {"median": round(statistics.median(ratios), 3),
                         "min": round(min(ratios), 3), "max": round(max(ratios), 3)}
     for name, runs in latency.items():  # per MoE layer: the median over rounds
-        for key in ("a2e", "e2a"):
+        for key in ("a2e", "e2a", "a2e_transfer", "e2a_transfer"):
             per_layer = [statistics.median(v) for v in
                          zip(*(run[f"{key}_ms_per_layer"] for run in runs), strict=True)]
             out[f"{name}_decode_{key}_ms_per_layer"] = [round(v, 3) for v in per_layer]

@@ -277,6 +277,13 @@ class AttentionExpertStats(_Message):
     """Mean A2E latency (send start -> expert has the message) per MoE layer, in order."""
     e2a_ms_per_layer: tuple[float, ...]
     """Mean E2A latency (expert starts its answer -> attention has it) per MoE layer."""
+    a2e_transfer_ms_per_layer: tuple[float, ...] = ()
+    """The exchange's own share of A2E: from when the message was sent or the expert started
+    waiting for it, whichever is later, to when it had it (A2E less time queued behind the
+    expert's other work)."""
+    e2a_transfer_ms_per_layer: tuple[float, ...] = ()
+    """The same for E2A: from the answer's send or the attention instance starting to wait for
+    it, whichever is later, to when it had it."""
     expert_compute_ms_per_layer: tuple[float, ...]
     num_redispatches_total: int
     """Pairs sent again to another replica after an expert instance failed."""

@@ -94,6 +94,11 @@ def test_split_equals_colocated_and_transformers(
     assert all(p > 0 for p in stats.pairs_per_instance)  # both expert instances did work
     assert sum(stats.routed_tokens_per_expert) > 0
     assert len(stats.a2e_ms_per_layer) == len(load_arch(model_dir).moe_layer_ids)
+    # the transfer part of each latency (no queueing) is part of it, never more
+    for part, whole in ((stats.a2e_transfer_ms_per_layer, stats.a2e_ms_per_layer),
+                        (stats.e2a_transfer_ms_per_layer, stats.e2a_ms_per_layer)):
+        assert len(part) == len(whole)
+        assert all(0 <= p <= w + 1e-9 for p, w in zip(part, whole, strict=True))
 
 
 @pytest.mark.slow

@@ -72,6 +72,8 @@ class _LayerLatency:
     a2e_ns: int = 0
     e2a_ns: int = 0
     compute_ns: int = 0
+    a2e_transfer_ns: int = 0
+    e2a_transfer_ns: int = 0
     count: int = 0
 
 
@@ -93,7 +95,8 @@ class ExpertClient:
         # Start past any sequence number a previous process of this rank used, so an answer to
         # it still queued somewhere can never pass for one of ours.
         self._seq = time.time_ns()
-        self._early: dict[tuple[int, int], Combine] = {}
+        # answers taken off the exchange before their turn, with the E2A transfer time
+        self._early: dict[tuple[int, int], tuple[Combine, int]] = {}
         self._waiting: set[tuple[int, int]] = set()
         self.moe_layer_ids = tuple(moe_layer_ids)
         self.routed_tokens = torch.zeros(expert_map.num_experts, dtype=torch.int64)
@@ -139,6 +142,8 @@ class ExpertClient:
             pairs_per_instance=tuple(self.pairs_per_instance),
             a2e_ms_per_layer=tuple(mean_ms(x.a2e_ns, x.count) for x in lat),
             e2a_ms_per_layer=tuple(mean_ms(x.e2a_ns, x.count) for x in lat),
+            a2e_transfer_ms_per_layer=tuple(mean_ms(x.a2e_transfer_ns, x.count) for x in lat),
+            e2a_transfer_ms_per_layer=tuple(mean_ms(x.e2a_transfer_ns, x.count) for x in lat),
             expert_compute_ms_per_layer=tuple(mean_ms(x.compute_ns, x.count) for x in lat),
             num_redispatches_total=self.num_redispatches_total,
             imbalance_ratio=imbalance([p for i, p in enumerate(self._window_pairs)
@@ -218,22 +223,26 @@ class ExpertClient:
 
     def _receive(self, item: _Outstanding) -> Combine | None:
         key = (item.instance, item.seq)
+        waiting_ns = time.time_ns()
         try:
             while key not in self._early:
                 tensors = self._exchange.recv(expert_rank(item.instance), E2A_TAG,
                                               self._timeout_s)
                 answer = Combine.from_tensors(tensors)
+                transfer_ns = time.time_ns() - max(answer.sent_ns, waiting_ns)
                 if (item.instance, answer.seq) in self._waiting:  # else: a stale answer
-                    self._early[(item.instance, answer.seq)] = answer
+                    self._early[(item.instance, answer.seq)] = (answer, max(0, transfer_ns))
         except XcclError as exc:
             logger.warning("expert-%d failed mid-exchange (%s)", item.instance, exc)
             self._waiting.discard(key)
             return None
         self._waiting.discard(key)
-        answer = self._early.pop(key)
+        answer, e2a_transfer_ns = self._early.pop(key)
         arrived_ns = time.time_ns()
         lat = self._latency[item.layer]
         lat.count += 1
+        lat.a2e_transfer_ns += answer.a2e_transfer_ns
+        lat.e2a_transfer_ns += e2a_transfer_ns
         lat.compute_ns += answer.compute_ns
         lat.e2a_ns += max(0, arrived_ns - answer.sent_ns)
         lat.a2e_ns += max(0, answer.recv_ns - item.sent_ns)

@@ -141,6 +141,7 @@ class ExpertWorker:
     def _serve(self, peer: str) -> None:
         torch.set_grad_enabled(False)
         while not self._stopping.is_set():
+            waiting_ns = time.time_ns()
             try:
                 tensors = self._exchange.recv(peer, A2E_TAG, _POLL_S)
             except XcclTimeout:
@@ -160,9 +161,9 @@ class ExpertWorker:
             except ValueError:
                 logger.exception("malformed A2E message from %s dropped", peer)
                 continue
-            self._answer(peer, message, recv_ns)
+            self._answer(peer, message, recv_ns, recv_ns - max(message.sent_ns, waiting_ns))
 
-    def _answer(self, peer: str, message: Dispatch, recv_ns: int) -> None:
+    def _answer(self, peer: str, message: Dispatch, recv_ns: int, transfer_ns: int) -> None:
         weights = self._weights  # one consistent snapshot for the whole message
         started = time.perf_counter_ns()
         hosted_here = weights.get(message.layer, {})
@@ -180,7 +181,7 @@ class ExpertWorker:
             else:
                 self._tokens += torch.bincount(message.experts, minlength=self._num_experts)
         answer = Combine(message.seq, status, recv_ns, time.time_ns(),
-                         time.perf_counter_ns() - started, out)
+                         time.perf_counter_ns() - started, out, max(0, transfer_ns))
         try:
             self._exchange.send(peer, E2A_TAG, answer.to_tensors(), self._timeout_s)
         except XcclError as exc:

@@ -63,14 +63,18 @@ class Combine:
     """When it started sending this answer."""
     compute_ns: int
     out: torch.Tensor  # [p, E]: unweighted expert output per pair, in the Dispatch's order
+    a2e_transfer_ns: int = 0
+    """recv_ns less the later of the Dispatch's send and the expert starting to wait for it."""
 
     def to_tensors(self) -> list[torch.Tensor]:
-        header = _header(self.seq, int(self.status), self.recv_ns, self.sent_ns, self.compute_ns)
+        header = _header(self.seq, int(self.status), self.recv_ns, self.sent_ns, self.compute_ns,
+                         self.a2e_transfer_ns)
         return [header, self.out]
 
     @classmethod
     def from_tensors(cls, tensors: list[torch.Tensor]) -> Combine:
-        if len(tensors) != 2 or tensors[0].numel() != 5:
+        if len(tensors) != 2 or tensors[0].numel() != 6:
             raise ValueError(f"not an E2A message: {len(tensors)} tensors")
-        seq, status, recv_ns, sent_ns, compute_ns = (int(v) for v in tensors[0].tolist())
-        return cls(seq, Status(status), recv_ns, sent_ns, compute_ns, tensors[1])
+        seq, status, recv_ns, sent_ns, compute_ns, transfer_ns = (
+            int(v) for v in tensors[0].tolist())
+        return cls(seq, Status(status), recv_ns, sent_ns, compute_ns, tensors[1], transfer_ns)

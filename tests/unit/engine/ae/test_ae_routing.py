@@ -93,8 +93,9 @@ def test_wire_messages_round_trip() -> None:
     back = Dispatch.from_tensors(d.to_tensors())
     assert (back.seq, back.layer, back.sent_ns) == (7, 3, 123)
     assert torch.equal(back.hidden, d.hidden) and torch.equal(back.experts, d.experts)
-    c = Combine(7, Status.MISSING_EXPERT, 1, 2, 3, torch.empty(0))
-    assert Combine.from_tensors(c.to_tensors()).status is Status.MISSING_EXPERT
+    c = Combine(7, Status.MISSING_EXPERT, 1, 2, 3, torch.empty(0), 4)
+    back_c = Combine.from_tensors(c.to_tensors())
+    assert back_c.status is Status.MISSING_EXPERT and back_c.a2e_transfer_ns == 4
     with pytest.raises(ValueError):
         Dispatch.from_tensors([torch.zeros(2)])
 
