@@ -160,7 +160,9 @@ class TokenChunk(_Message):
     kv_bytes: int = 0
     """Split requests, first chunk: bytes of prompt KV moved from the prefill instance."""
     kv_transfer_ms: float = 0.0
-    """Split requests, first chunk: XCCL time of the KV (prefill's send + decode's receive)."""
+    """Split requests, first chunk: wall time of the layer-wise KV transfer (the prefill's
+    send of layer 0, then the decode side's span from layer 0's arrival to the last layer
+    written into its blocks; the copies of both sides overlap in it)."""
     logprobs: tuple[TokenLogprob, ...] = ()
     """With ``SamplingParams.logprobs``: one entry per id in ``token_ids``."""
     prompt_logprobs: tuple[TokenLogprob, ...] = ()
@@ -183,6 +185,9 @@ class PrefillResponse(_Message):
     num_cached_tokens: int
     kv_bytes: int
     send_ms: float
+    """Sending every layer (gathered from the blocks straight into the transport's buffers)."""
+    first_layer_send_ms: float = 0.0
+    """Sending layer 0 alone: the part of the transfer the decode side cannot overlap."""
 
 
 class ErrorChunk(_Message):

@@ -32,6 +32,7 @@ import torch
 
 from moeflow.domain.errors import BackendUnavailableError, MoeflowError
 from moeflow.domain.messages import GenerateRequest, TokenChunk
+from moeflow.engine.kv_transfer import KVLanding, LayerwiseKVSender
 from moeflow.engine.llm_engine import STEP_FAILED_MESSAGE, LLMEngine, StepFailed
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,10 @@ SHUTTING_DOWN = "the engine instance is shutting down"
 
 @dataclass(frozen=True)
 class KVPullReady:
-    """Decode role: blocks are reserved for this request; fetch its KV and ``attach_kv``."""
+    """Decode role: blocks are reserved for this request; land its KV there and ``attach_kv``."""
 
     request_id: str
+    landing: KVLanding | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ class _Add:
     request: GenerateRequest
     loop: asyncio.AbstractEventLoop
     outbox: asyncio.Queue[Item | BaseException]
-    exports_kv: bool = False
+    exports_kv: bool | LayerwiseKVSender = False
 
 
 @dataclass
@@ -87,7 +89,7 @@ class _Abort:
 @dataclass
 class _AttachKV:
     request_id: str
-    kv: torch.Tensor
+    kv: torch.Tensor | None
     first_token_id: int
     num_cached_tokens: int
     kv_bytes: int
@@ -172,7 +174,7 @@ class AsyncEngine:
 
     # -- commands (any thread) -------------------------------------------------------------
     def attach_kv(
-        self, request_id: str, kv: torch.Tensor, first_token_id: int, *,
+        self, request_id: str, kv: torch.Tensor | None, first_token_id: int, *,
         num_cached_tokens: int, kv_bytes: int, kv_transfer_ms: float,
     ) -> None:
         self._inbox.put(
@@ -188,7 +190,7 @@ class AsyncEngine:
         self._inbox.put(_FailAll(error))
 
     async def generate(
-        self, request: GenerateRequest, *, exports_kv: bool = False
+        self, request: GenerateRequest, *, exports_kv: bool | LayerwiseKVSender = False
     ) -> AsyncGenerator[Item, None]:
         """Admit now (raising the client's error), then yield items until a chunk finishes.
 
@@ -316,7 +318,8 @@ class AsyncEngine:
         for request_id in self.engine.pending_kv_pulls:
             add = self._outboxes.get(request_id)
             if add is not None:
-                self._deliver(add, KVPullReady(request_id))
+                self._deliver(add, KVPullReady(request_id,
+                                               self.engine.kv_landings.get(request_id)))
         self.engine.pending_kv_pulls.clear()
 
     def _run(self) -> None:

@@ -3,10 +3,11 @@
 Decode pulls (DeepServe's TE-to-TE transfer, with back-pressure): a decode instance reserves
 blocks for a request first, and only then asks the prefill instance (``POST /v1/prefill``) to
 compute the prompt and send its KV to the decode instance's XCCL rank under the tag
-``kv/<request_id>``; the prefill answers with the first token once the KV is sent. So a decode
-instance that is out of memory makes prefill wait, never fail, and the prefill side holds no
-blocks after its answer (KV is copied out before the blocks are freed), whatever happens to the
-decode side afterwards.
+``kv/<request_id>``, one message per layer (kv_transfer.py); the prefill answers with the first
+token once the KV is sent. The decode side listens before it asks, so it writes each layer into
+its blocks as it arrives. So a decode instance that is out of memory makes prefill wait, never
+fail, and the prefill side holds no blocks after its answer (the KV leaves before the blocks are
+freed), whatever happens to the decode side afterwards.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from dataclasses import dataclass
 
 import httpx
-import torch
 
 from moeflow.domain.errors import (
     BackendUnavailableError,
@@ -27,10 +26,13 @@ from moeflow.domain.errors import (
     error_from_code,
 )
 from moeflow.domain.messages import GenerateRequest, PrefillRequest, PrefillResponse
+from moeflow.engine.kv_transfer import KVLanding, LayerReceiver
 from moeflow.web.internal_auth import internal_headers
-from moeflow.xccl import Transport, XcclError
+from moeflow.xccl import Transport
 
 logger = logging.getLogger(__name__)
+
+_RECEIVING: set[asyncio.Task[None]] = set()
 
 
 def kv_tag(request_id: str) -> str:
@@ -45,14 +47,16 @@ def prefill_only(request: GenerateRequest) -> GenerateRequest:
 
 @dataclass
 class PulledKV:
-    kv: torch.Tensor  # [layers, 2, prompt tokens, K, Hd]
+    """A pull that completed: every layer is in the request's blocks."""
+
     response: PrefillResponse
     transfer_ms: float
-    """XCCL time only: the prefill's send plus the decode's receive and copy."""
+    """The transfer's wall time: the prefill's send of layer 0 plus the decode side's span from
+    layer 0's arrival to the last layer's write (the copies of both sides overlap in it)."""
 
 
 class KVPuller:
-    """Decode side: ask the prefill instance for a request's KV and receive it."""
+    """Decode side: ask the prefill instance for a request's KV and land it layer by layer."""
 
     def __init__(self, transport: Transport, self_rank: str, timeout_s: float, *,
                  internal_token: str | None = None) -> None:
@@ -66,16 +70,38 @@ class KVPuller:
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def pull(self, request: GenerateRequest) -> PulledKV:
+    async def pull(self, request: GenerateRequest, landing: KVLanding) -> PulledKV:
+        """Receive the prompt's KV into ``landing`` (the reserved blocks); raises the errors
+        the gateway acts on (``prefill_unavailable`` re-places the request)."""
         source = request.kv_source
         if source is None:
             raise ValueError("pull() needs a request with kv_source")
-        started = time.perf_counter()
         tag = kv_tag(request.request_id)
+        # Listening before the prefill is asked: layers are written as they arrive.
+        receiver = LayerReceiver(self.transport, source.prefill_rank, tag, landing,
+                                 self.timeout_s)
+        receiving = asyncio.create_task(asyncio.to_thread(receiver.run))
+        _RECEIVING.add(receiving)  # the loop holds tasks weakly; a cancelled pull drops its own
+        receiving.add_done_callback(_RECEIVING.discard)
+        try:
+            answer = await self._ask(source.prefill_url, request, tag)
+        except Exception:
+            receiver.sender_finished()
+            await receiving  # take what it did send, so none of its segments stays pinned
+            raise
+        receiver.sender_finished()
+        await receiving
+        if receiver.error is not None:
+            raise PrefillUnavailableError(
+                f"the KV transfer from the prefill instance failed: "
+                f"{type(receiver.error).__name__}: {receiver.error}") from receiver.error
+        return PulledKV(answer, answer.first_layer_send_ms + receiver.span_ms)
+
+    async def _ask(self, prefill_url: str, request: GenerateRequest, tag: str) -> PrefillResponse:
         body = PrefillRequest(request=prefill_only(request), decode_rank=self.self_rank, tag=tag)
         try:
             response = await self._http.post(
-                f"{source.prefill_url}/v1/prefill", content=body.model_dump_json(),
+                f"{prefill_url}/v1/prefill", content=body.model_dump_json(),
                 headers={"content-type": "application/json"},
             )
         except httpx.HTTPError as exc:
@@ -87,22 +113,7 @@ class KVPuller:
             if isinstance(error, BackendUnavailableError):  # the instance, not the request
                 raise PrefillUnavailableError(f"the prefill instance failed: {error.message}")
             raise error
-        answer = PrefillResponse.model_validate_json(response.content)
-        recv_started = time.perf_counter()
-        remaining_s = max(0.0, self.timeout_s - (recv_started - started))
-        try:
-            tensors = await asyncio.to_thread(
-                self.transport.recv, source.prefill_rank, tag, remaining_s
-            )
-        except XcclError as exc:
-            raise PrefillUnavailableError(f"the KV transfer from the prefill instance failed: "
-                                          f"{type(exc).__name__}") from exc
-        # shm hands out views of the sender's buffers: keep a private copy, release them now
-        kv = tensors[0].clone()
-        del tensors
-        # transfer time = the prefill side's send + this side's receive (not the prefill itself)
-        transfer_ms = answer.send_ms + 1000 * (time.perf_counter() - recv_started)
-        return PulledKV(kv, answer, transfer_ms)
+        return PrefillResponse.model_validate_json(response.content)
 
 
 def _remote_error(response: httpx.Response) -> MoeflowError:
@@ -111,16 +122,3 @@ def _remote_error(response: httpx.Response) -> MoeflowError:
         return error_from_code(str(error["code"]), str(error["message"]), error.get("param"))
     except (ValueError, KeyError, TypeError):
         return BackendUnavailableError(f"prefill instance answered HTTP {response.status_code}")
-
-
-def send_kv(transport: Transport, decode_rank: str, tag: str, kv: torch.Tensor,
-            timeout_s: float) -> float:
-    """Prefill side: send the KV; returns milliseconds spent. Raises BackendUnavailableError."""
-    started = time.perf_counter()
-    try:
-        transport.send(decode_rank, tag, [kv], timeout_s)
-    except XcclError as exc:
-        logger.warning("sending KV to %s failed: %s", decode_rank, exc)
-        raise BackendUnavailableError(
-            f"sending KV to the decode instance failed ({type(exc).__name__})") from exc
-    return 1000 * (time.perf_counter() - started)

@@ -35,6 +35,7 @@ from moeflow.engine.adapter_store import adapter_applied, build_store
 from moeflow.engine.block_manager import BlockManager, num_blocks_for
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.constraints import GrammarCompiler
+from moeflow.engine.kv_transfer import KVLanding, LayerwiseKVSender
 from moeflow.engine.logprobs import next_token_logprob, prompt_logprobs
 from moeflow.engine.model_runner import ModelRunner
 from moeflow.engine.models.arch import load_arch
@@ -153,8 +154,12 @@ class LLMEngine:
         self._requests: dict[str, _Request] = {}
         self.exported_kv: dict[str, torch.Tensor] = {}
         """Prefill role: request_id -> prompt KV, filled before the request's last chunk."""
+        self.kv_senders: dict[str, LayerwiseKVSender] = {}
+        """Prefill role: where requests added with a sender send their KV."""
         self.pending_kv_pulls: list[str] = []
         """Decode role: requests whose blocks are reserved and whose KV should be fetched."""
+        self.kv_landings: dict[str, KVLanding] = {}
+        """Decode role: the reserved blocks of those requests, writable until they end."""
         self.failed_requests: list[tuple[str, MoeflowError]] = []
         """Requests a step failed on their own (e.g. non-finite logits), already aborted; the
         driver delivers the errors and clears the list."""
@@ -204,7 +209,10 @@ class LLMEngine:
                 "requests whose KV comes from a prefill instance"
             )
 
-    def add_request(self, request: GenerateRequest, *, exports_kv: bool = False) -> None:
+    def add_request(self, request: GenerateRequest, *,
+                    exports_kv: bool | LayerwiseKVSender = False) -> None:
+        """``exports_kv``: prefill role; True keeps the prompt's KV in ``exported_kv``, a sender
+        sends it layer by layer from the blocks when the prompt's last chunk is computed."""
         self.check_admission(request)
         sampling = request.sampling
         if needs_state(sampling):
@@ -227,8 +235,10 @@ class LLMEngine:
             eos_token_ids=self.eos_token_ids,
             arrival_s=time.monotonic(),
             is_remote_prefill=request.kv_source is not None,
-            exports_kv=exports_kv,
+            exports_kv=exports_kv is not False,
         )
+        if isinstance(exports_kv, LayerwiseKVSender):
+            self.kv_senders[request.request_id] = exports_kv
         detok = IncrementalDetokenizer(self.tokenizer, stop=request.sampling.stop)
         if request.resume is not None:  # failover: continue another instance's output
             detok.resume(request.resume.output_token_ids, request.resume.num_emitted_chars)
@@ -236,6 +246,9 @@ class LLMEngine:
         self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> None:
+        self.kv_senders.pop(request_id, None)
+        if (landing := self.kv_landings.pop(request_id, None)) is not None:
+            landing.cancel()  # before the blocks are freed: waits for a write in progress
         if (req := self._requests.pop(request_id, None)) is not None:
             self.scheduler.abort(request_id)
             self.runner.forget(request_id)
@@ -258,7 +271,9 @@ class LLMEngine:
     # -- the step --------------------------------------------------------------------------
     def step(self) -> list[TokenChunk]:
         plan = self.scheduler.schedule()
-        self.pending_kv_pulls.extend(seq.request_id for seq in plan.kv_pulls)
+        for seq in plan.kv_pulls:
+            self.pending_kv_pulls.append(seq.request_id)
+            self.kv_landings[seq.request_id] = self._landing(seq)
         self.last_step_was_idle = plan.is_empty
         if plan.is_empty:
             return []
@@ -269,10 +284,20 @@ class LLMEngine:
                 seq = item.seq
                 if seq.exports_kv and item.completes_sequence and not seq.output_token_ids:
                     # copy out before postprocess frees the blocks of this one-token request
-                    self.exported_kv[seq.request_id] = self.runner.read_kv(
-                        seq.block_table, seq.num_prompt_tokens
-                    )
+                    # (a sender stays until the step went through: exporting twice, after a
+                    # failed step, fails the request, since the decode side has layers already)
+                    sender = self.kv_senders.get(seq.request_id)
+                    if sender is not None:
+                        sender.export(self.runner.kv_cache, self.runner.kv_slots(
+                            seq.block_table, seq.num_prompt_tokens))
+                    else:
+                        self.exported_kv[seq.request_id] = self.runner.read_kv(
+                            seq.block_table, seq.num_prompt_tokens
+                        )
             self.scheduler.postprocess(plan, sampled)
+            for item in plan.scheduled:
+                if item.completes_sequence:
+                    self.kv_senders.pop(item.seq.request_id, None)
         except Exception as exc:
             # A failed step indexes nothing in the prefix cache (that happens in postprocess).
             members = [item.seq for item in plan.scheduled]
@@ -317,23 +342,35 @@ class LLMEngine:
             self.failed_requests.append((request_id, MoeflowError(INVALID_LOGITS_MESSAGE)))
         return {rid: t for rid, t in sampled.items() if rid not in invalid}
 
+    def _landing(self, seq: Sequence) -> KVLanding:
+        # full blocks that came from the prefix cache (a sibling's prompt: ``n`` > 1) hold this
+        # KV already and may be read by others: only the blocks past them are written
+        skip = seq.num_computed_tokens // self.block_manager.block_size
+        skip_tokens = skip * self.block_manager.block_size
+        slots = self.runner.kv_slots(seq.block_table[skip:], seq.num_prompt_tokens - skip_tokens)
+        return KVLanding(self.runner.kv_cache, slots, skip_tokens, seq.num_prompt_tokens)
+
     def attach_kv(
-        self, request_id: str, kv: torch.Tensor, first_token_id: int, *,
+        self, request_id: str, kv: torch.Tensor | None, first_token_id: int, *,
         num_cached_tokens: int = 0, kv_bytes: int = 0, kv_transfer_ms: float = 0.0,
     ) -> TokenChunk | None:
         """Decode role: the prompt's KV and first token arrived; the request starts decoding.
 
+        ``kv`` [layers, 2, tokens, K, Hd] is written into the blocks here; None means it was
+        written layer by layer through the request's ``KVLanding`` (which must be complete).
         Returns the first token's chunk, or None if the request is gone (aborted meanwhile).
         """
         req = self._requests.get(request_id)
         if req is None:
             return None
         seq = req.seq
-        # full blocks that came from the prefix cache (a sibling's prompt: ``n`` > 1) hold this
-        # KV already and may be read by others: only the blocks past them are written
-        shared = seq.num_computed_tokens // self.block_manager.block_size
-        self.runner.write_kv(seq.block_table[shared:],
-                             kv[:, :, shared * self.block_manager.block_size:])
+        landing = self.kv_landings.pop(request_id, None)
+        if kv is not None:
+            shared = seq.num_computed_tokens // self.block_manager.block_size
+            self.runner.write_kv(seq.block_table[shared:],
+                                 kv[:, :, shared * self.block_manager.block_size:])
+        elif landing is None or not landing.is_complete:
+            raise ValueError(f"the KV of request {request_id!r} did not arrive in full")
         self.scheduler.kv_arrived(seq)
         seq.num_cached_tokens = num_cached_tokens
         seq.append_token(first_token_id)

@@ -146,6 +146,10 @@ class ModelRunner:
         bs = self.block_size
         return torch.tensor([block_table[p // bs] * bs + p % bs for p in range(num_tokens)])
 
+    def kv_slots(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
+        """Cache slots of tokens [0, num_tokens) of a sequence with ``block_table``."""
+        return self._prompt_slots(block_table, num_tokens)
+
     def read_kv(self, block_table: list[int], num_tokens: int) -> torch.Tensor:
         """A copy of tokens [0, num_tokens)'s K and V: [layers, 2, num_tokens, K, Hd]."""
         return self.kv_cache[:, :, self._prompt_slots(block_table, num_tokens)]

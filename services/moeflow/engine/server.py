@@ -15,7 +15,6 @@ the same three facts. ``POST /v1/drain`` stops admission (new requests get 503
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -42,10 +41,11 @@ from moeflow.domain.roles import Role
 from moeflow.engine.adapter_routes import add_adapter_routes
 from moeflow.engine.ae.attention_routes import add_attention_routes
 from moeflow.engine.ae.attention_runner import AttentionRunner
-from moeflow.engine.async_engine import AsyncEngine, KVExport, KVPullReady
+from moeflow.engine.async_engine import AsyncEngine, KVPullReady
 from moeflow.engine.coldstart_routes import add_coldstart_routes
-from moeflow.engine.disagg import KVPuller, prefill_only, send_kv
+from moeflow.engine.disagg import KVPuller, prefill_only
 from moeflow.engine.health import TransportState, add_health_routes, probe_transport
+from moeflow.engine.kv_transfer import LayerwiseKVSender
 from moeflow.engine.llm_engine import STEP_FAILED_MESSAGE, LLMEngine
 from moeflow.engine.metrics import add_model_server_metrics
 from moeflow.web.errors import install_error_handlers
@@ -154,16 +154,16 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
             if transport is not None:
                 transport.close()
 
-    async def pull_and_attach(request: GenerateRequest) -> None:
+    async def pull_and_attach(request: GenerateRequest, ready: KVPullReady) -> None:
         puller = state.get("puller")
-        assert isinstance(puller, KVPuller)
+        assert isinstance(puller, KVPuller) and ready.landing is not None
         try:
-            pulled = await puller.pull(request)
+            pulled = await puller.pull(request, ready.landing)
         except MoeflowError as exc:
             async_engine.fail(request.request_id, exc)
             return
         async_engine.attach_kv(
-            request.request_id, pulled.kv, pulled.response.first_token_id,
+            request.request_id, None, pulled.response.first_token_id,
             num_cached_tokens=pulled.response.num_cached_tokens,
             kv_bytes=pulled.response.kv_bytes, kv_transfer_ms=pulled.transfer_ms,
         )
@@ -201,7 +201,7 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
             try:
                 async for chunk in chunks:
                     if isinstance(chunk, KVPullReady):
-                        await pull_and_attach(request)
+                        await pull_and_attach(request, chunk)
                         continue
                     if isinstance(chunk, TokenChunk):
                         timer.chunk(chunk)
@@ -227,22 +227,23 @@ def build_engine_app(engine: LLMEngine) -> FastAPI:
         if settings.role is not Role.PREFILL or transport is None:
             raise InvalidRequestError(f"this instance's role is {settings.role!r}, not prefill")
         request = prefill_only(body.request)
+        # the engine thread sends the KV layer by layer from the blocks, before freeing them
+        sender = LayerwiseKVSender(transport, body.decode_rank, body.tag,
+                                   settings.kv_transfer_timeout_s)
         last: TokenChunk | None = None
-        kv = None
-        async for item in async_engine.generate(request, exports_kv=True):
+        async for item in async_engine.generate(request, exports_kv=sender):
             if isinstance(item, TokenChunk):
                 last = item
-            elif isinstance(item, KVExport):  # handed over by the engine thread
-                kv = item.kv
-        if last is None or kv is None:
+        if last is None or not sender.is_done:
             raise BackendUnavailableError("the prefill produced no KV")
-        kv_bytes = kv.numel() * kv.element_size()
-        send_ms = await asyncio.to_thread(
-            send_kv, transport, body.decode_rank, body.tag, kv, settings.kv_transfer_timeout_s
-        )
+        if sender.error is not None:
+            logger.warning("sending KV to %s failed: %s", body.decode_rank, sender.error)
+            raise BackendUnavailableError(
+                f"sending KV to the decode instance failed ({type(sender.error).__name__})")
         return PrefillResponse(
             request_id=request.request_id, first_token_id=last.token_ids[0],
-            num_cached_tokens=last.num_cached_tokens, kv_bytes=kv_bytes, send_ms=send_ms,
+            num_cached_tokens=last.num_cached_tokens, kv_bytes=sender.num_bytes,
+            send_ms=sender.send_ms, first_layer_send_ms=sender.first_layer_ms,
         )
 
     @app.get("/v1/model_info")
