@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from moeflow.engine.kernels import Linear, native, packing_available
 from moeflow.engine.kernels import linear as linear_module
-from moeflow.engine.kernels.linear import blocked64_bytes, blocked64_rows
+from moeflow.engine.kernels.linear import blocked_bytes, blocked_rows
 
 
 def test_the_pinned_torch_packs() -> None:
@@ -104,62 +104,114 @@ def test_a_state_of_another_format_is_refused() -> None:
         Linear.__new__(Linear).__setstate__(state)
 
 
-def test_few_rows_run_the_c_loop_on_the_packed_bytes() -> None:
+@pytest.mark.parametrize("block", native.PACKED_BLOCKS)
+def test_decode_rows_run_the_c_loop_on_the_packed_bytes(block: int) -> None:
     kernels = native.library()
-    assert kernels is not None and kernels.packed_linear_rows >= 8, "this machine builds it"
-    rows = kernels.packed_linear_rows
-    w = _weight(100, 37)  # a partial 64-row block, K not a multiple of 16
-    data = blocked64_bytes(w)
-    assert blocked64_rows(w, data) == 48
+    assert kernels is not None and kernels.packed_linear_rows[block] >= 1, "this machine builds it"
+    rows = kernels.packed_linear_rows[block]
+    w = _weight(100, 37)  # a partial block, K not a multiple of 16
+    data = blocked_bytes(w, block)
+    assert blocked_rows(w, data, block) == 48
     x = torch.randn(rows, 37)
-    y = kernels.packed_linear(x, data, 100, 37, 48)
+    y = kernels.packed_linear(x, data, 100, 37, 48, block)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
-    # a row's result does not depend on the rows computed beside it
-    for m in (1, 3, 5, rows):
-        assert torch.equal(kernels.packed_linear(x[:m], data, 100, 37, 48), y[:m])
-    # Linear runs the C loop exactly when the bytes it packed are in that layout: oneDNN's
-    # fp32 layout on AVX-512 CPUs; on AVX2-only CPUs oneDNN blocks by fewer rows and computes
-    # every product itself
-    layer = Linear(w)
-    assert layer._kp == blocked64_rows(w, layer.storage)
-    if layer._kp is not None:
-        assert torch.equal(layer(x), y)
-    torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
-    # non-contiguous rows (a view with a leading stride) read correctly
-    wide = torch.randn(4, 50)
-    assert torch.equal(layer(wide[:, :37]), layer(wide[:, :37].contiguous()))
+    # a row's result does not depend on the rows computed beside it (or on the tile it fell in)
+    for m in sorted({1, 3, 5, 7, 13, rows} & set(range(1, rows + 1))):
+        assert torch.equal(kernels.packed_linear(x[:m], data, 100, 37, 48, block), y[:m])
+        assert torch.equal(kernels.packed_linear(x[-m:], data, 100, 37, 48, block), y[-m:])
 
 
-def test_the_layout_check_rejects_other_layouts() -> None:
+def test_linear_packs_the_layout_the_c_loop_reads_best() -> None:
+    # oneDNN's fp32 layout is 64-row blocks on AVX-512 CPUs; on AVX2-only ones it follows the
+    # thread count (16 or 64 rows), and Linear asks for the 16-row one the AVX2 loop reads at
+    # any batch size: at every thread count, the bytes are a layout the C loop reads
+    kernels = native.library()
+    assert kernels is not None
+    preferred = 64 if kernels.packed_linear_rows[64] > 1 else 16
+    w = _weight(100, 37)
+    before = torch.get_num_threads()
+    try:
+        for num_threads in (1, 2, 3):
+            torch.set_num_threads(num_threads)
+            linear_module._md_template.cache_clear()
+            layer = Linear(w)
+            assert (layer._block, layer._kp) == (preferred, 48), num_threads
+            assert blocked_rows(w, layer.storage, preferred) == 48
+            rows = kernels.packed_linear_rows[preferred]
+            x = torch.randn(rows + 2, 37)  # the C loop, then oneDNN past its rows
+            for m in (1, rows, rows + 2):
+                torch.testing.assert_close(layer(x[:m]), F.linear(x[:m], w), rtol=1e-5,
+                                           atol=1e-5)
+            assert torch.equal(layer(x[:1]), kernels.packed_linear(x[:1], layer.storage, 100, 37,
+                                                                     48, preferred))
+            # non-contiguous rows (a view with a leading stride) read correctly
+            wide = torch.randn(4, 50)
+            assert torch.equal(layer(wide[:, :37]), layer(wide[:, :37].contiguous()))
+    finally:
+        torch.set_num_threads(before)
+        linear_module._md_template.cache_clear()
+
+
+@pytest.mark.parametrize("block", native.PACKED_BLOCKS)
+def test_the_layout_check_rejects_other_layouts(block: int) -> None:
     w = _weight(130, 40)
-    data = blocked64_bytes(w)
-    assert blocked64_rows(w, data) == 48
+    data = blocked_bytes(w, block)
+    assert blocked_rows(w, data, block) == 48
+    other = 16 if block == 64 else 64
+    assert blocked_rows(w, data, other) is None
     shuffled = data.view(torch.float32).flip(0).contiguous().view(torch.uint8)
-    assert blocked64_rows(w, shuffled) is None
-    assert blocked64_rows(w.to(torch.bfloat16), Linear(w.to(torch.bfloat16)).storage) is None
+    assert blocked_rows(w, shuffled, block) is None
+    bf16 = Linear(w.to(torch.bfloat16)).storage
+    assert blocked_rows(w.to(torch.bfloat16), bf16, block) is None
 
 
 @pytest.mark.parametrize("build", [(), ("-mno-avx512f",)], ids=["native", "avx2"])
-@pytest.mark.parametrize("m", [1, 2, 3, 5, 12])
-def test_c_loop_builds_read_the_packed_layout(build: tuple[str, ...], m: int) -> None:
+@pytest.mark.parametrize("block", native.PACKED_BLOCKS)
+def test_c_loop_builds_read_the_packed_layout(build: tuple[str, ...], block: int) -> None:
     kernels = native.load(build)
-    assert kernels.packed_linear_rows > 0
-    w = _weight(150, 37)  # blocks of 64 rows: two whole and a partial one
-    data = blocked64_bytes(w)
-    x = torch.randn(m, 37)
-    y = kernels.packed_linear(x, data, 150, 37, 48)
-    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
+    has_avx512 = "avx512f" in native._cpu_flags().split() and not build
+    # the rows each build takes on (past them, oneDNN): 16-row blocks in 6 x 16 tiles at any
+    # decode batch; 64-row blocks in AVX-512 tiles, or one row at a time with AVX2 only
+    expected = {16: 48, 64: 12 if has_avx512 else 1}[block]
+    assert kernels.packed_linear_rows[block] == expected
+    w = _weight(150, 37)  # whole blocks and a partial one
+    data = blocked_bytes(w, block)
+    for m in sorted({1, 2, 3, 5, 12, 40} & set(range(1, expected + 1))):
+        x = torch.randn(m, 37)
+        y = kernels.packed_linear(x, data, 150, 37, 48, block)
+        torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("shape", [(100, 37), (128, 64), (3, 200)])
-def test_direct_packing_writes_the_bytes_onednn_would(shape: tuple[int, int]) -> None:
-    # Linear writes the blocked layout itself (one copy) and patches the descriptor: both must
-    # be exactly what oneDNN's own reorder produces
+@pytest.mark.parametrize("shape", [(100, 37), (128, 64), (3, 200), (130, 40)])
+def test_direct_packing_writes_a_layout_onednn_reads(shape: tuple[int, int]) -> None:
+    # Linear writes the blocked layout itself (one copy) and patches the descriptor: oneDNN
+    # must read those bytes as that layout, past the rows the C loop takes too
     w = _weight(*shape)
     layer = Linear(w)
-    reference = torch.ops.mkldnn._reorder_linear_weight(w, None)
+    assert layer.is_packed and torch.equal(layer.storage, blocked_bytes(w, layer._block))
+    x = torch.randn(300, shape[1])
+    torch.testing.assert_close(layer(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_the_patched_descriptor_is_onednns_own_for_the_probe() -> None:
+    # oneDNN's choice of layout follows the shape and the thread count; at a thread count
+    # where it packs the probe shape in the template's layout, its bytes and descriptor are
+    # exactly what Linear writes
+    w = _weight(130, 40)
+    layer = Linear(w)
+    before = torch.get_num_threads()
+    found = False
+    try:
+        for num_threads in (before, 1, 2, 4):
+            torch.set_num_threads(num_threads)
+            reference = torch.ops.mkldnn._reorder_linear_weight(w, None)
+            if linear_module._serialized_md(reference) == layer._md:
+                found = True
+                break
+    finally:
+        torch.set_num_threads(before)
+    assert found
     nbytes = int(torch.ops.mkldnn._nbytes(reference))
     theirs = torch.empty(nbytes, dtype=torch.uint8)
     ctypes.memmove(theirs.data_ptr(), int(torch.ops.mkldnn.data_ptr(reference)), nbytes)
     assert torch.equal(layer.storage, theirs)
-    assert layer._md == linear_module._serialized_md(reference)

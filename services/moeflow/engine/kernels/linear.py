@@ -126,90 +126,144 @@ def _serialized_md(packed: torch.Tensor) -> bytes:
     return bytes(torch.ops.mkldnn._get_mkldnn_serialized_md(packed).numpy().tobytes())
 
 
-def blocked64_rows(dense: torch.Tensor, data: torch.Tensor) -> int | None:
+def blocked_rows(dense: torch.Tensor, data: torch.Tensor, block: int) -> int | None:
     """``Kp`` when ``data`` (packed bytes of float32 ``dense`` [N, K]) is laid out as blocks of
-    64 output rows, each ``[Kp][64]`` (what ``csrc/packed_linear.c`` reads), else None.
+    ``block`` output rows, each ``[Kp][block]`` (what ``csrc/packed_linear.c`` reads), else None.
 
     Checked on the values themselves: the first and last blocks whole, plus 256 random
     elements, so another layout cannot pass unnoticed."""
     n, k = dense.shape
-    blocks = (n + 63) // 64
-    if dense.dtype != torch.float32 or data.numel() % (4 * 64 * blocks):
+    blocks = (n + block - 1) // block
+    if dense.dtype != torch.float32 or data.numel() % (4 * block * blocks):
         return None
-    kp = data.numel() // (4 * 64 * blocks)
+    kp = data.numel() // (4 * block * blocks)
     if kp < k:
         return None
-    packed = data.view(torch.float32).view(blocks, kp, 64)
+    packed = data.view(torch.float32).view(blocks, kp, block)
     for b in {0, blocks - 1}:
-        rows = dense[b * 64 : b * 64 + 64]
+        rows = dense[b * block : b * block + block]
         if not torch.equal(packed[b, :k, : rows.shape[0]], rows.t()):
             return None
     gen = torch.Generator().manual_seed(n * 131 + k)
     ns = torch.randint(0, n, (256,), generator=gen)
     ks = torch.randint(0, k, (256,), generator=gen)
-    if not torch.equal(packed[ns // 64, ks, ns % 64], dense[ns, ks]):
+    if not torch.equal(packed[ns // block, ks, ns % block], dense[ns, ks]):
         return None
     return int(kp)
 
 
-def blocked64_bytes(weight: torch.Tensor) -> torch.Tensor:
-    """float32 ``weight`` [N, K] as the bytes of 64-row blocks ``[Kp][64]`` (Kp = K rounded up
-    to 16, padding zeroed), the layout ``blocked64_rows`` recognises."""
+def packed_block(dense: torch.Tensor, data: torch.Tensor) -> tuple[int, int] | None:
+    """``(block, Kp)`` of the first layout in ``native.PACKED_BLOCKS`` that ``data`` holds."""
+    for block in native.PACKED_BLOCKS:
+        kp = blocked_rows(dense, data, block)
+        if kp is not None:
+            return block, kp
+    return None
+
+
+def blocked_bytes(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """float32 ``weight`` [N, K] as the bytes of ``block``-row blocks ``[Kp][block]`` (Kp = K
+    rounded up to 16, padding zeroed), the layout ``blocked_rows`` recognises."""
     n, k = weight.shape
-    blocks, kp, full = (n + 63) // 64, (k + 15) // 16 * 16, n // 64
-    data = torch.empty(blocks * kp * 64 * 4, dtype=torch.uint8)
-    packed = data.view(torch.float32).view(blocks, kp, 64)
+    blocks, kp, full = (n + block - 1) // block, (k + 15) // 16 * 16, n // block
+    data = torch.empty(blocks * kp * block * 4, dtype=torch.uint8)
+    packed = data.view(torch.float32).view(blocks, kp, block)
     if full:
-        packed[:full, :k].copy_(weight[: full * 64].view(full, 64, k).transpose(1, 2))
-    if n > full * 64:
-        packed[full, :k, : n - full * 64].copy_(weight[full * 64 :].t())
-        packed[full, :, n - full * 64 :].zero_()
+        packed[:full, :k].copy_(weight[: full * block].view(full, block, k).transpose(1, 2))
+    if n > full * block:
+        packed[full, :k, : n - full * block].copy_(weight[full * block :].t())
+        packed[full, :, n - full * block :].zero_()
     if kp > k:
         packed[:, k:].zero_()
     return data
 
 
-@functools.cache
-def _md_template() -> tuple[bytes, tuple[int, ...]] | None:
-    """oneDNN's descriptor of a probe weight packed in 64-row blocks, and where its shape
-    fields sit (dims, padded dims, the block stride), to describe any shape the same way
-    without asking oneDNN to reorder it; None when this oneDNN packs otherwise."""
+# oneDNN's fp32 layout on an AVX2-only CPU follows the thread count (measured with torch 2.13:
+# 16-row blocks at 2, 4 and 8 threads, 64-row blocks at 1 and 3), and it reads either layout at
+# any thread count equally fast (M = 256, 1 thread: 89-99 ms on 16-row blocks, 100-107 ms on
+# 64-row ones). The C loop reads 16-row blocks at any M but 64-row ones only a row at a time
+# without AVX-512, so the probe asks at these thread counts for the layout the loop prefers.
+_PROBE_THREADS = (2, 4)
+
+
+def _probe_layout(num_threads: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A probe weight [130, 40] and oneDNN's packing of it (at ``num_threads`` if given)."""
     n, k = 130, 40
     probe = torch.arange(n * k, dtype=torch.float32).view(n, k)
-    packed = torch.ops.mkldnn._reorder_linear_weight(probe, None)
-    nbytes = int(torch.ops.mkldnn._nbytes(packed))
-    data = torch.empty(nbytes, dtype=torch.uint8)
-    ctypes.memmove(data.data_ptr(), int(torch.ops.mkldnn.data_ptr(packed)), nbytes)
-    if blocked64_rows(probe, data) != 48:
+    before = torch.get_num_threads()
+    if num_threads is not None:
+        torch.set_num_threads(num_threads)
+    try:
+        packed = torch.ops.mkldnn._reorder_linear_weight(probe, None)
+    finally:
+        torch.set_num_threads(before)
+    return probe, packed
+
+
+def _preferred_block() -> int:
+    """The block layout the C loop reads best (64 unless it only has AVX2 tiles)."""
+    kernels = native.library()
+    if kernels is None or kernels.packed_linear_rows[64] > 1:
+        return 64
+    return 16
+
+
+@functools.cache
+def _md_template() -> tuple[int, bytes, tuple[int, ...]] | None:
+    """The block size we pack fp32 weights in here (64 or 16 rows, oneDNN's layout for a probe,
+    the C loop's preferred one where oneDNN offers it), oneDNN's descriptor of a probe weight so
+    packed, and where the descriptor's shape fields sit (dims, padded dims, the block stride),
+    to describe any shape the same way without asking oneDNN to reorder it; None when this
+    oneDNN packs otherwise."""
+    preferred = _preferred_block()
+    for num_threads in (None, *_PROBE_THREADS):
+        probe, packed = _probe_layout(num_threads)
+        nbytes = int(torch.ops.mkldnn._nbytes(packed))
+        data = torch.empty(nbytes, dtype=torch.uint8)
+        ctypes.memmove(data.data_ptr(), int(torch.ops.mkldnn.data_ptr(packed)), nbytes)
+        found = packed_block(probe, data)
+        if found is not None and found[0] == preferred:
+            break
+    else:
+        probe, packed = _probe_layout()  # oneDNN's own choice at this thread count
+        nbytes = int(torch.ops.mkldnn._nbytes(packed))
+        data = torch.empty(nbytes, dtype=torch.uint8)
+        ctypes.memmove(data.data_ptr(), int(torch.ops.mkldnn.data_ptr(packed)), nbytes)
+        found = packed_block(probe, data)
+    if found is None or found[1] != 48:
         return None
+    block = found[0]
+    n, k = probe.shape
     md = _serialized_md(packed)
     words = memoryview(md)[: len(md) // 8 * 8].cast("q").tolist()
     fields = []
-    for value in (n, k, 192, 48, 48 * 64):  # dims, padded dims, stride of a 64-row block
+    # dims, padded dims, stride of a block
+    for value in (n, k, (n + block - 1) // block * block, 48, 48 * block):
         where = [i for i, word in enumerate(words) if word == value]
         if len(where) != 1:
             return None
         fields.append(where[0])
-    return md, tuple(fields)
+    return block, md, tuple(fields)
 
 
-def _blocked64_md(n: int, k: int) -> bytes | None:
+def _blocked_md(n: int, k: int) -> tuple[int, bytes] | None:
     template = _md_template()
     if template is None:
         return None
-    md, fields = template
+    block, md, fields = template
     kp = (k + 15) // 16 * 16
     out = bytearray(md)
-    for index, value in zip(fields, (n, k, (n + 63) // 64 * 64, kp, kp * 64), strict=True):
+    for index, value in zip(fields, (n, k, (n + block - 1) // block * block, kp, kp * block),
+                            strict=True):
         out[8 * index : 8 * index + 8] = value.to_bytes(8, "little", signed=True)
-    return bytes(out)
+    return block, bytes(out)
 
 
 _AGREED: dict[tuple[int, int], bool] = {}
 
 
 def _agrees_once(shape: tuple[int, int], op: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether oneDNN reads a descriptor made by ``_blocked64_md`` as the layout we wrote:
+    """Whether oneDNN reads a descriptor made by ``_blocked_md`` as the layout we wrote:
     checked with one product per shape and process (it is the same for every weight)."""
     if shape not in _AGREED:
         x = torch.randn(3, shape[1], generator=torch.Generator().manual_seed(0))
@@ -223,12 +277,13 @@ def _agrees_once(shape: tuple[int, int], op: torch.Tensor, weight: torch.Tensor)
 @functools.cache
 def signature() -> str:
     """What decides the packed layout here: this format, torch (and its oneDNN), the CPU's ISA
-    as ATen sees it, and the layout oneDNN picks for a probe weight."""
-    probe = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(80, 48), None)
+    as ATen sees it, and the layout we pack a probe weight in (``_md_template``'s, else
+    oneDNN's at this thread count)."""
     digest = hashlib.sha256(
         f"{FORMAT_VERSION}|{torch.__version__}|{torch.backends.cpu.get_cpu_capability()}".encode()
     )
-    digest.update(_serialized_md(probe))
+    template = _md_template()
+    digest.update(template[1] if template is not None else _serialized_md(_probe_layout()[1]))
     return digest.hexdigest()[:16]
 
 
@@ -246,7 +301,8 @@ class Linear:
         self.dtype = weight.dtype
         self._md: bytes | None = None
         self._signature: str | None = None
-        self._kp: int | None = None  # rows per 64-row block when the C loop can read the bytes
+        self._kp: int | None = None  # k rows per block when the C loop can read the bytes
+        self._block = 64  # output rows per block of that layout
         self._op: torch.Tensor = weight.contiguous()
         self._data: torch.Tensor = self._op
         if pack and packing_available(weight.dtype):
@@ -262,14 +318,15 @@ class Linear:
         assert shim is not None
         weight = weight.contiguous()
         self._signature = signature()
-        md = _blocked64_md(*self.shape) if self.dtype == torch.float32 else None
-        if md is not None:
+        blocked = _blocked_md(*self.shape) if self.dtype == torch.float32 else None
+        if blocked is not None:
             # the layout oneDNN picks here, written straight into our own buffer: one copy
-            data = blocked64_bytes(weight)
+            block, md = blocked
+            data = blocked_bytes(weight, block)
             op = shim.wrap(data, self.shape, self.dtype, md)
             if _agrees_once(self.shape, op, weight):
                 self._md, self._data, self._op = md, data, op
-                self._kp = (self.shape[1] + 15) // 16 * 16
+                self._kp, self._block = (self.shape[1] + 15) // 16 * 16, block
                 return
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, None)
         nbytes = int(torch.ops.mkldnn._nbytes(packed))
@@ -280,7 +337,8 @@ class Linear:
         self._md = _serialized_md(packed)
         self._data = data
         self._op = shim.wrap(data, self.shape, self.dtype, self._md)
-        self._kp = blocked64_rows(weight, data)
+        found = packed_block(weight, data)
+        self._block, self._kp = found if found is not None else (64, None)
 
     @property
     def is_packed(self) -> bool:
@@ -308,9 +366,9 @@ class Linear:
         if self._kp is not None and x.stride(1) == 1 and x.dtype == torch.float32:
             # few rows: the C loop over the same bytes (up to where oneDNN overtakes it)
             kernels = native.library()
-            if kernels is not None and x.shape[0] <= kernels.packed_linear_rows:
+            if kernels is not None and x.shape[0] <= kernels.packed_linear_rows[self._block]:
                 return kernels.packed_linear(x, self._data, self.shape[0], self.shape[1],
-                                             self._kp)
+                                             self._kp, self._block)
         y: torch.Tensor = _LINEAR_POINTWISE(x, self._op, None, "none", [], "")
         return y
 
@@ -321,7 +379,7 @@ class Linear:
     def __getstate__(self) -> dict[str, Any]:
         return {"format": FORMAT_VERSION, "shape": self.shape, "dtype": self.dtype,
                 "data": self._data, "md": self._md, "signature": self._signature,
-                "kp": self._kp}
+                "kp": self._kp, "block": self._block}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         if state.get("format") != FORMAT_VERSION:
@@ -332,6 +390,7 @@ class Linear:
         self._md = state["md"]
         self._signature = state["signature"]
         self._kp = state["kp"]
+        self._block = state.get("block", 64)  # pickled before 16-row blocks were read
         if self._md is None:
             self._op = self._data
             return

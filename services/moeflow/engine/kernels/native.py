@@ -44,7 +44,7 @@ ENV_EXTRA_FLAGS = "MOEFLOW_NATIVE_KERNELS_CFLAGS"
 paths on an AVX-512 machine (part of the build key)."""
 ENV_PREBUILT = "MOEFLOW_KERNELS_PREBUILT"
 """A folder of prebuilt portable variants (see ``prebuild``), used when nothing can compile."""
-ABI = 3
+ABI = 4
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("paged_attention.c", "packed_linear.c", "fused.c"))
 # ISO C and no contraction: a * b + c stays two roundings, as in torch's separate ops
@@ -56,6 +56,9 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "x86-64-v3": ("avx2", "fma", "bmi1", "bmi2", "f16c", "movbe"),
 }
 COMPILE_TIMEOUT_S = 120.0
+PACKED_BLOCKS = (64, 16)
+"""The block layouts (output rows per block) ``packed_linear`` reads: oneDNN's fp32 layouts on
+AVX-512 (64) and AVX2-only (16) CPUs."""
 
 
 
@@ -131,13 +134,16 @@ class NativeKernels:
         if lib.moeflow_kernels_abi() != ABI:
             raise RuntimeError("the cached kernel library has another ABI")
         lib.moeflow_packed_linear_rows.restype = ctypes.c_int
-        self.packed_linear_rows = int(lib.moeflow_packed_linear_rows())
-        """Products of up to this many rows run ``packed_linear`` (0: this build has none)."""
+        lib.moeflow_packed_linear_rows.argtypes = [ctypes.c_int]
+        self.packed_linear_rows: dict[int, int] = {
+            block: int(lib.moeflow_packed_linear_rows(block)) for block in PACKED_BLOCKS}
+        """Per block layout (rows per block): products of up to this many rows run
+        ``packed_linear`` (0: this build has no loop for that layout)."""
         linear = lib.moeflow_packed_linear
         linear.restype = ctypes.c_int
         linear.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                            ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
-                           ctypes.c_int]
+                           ctypes.c_int64, ctypes.c_int]
         self._packed_linear = linear
         norm = lib.moeflow_add_rms_norm
         norm.restype = None
@@ -184,16 +190,16 @@ class NativeKernels:
 
 
     def packed_linear(self, x: torch.Tensor, packed: torch.Tensor, n: int, k: int,
-                      kp: int) -> torch.Tensor:
-        """``x [M, K] @ W.T`` with W packed in 64-row blocks of ``kp`` rows (see
-        ``csrc/packed_linear.c``); ``x`` float32 with contiguous rows."""
+                      kp: int, block: int = 64) -> torch.Tensor:
+        """``x [M, K] @ W.T`` with W packed in blocks of ``block`` output rows, each ``[kp]
+        [block]`` (see ``csrc/packed_linear.c``); ``x`` float32 with contiguous rows."""
         if x.stride(1) != 1:
             raise ValueError("x's rows must be contiguous")
         y = torch.empty((x.shape[0], n), dtype=torch.float32)
         err = self._packed_linear(y.data_ptr(), x.data_ptr(), x.shape[0], x.stride(0),
-                                  packed.data_ptr(), n, k, kp, torch.get_num_threads())
+                                  packed.data_ptr(), n, k, kp, block, torch.get_num_threads())
         if err != 0:
-            raise RuntimeError("this kernel build has no packed linear (no AVX-512)")
+            raise RuntimeError(f"this kernel build has no packed linear for {block}-row blocks")
         return y
 
 

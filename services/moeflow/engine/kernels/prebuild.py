@@ -38,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(f"built {path}\n")
         else:
             kernels = native.load()
+            rows = ", ".join(f"{n} rows on {block}-row blocks"
+                             for block, n in kernels.packed_linear_rows.items())
             sys.stdout.write(f"C kernels ready ({kernels.variant}, packed products up to "
-                             f"{kernels.packed_linear_rows} rows)\n")
+                             f"{rows})\n")
     except (OSError, RuntimeError) as exc:
         sys.stderr.write(f"error: the C kernels could not be built: {exc}\n")
         return 1

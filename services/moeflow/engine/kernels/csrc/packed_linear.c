@@ -1,19 +1,25 @@
-/* y = x @ W^T for a few rows of x, on W as oneDNN packs it for AVX-512 machines.
+/* y = x @ W^T for the rows of a decode batch, on W as oneDNN packs it for this CPU.
  *
- * The packed layout (checked by kernels/linear.py against each weight before this runs):
- * blocks of 64 output rows, each block [Kp][64] with Kp = K rounded up to 16 (zero padded), so
- * element (n, k) sits at (n / 64) * Kp * 64 + k * 64 + n % 64. For every k, the 64 outputs of a
- * block take one broadcast of x[r, k] and four 16-wide fused multiply-adds: the weight streams
+ * The packed layouts (checked by kernels/linear.py against each weight before this runs):
+ * blocks of B output rows, each block [Kp][B] with Kp = K rounded up to 16 (zero padded), so
+ * element (n, k) sits at (n / B) * Kp * B + k * B + n % B. oneDNN packs fp32 weights with
+ * B = 64 on AVX-512 CPUs and B = 16 on AVX2-only ones. For every k, the B outputs of a block
+ * take one broadcast of x[r, k] and B / 8 (or B / 16) fused multiply-adds: the weight streams
  * through once, with no horizontal sums. oneDNN reads the same bytes at about 11 GB/s per core
  * when M = 1; this loop reads them at the memory's pace (measured ~22 GB/s on one core).
  *
  * Each output is one sequential sum over k in order (fused multiply-adds), whatever M, the
  * tiling or the thread count: a row's result does not depend on the rows beside it.
  *
- * Tiling: rows in groups of up to 4 (16 accumulators); a block's panel is read from memory by
- * the first group and from cache by the others. Past ~12 rows oneDNN's blocking wins (the
- * caller switches at moeflow_packed_linear_rows()). Without AVX-512, an AVX2 tile of one row x 64
- * columns reads the same layout (16 vector registers only).
+ * Tiling, B = 64: rows in groups of up to 4 (16 accumulators); a block's panel is read from
+ * memory by the first group and from cache by the others. Past ~12 rows oneDNN's blocking wins
+ * (the caller switches at moeflow_packed_linear_rows(64)). Without AVX-512, an AVX2 tile of one
+ * row x 64 columns reads the same layout (16 vector registers only).
+ *
+ * Tiling, B = 16 (AVX2): the 6 x 16 register tile of the classic AVX2 GEMM kernels (12
+ * accumulators, two weight vectors, one broadcast): M is cut into about equal groups of up to 6
+ * rows; the first group streams a block's panel from memory, the others re-read it from cache.
+ * Consecutive blocks are consecutive in memory, so each thread reads one sequential stream.
  */
 #include <stdint.h>
 #include <string.h>
@@ -24,15 +30,31 @@
 
 #define R_MAX 4
 
-/* Up to how many rows this build beats oneDNN on the same bytes (measured crossovers: 12-16
- * with AVX-512, 8-10 with AVX2); 0 when it has no packed linear. */
-int moeflow_packed_linear_rows(void)
+/* Fully unrolled loops over accumulator arrays: otherwise GCC turns a zeroing loop into a memset
+ * and then keeps the whole array on the stack, storing every accumulator on every k (measured:
+ * half the speed). */
+#if defined(__clang__)
+#define UNROLL8 _Pragma("unroll 8")
+#else
+#define UNROLL8 _Pragma("GCC unroll 8")
+#endif
+
+/* Up to how many rows this build beats oneDNN on the same bytes, for blocks of `block` rows
+ * (measured crossovers, B = 64: 12-16 with AVX-512, 8-10 with AVX2; B = 16: ROWS16 below);
+ * 0 when it has no packed linear for that layout. */
+#define ROWS16 48
+int moeflow_packed_linear_rows(int block)
 {
+#if defined(HAVE_PACKED_LINEAR)
+    if (block == 16) return ROWS16;
+    if (block != 64) return 0;
 #if defined(__AVX512F__)
     return 12;
-#elif defined(HAVE_PACKED_LINEAR)
-    return 8;
 #else
+    return 1;  /* past one row, oneDNN's own tiles beat re-reading the panel row by row */
+#endif
+#else
+    (void)block;
     return 0;
 #endif
 }
@@ -46,8 +68,8 @@ int moeflow_packed_linear_rows(void)
                                int64_t c0, int64_t ncols)                                   \
     {                                                                                        \
         __m512 acc[R][C];                                                                    \
-        for (int r = 0; r < R; r++)                                                          \
-            for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();                     \
+        UNROLL8 for (int r = 0; r < R; r++)                                                  \
+            UNROLL8 for (int c = 0; c < C; c++) acc[r][c] = _mm512_setzero_ps();             \
         const float *p = panel + c0 * 16;                                                    \
         for (int64_t k = 0; k < K; k++, p += 64) {                                           \
             __m512 w[C];                                                                     \
@@ -90,13 +112,13 @@ static void tile8_1(float *restrict y, int64_t ldy, const float *restrict x, int
 {
     (void)ldy, (void)ldx, (void)c0;
     __m256 acc[8];
-    for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+    UNROLL8 for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
     const float *p = panel;
     for (int64_t k = 0; k < K; k++, p += 64) {
         const __m256 xb = _mm256_broadcast_ss(x + k);
-        for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(p + 8 * c), acc[c]);
+        UNROLL8 for (int c = 0; c < 8; c++) acc[c] = _mm256_fmadd_ps(xb, _mm256_loadu_ps(p + 8 * c), acc[c]);
     }
-    for (int c = 0; c < 8; c++) {
+    UNROLL8 for (int c = 0; c < 8; c++) {
         const int64_t left = ncols - 8 * c;
         if (left >= 8) {
             _mm256_storeu_ps(y + 8 * c, acc[c]);
@@ -115,13 +137,86 @@ static const tile_fn TILES[R_MAX + 1] = {NULL, tile8_1};
 #define COLS_PER_PASS 64
 #endif
 
-/* y [M, N] (row-major, contiguous) = x [M, K] (leading dimension ldx) @ W^T. Returns 0, or -1
- * when this build has no AVX-512 (the caller then uses oneDNN). */
+#if defined(HAVE_PACKED_LINEAR)
+/* Rows [0, R) of x times the 16 columns of one 16-row block (ncols of them are real). */
+#define DEFINE_TILE16(R)                                                                     \
+    static void tile16_##R(float *restrict y, int64_t ldy, const float *restrict x,         \
+                           int64_t ldx, const float *restrict panel, int64_t K, int64_t ncols) \
+    {                                                                                        \
+        __m256 lo[R], hi[R];                                                                 \
+        /* unrolled, so that GCC keeps the arrays in registers (not a memset'd stack copy) */ \
+        UNROLL8 for (int r = 0; r < R; r++) {                                                \
+            lo[r] = _mm256_setzero_ps();                                                     \
+            hi[r] = _mm256_setzero_ps();                                                     \
+        }                                                                                    \
+        const float *p = panel;                                                              \
+        for (int64_t k = 0; k < K; k++, p += 16) {                                           \
+            const __m256 w0 = _mm256_loadu_ps(p), w1 = _mm256_loadu_ps(p + 8);               \
+            UNROLL8 for (int r = 0; r < R; r++) {                                            \
+                const __m256 xb = _mm256_broadcast_ss(x + r * ldx + k);                      \
+                lo[r] = _mm256_fmadd_ps(xb, w0, lo[r]);                                      \
+                hi[r] = _mm256_fmadd_ps(xb, w1, hi[r]);                                      \
+            }                                                                                \
+        }                                                                                    \
+        UNROLL8 for (int r = 0; r < R; r++) {                                                \
+            if (ncols == 16) {                                                               \
+                _mm256_storeu_ps(y + r * ldy, lo[r]);                                        \
+                _mm256_storeu_ps(y + r * ldy + 8, hi[r]);                                    \
+            } else {                                                                         \
+                float tmp[16];                                                               \
+                _mm256_storeu_ps(tmp, lo[r]);                                                \
+                _mm256_storeu_ps(tmp + 8, hi[r]);                                            \
+                memcpy(y + r * ldy, tmp, sizeof(float) * (size_t)ncols);                     \
+            }                                                                                \
+        }                                                                                    \
+    }
+
+DEFINE_TILE16(1)
+DEFINE_TILE16(2)
+DEFINE_TILE16(3)
+DEFINE_TILE16(4)
+DEFINE_TILE16(5)
+DEFINE_TILE16(6)
+
+typedef void (*tile16_fn)(float *restrict, int64_t, const float *restrict, int64_t,
+                          const float *restrict, int64_t, int64_t);
+
+static const tile16_fn TILES16[7] = {NULL, tile16_1, tile16_2, tile16_3,
+                                     tile16_4, tile16_5, tile16_6};
+
+/* 16-row blocks; rows in about equal groups of up to 6. */
+static void packed_linear16(float *restrict y, const float *restrict x, int64_t M, int64_t ldx,
+                            const float *restrict packed, int64_t N, int64_t K, int64_t Kp,
+                            int num_threads)
+{
+    const int64_t blocks = (N + 15) / 16;
+    const int64_t groups = (M + 5) / 6;
+#pragma omp parallel for num_threads(num_threads) schedule(static)
+    for (int64_t nb = 0; nb < blocks; nb++) {
+        const float *panel = packed + nb * Kp * 16;
+        const int64_t cols = N - nb * 16 < 16 ? N - nb * 16 : 16;
+        for (int64_t g = 0; g < groups; g++) {
+            const int64_t r0 = g * M / groups, r1 = (g + 1) * M / groups;
+            TILES16[r1 - r0](y + r0 * N + nb * 16, N, x + r0 * ldx, ldx, panel, K, cols);
+        }
+    }
+}
+#endif
+
+/* y [M, N] (row-major, contiguous) = x [M, K] (leading dimension ldx) @ W^T, W packed in blocks
+ * of `block` rows (64 or 16). Returns 0, or -1 when this build has no loop for that layout (the
+ * caller then uses oneDNN). */
 int moeflow_packed_linear(float *restrict y, const float *restrict x, int64_t M, int64_t ldx,
                           const float *restrict packed, int64_t N, int64_t K, int64_t Kp,
-                          int num_threads)
+                          int64_t block, int num_threads)
 {
 #if defined(HAVE_PACKED_LINEAR)
+    if (block == 16) {
+        packed_linear16(y, x, M, ldx, packed, N, K, Kp, num_threads);
+        return 0;
+    }
+    if (block != 64) return -1;
+
     const int64_t blocks = (N + 63) / 64;
 #pragma omp parallel for num_threads(num_threads) schedule(static)
     for (int64_t nb = 0; nb < blocks; nb++) {
@@ -137,7 +232,7 @@ int moeflow_packed_linear(float *restrict y, const float *restrict x, int64_t M,
     }
     return 0;
 #else
-    (void)y, (void)x, (void)M, (void)ldx, (void)packed, (void)N, (void)K, (void)Kp,
+    (void)y, (void)x, (void)M, (void)ldx, (void)packed, (void)N, (void)K, (void)Kp, (void)block,
         (void)num_threads;
     return -1;
 #endif
