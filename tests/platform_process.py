@@ -77,6 +77,12 @@ class Platform:
         return int(self.process.returncode)
 
 
+ALWAYS_SPLIT = ("--pd-min-prompt-tokens", "0", "--pd-interference-weight", "1000000")
+"""``moeflow up`` flags that make a PD platform split every request of more than one output
+token (by default short prompts are computed on the decode instance itself): for tests of what
+travels through the split."""
+
+
 def start_platform(model: str | Path, args: Sequence[str] = (), timeout_s: float = 120) -> Platform:
     port = free_port()
     log = Path(tempfile.mkstemp(prefix="moeflow-up-", suffix=".log")[1])

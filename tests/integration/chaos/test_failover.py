@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 
-from tests.platform_process import Platform, start_platform
+from tests.platform_process import ALWAYS_SPLIT, Platform, start_platform
 
 MODEL = "tiny"
 NUM_STREAMS = 24
@@ -117,6 +117,7 @@ async def test_kill_decode_or_prefill_of_a_split_model_loses_nothing(
     streamed tokens go to the other pair), a lost prefill is retried on the other prefill."""
     platform = start_platform(tiny_dirs["llama"], [
         "--served-model-name", MODEL, "--mode", "pd", "--prefill", "2", "--decode", "2",
+        *ALWAYS_SPLIT,
         "--max-model-len", "512", "--max-num-seqs", "4"])
     try:
         await killed_mid_stream(platform, "decode")
@@ -137,6 +138,7 @@ async def test_kill_the_private_redis_of_a_split_model_loses_nothing(
     it on the same port, the engines reconnect, and every request finishes with its text."""
     platform = start_platform(tiny_dirs["llama"], [
         "--served-model-name", MODEL, "--mode", "pd", "--prefill", "1", "--decode", "1",
+        *ALWAYS_SPLIT,
         "--transport", "redis", "--max-model-len", "512", "--max-num-seqs", "4"])
     try:
         await killed_mid_stream(platform, "redis-server", pattern="redis-server")

@@ -16,7 +16,7 @@ from langchain_core.messages import AIMessageChunk
 from langchain_openai import ChatOpenAI
 from pydantic import BaseModel, Field
 
-from tests.platform_process import Platform, start_platform
+from tests.platform_process import ALWAYS_SPLIT, Platform, start_platform
 
 MODEL = "tiny"
 WEATHER = {"type": "object",
@@ -47,7 +47,8 @@ class Forecast(BaseModel):
 @pytest.fixture(scope="module", params=["colocated", "pd"])
 def served(request: pytest.FixtureRequest, tiny_dirs: dict[str, Path]) -> Iterator[Platform]:
     """Room for the tools' system message (the tiny vocabulary makes text long)."""
-    mode = ["--mode", "pd", "--prefill", "1", "--decode", "1", "--transport", "shm"] \
+    mode = ["--mode", "pd", "--prefill", "1", "--decode", "1", "--transport", "shm",
+            *ALWAYS_SPLIT] \
         if request.param == "pd" else []
     p = start_platform(tiny_dirs["llama"],
                        ["--served-model-name", MODEL, "--max-model-len", "1536", *mode])

@@ -34,7 +34,7 @@ import pytest
 import torch
 
 from moeflow.text.tokenizer import TextTokenizer
-from tests.platform_process import Platform, start_platform
+from tests.platform_process import ALWAYS_SPLIT, Platform, start_platform
 from tests.reference import hf_chat_ids, hf_greedy, hf_model
 
 MODEL = "tiny"
@@ -44,7 +44,8 @@ CONTEXT = [1, 15, 27, 99, 3, 64, 8, 200, 31]
 
 @pytest.fixture(scope="module", params=["colocated", "pd"])
 def served(request: pytest.FixtureRequest, tiny_dirs: dict[str, Path]) -> Iterator[Platform]:
-    mode = ["--mode", "pd", "--prefill", "1", "--decode", "1", "--transport", "shm"] \
+    mode = ["--mode", "pd", "--prefill", "1", "--decode", "1", "--transport", "shm",
+            *ALWAYS_SPLIT] \
         if request.param == "pd" else []
     p = start_platform(tiny_dirs["llama"],
                        ["--served-model-name", MODEL, "--max-model-len", "256", *mode])

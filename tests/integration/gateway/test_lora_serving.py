@@ -18,7 +18,7 @@ import pytest
 
 from moeflow.text.tokenizer import TextTokenizer
 from tests.lora_kit import ATTENTION, make_adapter, peft_greedy, two_adapters
-from tests.platform_process import Platform, start_platform
+from tests.platform_process import ALWAYS_SPLIT, Platform, start_platform
 from tests.reference import hf_greedy
 
 MODEL = "tiny"
@@ -160,7 +160,7 @@ def test_pd_split_applies_the_adapter_on_both_sides(
     tiny_dirs: dict[str, Path], adapters: dict[str, Path]
 ) -> None:
     p = start_platform(tiny_dirs["llama"], ["--served-model-name", MODEL, "--mode", "pd",
-                                            "--prefill", "1", "--decode", "1",
+                                            "--prefill", "1", "--decode", "1", *ALWAYS_SPLIT,
                                             "--max-model-len", "256", *_lora_args(adapters)])
     try:
         asyncio.run(_check_base_and_adapters(p, tiny_dirs["llama"], adapters))

@@ -16,7 +16,7 @@ import torch
 
 from moeflow.domain.messages import GenerateRequest, SamplingParams
 from moeflow.text.tokenizer import TextTokenizer
-from tests.platform_process import Platform, start_platform
+from tests.platform_process import ALWAYS_SPLIT, Platform, start_platform
 from tests.reference import hf_greedy, hf_model, make_engine
 
 MODEL = "tiny"
@@ -27,7 +27,7 @@ PROMPT = [1, 15, 27, 99, 3, 64, 8, 200, 31, 5, 6, 7]
 def pd(tiny_dirs: dict[str, Path]) -> Iterator[Platform]:
     p = start_platform(tiny_dirs["llama"], [
         "--served-model-name", MODEL, "--mode", "pd", "--max-model-len", "256",
-        "--prefill", "1", "--decode", "1", "--transport", "shm"])
+        "--prefill", "1", "--decode", "1", "--transport", "shm", *ALWAYS_SPLIT])
     yield p
     assert p.stop() == 0, p.log()[-3000:]
 

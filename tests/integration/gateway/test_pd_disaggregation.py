@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from moeflow.text.tokenizer import TextTokenizer
-from tests.platform_process import Platform, start_platform
+from tests.platform_process import ALWAYS_SPLIT, Platform, start_platform
 from tests.reference import hf_greedy, make_engine, run_engine
 
 MODEL = "tiny"
@@ -133,9 +133,9 @@ async def test_full_decode_memory_makes_prefill_wait_and_loses_nothing(
 ) -> None:
     model_dir = tiny_dirs["llama"]
     # 1 MiB of KV = 2048 tokens of the tiny llama; 8 prompts of ~400 tokens cannot all fit
-    # every prompt split (a huge interference weight), so they all reserve decode memory first
+    # every prompt split, so they all reserve decode memory first
     platform = _pd_platform(model_dir, "--prefill", "1", "--decode", "1", "--kv-cache-mb", "1",
-                            "--pd-interference-weight", "1000")
+                            *ALWAYS_SPLIT)
     try:
         tokenizer = TextTokenizer.from_dir(model_dir)
         text = "The baker opened his shop before the sun came up. " * 20

@@ -12,7 +12,7 @@ import pytest
 
 from moeflow.text.tokenizer import TextTokenizer
 from moeflow.xccl.redis_server import start_local_redis
-from tests.platform_process import free_port, start_platform
+from tests.platform_process import ALWAYS_SPLIT, free_port, start_platform
 from tests.reference import make_engine, run_engine
 
 PASSWORD = "pd-redis: p@ss/word"
@@ -25,6 +25,7 @@ def test_pd_moves_kv_through_a_password_protected_redis(
         monkeypatch.setenv("MOEFLOW_REDIS_PASSWORD", PASSWORD)
         platform = start_platform(model_dir, [
             "--served-model-name", "tiny", "--mode", "pd", "--prefill", "1", "--decode", "1",
+            *ALWAYS_SPLIT,
             "--transport", "redis", "--redis-url", redis.url])
         try:
             prompt = list(range(5, 40))

@@ -18,7 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
-from tests.platform_process import Platform, start_platform
+from tests.platform_process import ALWAYS_SPLIT, Platform, start_platform
 
 MODEL = "tiny"
 PROMPTS = [f"Once upon a time there was a small town by a river, story {i}:" for i in range(4)]
@@ -64,6 +64,7 @@ async def _greedy(platform: Platform) -> list[str]:
 def pd_redis(tiny_dirs: dict[str, Path]) -> Iterator[Platform]:
     p = start_platform(tiny_dirs["llama"], [
         "--served-model-name", MODEL, "--mode", "pd", "--prefill", "1", "--decode", "1",
+        *ALWAYS_SPLIT,
         "--transport", "redis", "--max-model-len", "1024"])
     yield p
     assert p.stop() == 0, p.log()[-3000:]
