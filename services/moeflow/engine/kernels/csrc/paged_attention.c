@@ -34,6 +34,14 @@
 #include <immintrin.h>
 #endif
 
+/* Fully unrolled loops over vector arrays: otherwise GCC may turn a zeroing loop into a memset
+ * and keep the array on the stack, storing it on every iteration. */
+#if defined(__clang__)
+#define UNROLL8 _Pragma("unroll 8")
+#else
+#define UNROLL8 _Pragma("GCC unroll 8")
+#endif
+
 /* Set by kernels/native.py at build time (its ABI), so the two cannot drift apart. */
 int moeflow_kernels_abi(void) { return MOEFLOW_KERNELS_ABI; }
 
@@ -124,8 +132,8 @@ static inline const float *next_rows(const float *cache, const int32_t *restrict
         float *restrict scores)                                                              \
     {                                                                                        \
         __m512 qv[NH][HD16], acc[NH][HD16];                                                  \
-        for (int g = 0; g < NH; g++)                                                         \
-            for (int c = 0; c < HD16; c++) {                                                 \
+        UNROLL8 for (int g = 0; g < NH; g++)                                                 \
+            UNROLL8 for (int c = 0; c < HD16; c++) {                                         \
                 qv[g][c] = _mm512_loadu_ps(q + (g * HD16 + c) * 16);                         \
                 acc[g][c] = _mm512_setzero_ps();                                             \
             }                                                                                \
@@ -135,37 +143,37 @@ static inline const float *next_rows(const float *cache, const int32_t *restrict
             const float *kn = next_rows(k_cache, table, b, t + n, len, block_size, row);     \
             for (int64_t j = 0; j < n; j++, t++, kr += row) {                                \
                 if (kn != NULL)                                                                \
-                    for (int c = 0; c < HD16; c++) _mm_prefetch(kn + kv_offset + j * row + 16 * c, _MM_HINT_T0); \
+                    UNROLL8 for (int c = 0; c < HD16; c++) _mm_prefetch(kn + kv_offset + j * row + 16 * c, _MM_HINT_T0); \
                 __m512 kc[HD16];                                                             \
-                for (int c = 0; c < HD16; c++) kc[c] = _mm512_loadu_ps(kr + 16 * c);         \
-                for (int g = 0; g < NH; g++) {                                               \
+                UNROLL8 for (int c = 0; c < HD16; c++) kc[c] = _mm512_loadu_ps(kr + 16 * c); \
+                UNROLL8 for (int g = 0; g < NH; g++) {                                       \
                     __m512 d = _mm512_mul_ps(qv[g][0], kc[0]);                               \
-                    for (int c = 1; c < HD16; c++) d = _mm512_fmadd_ps(qv[g][c], kc[c], d);  \
+                    UNROLL8 for (int c = 1; c < HD16; c++) d = _mm512_fmadd_ps(qv[g][c], kc[c], d);  \
                     scores[g * len + t] = _mm512_reduce_add_ps(d) * scale;                   \
                 }                                                                            \
             }                                                                                \
         }                                                                                    \
         float inv[NH];                                                                       \
-        for (int g = 0; g < NH; g++) inv[g] = 1.0f / softmax_numerators(scores + g * len, len); \
+        UNROLL8 for (int g = 0; g < NH; g++) inv[g] = 1.0f / softmax_numerators(scores + g * len, len); \
         for (int64_t b = 0, t = 0; t < len; b++) {                                           \
             const int64_t n = len - t < block_size ? len - t : block_size;                   \
             const float *vr = v_cache + (int64_t)table[b] * block_size * row + kv_offset;    \
             const float *vn = next_rows(v_cache, table, b, t + n, len, block_size, row);     \
             for (int64_t j = 0; j < n; j++, t++, vr += row) {                                \
                 if (vn != NULL)                                                                \
-                    for (int c = 0; c < HD16; c++) _mm_prefetch(vn + kv_offset + j * row + 16 * c, _MM_HINT_T0); \
+                    UNROLL8 for (int c = 0; c < HD16; c++) _mm_prefetch(vn + kv_offset + j * row + 16 * c, _MM_HINT_T0); \
                 __m512 vc[HD16];                                                             \
-                for (int c = 0; c < HD16; c++) vc[c] = _mm512_loadu_ps(vr + 16 * c);         \
-                for (int g = 0; g < NH; g++) {                                               \
+                UNROLL8 for (int c = 0; c < HD16; c++) vc[c] = _mm512_loadu_ps(vr + 16 * c); \
+                UNROLL8 for (int g = 0; g < NH; g++) {                                       \
                     const __m512 p = _mm512_set1_ps(scores[g * len + t]);                    \
-                    for (int c = 0; c < HD16; c++)                                           \
+                    UNROLL8 for (int c = 0; c < HD16; c++)                                   \
                         acc[g][c] = _mm512_fmadd_ps(p, vc[c], acc[g][c]);                    \
                 }                                                                            \
             }                                                                                \
         }                                                                                    \
-        for (int g = 0; g < NH; g++) {                                                       \
+        UNROLL8 for (int g = 0; g < NH; g++) {                                               \
             const __m512 s = _mm512_set1_ps(inv[g]);                                         \
-            for (int c = 0; c < HD16; c++)                                                   \
+            UNROLL8 for (int c = 0; c < HD16; c++)                                           \
                 _mm512_storeu_ps(out + (g * HD16 + c) * 16, _mm512_mul_ps(acc[g][c], s));    \
         }                                                                                    \
     }
@@ -270,31 +278,31 @@ static inline float softmax_numerators(float *restrict sc, int64_t len)
                              float *restrict scores)                                         \
     {                                                                                        \
         __m256 qv[HD8];                                                                      \
-        for (int c = 0; c < HD8; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);                    \
+        UNROLL8 for (int c = 0; c < HD8; c++) qv[c] = _mm256_loadu_ps(q + 8 * c);            \
         for (int64_t b = 0, t = 0; t < len; b++) {                                           \
             const int64_t n = len - t < block_size ? len - t : block_size;                   \
             const float *kr = k_cache + (int64_t)table[b] * block_size * row + kv_offset;    \
             for (int64_t j = 0; j < n; j++, t++, kr += row) {                                \
                 __m256 d = _mm256_mul_ps(qv[0], _mm256_loadu_ps(kr));                        \
-                for (int c = 1; c < HD8; c++)                                                \
+                UNROLL8 for (int c = 1; c < HD8; c++)                                        \
                     d = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(kr + 8 * c), d);              \
                 scores[t] = hsum8(d) * scale;                                                \
             }                                                                                \
         }                                                                                    \
         const float inv = 1.0f / softmax_numerators(scores, len);                           \
         __m256 acc[HD8];                                                                     \
-        for (int c = 0; c < HD8; c++) acc[c] = _mm256_setzero_ps();                          \
+        UNROLL8 for (int c = 0; c < HD8; c++) acc[c] = _mm256_setzero_ps();                  \
         for (int64_t b = 0, t = 0; t < len; b++) {                                           \
             const int64_t n = len - t < block_size ? len - t : block_size;                   \
             const float *vr = v_cache + (int64_t)table[b] * block_size * row + kv_offset;    \
             for (int64_t j = 0; j < n; j++, t++, vr += row) {                                \
                 const __m256 p = _mm256_set1_ps(scores[t]);                                  \
-                for (int c = 0; c < HD8; c++)                                                \
+                UNROLL8 for (int c = 0; c < HD8; c++)                                        \
                     acc[c] = _mm256_fmadd_ps(p, _mm256_loadu_ps(vr + 8 * c), acc[c]);        \
             }                                                                                \
         }                                                                                    \
         const __m256 s = _mm256_set1_ps(inv);                                                \
-        for (int c = 0; c < HD8; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], s)); \
+        UNROLL8 for (int c = 0; c < HD8; c++) _mm256_storeu_ps(out + 8 * c, _mm256_mul_ps(acc[c], s)); \
     }
 
 DEFINE_GROUP_PASS8(4)
