@@ -141,23 +141,32 @@ def window_imbalance(before: dict[str, Any], after: dict[str, Any]) -> tuple[flo
 
 
 async def balance_phase(log_dir: Path) -> dict[str, Any]:
+    from moeflow.engine import eplb
     from moeflow.engine.ae.balancer import ExpertBalancer
 
     platform = Platform("ae-balance", MODEL, ["--served-model-name", SERVED, "--mode", "ae",
                                               "--attention", "1", "--experts", "4",
-                                              "--rebalance-interval-s", "0"], log_dir)
+                                              "--rebalance-interval-s", "0",
+                                              # the second run must redo the first's work, not
+                                              # read its prompts from the prefix cache
+                                              "--no-prefix-caching"], log_dir)
     out: dict[str, Any] = {}
     with running(platform):
         await start(platform)
         [attention] = engine_urls(platform, "attention")
         balancer = ExpertBalancer([attention], engine_urls(platform, "expert"), 8, budget=4)
         try:
+            routed: list[int] = []
+
             async def run_workload() -> tuple[float, list[int]]:
                 first = await attention_stats(attention)
                 async with httpx.AsyncClient(timeout=600) as client:
                     await asyncio.gather(*(stream(client, platform.url, p, 8)
                                            for p in skewed_prompts()))
-                return window_imbalance(first, await attention_stats(attention))
+                last = await attention_stats(attention)
+                routed[:] = [b - a for a, b in zip(first["routed_tokens_per_expert"],
+                                                   last["routed_tokens_per_expert"], strict=True)]
+                return window_imbalance(first, last)
 
             await asyncio.to_thread(balancer.reset_window)  # plan from the skewed run only
             out["imbalance_before"], out["pairs_before"] = await run_workload()
@@ -166,6 +175,12 @@ async def balance_phase(log_dir: Path) -> dict[str, Any]:
             out["predicted_after"] = round(report.predicted_imbalance_after, 3)
             out["placement_after"] = report.hosted
             out["imbalance_after"], out["pairs_after"] = await run_workload()
+            # what the planner's placement predicts for the routing the second run really had
+            # (equal to predicted_after when the runs route alike): the split's own error
+            hosted = [list(h) for h in report.hosted]
+            placed = eplb.placement_of(hosted, 8, max(len(h) for h in hosted))
+            out["predicted_for_second_run"] = round(
+                eplb.imbalance_ratio(eplb.instance_loads(placed, routed)), 3)
             stats = await attention_stats(attention)
             for key in ("a2e", "e2a", "a2e_transfer", "e2a_transfer"):
                 out[f"{key}_ms_per_layer"] = [round(v, 3) for v in stats[f"{key}_ms_per_layer"]]
@@ -257,7 +272,8 @@ async def main() -> None:
     if not args.skip_balance:
         result["balance"] = b = await balance_phase(log_dir)
         print(f"[moe] imbalance {b['imbalance_before']:.2f} -> {b['imbalance_after']:.2f} "
-              f"(predicted {b['predicted_before']} -> {b['predicted_after']})", file=sys.stderr)
+              f"(predicted {b['predicted_before']} -> {b['predicted_after']}; for the second "
+              f"run's routing {b['predicted_for_second_run']})", file=sys.stderr)
     if not args.skip_throughput:
         result["throughput"] = await throughput_phase(args.rounds, log_dir, args.spin_us,
                                                       args.only)
