@@ -1,7 +1,8 @@
 """Layer-wise KV transfer between a prefill and a decode instance, over XCCL.
 
-One message per layer under the request's tag, layers in order (messages on one tag arrive in
-send order). Each side does exactly one copy of the prompt's KV:
+One message per layer (or per few consecutive layers, `MIN_MESSAGE_BYTES`) under the request's
+tag, layers in order (messages on one tag arrive in send order). Each side does exactly one copy
+of the prompt's KV:
 
 - prefill (`LayerwiseKVSender`, on the engine thread, before the request's blocks are freed):
   layer by layer, the prompt's slots are gathered from the KV cache straight into the
@@ -29,6 +30,10 @@ ENGINE_SEND_TIMEOUT_S = 5.0
 segment pool or a decode endpoint that is not draining): a stuck decode instance can delay
 the prefill's other requests by at most this, once."""
 
+MIN_MESSAGE_BYTES = 1 << 20
+"""Consecutive layers share a message up to this size: each message costs two thread wake-ups
+(the receiver's progress thread, then its reader), which small layers would not amortize."""
+
 _RECV_SLICE_S = 0.1
 _FINISHED_GRACE_S = 1.0
 """After the prefill answered, how long a layer it sent may still be on its way (a datagram
@@ -47,8 +52,10 @@ class LayerwiseKVSender:
     drains what did arrive)."""
 
     def __init__(self, transport: Transport, decode_rank: str, tag: str,
-                 timeout_s: float = ENGINE_SEND_TIMEOUT_S) -> None:
+                 timeout_s: float = ENGINE_SEND_TIMEOUT_S, *,
+                 min_message_bytes: int = MIN_MESSAGE_BYTES) -> None:
         self.transport = transport
+        self.min_message_bytes = min_message_bytes
         self.decode_rank = decode_rank
         self.tag = tag
         self.timeout_s = min(timeout_s, ENGINE_SEND_TIMEOUT_S)
@@ -68,20 +75,24 @@ class LayerwiseKVSender:
             return
         self.is_done = True
         started = time.perf_counter()
-        _, _, _, heads, head_dim = kv_cache.shape
-        spec = (kv_cache.dtype, (2, int(slots.numel()), heads, head_dim))
+        num_layers, _, _, heads, head_dim = kv_cache.shape
+        layer_bytes = kv_cache.element_size() * 2 * slots.numel() * heads * head_dim
+        step = min(num_layers, max(1, -(-self.min_message_bytes // max(layer_bytes, 1))))
         try:
-            for layer in range(kv_cache.shape[0]):
-                source = kv_cache[layer]
+            for first in range(0, num_layers, step):
+                layers = kv_cache[first : first + step]
+                spec = (kv_cache.dtype, (layers.shape[0], 2, int(slots.numel()), heads, head_dim))
 
-                def gather(views: list[torch.Tensor], source: torch.Tensor = source) -> None:
-                    torch.index_select(source, 1, slots, out=views[0])
+                def gather(views: list[torch.Tensor], layers: torch.Tensor = layers) -> None:
+                    # per layer: the layers of kv_cache are not contiguous with each other
+                    for layer, view in zip(layers, views[0], strict=True):
+                        torch.index_select(layer, 1, slots, out=view)
 
                 self.transport.send_into(self.decode_rank, self.tag, [spec], gather,
                                          self.timeout_s)
-                if layer == 0:
+                if first == 0:
                     self.first_layer_ms = 1000 * (time.perf_counter() - started)
-                self.num_bytes += source.element_size() * 2 * slots.numel() * heads * head_dim
+                self.num_bytes += layer_bytes * layers.shape[0]
         except Exception as exc:  # XcclError, or a bug: this request fails, not the step
             self.error = exc
         self.send_ms = 1000 * (time.perf_counter() - started)
@@ -114,23 +125,28 @@ class KVLanding:
     def is_complete(self) -> bool:
         return self.num_layers_written == self.num_layers
 
-    def write_layer(self, kv: torch.Tensor) -> None:
-        """Copy the next layer [2, num_tokens, K, Hd] into the blocks (straight from ``kv``)."""
+    def write_layers(self, kv: torch.Tensor) -> None:
+        """Copy the next layers [n, 2, num_tokens, K, Hd] into the blocks, straight from ``kv``
+        (a view of the transport's buffer)."""
         _, _, _, heads, head_dim = self.kv_cache.shape
         expected = (2, self.num_tokens, heads, head_dim)
-        if tuple(kv.shape) != expected or kv.dtype != self.kv_cache.dtype:
+        if (kv.dim() != 5 or tuple(kv.shape[1:]) != expected
+                or kv.dtype != self.kv_cache.dtype):
             raise TransferFailed(
-                f"received KV of shape {tuple(kv.shape)} {kv.dtype}, expected {expected} "
-                f"{self.kv_cache.dtype}: prefill and decode must serve the same model and dtype"
+                f"received KV of shape {tuple(kv.shape)} {kv.dtype}, expected (layers, "
+                f"*{expected}) {self.kv_cache.dtype}: prefill and decode must serve the same "
+                "model and dtype"
             )
-        with self._lock:
-            if self._is_cancelled:
-                raise TransferFailed("the request ended while its KV was arriving")
-            if self.is_complete:
-                raise TransferFailed(f"more than {self.num_layers} layers arrived")
-            layer = self.num_layers_written
-            self.kv_cache[layer].index_copy_(1, self.slots, kv[:, self.skip_tokens:])
-            self.num_layers_written += 1
+        for layer_kv in kv:
+            # one layer per lock hold: a cancel waits for at most one layer's copy
+            with self._lock:
+                if self._is_cancelled:
+                    raise TransferFailed("the request ended while its KV was arriving")
+                if self.is_complete:
+                    raise TransferFailed(f"more than {self.num_layers} layers arrived")
+                layer = self.num_layers_written
+                self.kv_cache[layer].index_copy_(1, self.slots, layer_kv[:, self.skip_tokens:])
+                self.num_layers_written += 1
 
     def cancel(self) -> None:
         with self._lock:
@@ -163,17 +179,19 @@ class LayerReceiver:
 
     def run(self) -> None:
         first_s = 0.0
-        for layer in range(self.landing.num_layers):
+        num_received = 0
+        while num_received < self.landing.num_layers:
             try:
                 (kv,) = self._next()
             except (XcclError, TransferFailed) as exc:
                 self.error = self.error or exc.with_traceback(None)
                 return
-            if layer == 0:
+            if num_received == 0:
                 first_s = time.perf_counter()
+            num_received += max(1, kv.shape[0] if kv.dim() == 5 else 1)
             if self.error is None:
                 try:
-                    self.landing.write_layer(kv)
+                    self.landing.write_layers(kv)
                 except TransferFailed as exc:
                     # keep receiving: the sender's segments must go back (and a traceback would
                     # keep this layer's frame, so its segment, alive)

@@ -75,13 +75,14 @@ def endpoints(request: pytest.FixtureRequest, group: str) -> Iterator[tuple[Tran
 
 
 def _pull(prefill: LLMEngine, p: Transport, d: Transport, request: GenerateRequest,
-          landing: KVLanding) -> tuple[int, LayerReceiver, LayerwiseKVSender]:
+          landing: KVLanding, min_message_bytes: int
+          ) -> tuple[int, LayerReceiver, LayerwiseKVSender]:
     """What /v1/prefill and KVPuller.pull do: listen, prefill with a sender, drain."""
     tag = kv_tag(request.request_id)
     receiver = LayerReceiver(d, "prefill-0", tag, landing, timeout_s=30)
     thread = threading.Thread(target=receiver.run)
     thread.start()
-    sender = LayerwiseKVSender(p, "decode-0", tag)
+    sender = LayerwiseKVSender(p, "decode-0", tag, min_message_bytes=min_message_bytes)
     prefill.add_request(prefill_only(request), exports_kv=sender)
     first = -1
     while prefill.has_work:
@@ -92,8 +93,9 @@ def _pull(prefill: LLMEngine, p: Transport, d: Transport, request: GenerateReque
     return first, receiver, sender
 
 
+@pytest.mark.parametrize("min_message_bytes", [1, 1 << 20], ids=["per-layer", "grouped"])
 def test_layerwise_split_greedy_tokens_equal_transformers(
-    model_dir: Path, endpoints: tuple[Transport, Transport]
+    model_dir: Path, endpoints: tuple[Transport, Transport], min_message_bytes: int
 ) -> None:
     p, d = endpoints
     # chunks of 64 tokens: the long prompt's last chunk sends every layer of all its chunks
@@ -120,7 +122,8 @@ def test_layerwise_split_greedy_tokens_equal_transformers(
         decode.pending_kv_pulls.clear()
         for rid in pulls:
             landing = decode.kv_landings[rid]
-            first, receiver, sender = _pull(prefill, p, d, requests[rid], landing)
+            first, receiver, sender = _pull(prefill, p, d, requests[rid], landing,
+                                            min_message_bytes)
             assert receiver.error is None and sender.error is None
             assert landing.is_complete and receiver.span_ms > 0
             assert sender.num_bytes == (prefill.arch.num_layers * 2 * len(prompts[int(rid[2:])])
@@ -149,12 +152,15 @@ def test_a_decode_request_aborted_mid_transfer_writes_nothing_more_and_frees_eve
         decode.step()
         landing = decode.kv_landings["gone"]
         receiver = LayerReceiver(d, "prefill-0", "kv/gone", landing, timeout_s=30)
-        layer = torch.full((2, 80, heads, dim), 3.0)
+        layer = torch.full((1, 2, 80, heads, dim), 3.0)
         p.send("decode-0", "kv/gone", [layer], timeout_s=5)
         thread = threading.Thread(target=receiver.run)
         thread.start()
-        while landing.num_layers_written < 1:
+        for _ in range(1000):
+            if landing.num_layers_written or receiver.error:
+                break
             thread.join(timeout=0.01)
+        assert landing.num_layers_written == 1, receiver.error
         decode.abort("gone")  # the client went away: the blocks are freed now
         cache_before = decode.runner.kv_cache.clone()
         for _ in range(layers - 1):
@@ -176,7 +182,7 @@ group, layers, heads, dim = sys.argv[1], *map(int, sys.argv[2:5])
 p = ShmTransport(group, "prefill-0", ShmConfig(inline_max_bytes=0))
 cache = torch.ones(layers, 2, 64, heads, dim)
 slots = torch.arange(40)
-half = LayerwiseKVSender(p, "decode-0", "kv/r")
+half = LayerwiseKVSender(p, "decode-0", "kv/r", min_message_bytes=1)
 half.export(cache[: layers // 2], slots)  # the first half of the layers, then it dies
 print("sent", half.error, flush=True)
 time.sleep(600)
