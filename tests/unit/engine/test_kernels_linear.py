@@ -108,7 +108,7 @@ def test_a_state_of_another_format_is_refused() -> None:
 def test_decode_rows_run_the_c_loop_on_the_packed_bytes(block: int) -> None:
     kernels = native.library()
     assert kernels is not None and kernels.packed_linear_rows[block] >= 1, "this machine builds it"
-    rows = kernels.packed_linear_rows[block]
+    rows = min(kernels.packed_linear_rows[block], 200)  # 200: more than one pass of rows
     w = _weight(100, 37)  # a partial block, K not a multiple of 16
     data = blocked_bytes(w, block)
     assert blocked_rows(w, data, block) == 48
@@ -116,7 +116,7 @@ def test_decode_rows_run_the_c_loop_on_the_packed_bytes(block: int) -> None:
     y = kernels.packed_linear(x, data, 100, 37, 48, block)
     torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
     # a row's result does not depend on the rows computed beside it (or on the tile it fell in)
-    for m in sorted({1, 3, 5, 7, 13, rows} & set(range(1, rows + 1))):
+    for m in sorted({m for m in (1, 3, 5, 7, 13, 97, rows) if m <= rows}):
         assert torch.equal(kernels.packed_linear(x[:m], data, 100, 37, 48, block), y[:m])
         assert torch.equal(kernels.packed_linear(x[-m:], data, 100, 37, 48, block), y[-m:])
 
@@ -137,8 +137,8 @@ def test_linear_packs_the_layout_the_c_loop_reads_best() -> None:
             layer = Linear(w)
             assert (layer._block, layer._kp) == (preferred, 48), num_threads
             assert blocked_rows(w, layer.storage, preferred) == 48
-            rows = kernels.packed_linear_rows[preferred]
-            x = torch.randn(rows + 2, 37)  # the C loop, then oneDNN past its rows
+            rows = min(kernels.packed_linear_rows[preferred], 300)
+            x = torch.randn(rows + 2, 37)  # the C loop, then oneDNN past its rows (if any)
             for m in (1, rows, rows + 2):
                 torch.testing.assert_close(layer(x[:m]), F.linear(x[:m], w), rtol=1e-5,
                                            atol=1e-5)
@@ -171,12 +171,12 @@ def test_c_loop_builds_read_the_packed_layout(build: tuple[str, ...], block: int
     kernels = native.load(build)
     has_avx512 = "avx512f" in native._cpu_flags().split() and not build
     # the rows each build takes on (past them, oneDNN): 16-row blocks in 6 x 16 tiles at any
-    # decode batch; 64-row blocks in AVX-512 tiles, or one row at a time with AVX2 only
-    expected = {16: 48, 64: 12 if has_avx512 else 1}[block]
+    # batch; 64-row blocks in AVX-512 tiles, or one row at a time with AVX2 only
+    expected = {16: 1 << 30, 64: 12 if has_avx512 else 1}[block]
     assert kernels.packed_linear_rows[block] == expected
     w = _weight(150, 37)  # whole blocks and a partial one
     data = blocked_bytes(w, block)
-    for m in sorted({1, 2, 3, 5, 12, 40} & set(range(1, expected + 1))):
+    for m in [m for m in (1, 2, 3, 5, 12, 40, 250) if m <= expected]:
         x = torch.randn(m, 37)
         y = kernels.packed_linear(x, data, 150, 37, 48, block)
         torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-5)
