@@ -17,14 +17,16 @@ The layout oneDNN picks depends on the torch build and the CPU (its ISA). ``sign
 records both; bytes packed under another signature are still read correctly (the descriptor
 says how) and are re-packed for this machine when loaded.
 
-Who computes: up to ``packed_linear_rows`` rows (decode; 12 with AVX-512, 8 with AVX2), the C
-loop of ``csrc/packed_linear.c`` over the same packed bytes when they are float32 in the 64-row
-block layout oneDNN uses for fp32 here (written by ``blocked64_bytes`` and described to oneDNN
-with a descriptor patched from a probe's, checked with one product per shape; or recognised on
-the values after a oneDNN reorder) and the C kernels are built: oneDNN reads a weight at about
-half the memory's pace at M = 1 (measured 11 vs 22 GB/s on one core). Larger products (batches
-of 32, prefill) run oneDNN. Where oneDNN or the shim is missing (or for other dtypes), the
-weight stays dense ``[N, K]`` and the product is ``F.linear``.
+Who computes: the C loop of ``csrc/packed_linear.c`` over the same packed bytes when they are
+float32 in a block layout it reads (blocks of 64 or 16 output rows, each ``[Kp][rows]``, written
+by ``blocked_bytes`` and described to oneDNN with a descriptor patched from a probe's, checked
+with one product per shape; or recognised on the values after a oneDNN reorder) and the C
+kernels are built, for up to ``packed_linear_rows[block]`` rows: with AVX-512, 12 rows on
+64-row blocks (oneDNN reads a weight at about half the memory's pace at small M: measured 11 vs
+22 GB/s on one core), oneDNN past that; with AVX2 only, 16-row blocks at every M (the 6 x 16
+tile; oneDNN is no faster at any M there, and much slower at M = 1). Where oneDNN or the shim is
+missing (or for other dtypes), the weight stays dense ``[N, K]`` and the product is
+``F.linear``.
 """
 
 from __future__ import annotations
