@@ -60,14 +60,17 @@ def _expected(model_dir: Path, prompts: list[list[int]], max_tokens: int) -> lis
 
 
 @pytest.fixture(scope="module", params=[("qwen3_moe", "shm"), ("qwen3_moe", "redis"),
-                                        ("mixtral", "shm"), ("mixtral", "redis")],
+                                        ("mixtral", "shm"), ("mixtral", "redis"),
+                                        ("qwen3_moe", "shm-ring")],
                 ids=lambda p: "-".join(p))
 def ae_platform(request: pytest.FixtureRequest,
                 tiny_dirs: dict[str, Path]) -> Iterator[tuple[Platform, Path]]:
     arch, transport = request.param
+    ring = ["--ae-spin-us", "200"] if transport == "shm-ring" else []  # polled shm rings
     platform = start_platform(tiny_dirs[arch], [
         "--served-model-name", MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
-        "--transport", transport, "--rebalance-interval-s", "0", "--max-model-len", "512",
+        "--transport", transport.removesuffix("-ring"), "--rebalance-interval-s", "0",
+        "--max-model-len", "512", *ring,
         "--micro-batch-min-tokens", "1",  # two micro-batches in decode steps too
     ])
     yield platform, tiny_dirs[arch]
@@ -110,11 +113,15 @@ async def test_split_equals_transformers_before_and_after_a_live_rebalance(
     assert 'moeflow_expert_exchange_seconds{engine="attention-0",layer="0",leg="a2e"}' in metrics
 
 
-async def test_killed_expert_instance_fails_clearly_then_heals(tiny_dirs: dict[str, Path]) -> None:
+@pytest.mark.parametrize("spin_us", [0, 200], ids=["datagrams", "rings"])
+async def test_killed_expert_instance_fails_clearly_then_heals(
+    tiny_dirs: dict[str, Path], spin_us: int
+) -> None:
     model_dir = tiny_dirs["qwen3_moe"]
     platform = start_platform(model_dir, [
         "--served-model-name", MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
         "--transport", "shm", "--rebalance-interval-s", "1", "--expert-timeout-s", "10",
+        "--ae-spin-us", str(spin_us),
     ])
     try:
         prompts = _prompts(model_dir, 4)
