@@ -82,7 +82,8 @@ def test_send_into_delivers_what_fill_wrote_in_the_given_layout(open_endpoint: O
         sent = [sample(torch.float32, shape, seed=i) for i, shape in enumerate(shapes)]
         seen: list[tuple[torch.dtype, tuple[int, ...]]] = []
 
-        def fill(views: list[torch.Tensor], sent: list[torch.Tensor] = sent) -> None:
+        def fill(views: list[torch.Tensor], sent: list[torch.Tensor] = sent,
+                 seen: list[tuple[torch.dtype, tuple[int, ...]]] = seen) -> None:
             seen.extend((v.dtype, tuple(v.shape)) for v in views)
             for view, tensor in zip(views, sent, strict=True):
                 view.copy_(tensor)
