@@ -409,6 +409,12 @@ def build_systems(args: argparse.Namespace, served: str, mdir: Path) -> dict[str
             startup_timeout=120, serial=True, max_concurrency=args.hf_max_concurrency,
             kinds=("sweep",), dist="transformers"),
     }
+    # MoEFlow with other flags (--ours-alt-args): an A/B of two configurations in one run
+    ours = systems["ours"]
+    systems["ours_alt"] = System(
+        "ours_alt", f"MoEFlow ({args.ours_alt_args})", ours.python, ours.module, ours.install,
+        [*ours.argv, *shlex.split(args.ours_alt_args)], startup_timeout=ours.startup_timeout,
+        dist=ours.dist)
     # the same vLLM without torch.compile: starts in a fraction of the time; an A/B of the two
     eager = systems["vllm"]
     systems["vllm_eager"] = System(
@@ -663,7 +669,7 @@ async def run_suite(args: argparse.Namespace) -> dict[str, Any]:
             continue
         s.versions = {s.dist: pkg_version(s.python, s.dist)}
         for extra in ("torch", "transformers"):
-            if name in ("ours", "vllm", "vllm_eager", "hf"):
+            if name in ("ours", "ours_alt", "vllm", "vllm_eager", "hf"):
                 s.versions[extra] = pkg_version(s.python, extra)
         argv = s.command(free_port())
         port = int(argv[argv.index("--port") + 1])
@@ -1086,7 +1092,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                 epilog=__doc__.split("\n", 2)[2])
     p.add_argument("--suite", choices=["quick", "standard"], default="quick")
     p.add_argument("--model", default=os.environ.get("MODEL", "smollm2-135m-instruct"))
-    p.add_argument("--systems", default="", help="comma list of ours,vllm,vllm_eager,llamacpp,hf "
+    p.add_argument("--systems", default="",
+                   help="comma list of ours,ours_alt,vllm,vllm_eager,llamacpp,hf "
                    "(default: quick ours,vllm,llamacpp; standard all four)")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     p.add_argument("--reps", type=int, default=0, help="repetitions (default: quick 2, "
@@ -1106,6 +1113,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--vllm-args", default="", help="extra vLLM server flags")
     p.add_argument("--vllm-startup-timeout", type=float, default=240)
     p.add_argument("--ours-args", default="", help="extra `moeflow up` flags")
+    p.add_argument("--ours-alt-args", default="--bind-threads",
+                   help="the `ours_alt` system: MoEFlow with these extra flags as well")
     p.add_argument("--no-docs", action="store_true", help="do not update docs/benchmarks.md")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)

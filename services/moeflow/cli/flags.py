@@ -129,6 +129,8 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     flag(p, "--dtype", to="engine.dtype", choices=["float32", "bfloat16"])
     flag(p, "--num-threads", to="engine.num_threads", type=int,
           help="torch threads (0: the container's CPU limit, else every core)")
+    flag(p, "--bind-threads", to="engine.bind_threads", action="store_const", const=True,
+          help="pin the compute threads one per CPU (as vLLM-CPU does)", shown_default="off")
     flag(p, "--kv-cache-mb", to="engine.kv_cache_bytes", type=mib, metavar="MIB",
           help="KV-cache memory in MiB", shown_default="512")
     flag(p, "--kv-cache-memory", to="engine.kv_cache_bytes", type=quantity,

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 from collections.abc import AsyncGenerator
@@ -32,6 +33,7 @@ import torch
 
 from moeflow.domain.errors import BackendUnavailableError, MoeflowError
 from moeflow.domain.messages import GenerateRequest, TokenChunk
+from moeflow.engine.kernels import native
 from moeflow.engine.kv_transfer import KVLanding, LayerwiseKVSender
 from moeflow.engine.llm_engine import STEP_FAILED_MESSAGE, LLMEngine, StepFailed
 
@@ -322,8 +324,26 @@ class AsyncEngine:
                                                self.engine.kv_landings.get(request_id)))
         self.engine.pending_kv_pulls.clear()
 
+    def _pin_threads(self) -> None:
+        """``bind_threads``: pin this (the computing) thread's parallel team, one per CPU."""
+        settings = self.engine.settings
+        if not settings.bind_threads:
+            return
+        kernels = native.library()
+        cpus = sorted(os.sched_getaffinity(0))[: torch.get_num_threads()]
+        if kernels is None:
+            logger.warning("bind_threads needs the C kernels, which are off: threads not pinned")
+            return
+        try:
+            kernels.bind_threads(cpus)
+        except OSError as exc:
+            logger.warning("%s: threads not pinned", exc)
+            return
+        logger.info("compute threads pinned to CPUs %s", cpus)
+
     def _run(self) -> None:
         try:
+            self._pin_threads()
             while not self._is_stopping:
                 command: _Command | None = None
                 try:

@@ -62,6 +62,9 @@ class EngineOptions(BaseSettings):
     num_threads: int = Field(0, ge=0)
     """torch intra-op threads; 0 means as many as the container's CPU limit pays for
     (``cpu_limit_threads``), never every core of the node."""
+    bind_threads: bool = False
+    """Pin the compute threads one per CPU (the first ``num_threads`` CPUs this process may
+    use), as vLLM-CPU does; needs the C kernels. Off by default: see docs/benchmarks.md."""
     cgroup_root: Path = CGROUP_ROOT
     """Where the container's cgroup (its CPU limit) is read from; tests point it elsewhere."""
 

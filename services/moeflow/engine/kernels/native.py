@@ -46,7 +46,7 @@ ENV_PREBUILT = "MOEFLOW_KERNELS_PREBUILT"
 """A folder of prebuilt portable variants (see ``prebuild``), used when nothing can compile."""
 ABI = 4
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("paged_attention.c", "packed_linear.c", "fused.c"))
+                for name in ("paged_attention.c", "packed_linear.c", "fused.c", "threads.c"))
 # ISO C and no contraction: a * b + c stays two roundings, as in torch's separate ops
 PORTABLE_FLAGS = ("-O3", "-fopenmp", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC")
 FLAGS = ("-march=native", *PORTABLE_FLAGS)
@@ -163,6 +163,25 @@ class NativeKernels:
                        ctypes.c_void_p, i64, ctypes.c_void_p, i64, i64, i64, i64, i64,
                        ctypes.c_float, ctypes.c_int]
         self._paged_decode_attention = fn
+        for name in ("moeflow_bind_threads", "moeflow_unbind_threads"):
+            getattr(lib, name).restype = ctypes.c_int
+        lib.moeflow_bind_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
+        lib.moeflow_unbind_threads.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        self._lib = lib
+
+    def bind_threads(self, cpus: list[int]) -> None:
+        """Pin the calling thread's parallel team: thread i on ``cpus[i]`` (the caller is
+        thread 0). Call it on the thread that computes; torch's thread count must be
+        ``len(cpus)``. Raises OSError when a CPU cannot be used."""
+        array = (ctypes.c_int32 * len(cpus))(*cpus)
+        if self._lib.moeflow_bind_threads(array, len(cpus)) != 0:
+            raise OSError(f"could not pin compute threads to CPUs {cpus}")
+
+    def unbind_threads(self, cpus: list[int]) -> None:
+        """Let every thread of the calling thread's team run on any of ``cpus`` again."""
+        array = (ctypes.c_int32 * len(cpus))(*cpus)
+        if self._lib.moeflow_unbind_threads(array, len(cpus), torch.get_num_threads()) != 0:
+            raise OSError(f"could not unpin compute threads from CPUs {cpus}")
 
     def paged_decode_attention(
         self,
