@@ -3,17 +3,23 @@
 Configurations (each started here as ``moeflow up`` on a free port, stopped with SIGINT):
 - ``colocated``: 2 colocated instances, 1 torch thread each;
 - ``split-shm``: 1 prefill + 1 decode instance, 1 thread each, KV over shared memory;
-- ``split-redis``: the same over a private Redis (``--transport redis``).
+- ``split-redis``: the same over a private Redis (``--transport redis``; only with ``--configs``).
+The split configurations' gateway places each request (gateway/routing.py): short prompts are
+computed on the decode instance itself, long ones split unless the prefill queue is too long
+(``--pd-min-prompt-tokens``, ``--pd-interference-weight`` pass through to it).
 On this 2-core box every configuration gets the same 2 engine cores (the gateway, Redis and this
 client share them), so PD cannot add capacity here: what it can show is *interference
 isolation* (decode steps no longer wait behind long prefill chunks) and what the KV hop costs.
-Configurations run interleaved (colocated, split-shm, split-redis, colocated, ...) for
-``--rounds`` rounds; every round of every configuration gets the identical request list.
+Configurations run interleaved (colocated, split-shm, colocated, ...) for ``--rounds`` rounds;
+every round of every configuration gets the identical request lists.
 
 Workload (open loop; docs/benchmarks.md, "Method"): Poisson arrivals at ``--rate``
 requests/s (fixed seed, bounded by ``--duration`` seconds and ``--max-requests``); every
 ``--prompt-heavy-every``-th arrival is *prompt-heavy* (1000-1500 random prompt tokens, 8 output
-tokens), the rest are *decode-heavy* (16-64 prompt tokens, 64-128 output tokens). Prompts are
+tokens), the rest are *decode-heavy* (16-64 prompt tokens, 64-128 output tokens): the
+*interference* mix. The *decode-only* mix (``--mixes``) has decode-heavy requests alone at
+``--decode-only-rate`` (default ``--rate``): what PD must not make worse. Each platform start
+serves the mixes in turn, each measured on its own (metrics scraped around it). Prompts are
 random token ids sent to ``/v1/completions`` (exact prompt lengths, no prefix-cache hits),
 ``ignore_eos`` makes output lengths exact, and token counts come from the streamed ``usage``.
 Per request: TTFT, TPOT = (E2E - TTFT)/(n_out - 1), ITL, E2E (vLLM definitions, see
@@ -47,9 +53,11 @@ the platform, by this client and by everything else during the load; a cell wher
 used more than 0.5 core is marked ``noisy`` (kept, but say so when quoting it).
 
 Usage:
-    .venv/bin/python -P benchmarks/pd.py                # SmolLM2-135M, 2 rounds, ~10 min
-    .venv/bin/python -P benchmarks/pd.py --quick        # tiny random model, 1 round, < 2 min
-Last line: RESULT {json}; the same JSON plus per-cell and per-request details goes to
+    .venv/bin/python -P benchmarks/pd.py                # SmolLM2-135M, 2 rounds, ~12 min
+    .venv/bin/python -P benchmarks/pd.py --quick        # tiny random model, 1 round, ~2 min
+Last line: RESULT {json}, led by ``goal``: per mix, split/colocated ratios of goodput,
+decode-heavy TTFT p50, ITL p99 and TPOT p50/p99 as [median, min, max] over rounds; it also
+records each cell's load average. The same JSON plus per-cell and per-request details goes to
 benchmarks/results/pd.json (pd-quick.json with --quick).
 """
 
@@ -241,7 +249,8 @@ def loadavg() -> float:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    """CPU seconds so far: the whole machine (busy), one process group, and this process."""
+    """CPU seconds so far: the whole machine (busy), one session (the platform's: ``pgid`` is
+    its leader's id), and this process."""
 
     at_s: float
     machine_busy_s: float
@@ -264,7 +273,9 @@ def cpu_snapshot(pgid: int | None) -> CpuSnapshot:
                     rest = f.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(rest[2]) == pgid:  # pgrp; utime and stime follow at 11 and 12
+            # session, not process group: `moeflow up` (a session leader here) starts each
+            # engine in a process group of its own; utime and stime follow at 11 and 12
+            if int(rest[3]) == pgid:
                 group_ticks += int(rest[11]) + int(rest[12])
     me = os.times()
     return CpuSnapshot(time.perf_counter(), (sum(fields) - idle) / tick, group_ticks / tick,
