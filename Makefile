@@ -4,6 +4,8 @@ SHELL := /bin/bash
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# the slowest tests are listed at the end of every run (CI time is a budget: keep it under 20 min)
+PYTEST_ARGS ?= --durations=25
 MODEL ?= smollm2-135m-instruct
 # Which torch build `make install` puts in the venv: cpu (the pinned CPU wheel, the default and
 # what `make run` needs) or cuda (PyPI's default build, with CUDA).
