@@ -36,6 +36,7 @@ import torch
 from pydantic import PrivateAttr
 
 from moeflow.domain.messages import SamplingParams, TokenLogprob, TopLogprob
+from moeflow.engine.kernels import native
 
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are treated as 0 (greedy)."""
@@ -188,6 +189,22 @@ def _filter(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return logits
 
 
+def greedy_and_valid(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Per row of ``logits [B, V]``: its argmax (the first maximum), and whether it is valid:
+    no NaN or +inf, and not all -inf (such a row has no token to pick). One pass per row in
+    the C kernels (at B = 32 the five torch passes took ~4 ms a step); torch otherwise."""
+    kernels = native.library()
+    if (kernels is not None and logits.dtype == torch.float32 and logits.dim() == 2
+            and logits.shape[1] > 0 and logits.stride(1) == 1):
+        return kernels.greedy_rows(logits)
+    if not logits.shape[-1]:  # an empty row has no token either
+        return [0] * logits.shape[0], [False] * logits.shape[0]
+    greedy = logits.argmax(dim=-1).tolist()
+    finite = torch.isfinite(logits).logical_or(logits == float("-inf")).all(dim=-1)
+    has_max = logits.max(dim=-1).values > float("-inf")
+    return greedy, finite.logical_and(has_max).tolist()
+
+
 def sample(
     logits: torch.Tensor,  # [B, V] float32
     params: Sequence[SamplingParams],
@@ -215,11 +232,7 @@ def sample(
                 p = params[row]
                 assert isinstance(p, RequestSampling)
                 _process(logits[row], p, p.state)
-    greedy = logits.argmax(dim=-1).tolist()
-    finite = torch.isfinite(logits).logical_or(logits == float("-inf")).all(dim=-1)
-    # a row of nothing but -inf has no token to pick either
-    has_max = (logits.max(dim=-1).values > float("-inf")) if vocab_size else finite
-    valid = finite.logical_and(has_max).tolist()
+    greedy, valid = greedy_and_valid(logits)
     token_ids: list[int] = []
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
         if not valid[row]:

@@ -163,11 +163,28 @@ class NativeKernels:
                        ctypes.c_void_p, i64, ctypes.c_void_p, i64, i64, i64, i64, i64,
                        ctypes.c_float, ctypes.c_int]
         self._paged_decode_attention = fn
+        greedy = lib.moeflow_greedy_rows
+        greedy.restype = None
+        greedy.argtypes = [ctypes.c_void_p, i64, i64, i64, ctypes.c_void_p, ctypes.c_void_p,
+                           ctypes.c_int]
+        self._greedy_rows = greedy
         for name in ("moeflow_bind_threads", "moeflow_unbind_threads"):
             getattr(lib, name).restype = ctypes.c_int
         lib.moeflow_bind_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.moeflow_unbind_threads.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._lib = lib
+
+    def greedy_rows(self, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+        """Per row of float32 ``logits [B, V]`` (contiguous rows): the first index of its
+        maximum, and whether the row is valid (no NaN, no +inf, not all -inf), in one pass."""
+        if logits.dtype != torch.float32 or logits.dim() != 2 or logits.stride(1) != 1:
+            raise ValueError("greedy_rows needs float32 [B, V] logits with contiguous rows")
+        rows = logits.shape[0]
+        argmax = torch.empty(rows, dtype=torch.int64)
+        valid = torch.empty(rows, dtype=torch.uint8)
+        self._greedy_rows(logits.data_ptr(), rows, logits.shape[1], logits.stride(0),
+                          argmax.data_ptr(), valid.data_ptr(), torch.get_num_threads())
+        return argmax.tolist(), [bool(v) for v in valid.tolist()]
 
     def bind_threads(self, cpus: list[int]) -> None:
         """Pin the calling thread's parallel team: thread i on ``cpus[i]`` (the caller is

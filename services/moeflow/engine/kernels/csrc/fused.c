@@ -13,6 +13,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
 
 /* x_out = x + delta (when delta is not NULL, else x_out = x, which may alias), then
  * h = weight * (x_out * (1 / sqrt(mean(x_out^2) + eps))), for T rows of E values:
@@ -68,4 +71,63 @@ void moeflow_rope_store(float *restrict qk_out, const float *restrict qkv, int64
                sizeof(float) * (size_t)(K * Hd));
         memcpy(v_cache + slot * K * Hd, row + (H + K) * Hd, sizeof(float) * (size_t)(K * Hd));
     }
+}
+
+/* Greedy pick and validity of B rows of V logits (row stride ld), in one pass over each row
+ * instead of torch's five (argmax, isfinite, == -inf, all, max):
+ *   argmax[r] = the first index of the row's maximum (torch.argmax's tie rule);
+ *   valid[r]  = 1 when the row has no NaN and no +inf and is not all -inf, else 0 (then
+ *               argmax[r] is meaningless).
+ * With AVX2, 8 lanes each keep their own maximum and its first index; the lanes are merged
+ * at the end (the largest value, the smallest index among equals). Rows run in parallel. */
+static void greedy_row(const float *restrict row, int64_t V, int64_t *restrict argmax,
+                       uint8_t *restrict valid)
+{
+    float best = -INFINITY;
+    int64_t best_i = 0, i = 0;
+    int ok = 1;
+#if defined(__AVX2__)
+    if (V >= 8 && V <= INT32_MAX) {
+        __m256 vbest = _mm256_set1_ps(-INFINITY), bad = _mm256_setzero_ps();
+        __m256i vidx = _mm256_set1_epi32(0), cur = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        const __m256i step = _mm256_set1_epi32(8);
+        const __m256 inf = _mm256_set1_ps(INFINITY);
+        for (; i + 8 <= V; i += 8) {
+            const __m256 x = _mm256_loadu_ps(row + i);
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+            bad = _mm256_or_ps(bad, _mm256_cmp_ps(x, inf, _CMP_EQ_OQ));
+            const __m256 gt = _mm256_cmp_ps(x, vbest, _CMP_GT_OQ);
+            vbest = _mm256_blendv_ps(vbest, x, gt);
+            vidx = _mm256_blendv_epi8(vidx, cur, _mm256_castps_si256(gt));
+            cur = _mm256_add_epi32(cur, step);
+        }
+        float lanes[8];
+        int32_t idx[8];
+        _mm256_storeu_ps(lanes, vbest);
+        _mm256_storeu_si256((__m256i *)idx, vidx);
+        for (int l = 0; l < 8; l++)
+            if (lanes[l] > best || (lanes[l] == best && lanes[l] > -INFINITY && idx[l] < best_i)) {
+                best = lanes[l];
+                best_i = idx[l];
+            }
+        ok = _mm256_movemask_ps(bad) == 0;
+    }
+#endif
+    for (; i < V; i++) {
+        const float x = row[i];
+        if (x != x || x == INFINITY) ok = 0; /* NaN or +inf */
+        if (x > best) {
+            best = x;
+            best_i = i;
+        }
+    }
+    *argmax = best_i;
+    *valid = (uint8_t)(ok && best > -INFINITY);
+}
+
+void moeflow_greedy_rows(const float *logits, int64_t B, int64_t V, int64_t ld,
+                         int64_t *restrict argmax, uint8_t *restrict valid, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (B > 1)
+    for (int64_t r = 0; r < B; r++) greedy_row(logits + r * ld, V, argmax + r, valid + r);
 }
