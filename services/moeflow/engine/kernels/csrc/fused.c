@@ -1,8 +1,10 @@
-/* The decoder's small per-layer steps, fused: one call instead of 6-12 torch ops each.
+/* The decoder's small per-layer steps, fused: one call instead of 6-12 torch ops each, and the
+ * sampler's greedy pick over the logits.
  *
  * A decode step is ~30 layers x ~35 ops on a few kilobytes of activations, so the ops' fixed
- * costs (dispatch, allocation, a parallel region each) add up to a fifth of the step. These
- * loops run on the calling thread: the data is too small to split.
+ * costs (dispatch, allocation, a parallel region each) add up to a fifth of the step. The
+ * per-layer loops run on the calling thread: the data is too small to split (the greedy pick
+ * reads B x V logits, megabytes, and splits its rows).
  *
  * Arithmetic mirrors the torch expressions they replace, operation for operation, in the same
  * float32 rounding (the library is built as ISO C, so a * b + c is never contracted into a
