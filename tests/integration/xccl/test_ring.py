@@ -42,8 +42,12 @@ class Peer:
 
 
 @pytest.fixture
-def group() -> str:
-    return f"ring-{uuid.uuid4().hex[:8]}"
+def group() -> Iterator[str]:
+    name = f"ring-{uuid.uuid4().hex[:8]}"
+    yield name
+    # a killed peer cannot remove its inbound ring (a restarted one would replace it)
+    for path in CONFIG.shm_dir.glob(f"xring@{name}@*"):
+        path.unlink()
 
 
 @pytest.fixture
