@@ -47,6 +47,8 @@ ENV_PREBUILT = "MOEFLOW_KERNELS_PREBUILT"
 ABI = 4
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
                 for name in ("paged_attention.c", "packed_linear.c", "fused.c", "threads.c"))
+HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("vexp.h",))
+"""Included by the sources: part of every build key, never compiled on their own."""
 # ISO C and no contraction: a * b + c stays two roundings, as in torch's separate ops
 PORTABLE_FLAGS = ("-O3", "-fopenmp", "-std=c11", "-ffp-contract=off", "-shared", "-fPIC")
 FLAGS = ("-march=native", *PORTABLE_FLAGS)
@@ -77,7 +79,7 @@ def build_key(extra_flags: tuple[str, ...] = ()) -> str:
     flags = " ".join((*FLAGS, *extra_flags))
     digest = hashlib.sha256(f"{ABI}|{flags}|{platform.machine()}|".encode())
     digest.update(_cpu_flags().encode())
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -85,7 +87,7 @@ def build_key(extra_flags: tuple[str, ...] = ()) -> str:
 def source_key() -> str:
     """What a prebuilt variant is keyed by: the ABI, the portable flags and the sources."""
     digest = hashlib.sha256(f"{ABI}|{' '.join(PORTABLE_FLAGS)}|".encode())
-    for source in SOURCES:
+    for source in (*SOURCES, *HEADERS):
         digest.update(source.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -168,11 +170,27 @@ class NativeKernels:
         greedy.argtypes = [ctypes.c_void_p, i64, i64, i64, ctypes.c_void_p, ctypes.c_void_p,
                            ctypes.c_int]
         self._greedy_rows = greedy
+        silu = lib.moeflow_silu_mul
+        silu.restype = None
+        silu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, ctypes.c_int]
+        self._silu_mul = silu
         for name in ("moeflow_bind_threads", "moeflow_unbind_threads"):
             getattr(lib, name).restype = ctypes.c_int
         lib.moeflow_bind_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
         lib.moeflow_unbind_threads.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
         self._lib = lib
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """``silu(gate) * up`` of a float32 ``[T, 2I]`` gate_up product (gate columns, then
+        up; contiguous rows) as ``[T, I]``, in one pass (``csrc/fused.c``)."""
+        if gate_up.dtype != torch.float32 or gate_up.dim() != 2 or gate_up.stride(1) != 1 \
+                or gate_up.shape[1] % 2:
+            raise ValueError("silu_mul needs a float32 [T, 2I] tensor with contiguous rows")
+        rows, width = gate_up.shape
+        out = torch.empty((rows, width // 2), dtype=torch.float32)
+        self._silu_mul(out.data_ptr(), gate_up.data_ptr(), rows, width // 2, gate_up.stride(0),
+                       torch.get_num_threads())
+        return out
 
     def greedy_rows(self, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
         """Per row of float32 ``logits [B, V]`` (contiguous rows): the first index of its

@@ -18,6 +18,7 @@
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include "vexp.h"
 
 /* x_out = x + delta (when delta is not NULL, else x_out = x, which may alias), then
  * h = weight * (x_out * (1 / sqrt(mean(x_out^2) + eps))), for T rows of E values:
@@ -132,4 +133,38 @@ void moeflow_greedy_rows(const float *logits, int64_t B, int64_t V, int64_t ld,
 {
 #pragma omp parallel for num_threads(num_threads) schedule(static) if (B > 1)
     for (int64_t r = 0; r < B; r++) greedy_row(logits + r * ld, V, argmax + r, valid + r);
+}
+
+/* The gated MLP's activation: out[r, i] = silu(g) * u with g = gate_up[r, i] and
+ * u = gate_up[r, I + i] (gate rows then up rows, as the fused gate_up product writes them);
+ * gate_up rows have stride ld, out is [rows, I] contiguous. One pass, no temporaries, instead
+ * of torch's chunk + silu + mul. silu(g) = g * sigmoid(g), with e = exp(-|g|) so exp never
+ * overflows: sigmoid = 1 / (1 + e) for g >= 0, e / (1 + e) below; torch computes
+ * g / (1 + exp(-g)), so results differ from it by a few ulps (exp's own rounding). */
+static void silu_mul_row(float *restrict out, const float *restrict g, const float *restrict u,
+                         int64_t I)
+{
+    int64_t i = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+    const __m256 one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
+    for (; i + 8 <= I; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp_nonpositive8(_mm256_or_ps(x, sign)); /* exp(-|x|) */
+        const __m256 num = _mm256_blendv_ps(one, e, x);           /* x < 0 (sign bit): e */
+        const __m256 s = _mm256_div_ps(num, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_mul_ps(x, s), _mm256_loadu_ps(u + i)));
+    }
+#endif
+    for (; i < I; i++) {
+        const float x = g[i], e = expf(-fabsf(x));
+        out[i] = x * ((signbit(x) ? e : 1.0f) / (1.0f + e)) * u[i];
+    }
+}
+
+void moeflow_silu_mul(float *restrict out, const float *restrict gate_up, int64_t rows,
+                      int64_t I, int64_t ld, int num_threads)
+{
+#pragma omp parallel for num_threads(num_threads) schedule(static) if (rows * I >= (1 << 16))
+    for (int64_t r = 0; r < rows; r++)
+        silu_mul_row(out + r * I, gate_up + r * ld, gate_up + r * ld + I, I);
 }

@@ -33,6 +33,7 @@
 #if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
 #endif
+#include "vexp.h"
 
 /* Fully unrolled loops over vector arrays: otherwise GCC may turn a zeroing loop into a memset
  * and keep the array on the stack, storing it on every iteration. */
@@ -209,27 +210,7 @@ static group_fn group_pass(int64_t head_dim, int64_t heads, int64_t *taken)
 #elif defined(__AVX2__) && defined(__FMA__)
 #define HAVE_GROUP_PASS 1
 /* AVX2 (16 vector registers): one query head per pass, head dims 32 and 64; exp as in the
- * AVX-512 path, with 2^n built in the exponent bits (x is clamped at -87: exp(-87) ~ 1.6e-38,
- * a weight of nothing next to the max's 1). */
-static inline __m256 exp_nonpositive8(__m256 x)
-{
-    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 y = _mm256_set1_ps(1.9875691500e-4f);
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.3981999507e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(8.3334519073e-3f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(4.1665795894e-2f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(1.6666665459e-1f));
-    y = _mm256_fmadd_ps(y, r, _mm256_set1_ps(5.0000001201e-1f));
-    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
-}
-
+ * AVX-512 path (vexp.h). */
 static inline float hsum8(__m256 v)
 {
     __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
