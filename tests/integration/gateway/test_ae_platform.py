@@ -22,6 +22,9 @@ from tests.platform_process import Platform, start_platform
 from tests.reference import hf_greedy
 
 MODEL = "tiny-moe"
+# Tests that start a platform of their own serve under other names: the XCCL group is the
+# served name, and the module fixture's last platform (shm) still holds MODEL's ranks then.
+OWN_MODEL = "tiny-moe-own"
 
 
 def _role_processes(platform: Platform, role: str) -> list[tuple[int, str]]:
@@ -42,11 +45,12 @@ def _prompts(model_dir: Path, n: int) -> list[list[int]]:
     return [tokenizer.encode(base * (1 + i % 3) + f" number {i}") for i in range(n)]
 
 
-async def _complete(platform: Platform, prompts: list[list[int]], max_tokens: int) -> list[str]:
+async def _complete(platform: Platform, prompts: list[list[int]], max_tokens: int,
+                    model: str = MODEL) -> list[str]:
     c = openai.AsyncOpenAI(base_url=platform.base_url, api_key="x", max_retries=0, timeout=60)
     try:
         results = await asyncio.gather(*(
-            c.completions.create(model=MODEL, prompt=p, max_tokens=max_tokens, temperature=0)
+            c.completions.create(model=model, prompt=p, max_tokens=max_tokens, temperature=0)
             for p in prompts
         ))
     finally:
@@ -119,7 +123,7 @@ async def test_killed_expert_instance_fails_clearly_then_heals(
 ) -> None:
     model_dir = tiny_dirs["qwen3_moe"]
     platform = start_platform(model_dir, [
-        "--served-model-name", MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
+        "--served-model-name", OWN_MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
         "--transport", "shm", "--rebalance-interval-s", "1", "--expert-timeout-s", "10",
         "--ae-spin-us", str(spin_us),
     ])
@@ -127,7 +131,7 @@ async def test_killed_expert_instance_fails_clearly_then_heals(
         prompts = _prompts(model_dir, 4)
         expected = _expected(model_dir, prompts, 160)
         [(victim, _)] = _role_processes(platform, "expert")[1:]
-        running = asyncio.gather(*(_complete(platform, [p], 160) for p in prompts),
+        running = asyncio.gather(*(_complete(platform, [p], 160, OWN_MODEL) for p in prompts),
                                  return_exceptions=True)
         await asyncio.sleep(0.3)
         os.kill(victim, signal.SIGKILL)
@@ -142,7 +146,7 @@ async def test_killed_expert_instance_fails_clearly_then_heals(
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the balancer re-places the orphaned experts
             try:
-                assert await _complete(platform, prompts, 160) == expected
+                assert await _complete(platform, prompts, 160, OWN_MODEL) == expected
                 break
             except openai.APIError:
                 await asyncio.sleep(0.5)
@@ -161,7 +165,7 @@ def test_upcycled_smollm2_chat_through_the_split(
     from tests.reference import hf_chat_ids
 
     platform = start_platform(upcycled_smollm2_dir, [
-        "--served-model-name", MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
+        "--served-model-name", OWN_MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
         "--transport", transport, "--rebalance-interval-s", "0", "--max-model-len", "1024",
     ], timeout_s=300)
     try:
@@ -171,7 +175,7 @@ def test_upcycled_smollm2_chat_through_the_split(
         for question in ("What is the capital of France?", "Name three colours."):
             messages = [{"role": "user", "content": question}]
             expected = hf_greedy(upcycled_smollm2_dir, hf_chat_ids(smollm2_dir, messages), 16)
-            reply = client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+            reply = client.chat.completions.create(model=OWN_MODEL, messages=messages,  # type: ignore[arg-type]
                                                    max_tokens=16, temperature=0)
             assert reply.choices[0].message.content == tokenizer.decode(expected)
     finally:
