@@ -61,12 +61,16 @@ async def stream_all(client: openai.AsyncOpenAI, texts: Sequence[str],
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(texts))))
 
 
-async def healed(platform: Platform, timeout_s: float = 120) -> None:
-    """Wait until every instance is healthy again (the platform restarted what died)."""
+async def healed(platform: Platform, num_instances: int, timeout_s: float = 120) -> None:
+    """Wait until all ``num_instances`` instances are registered and healthy (at start, or
+    once the platform restarted what died). /health answers 200 as soon as one instance
+    serves, so a test that kills "one of two" must wait for the second itself: killing an
+    instance the gateway never routed to exercises no failover."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while asyncio.get_running_loop().time() < deadline:
         body = httpx.get(f"{platform.root_url}/health/ready", timeout=5).json()
-        if body["models"].get(MODEL) == "ready":
+        if (body["models"].get(MODEL) == "ready"
+                and body["healthy_instances"] >= num_instances):
             return
         await asyncio.sleep(0.5)
     raise AssertionError(f"not healed: {body}\n{platform.log()[-3000:]}")
@@ -99,10 +103,11 @@ async def test_kill_one_of_two_colocated_engines_loses_nothing(
         "--served-model-name", MODEL, "--instances", "2", "--max-model-len", "512",
         "--max-num-seqs", "4"])
     try:
+        await healed(platform, 2)
         await killed_mid_stream(platform, "colocated")
         failovers = platform.metric("moeflow_failovers_total")
         assert failovers is not None and failovers >= 1, platform.log()[-3000:]
-        await healed(platform)  # the lost engine was restarted and serves again
+        await healed(platform, 2)  # the lost engine was restarted and serves again
         assert platform.metric("moeflow_engine_restarts_total", role="colocated") == 1
         await killed_mid_stream(platform, "colocated")  # and again, the other way round
         assert platform.process.poll() is None, "the platform must keep running"
@@ -120,10 +125,11 @@ async def test_kill_decode_or_prefill_of_a_split_model_loses_nothing(
         *ALWAYS_SPLIT,
         "--max-model-len", "512", "--max-num-seqs", "4"])
     try:
+        await healed(platform, 4)
         await killed_mid_stream(platform, "decode")
-        await healed(platform)
+        await healed(platform, 4)
         await killed_mid_stream(platform, "prefill")
-        await healed(platform)
+        await healed(platform, 4)
         failovers = platform.metric("moeflow_failovers_total")
         assert failovers is not None and failovers >= 2, platform.log()[-3000:]
         assert platform.process.poll() is None, "the platform must keep running"
@@ -141,8 +147,9 @@ async def test_kill_the_private_redis_of_a_split_model_loses_nothing(
         *ALWAYS_SPLIT,
         "--transport", "redis", "--max-model-len", "512", "--max-num-seqs", "4"])
     try:
+        await healed(platform, 2)
         await killed_mid_stream(platform, "redis-server", pattern="redis-server")
-        await healed(platform)
+        await healed(platform, 2)
         assert platform.process.poll() is None, "the platform must keep running"
     finally:
         platform.stop()

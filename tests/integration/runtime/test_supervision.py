@@ -87,6 +87,9 @@ async def _complete_all(platform: Platform, n: int) -> list[str]:
 
 def test_a_killed_engine_is_restarted_counted_and_served_again(two_engines: Platform) -> None:
     p = two_engines
+    # /health answers once one instance serves: wait for both before killing one
+    wait_until(lambda: httpx.get(f"{p.root_url}/health", timeout=5).json()[
+        "healthy_instances"] == 2, 60, "the second instance never became healthy", p)
     before = engine_children(p.process.pid)
     assert sorted(before) == [0, 1]
     assert p.metric("moeflow_engine_restarts_total", role="colocated") == 0.0
