@@ -40,6 +40,7 @@ from moeflow.domain.messages import GenerateRequest, SamplingParams
 from moeflow.engine.async_engine import SHUTTING_DOWN, AsyncEngine
 from moeflow.engine.coldstart_routes import ColdStartMetrics
 from moeflow.engine.config import EngineSettings
+from moeflow.engine.kernels.openmp import release_pool
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.preloaded import Preloaded
 from moeflow.engine.server import build_engine_app
@@ -144,6 +145,9 @@ def build_engine(settings: EngineSettings, record: ColdStartRecord,
     engine = LLMEngine(settings, preloaded=preloaded, cold_start=record)
     if settings.warmup and settings.role.runs_whole_model:
         warm_up(engine)
+    # this thread computes no more (the engine's loop thread does): its OpenMP workers would
+    # make libgomp throttle the loop thread's team (kernels/openmp.py)
+    release_pool()
     return engine
 
 

@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from pydantic import BaseModel, ConfigDict, Field
 
 from moeflow.engine.adapter_store import AdapterStore
+from moeflow.engine.kernels.openmp import then_release
 
 
 class LoadAdapter(BaseModel):
@@ -35,7 +36,7 @@ class UnloadAdapter(BaseModel):
 def add_adapter_routes(app: FastAPI, store: AdapterStore) -> None:
     @app.post("/v1/adapters/load")
     async def load(body: LoadAdapter) -> dict[str, object]:
-        known = await asyncio.to_thread(store.load, body.name, Path(body.path))
+        known = await asyncio.to_thread(then_release(store.load), body.name, Path(body.path))
         return {"name": known.name, "loaded": True}
 
     @app.post("/v1/adapters/unload")

@@ -112,6 +112,12 @@ class _FailAll:
 _Command = _Add | _Abort | _AttachKV | _Fail | _FailAll
 
 
+def _put_all(batch: list[tuple[_Add, Item]]) -> None:
+    """On the event loop: put each item into its stream's outbox, in order."""
+    for add, item in batch:
+        add.outbox.put_nowait(item)
+
+
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, *,
                  max_consecutive_step_failures: int = MAX_CONSECUTIVE_STEP_FAILURES) -> None:
@@ -282,6 +288,10 @@ class AsyncEngine:
             self._outboxes[command.request.request_id] = command
 
     def _dispatch(self, chunks: list[TokenChunk]) -> None:
+        """Hand a step's chunks to their streams: one wake-up per event loop per step, not
+        one per chunk (each wake-up is a write to the loop's self-pipe and a round of its
+        ready queue, taken from the cores the next step computes on)."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[_Add, Item]]] = {}
         for chunk in chunks:
             kv = None
             if chunk.finish_reason is not None:  # prefill role: the KV leaves with its request
@@ -289,11 +299,18 @@ class AsyncEngine:
             add = self._outboxes.get(chunk.request_id)
             if add is None:
                 continue
+            batch = batches.setdefault(add.loop, [])
             if kv is not None:
-                self._deliver(add, KVExport(chunk.request_id, kv))
-            self._deliver(add, chunk)
+                batch.append((add, KVExport(chunk.request_id, kv)))
+            batch.append((add, chunk))
             if chunk.finish_reason is not None:
                 del self._outboxes[chunk.request_id]
+        for loop, batch in batches.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # that loop is closed: nobody is listening any more
+                for add, _ in batch:
+                    self._inbox.put(_Abort(add.request.request_id))
 
     def _step(self) -> None:
         try:

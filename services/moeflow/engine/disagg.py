@@ -26,6 +26,7 @@ from moeflow.domain.errors import (
     error_from_code,
 )
 from moeflow.domain.messages import GenerateRequest, PrefillRequest, PrefillResponse
+from moeflow.engine.kernels.openmp import then_release
 from moeflow.engine.kv_transfer import KVLanding, LayerReceiver
 from moeflow.web.internal_auth import internal_headers
 from moeflow.xccl import Transport
@@ -80,7 +81,8 @@ class KVPuller:
         # Listening before the prefill is asked: layers are written as they arrive.
         receiver = LayerReceiver(self.transport, source.prefill_rank, tag, landing,
                                  self.timeout_s)
-        receiving = asyncio.create_task(asyncio.to_thread(receiver.run))
+        # the receive writes tensors on a helper thread: its OpenMP pool must not outlive it
+        receiving = asyncio.create_task(asyncio.to_thread(then_release(receiver.run)))
         _RECEIVING.add(receiving)  # the loop holds tasks weakly; a cancelled pull drops its own
         receiving.add_done_callback(_RECEIVING.discard)
         try:

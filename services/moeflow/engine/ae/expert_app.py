@@ -35,6 +35,7 @@ from moeflow.engine.ae.expert_map import round_robin_hosted
 from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.health import TransportState, add_health_routes, probe_transport
+from moeflow.engine.kernels.openmp import then_release
 from moeflow.engine.model_runner import DTYPES
 from moeflow.engine.models.arch import load_arch
 from moeflow.web.errors import install_error_handlers
@@ -115,7 +116,7 @@ def build_expert_app(settings: EngineSettings) -> FastAPI:
             if unload:
                 worker.unload(body.experts)
             else:  # reading weights takes a while: keep the event loop free
-                await asyncio.to_thread(worker.load, body.experts)
+                await asyncio.to_thread(then_release(worker.load), body.experts)
         except ValueError as exc:
             raise InvalidRequestError(str(exc), param="experts") from exc
         return worker.stats()
