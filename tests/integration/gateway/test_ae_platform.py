@@ -158,15 +158,16 @@ async def test_killed_expert_instance_fails_clearly_then_heals(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("transport", ["shm", "redis"])
 def test_upcycled_smollm2_chat_through_the_split(
-    upcycled_smollm2_dir: Path, smollm2_dir: Path, transport: str
+    upcycled_smollm2_dir: Path, smollm2_dir: Path
 ) -> None:
+    """A real checkpoint through the split, over shm (the Redis transport carries the same
+    exchange in the tiny-model tests above, before and after a live rebalance)."""
     from tests.reference import hf_chat_ids
 
     platform = start_platform(upcycled_smollm2_dir, [
         "--served-model-name", OWN_MODEL, "--mode", "ae", "--attention", "1", "--experts", "2",
-        "--transport", transport, "--rebalance-interval-s", "0", "--max-model-len", "1024",
+        "--transport", "shm", "--rebalance-interval-s", "0", "--max-model-len", "1024",
     ], timeout_s=300)
     try:
         tokenizer = TextTokenizer.from_dir(smollm2_dir)
