@@ -69,7 +69,10 @@ $(CHECKOV_VENV)/bin/checkov:
 	$(PY) -m venv $(CHECKOV_VENV)
 	$(CHECKOV_VENV)/bin/pip install -q checkov==3.3.30
 
-test: system-deps lint typecheck $(CHECKOV_VENV)/bin/checkov
+# What pytest needs, side by side (make -j): the two venvs install at once, then ruff and
+# import contracts beside mypy; a fresh machine (CI) saves their overlap.
+test:
+	@$(MAKE) --no-print-directory -j3 system-deps lint typecheck $(CHECKOV_VENV)/bin/checkov
 	MOEFLOW_CHECKOV=$(CURDIR)/$(CHECKOV_VENV)/bin/checkov $(BIN)/pytest $(PYTEST_ARGS)
 
 check: test
