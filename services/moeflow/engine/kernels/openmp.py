@@ -18,12 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import logging
 import os
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
-
-logger = logging.getLogger(__name__)
 
 _RUNTIMES = ("libgomp.so.1", "libiomp5.so", "libomp.so")
 """OpenMP runtimes torch may have loaded (GNU, Intel, LLVM); each has the OpenMP 5 call."""
