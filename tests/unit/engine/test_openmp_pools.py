@@ -18,7 +18,14 @@ PRELUDE = """
 import json, os, threading, torch
 from moeflow.engine.kernels.openmp import release_pool, then_release
 torch.set_num_threads(2)
-def threads(): return len(os.listdir("/proc/self/task"))
+def threads():
+    # a released worker leaves /proc a moment after the release returns: read until stable
+    import time
+    seen = [len(os.listdir("/proc/self/task"))]
+    while len(seen) < 3 or len(set(seen[-3:])) > 1:
+        time.sleep(0.02)
+        seen.append(len(os.listdir("/proc/self/task")))
+    return seen[-1]
 def work(): x = torch.randn(1024, 1024); return float((x @ x).sum())
 """
 
