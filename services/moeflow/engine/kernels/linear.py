@@ -360,6 +360,18 @@ class Linear:
         """The weight as ``[N, K]`` (a copy when packed)."""
         return self._op.to_dense() if self._md is not None else self._op
 
+    def c_loop_rows(self, kernels: native.NativeKernels) -> int:
+        """Up to how many rows ``__call__`` runs this product in the C loop of ``kernels``
+        (float32 rows, contiguous); 0 when never."""
+        if self._md is None or self._kp is None or self.dtype != torch.float32:
+            return 0
+        return kernels.packed_linear_rows[self._block]
+
+    def c_loop_packing(self) -> tuple[int, int]:
+        """``(Kp, block rows)`` of the bytes the C loop reads (only when ``c_loop_rows``)."""
+        assert self._kp is not None
+        return self._kp, self._block
+
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self._md is None:
             return F.linear(x, self._op)

@@ -44,9 +44,10 @@ ENV_EXTRA_FLAGS = "MOEFLOW_NATIVE_KERNELS_CFLAGS"
 paths on an AVX-512 machine (part of the build key)."""
 ENV_PREBUILT = "MOEFLOW_KERNELS_PREBUILT"
 """A folder of prebuilt portable variants (see ``prebuild``), used when nothing can compile."""
-ABI = 4
+ABI = 5
 SOURCES = tuple(Path(__file__).parent / "csrc" / name
-                for name in ("paged_attention.c", "packed_linear.c", "fused.c", "threads.c"))
+                for name in ("paged_attention.c", "packed_linear.c", "fused.c", "threads.c",
+                             "decoder.c"))
 HEADERS = tuple(Path(__file__).parent / "csrc" / name for name in ("vexp.h",))
 """Included by the sources: part of every build key, never compiled on their own."""
 # ISO C and no contraction: a * b + c stays two roundings, as in torch's separate ops
@@ -174,6 +175,14 @@ class NativeKernels:
         silu.restype = None
         silu.argtypes = [ctypes.c_void_p, ctypes.c_void_p, i64, i64, i64, ctypes.c_int]
         self._silu_mul = silu
+        layers = lib.moeflow_decoder_layers
+        layers.restype = ctypes.c_int
+        p = ctypes.c_void_p
+        layers.argtypes = [p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, i64,
+                           i64, p, i64, p, i64, ctypes.c_float, ctypes.c_float, ctypes.c_int]
+        self.decoder_layers = layers
+        """``csrc/decoder.c``: every layer of a decode-only step in one call (its arguments
+        are raw addresses; ``models/fused_decode.py`` is the typed caller)."""
         for name in ("moeflow_bind_threads", "moeflow_unbind_threads"):
             getattr(lib, name).restype = ctypes.c_int
         lib.moeflow_bind_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]

@@ -11,6 +11,7 @@ Hd head dim, X experts, k top-k.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +19,10 @@ import torch.nn.functional as F
 from moeflow.engine.kernels import Linear
 from moeflow.engine.kernels.native import NativeKernels, library
 from moeflow.engine.lora import LoraBatch
+from moeflow.engine.models import fused_decode
 from moeflow.engine.models.arch import ArchConfig
 from moeflow.engine.models.attention import AttentionMetadata, paged_attention
+from moeflow.engine.models.fused_decode import FusedDecode
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -243,6 +246,18 @@ class DecoderModel:
         _, h = self.add_norm(x, None, self.layers[i].input_norm)
         return x + self.attention(i, h, cos, sin, meta, kv_cache)
 
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_fused", None)  # raw addresses: rebuilt where the model is loaded
+        return state
+
+    def fused_decode(self) -> FusedDecode | None:
+        """The plan that runs a decode-only step's layers in one C call, or None (built once;
+        ``models/fused_decode.py`` says when it applies)."""
+        if "_fused" not in self.__dict__:
+            self._fused = fused_decode.build(self)
+        return self._fused
+
     def forward(
         self,
         input_ids: torch.Tensor,  # [T]
@@ -251,6 +266,9 @@ class DecoderModel:
         kv_cache: torch.Tensor,  # [layers, 2, S, K, Hd]
     ) -> torch.Tensor:  # [T, E]
         cos, sin = self.rope(positions)
+        fused = self.fused_decode() if self.lora is None else None
+        if fused is not None and fused.applies(int(input_ids.shape[0]), meta, kv_cache):
+            return fused(input_ids, cos, sin, meta, kv_cache, self.scale)
         layers = self.layers
         # each residual add is fused with the norm that follows it (the next layer's input
         # norm, or the final norm): x + attn -> post norm, x + mlp -> next norm
