@@ -7,7 +7,8 @@ run while every sequence is decoding. Two measurements per c, alternated round b
   self-times grouped into products (matrix products of the layers), LM head, attention (SDPA
   and the KV gather/scatter around it, also split by op), sampling, step preparation (Python
   building the batch tensors), and other tensor ops (norms, RoPE, SiLU, residual adds,
-  embedding). What the profiler does not attribute to an op is
+  embedding); a decode-only step whose layers run in one C call (``models/fused_decode.py``)
+  counts them whole as ``fused_layers``. What the profiler does not attribute to an op is
   Python/dispatch overhead; it is reported as ``wall - attributed``, using the wall median.
 
 The profiler adds a few microseconds per op, so the categories are a budget, not a stopwatch:
@@ -39,7 +40,7 @@ from moeflow.engine.config import EngineSettings
 from moeflow.engine.llm_engine import LLMEngine
 from moeflow.engine.models import decoder as decoder_module
 
-REGIONS = ("lm_head", "attention", "sampling", "prepare", "products")
+REGIONS = ("lm_head", "attention", "sampling", "prepare", "products", "fused_layers")
 PRODUCT_OPS = {
     "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
     "mkldnn::_linear_pointwise",
@@ -65,6 +66,12 @@ def instrument(engine: LLMEngine) -> None:
         pass
     else:
         _wrap_region(Linear, "__call__", "products")
+    try:  # a decode-only step's layers in one C call: products, attention and the rest
+        from moeflow.engine.models.fused_decode import FusedDecode
+    except ImportError:  # a tree from before it
+        pass
+    else:
+        _wrap_region(FusedDecode, "__call__", "fused_layers")
     _wrap_region(decoder_module, "paged_attention", "attention")
     _wrap_region(model_runner_module, "sample", "sampling")
     _wrap_region(engine.runner, "_prepare", "prepare")
