@@ -777,6 +777,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
               f"{specs[-1].arrival_s if specs else 0:.1f} s ({count})", file=sys.stderr)
     print(f"[pd] configs {args.configs} x {args.rounds} rounds", file=sys.stderr)
     log_dir = Path(tempfile.mkdtemp(prefix="moeflow-pd-"))
+    # the servers' logs stay on the machine that ran this; the results file does not name it
+    print(f"[pd] server logs in {log_dir}", file=sys.stderr)
     cells: list[dict[str, Any]] = []
     started = time.perf_counter()
     for r in range(args.rounds):
@@ -845,7 +847,6 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         },
         "failed_cells": [{k: c.get(k) for k in ("config", "mix", "round", "error")}
                          for c in cells if not c.get("ok")],
-        "logs_dir": str(log_dir),
         "cells": cells,
     }
 
