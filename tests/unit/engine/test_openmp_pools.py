@@ -109,3 +109,23 @@ def test_building_an_engine_leaves_no_pool_on_the_building_thread(
     """)
     assert r["unreleased"] == r["base"] + 1  # loading and warming up do open regions
     assert r["built"] == r["base"], "the building thread kept OpenMP workers"
+
+
+def test_building_an_expert_instance_leaves_no_pool_on_the_building_thread(
+    tiny_dirs: dict[str, Path],
+) -> None:
+    r = run(f"""
+        from moeflow.engine.ae import expert_app
+        from moeflow.engine.config import EngineSettings
+        settings = EngineSettings(
+            model_path={str(tiny_dirs["qwen3_moe"])!r}, role="expert", rank=0,
+            num_expert_instances=1, num_attention_instances=1, transport="memory",
+            group="expert-pools", num_threads=2, kv_cache_bytes=8 << 20, max_model_len=64)
+        base = threads()
+        work()  # tensor work on the building thread before the build (its pool exists)
+        with_pool = threads()
+        expert_app.build_expert_app(settings)
+        print(json.dumps(dict(base=base, with_pool=with_pool, built=threads())))
+    """)
+    assert r["with_pool"] == r["base"] + 1
+    assert r["built"] == r["base"], "the building thread kept OpenMP workers"

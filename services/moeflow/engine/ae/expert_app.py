@@ -35,7 +35,7 @@ from moeflow.engine.ae.expert_map import round_robin_hosted
 from moeflow.engine.ae.expert_worker import ExpertWorker, checkpoint_loader
 from moeflow.engine.config import EngineSettings
 from moeflow.engine.health import TransportState, add_health_routes, probe_transport
-from moeflow.engine.kernels.openmp import then_release
+from moeflow.engine.kernels.openmp import release_pool, then_release
 from moeflow.engine.model_runner import DTYPES
 from moeflow.engine.models.arch import load_arch
 from moeflow.web.errors import install_error_handlers
@@ -90,6 +90,9 @@ def build_expert_app(settings: EngineSettings) -> FastAPI:
                                expert_rank(settings.rank), redis_url=settings.redis_url,
                                redis_password=settings.redis_password_value)
     worker = build_expert_worker(settings, transport)
+    # the loads above may have opened parallel regions on this thread; only the compute
+    # threads may keep OpenMP workers, or libgomp throttles every team's spin-wait
+    release_pool()
     logger.info("%s ready: experts %s loaded in %.2f s", worker.rank, sorted(worker.hosted),
                 time.perf_counter() - started)
     registry = CollectorRegistry()
