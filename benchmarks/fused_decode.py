@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import statistics
 import sys
@@ -22,33 +21,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_profile import start_batch, stop_batch  # noqa: E402
-
-from moeflow.checkpoints.store import resolve_home, resolve_model  # noqa: E402
-from moeflow.engine.config import EngineSettings  # noqa: E402
-from moeflow.engine.llm_engine import LLMEngine  # noqa: E402
+from step_profile import add_step_args, start_batch, step_engine, stop_batch  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="decode steps per measurement")
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    add_step_args(parser, steps=10, rounds=6)
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    model_dir: Path = resolve_model(args.model, resolve_home(os.environ))
     new_tokens = 2 * args.rounds * (args.steps + 1) + 8  # every sequence decodes to the end
-    engine = LLMEngine(EngineSettings(
-        model_path=model_dir, num_threads=args.threads, kv_cache_bytes=1024 * 2**20,
-        max_model_len=args.prompt_tokens + new_tokens, max_num_seqs=64,
-    ))
+    engine = step_engine(args, new_tokens)
     model = engine.runner.model
     fused = model.fused_decode()
     if fused is None:
@@ -57,10 +39,6 @@ def main() -> None:
                         for linear in (layer.qkv, layer.o_proj, layer.mlp.gate_up,
                                        layer.mlp.down)) + model.lm_head.nbytes
     rng = random.Random(0)
-    start_batch(engine, 2, 16, new_tokens, rng)  # warm-up
-    for _ in range(3):
-        engine.step()
-    stop_batch(engine)
     result: dict[str, Any] = {"model": args.model, "threads": args.threads,
                               "product_bytes": product_bytes, "per_step_ms": {},
                               "layer_path_over_fused": {}}

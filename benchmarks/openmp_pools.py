@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import queue
 import random
 import statistics
@@ -31,12 +30,9 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from step_profile import start_batch, stop_batch  # noqa: E402
+from step_profile import add_step_args, start_batch, step_engine, stop_batch  # noqa: E402
 
-from moeflow.checkpoints.store import resolve_home, resolve_model  # noqa: E402
-from moeflow.engine.config import EngineSettings  # noqa: E402
 from moeflow.engine.kernels.openmp import release_pool  # noqa: E402
-from moeflow.engine.llm_engine import LLMEngine  # noqa: E402
 
 
 class Helper:
@@ -66,27 +62,12 @@ class Helper:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="decode steps per measurement")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    add_step_args(parser, steps=10, rounds=5)
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    model_dir: Path = resolve_model(args.model, resolve_home(os.environ))
     new_tokens = 2 * args.rounds * (args.steps + 1) + 8  # every sequence decodes to the end
-    engine = LLMEngine(EngineSettings(
-        model_path=model_dir, num_threads=args.threads, kv_cache_bytes=1024 * 2**20,
-        max_model_len=args.prompt_tokens + new_tokens, max_num_seqs=64,
-    ))
+    engine = step_engine(args, new_tokens)
     helper = Helper(args.threads)
     rng = random.Random(0)
-    start_batch(engine, 2, 16, new_tokens, rng)  # warm-up
-    for _ in range(3):
-        engine.step()
-    stop_batch(engine)
     result: dict[str, Any] = {"model": args.model, "threads": args.threads,
                               "per_step_ms": {}, "two_over_one": {}}
     for c in args.concurrency:

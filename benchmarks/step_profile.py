@@ -105,6 +105,31 @@ def budget(prof: Any, steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in out.items()}
 
 
+def add_step_args(parser: argparse.ArgumentParser, *, steps: int, rounds: int) -> None:
+    """The arguments every in-process step benchmark shares (model, threads, batch shape)."""
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=steps, help="decode steps per measurement")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+
+
+def step_engine(args: argparse.Namespace, new_tokens: int) -> LLMEngine:
+    """An engine for ``add_step_args``' arguments, warmed up on a small batch."""
+    torch.set_num_threads(args.threads)
+    model_dir: Path = resolve_model(args.model, resolve_home(os.environ))
+    engine = LLMEngine(EngineSettings(
+        model_path=model_dir, num_threads=args.threads, kv_cache_bytes=1024 * 2**20,
+        max_model_len=args.prompt_tokens + new_tokens, max_num_seqs=64,
+    ))
+    start_batch(engine, 2, 16, new_tokens, random.Random(1))
+    for _ in range(3):
+        engine.step()
+    stop_batch(engine)
+    return engine
+
+
 def start_batch(
     engine: LLMEngine, c: int, prompt_tokens: int, new_tokens: int, rng: random.Random
 ) -> None:
@@ -127,29 +152,14 @@ def stop_batch(engine: LLMEngine) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--prompt-tokens", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8, help="decode steps per measurement")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    add_step_args(parser, steps=8, rounds=3)
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    model_dir: Path = resolve_model(args.model, resolve_home(os.environ))
     new_tokens = 2 * args.rounds * args.steps + 8
-    engine = LLMEngine(EngineSettings(
-        model_path=model_dir, num_threads=args.threads, kv_cache_bytes=1024 * 2**20,
-        max_model_len=args.prompt_tokens + new_tokens, max_num_seqs=64,
-    ))
+    engine = step_engine(args, new_tokens)
     instrument(engine)
     rng = random.Random(0)
     result: dict[str, Any] = {"model": args.model, "threads": args.threads,
                               "prompt_tokens": args.prompt_tokens, "per_step_ms": {}}
-    start_batch(engine, 2, 16, new_tokens, rng)  # warm-up
-    for _ in range(3):
-        engine.step()
-    stop_batch(engine)
     for c in args.concurrency:
         start_batch(engine, c, args.prompt_tokens, new_tokens, rng)
         walls: list[float] = []

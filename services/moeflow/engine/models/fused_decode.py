@@ -53,6 +53,10 @@ class FusedDecode:
         self.max_rows = max_rows
         """The largest decode batch every product of the model runs in the C loop."""
         self._intermediate = intermediate
+        hd, heads, kv_heads = arch.head_dim, arch.num_heads, arch.num_kv_heads
+        self._scratch_per_token = ((heads + 2 * kv_heads) * hd + (heads + kv_heads) * hd
+                                   + heads * hd + arch.hidden_size + 3 * intermediate)
+        """Floats of ``decoder.c``'s scratch per token: qkv, qk, attention, delta, gate_up, act."""
 
     def applies(self, num_tokens: int, meta: AttentionMetadata, kv_cache: torch.Tensor) -> bool:
         """Whether this step can run here: decode tokens only, read through block tables."""
@@ -74,10 +78,8 @@ class FusedDecode:
         num_tokens = int(input_ids.shape[0])
         x = F.embedding(input_ids, self._embed)  # a fresh tensor: the residual stream, in place
         h = torch.empty_like(x)
-        hd, heads, kv_heads = arch.head_dim, arch.num_heads, arch.num_kv_heads
-        width = ((heads + 2 * kv_heads) * hd + (heads + kv_heads) * hd + heads * hd
-                 + arch.hidden_size + 3 * self._intermediate)
-        scratch = torch.empty(num_tokens * width, dtype=torch.float32)
+        hd = arch.head_dim
+        scratch = torch.empty(num_tokens * self._scratch_per_token, dtype=torch.float32)
         tables, lens = meta.decode_block_tables, meta.decode_lens
         assert tables is not None and lens is not None
         tables, lens = tables.contiguous(), lens.contiguous()
@@ -87,7 +89,7 @@ class FusedDecode:
         err = self._kernels.decoder_layers(
             x.data_ptr(), h.data_ptr(), scratch.data_ptr(), self._weights.data_ptr(),
             self._packing.data_ptr(), self._final_norm.data_ptr(), len(self._keep[0]),
-            num_tokens, arch.hidden_size, heads, kv_heads, hd, self._intermediate,
+            num_tokens, arch.hidden_size, arch.num_heads, arch.num_kv_heads, hd, self._intermediate,
             cos.data_ptr(), sin.data_ptr(), slots.data_ptr(), kv_cache.data_ptr(),
             kv_cache.stride(0), kv_cache.stride(1), tables.data_ptr(), tables.shape[1],
             lens.data_ptr(), meta.block_size, scale, arch.rms_norm_eps, torch.get_num_threads())
